@@ -1,0 +1,182 @@
+"""`flux-agent run`: keeps one stream to the controller and executes jobs sent over it.
+
+The agent dials; it reconnects by itself with capped, jittered backoff. Results are
+written to the spool before they are sent and sent again after every reconnect until
+the controller acknowledges them.
+"""
+
+import asyncio
+import logging
+import random
+import signal
+
+import grpc
+
+from . import facts as facts_mod
+from . import wire
+from .config import AgentConfig, StateDir
+from .errors import AgentError, Revoked
+from .jobs import HANDLERS, JobContext
+from .spool import JobRecord, Spool
+from .systemd import notify
+
+log = logging.getLogger(__name__)
+
+
+class Backoff:
+    def __init__(self, initial: float = 0.5, cap: float = 5.0, factor: float = 2.0):
+        self.initial, self.cap, self.factor = initial, cap, factor
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.initial * self.factor ** self.attempt)
+        self.attempt += 1
+        return delay * random.uniform(0.8, 1.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Agent:
+    def __init__(self, state: StateDir):
+        self.state = state
+        self.config: AgentConfig = state.load()
+        self.spool = Spool(state.spool)
+        self.tools = facts_mod.tool_versions()
+        self.outbox: asyncio.Queue | None = None
+        self.running: dict[str, asyncio.Task] = {}
+        self.heartbeat_seconds = 10
+
+    def facts(self) -> wire.Facts:
+        return wire.Facts(
+            hostname=facts_mod.hostname(), agent_version=facts_mod.agent_version(),
+            tools=self.tools, spool_free_bytes=facts_mod.free_bytes(self.state.spool),
+            roles=list(self.config.roles),
+        )
+
+    def collect_facts(self) -> dict:
+        self.tools = facts_mod.tool_versions()
+        f = self.facts()
+        return {"hostname": f.hostname, "agent_version": f.agent_version, "tools": f.tools,
+                "spool_free_bytes": f.spool_free_bytes, "roles": f.roles}
+
+    def send(self, message) -> None:
+        """Queues a message for the current stream; dropped while disconnected (the spool keeps results)."""
+        if self.outbox is not None:
+            self.outbox.put_nowait(message)
+
+    # jobs
+
+    def on_job(self, request: wire.JobRequest) -> None:
+        record = self.spool.get(request.job_id)
+        if record is not None:
+            if record.state == "done":
+                self._send_result(record)
+            return
+        record = self.spool.start(request.job_id, request.kind)
+        self.running[record.id] = asyncio.create_task(self._run(record, request))
+
+    async def _run(self, record: JobRecord, request: wire.JobRequest) -> None:
+        def progress(phase: str, done: int, total: int, unit: str, message: str) -> None:
+            self.send(wire.progress(record.id, phase, done, total, unit, message))
+
+        handler = HANDLERS.get(request.kind)
+        try:
+            if handler is None:
+                raise AgentError(f"this agent does not know job kind {request.kind!r}")
+            output = await handler(JobContext(record.id, request.params, progress, self.collect_facts))
+            self.spool.finish(record, True, output, "", False)
+        except AgentError as exc:
+            self.spool.finish(record, False, None, exc.message, exc.retryable)
+        except Exception as exc:
+            log.exception("job %s (%s) failed unexpectedly", record.id, request.kind)
+            self.spool.finish(record, False, None, f"{type(exc).__name__}: {exc}", False)
+        finally:
+            self.running.pop(record.id, None)
+        log.info("job %s (%s) finished: %s", record.id, record.kind, "ok" if record.ok else record.error)
+        self._send_result(record)
+
+    def _send_result(self, record: JobRecord) -> None:
+        self.send(wire.result(record.id, record.ok, record.output, record.error, record.retryable))
+
+    # the stream
+
+    async def _requests(self, outbox: asyncio.Queue):
+        yield wire.hello(self.facts())
+        for record in self.spool.unacked_results():
+            yield wire.result(record.id, record.ok, record.output, record.error, record.retryable)
+        while True:
+            yield await outbox.get()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            self.send(wire.heartbeat(self.facts()))
+
+    async def session(self, backoff: Backoff) -> None:
+        """One connection, until it ends; raises AgentError saying why."""
+        host_port = self.config.controller
+        channel = wire.mtls_channel(
+            host_port, self.state.read("ca.pem"), self.state.read("key.pem"),
+            self.state.read("cert.pem"), self.config.server_name,
+        )
+        outbox: asyncio.Queue = asyncio.Queue()
+        heartbeats = None
+        try:
+            call = wire.open_stream(channel, self._requests(outbox))
+            self.outbox = outbox
+            async for message in call:
+                event = wire.decode(message)
+                if isinstance(event, wire.Welcome):
+                    log.info("connected to the controller at %s as %s", host_port, self.config.name)
+                    backoff.reset()
+                    self.heartbeat_seconds = event.heartbeat_seconds
+                    if heartbeats is None:
+                        heartbeats = asyncio.create_task(self._heartbeats())
+                elif isinstance(event, wire.JobRequest):
+                    self.on_job(event)
+                elif isinstance(event, wire.Ping):
+                    self.send(wire.pong(event.nonce))
+                elif isinstance(event, wire.Ack):
+                    self.spool.ack(event.job_id)
+            raise AgentError("the controller closed the stream", retryable=True)
+        except grpc.RpcError as exc:
+            raise wire.translate(exc, f"connection to {host_port}") from None
+        finally:
+            self.outbox = None
+            if heartbeats is not None:
+                heartbeats.cancel()
+            await channel.close()
+
+    async def run(self) -> None:
+        for record in self.spool.recover():
+            log.warning("job %s (%s) was interrupted by a restart; reporting it failed",
+                        record.id, record.kind)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        notify("READY=1")
+        backoff = Backoff()
+        while not stop.is_set():
+            session = asyncio.create_task(self.session(backoff))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                session.cancel()
+                break
+            stopper.cancel()
+            try:
+                session.result()
+            except Revoked:
+                raise
+            except AgentError as exc:
+                delay = backoff.next_delay()
+                log.warning("%s; reconnecting in %.1fs", exc.message, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        for task in list(self.running.values()):
+            task.cancel()
+        log.info("agent stopped")

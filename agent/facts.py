@@ -1,0 +1,67 @@
+"""Facts about the agent's host. Parsers are pure; `collect` alone runs commands."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+
+from . import __version__
+
+_PG_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+(?:\.\d+)*)")
+_PLAIN_VERSION = re.compile(r"^\s*(\d+(?:\.\d+)+)")
+
+TOOL_COMMANDS = {
+    "pg_dump": ["pg_dump", "--version"],
+    "psql": ["psql", "--version"],
+    "docker": ["docker", "version", "--format", "{{.Server.Version}}"],
+}
+
+
+def parse_pg_tool_version(output: str) -> str | None:
+    """`pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` -> `15.18`."""
+    match = _PG_VERSION.search(output)
+    return match.group(1) if match else None
+
+
+def parse_docker_server_version(output: str) -> str | None:
+    """The engine's version from `docker version --format {{.Server.Version}}`."""
+    match = _PLAIN_VERSION.match(output)
+    return match.group(1) if match else None
+
+
+PARSERS = {
+    "pg_dump": parse_pg_tool_version,
+    "psql": parse_pg_tool_version,
+    "docker": parse_docker_server_version,
+}
+
+
+def tool_versions(timeout: float = 5) -> dict[str, str]:
+    """Versions of the tools present; a missing tool or a Docker engine that is down is left out."""
+    found = {}
+    for tool, command in TOOL_COMMANDS.items():
+        if shutil.which(command[0]) is None:
+            continue
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if proc.returncode == 0:
+            version = PARSERS[tool](proc.stdout)
+            if version:
+                found[tool] = version
+    return found
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def agent_version() -> str:
+    return __version__

@@ -1,0 +1,97 @@
+"""The job spool: one file per job, so results outlive connections and restarts.
+
+A job is recorded as `running` before it starts and `done` with its result when it
+ends; the file stays after the controller acknowledges the result, so a job sent
+twice runs once. A `running` record left by an earlier process is a job that was
+interrupted: it is closed as failed (retryable) when the agent starts.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import time
+from dataclasses import asdict, dataclass
+
+from .config import write_atomic
+
+KEEP_ACKED_S = 7 * 24 * 3600
+
+
+@dataclass
+class JobRecord:
+    id: str
+    kind: str
+    state: str  # running | done
+    pid: int
+    started_at: float
+    ok: bool = False
+    output: dict | None = None
+    error: str = ""
+    retryable: bool = False
+    acked: bool = False
+    finished_at: float | None = None
+
+
+class Spool:
+    def __init__(self, directory: pathlib.Path):
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, job_id: str) -> pathlib.Path:
+        return self.directory / (hashlib.sha256(job_id.encode()).hexdigest()[:40] + ".json")
+
+    def _save(self, record: JobRecord) -> None:
+        write_atomic(self._path(record.id), json.dumps(asdict(record)).encode())
+
+    def get(self, job_id: str) -> JobRecord | None:
+        try:
+            return JobRecord(**json.loads(self._path(job_id).read_bytes()))
+        except FileNotFoundError:
+            return None
+
+    def records(self) -> list[JobRecord]:
+        found = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                found.append(JobRecord(**json.loads(path.read_bytes())))
+            except (ValueError, TypeError):
+                path.rename(path.with_suffix(".corrupt"))
+        return found
+
+    def start(self, job_id: str, kind: str) -> JobRecord:
+        record = JobRecord(id=job_id, kind=kind, state="running", pid=os.getpid(),
+                           started_at=time.time())
+        self._save(record)
+        return record
+
+    def finish(self, record: JobRecord, ok: bool, output: dict | None, error: str,
+               retryable: bool) -> JobRecord:
+        record.state = "done"
+        record.ok, record.output, record.error, record.retryable = ok, output, error, retryable
+        record.finished_at = time.time()
+        self._save(record)
+        return record
+
+    def ack(self, job_id: str) -> None:
+        record = self.get(job_id)
+        if record is not None and record.state == "done" and not record.acked:
+            record.acked = True
+            self._save(record)
+
+    def unacked_results(self) -> list[JobRecord]:
+        return [r for r in self.records() if r.state == "done" and not r.acked]
+
+    def recover(self) -> list[JobRecord]:
+        """Closes jobs an earlier process left running and forgets old acknowledged ones."""
+        interrupted = []
+        now = time.time()
+        for record in self.records():
+            if record.state == "running" and record.pid != os.getpid():
+                interrupted.append(self.finish(
+                    record, False, None,
+                    "the agent stopped while this job was running; it may have been partly done",
+                    True))
+            elif record.acked and record.finished_at and now - record.finished_at > KEEP_ACKED_S:
+                self._path(record.id).unlink(missing_ok=True)
+        return interrupted

@@ -1,0 +1,145 @@
+"""The agent's RPC boundary: protobuf messages to and from plain dataclasses.
+
+Nothing else in the agent touches `_pb2` types or raw `grpc.RpcError`.
+"""
+
+import json
+from dataclasses import dataclass
+
+import grpc
+
+from proto import fleet_pb2 as pb
+from proto import fleet_pb2_grpc
+
+from .errors import AgentError, Revoked
+from .identity import CONTROLLER_TLS_NAME
+
+
+@dataclass(frozen=True)
+class Facts:
+    hostname: str
+    agent_version: str
+    tools: dict[str, str]
+    spool_free_bytes: int
+    roles: list[str]
+
+
+@dataclass(frozen=True)
+class Welcome:
+    heartbeat_seconds: int
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_id: str
+    kind: str
+    params: dict
+
+
+@dataclass(frozen=True)
+class Ping:
+    nonce: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    certificate_pem: bytes
+    ca_pem: bytes
+    fleet_port: int
+    server_name: str
+
+
+ControllerEvent = Welcome | JobRequest | Ping | Ack
+
+
+def _facts(facts: Facts) -> pb.Facts:
+    return pb.Facts(hostname=facts.hostname, agent_version=facts.agent_version,
+                    tools=facts.tools, spool_free_bytes=facts.spool_free_bytes, roles=facts.roles)
+
+
+def hello(facts: Facts) -> pb.AgentMessage:
+    return pb.AgentMessage(hello=pb.Hello(facts=_facts(facts)))
+
+
+def heartbeat(facts: Facts) -> pb.AgentMessage:
+    return pb.AgentMessage(heartbeat=pb.Heartbeat(facts=_facts(facts)))
+
+
+def pong(nonce: str) -> pb.AgentMessage:
+    return pb.AgentMessage(pong=pb.Pong(nonce=nonce))
+
+
+def progress(job_id: str, phase: str, done: int, total: int, unit: str, message: str):
+    return pb.AgentMessage(job_event=pb.JobEvent(job_id=job_id, progress=pb.JobProgress(
+        phase=phase, done=done, total=total, unit=unit, message=message)))
+
+
+def result(job_id: str, ok: bool, output: dict | None, error: str, retryable: bool):
+    return pb.AgentMessage(job_event=pb.JobEvent(job_id=job_id, result=pb.JobResult(
+        ok=ok, output_json=json.dumps(output) if output is not None else "",
+        error=error, retryable=retryable)))
+
+
+def decode(msg: pb.ControllerMessage) -> ControllerEvent | None:
+    """None for a message this agent does not understand (a newer controller)."""
+    kind = msg.WhichOneof("body")
+    if kind == "welcome":
+        return Welcome(msg.welcome.heartbeat_seconds or 10)
+    if kind == "job":
+        try:
+            params = json.loads(msg.job.params_json or "{}")
+        except ValueError:
+            params = {"_invalid": msg.job.params_json}
+        return JobRequest(msg.job.job_id, msg.job.kind, params if isinstance(params, dict) else {})
+    if kind == "ping":
+        return Ping(msg.ping.nonce)
+    if kind == "ack":
+        return Ack(msg.ack.job_id)
+    return None
+
+
+def translate(exc: grpc.RpcError, where: str) -> AgentError:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (detail or ""):
+        return Revoked(f"{where}: {detail}")
+    retryable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
+                         grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+    return AgentError(f"{where}: {detail or code}", retryable=retryable)
+
+
+def enroll(address: str, ca_pem: bytes, token: str, name: str, roles: list[str],
+           csr_pem: bytes, timeout: float = 15) -> Enrolled:
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    options = [("grpc.ssl_target_name_override", CONTROLLER_TLS_NAME)]
+    with grpc.secure_channel(address, credentials, options=options) as channel:
+        stub = fleet_pb2_grpc.EnrollmentStub(channel)
+        try:
+            reply = stub.Enroll(pb.EnrollRequest(token=token, name=name, roles=roles, csr_pem=csr_pem),
+                                timeout=timeout)
+        except grpc.RpcError as exc:
+            raise translate(exc, "enrollment refused") from None
+    return Enrolled(bytes(reply.certificate_pem), bytes(reply.ca_pem), reply.fleet_port,
+                    reply.server_name)
+
+
+def open_stream(channel, requests):
+    """Starts the Connect stream; `requests` is an async iterator of AgentMessages."""
+    return fleet_pb2_grpc.FleetStub(channel).Connect(requests)
+
+
+def mtls_channel(address: str, ca_pem: bytes, key_pem: bytes, cert_pem: bytes, server_name: str):
+    credentials = grpc.ssl_channel_credentials(ca_pem, key_pem, cert_pem)
+    options = [
+        ("grpc.ssl_target_name_override", server_name),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    return grpc.aio.secure_channel(address, credentials, options=options)

@@ -1,0 +1,217 @@
+"""flux: the command line of the Flux control plane.
+
+Commands are thin: parse, call the controller's HTTP API, render. Every command that
+prints data takes --json and then prints the API's response object as it is.
+Exit codes: 0 ok, 1 failed, 2 usage.
+"""
+
+import json
+import logging
+import pathlib
+import re
+import sys
+import traceback
+
+import click
+
+from . import config as config_mod
+from .client import ApiClient
+from .devfleet import DevFleet, Progress
+from .errors import CliError
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_TOKEN = re.compile(r"^flx_live_[0-9a-f]{32}_[0-9a-f]{4}$")
+
+
+def parse_duration(text: str) -> int:
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 1h or 7d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def emit(data, as_json: bool, render) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        render(data)
+
+
+def client() -> ApiClient:
+    return ApiClient(config_mod.load()).require_login()
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(v)) for v in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flux-fleet", prog_name="flux")
+def cli():
+    """Flux fleet: projects on pooled or dedicated Postgres + PostgREST.
+
+    Talks to the controller's HTTP API at FLUX_API_BASE (or the one `flux login`
+    stored in ~/.flux/config.json).
+    """
+
+
+@cli.command()
+@click.option("--token", help="API token (flx_live_...); asked for when omitted on a terminal")
+@click.option("--api-base", help="controller API base, e.g. https://flux.example.com/api")
+@click.option("--json", "as_json", is_flag=True, help="print the verification result as JSON")
+def login(token, api_base, as_json):
+    """Verify an API token with the controller and store it in ~/.flux/config.json."""
+    current = config_mod.load()
+    if not token:
+        if not sys.stdin.isatty():
+            raise CliError("--token is required when not on a terminal", exit_code=2)
+        token = click.prompt("API token", hide_input=True)
+    token = token.strip()
+    if not _TOKEN.match(token):
+        raise CliError("that is not a Flux API token (expected flx_live_<32 hex>_<4 hex>)", exit_code=2)
+    settings = config_mod.Settings(
+        config_mod.normalise_api_base(api_base) if api_base else current.api_base, token)
+    verified = ApiClient(settings).get("auth/verify")
+    path = config_mod.save(settings)
+    emit(verified, as_json, lambda v: click.echo(
+        f"Logged in to {settings.api_base} as {v['user']} ({v.get('cliRole', 'user')}); saved to {path}"))
+
+
+@cli.group()
+def agents():
+    """Enroll, list, ping and revoke agents."""
+
+
+@agents.command("token")
+@click.option("--roles", required=True, help="comma-separated roles the agent may take: db, docker, gateway")
+@click.option("--ttl", default="1h", show_default=True, help="how long the token stays valid (90s, 15m, 1h, 7d)")
+@click.option("--json", "as_json", is_flag=True)
+def agents_token(roles, ttl, as_json):
+    """Create a one-time join token and print the enroll command to run on the new host."""
+    body = {"roles": [r.strip() for r in roles.split(",") if r.strip()], "ttl_seconds": parse_duration(ttl)}
+    result = client().post("agents/tokens", body)
+
+    def render(r):
+        click.echo(f"Join token (one use, expires {r['expires_at']}):\n  {r['token']}")
+        click.echo(f"CA fingerprint: {r['ca_fingerprint']}")
+        click.echo("On the new host, run:")
+        click.echo(f"  flux-agent enroll --controller {r['enroll_address']} --token {r['token']} "
+                   f"--name NAME --roles {','.join(r['roles'])} --state-dir /var/lib/flux-agent "
+                   f"--ca-fingerprint {r['ca_fingerprint']}")
+
+    emit(result, as_json, render)
+
+
+@agents.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def agents_list(as_json):
+    """List agents: roles, connection, last contact, tool versions, certificate expiry."""
+    result = client().get("agents")
+
+    def render(items):
+        if not items:
+            click.echo("No agents enrolled. Create a join token with `flux agents token --roles ...`.")
+            return
+        rows = []
+        for a in items:
+            tools = a.get("facts", {}).get("tools", {})
+            state = "revoked" if a.get("revoked") else ("connected" if a["connected"] else "offline")
+            rows.append([a["name"], ",".join(a["roles"]), state, a.get("last_seen") or "never",
+                         " ".join(f"{k}={v}" for k, v in sorted(tools.items())) or "-",
+                         (a.get("cert_expires_at") or "")[:10]])
+        _table(rows, ["NAME", "ROLES", "STATE", "LAST SEEN", "TOOLS", "CERT EXPIRES"])
+
+    emit(result, as_json, render)
+
+
+@agents.command("ping")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def agents_ping(name, as_json):
+    """Round trip to an agent over its stream."""
+    result = client().post(f"agents/{name}/ping")
+    emit(result, as_json, lambda r: click.echo(f"{r['name']}: {r['rtt_ms']:.1f} ms"))
+
+
+@agents.command("revoke")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def agents_revoke(name, as_json):
+    """Revoke an agent: its connection closes now and it is refused from then on."""
+    result = client().post(f"agents/{name}/revoke")
+    emit(result, as_json, lambda r: click.echo(f"Revoked {r['name']}; it must be enrolled again to reconnect."))
+
+
+@cli.group()
+def dev():
+    """A local fleet on this machine, for development and demos."""
+
+
+DEV_DIR_HELP = "where the fleet keeps its state and logs (default ~/.flux/dev)"
+
+
+def _dev_dir(directory: str | None) -> pathlib.Path:
+    return pathlib.Path(directory) if directory else config_mod.config_dir() / "dev"
+
+
+@dev.command("up")
+@click.option("--dir", "directory", help=DEV_DIR_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object describing the fleet")
+@click.option("--login/--no-login", default=True, show_default=True,
+              help="store the fleet's API base and token in ~/.flux/config.json")
+def dev_up(directory, as_json, login):
+    """Start (or reuse) a catalog cluster, the controller and an agent on this machine."""
+    fleet = DevFleet(_dev_dir(directory), say=Progress(quiet=as_json))
+    result = fleet.up()
+    if login:
+        config_mod.save(config_mod.Settings(result["api_base"], result["token"]))
+
+    def render(r):
+        click.echo(f"Local fleet is up ({'reused: ' + ', '.join(r['reused']) if r['reused'] else 'started'}).")
+        for key in ("api_base", "http", "grpc", "enroll", "catalog", "dir", "logs"):
+            click.echo(f"  {key:9} {r[key]}")
+        click.echo(f"  agents    {', '.join(r['agents'])}")
+        click.echo(f"  token     {r['token']}")
+
+    emit(result, as_json, render)
+
+
+@dev.command("down")
+@click.option("--dir", "directory", help=DEV_DIR_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def dev_down(directory, as_json):
+    """Stop everything `flux dev up` started; data is kept for the next `up`."""
+    stopped = DevFleet(_dev_dir(directory), say=Progress(quiet=as_json)).down()
+    emit({"stopped": stopped}, as_json,
+         lambda r: click.echo("Stopped: " + ", ".join(r["stopped"]) if r["stopped"] else "Nothing was running."))
+
+
+def log_path() -> pathlib.Path:
+    return config_mod.config_dir() / "flux.log"
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except CliError as exc:
+        click.secho(f"error: {exc.message}", fg="red", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.secho("aborted", fg="red", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception:
+        path = log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(traceback.format_exc())
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        click.secho(f"unexpected error; details were written to {path}", fg="red", err=True)
+        sys.exit(1)

@@ -1,0 +1,172 @@
+"""The HTTP API under /api/cli/v1, for the flux CLI and existing Flux clients.
+
+Every response is JSON, errors included: `{"error": "<message>"}`.
+"""
+
+import datetime
+import logging
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from . import __version__
+from .catalog import Agent, Catalog, Job, User
+from .errors import BadRequest, FluxError, NotFound, Unauthorized
+from .fleet import Fleet, check_agent_name, check_roles
+from .tokens import is_well_formed_api_token, new_join_token, token_hash
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/cli/v1"
+# Job kinds an operator may run by hand through the API; operations send others.
+DIAGNOSTIC_JOBS = ("facts.collect", "diag.wait")
+MAX_JOIN_TOKEN_TTL = 30 * 24 * 3600
+
+
+class JoinTokenRequest(BaseModel):
+    roles: list[str] = Field(description="roles the enrolling agent may take: db, docker, gateway")
+    ttl_seconds: int = Field(3600, ge=60, le=MAX_JOIN_TOKEN_TTL)
+
+
+class JobRequest(BaseModel):
+    kind: str = Field(description=f"one of {', '.join(DIAGNOSTIC_JOBS)}")
+    params: dict = Field(default_factory=dict)
+    job_id: str | None = Field(None, min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                               description="idempotency key: a job sent twice with one id runs once")
+
+
+def _iso(value: datetime.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def agent_view(agent: Agent, connected: bool) -> dict:
+    return {
+        "name": agent.name,
+        "roles": agent.roles,
+        "connected": connected,
+        "revoked": agent.revoked_at is not None,
+        "last_seen": _iso(agent.last_seen),
+        "cert_expires_at": _iso(agent.cert_expires_at),
+        "facts": agent.facts,
+    }
+
+
+def job_view(job: Job) -> dict:
+    return {
+        "id": job.id, "agent": job.agent, "kind": job.kind, "state": job.state,
+        "output": job.output, "error": job.error, "retryable": job.retryable,
+        "progress": job.progress,
+    }
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(catalog: Catalog, fleet: Fleet, ca_fingerprint: str, enroll_address: str) -> FastAPI:
+    app = FastAPI(
+        title="Flux control plane API",
+        version=__version__,
+        openapi_url=f"{PREFIX}/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.exception_handler(FluxError)
+    async def flux_error(_: Request, exc: FluxError):
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        return _error(400, _validation_message(exc))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error in the HTTP API")
+        return _error(500, "internal error; the controller's log has the details")
+
+    async def current_user(request: Request) -> User:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not is_well_formed_api_token(token):
+            raise Unauthorized()
+        user = await catalog.user_for_token(token_hash(token))
+        if user is None:
+            raise Unauthorized()
+        return user
+
+    async def known_agent(name: str) -> Agent:
+        check_agent_name(name)
+        agent = await catalog.get_agent(name)
+        if agent is None:
+            raise NotFound(f"no agent named {name}")
+        return agent
+
+    @app.get(f"{PREFIX}/auth/verify")
+    async def verify(user: User = Depends(current_user)):
+        return {"ok": True, "user": user.name, "plan": user.plan,
+                "defaultMode": "v2_shared", "cliRole": user.cli_role}
+
+    @app.post(f"{PREFIX}/agents/tokens", status_code=201)
+    async def create_join_token(body: JoinTokenRequest, user: User = Depends(current_user)):
+        roles = check_roles(body.roles)
+        token = new_join_token()
+        expires_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            seconds=body.ttl_seconds)
+        await catalog.create_join_token(token_hash(token), roles, expires_at, user.id)
+        return {"token": token, "roles": roles, "expires_at": expires_at.isoformat(),
+                "ca_fingerprint": ca_fingerprint, "enroll_address": enroll_address}
+
+    @app.get(f"{PREFIX}/agents")
+    async def list_agents(_: User = Depends(current_user)):
+        return [agent_view(a, fleet.connected(a.name)) for a in await catalog.list_agents()]
+
+    @app.get(f"{PREFIX}/agents/{{name}}")
+    async def show_agent(name: str, _: User = Depends(current_user)):
+        agent = await known_agent(name)
+        return agent_view(agent, fleet.connected(agent.name))
+
+    @app.post(f"{PREFIX}/agents/{{name}}/revoke")
+    async def revoke_agent(name: str, _: User = Depends(current_user)):
+        agent = await known_agent(name)
+        await catalog.revoke_agent(agent.name)
+        fleet.revoke(agent.name)
+        return {"ok": True, "name": agent.name, "revoked": True}
+
+    @app.post(f"{PREFIX}/agents/{{name}}/ping")
+    async def ping_agent(name: str, _: User = Depends(current_user)):
+        agent = await known_agent(name)
+        rtt_ms = await fleet.ping(agent.name)
+        return {"name": agent.name, "rtt_ms": round(rtt_ms, 3)}
+
+    @app.post(f"{PREFIX}/agents/{{name}}/jobs", status_code=202)
+    async def run_job(name: str, body: JobRequest, _: User = Depends(current_user)):
+        agent = await known_agent(name)
+        if body.kind not in DIAGNOSTIC_JOBS:
+            raise BadRequest(f"unknown job kind {body.kind!r}; one of {', '.join(DIAGNOSTIC_JOBS)}")
+        job = await fleet.submit(agent.name, body.kind, body.params, body.job_id)
+        return job_view(job)
+
+    @app.get(f"{PREFIX}/jobs/{{job_id}}")
+    async def get_job(job_id: str, wait: float = 0, _: User = Depends(current_user)):
+        if not 0 <= wait <= 60:
+            raise BadRequest("wait must be between 0 and 60 seconds")
+        return job_view(await fleet.wait(job_id, wait))
+
+    return app

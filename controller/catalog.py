@@ -1,0 +1,324 @@
+"""The catalog: the controller's state in PostgreSQL.
+
+Schema changes are numbered SQL files in `schema/`, applied in order and recorded in
+`schema_migrations`. Every other module reaches the catalog through `Catalog`.
+"""
+
+import datetime
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .errors import Conflict, FluxError, NotFound, Unavailable
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# Serialises concurrent `init` runs against one catalog.
+_MIGRATION_LOCK = 0x666C7578
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    name: str
+    plan: str
+    cli_role: str
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    roles: list[str]
+    cert_serial: str
+    cert_expires_at: datetime.datetime
+    revoked_at: datetime.datetime | None
+    last_seen: datetime.datetime | None
+    facts: dict
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    agent: str
+    kind: str
+    params: dict
+    state: str
+    output: dict | None
+    error: str | None
+    retryable: bool | None
+    progress: dict | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed")
+
+
+def available_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files(__package__).joinpath("schema").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+def pending_migrations(available: list[Migration], applied: set[int]) -> list[Migration]:
+    """What remains to apply; refuses a catalog that is ahead of this controller."""
+    known = {m.version for m in available}
+    unknown = sorted(applied - known)
+    if unknown:
+        raise FluxError(
+            f"catalog has schema versions {unknown} this controller does not know; "
+            "upgrade the controller before pointing it at this catalog"
+        )
+    return [m for m in available if m.version not in applied]
+
+
+async def connect(url: str) -> psycopg.AsyncConnection:
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise Unavailable(f"cannot connect to the catalog: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+async def migrate(conn: psycopg.AsyncConnection) -> tuple[list[Migration], int]:
+    """Applies pending schema migrations; returns (applied now, resulting version)."""
+    await conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        rows = await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()
+        available = available_migrations()
+        todo = pending_migrations(available, {r[0] for r in rows})
+        for migration in todo:
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+        return todo, max((m.version for m in available), default=0)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def _agent(row: dict) -> Agent:
+    return Agent(
+        name=row["name"], roles=list(row["roles"]), cert_serial=row["cert_serial"],
+        cert_expires_at=row["cert_expires_at"], revoked_at=row["revoked_at"],
+        last_seen=row["last_seen"], facts=row["facts"] or {},
+    )
+
+
+def _job(row: dict) -> Job:
+    return Job(
+        id=row["id"], agent=row["agent"], kind=row["kind"], params=row["params"],
+        state=row["state"], output=row["output"], error=row["error"],
+        retryable=row["retryable"], progress=row["progress"],
+    )
+
+
+class Catalog:
+    def __init__(self, url: str, *, max_size: int = 10):
+        self._pool = AsyncConnectionPool(
+            url, min_size=1, max_size=max_size, open=False,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+        )
+
+    async def open(self) -> None:
+        try:
+            await self._pool.open(wait=True, timeout=15)
+        except PoolTimeout:
+            raise Unavailable("cannot connect to the catalog") from None
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _one(self, query: str, params: tuple = ()) -> dict | None:
+        async with self._pool.connection() as conn:
+            return await (await conn.execute(query, params)).fetchone()
+
+    async def _all(self, query: str, params: tuple = ()) -> list[dict]:
+        async with self._pool.connection() as conn:
+            return await (await conn.execute(query, params)).fetchall()
+
+    # users and API tokens
+
+    async def user_for_token(self, token_hash: str) -> User | None:
+        row = await self._one(
+            "UPDATE api_tokens SET last_used_at = now() FROM users"
+            " WHERE api_tokens.token_hash = %s AND users.id = api_tokens.user_id"
+            " RETURNING users.id, users.name, users.plan, users.cli_role",
+            (token_hash,),
+        )
+        return User(**row) if row else None
+
+    async def has_users(self) -> bool:
+        return await self._one("SELECT 1 FROM users LIMIT 1") is not None
+
+    async def create_user(self, name: str, token_hash: str) -> User:
+        async with self._pool.connection() as conn, conn.transaction():
+            row = await (await conn.execute(
+                "INSERT INTO users (name) VALUES (%s) RETURNING id, name, plan, cli_role", (name,)
+            )).fetchone()
+            await conn.execute(
+                "INSERT INTO api_tokens (token_hash, user_id) VALUES (%s, %s)", (token_hash, row["id"])
+            )
+        return User(**row)
+
+    # join tokens and enrollment
+
+    async def create_join_token(
+        self, token_hash: str, roles: list[str], expires_at: datetime.datetime, user_id: int
+    ) -> None:
+        await self._one(
+            "INSERT INTO join_tokens (token_hash, roles, expires_at, created_by)"
+            " VALUES (%s, %s, %s, %s) RETURNING 1",
+            (token_hash, roles, expires_at, user_id),
+        )
+
+    async def enroll(
+        self, token_hash: str, name: str, roles: list[str], register
+    ) -> Agent:
+        """Consumes a join token and records the agent, in one transaction.
+
+        `register()` signs the certificate and returns (serial, not_after); it runs
+        only once the token and the name have been checked.
+        """
+        async with self._pool.connection() as conn, conn.transaction():
+            token = await (await conn.execute(
+                "SELECT roles, expires_at, used_at, expires_at < now() AS expired"
+                " FROM join_tokens WHERE token_hash = %s FOR UPDATE",
+                (token_hash,),
+            )).fetchone()
+            if token is None:
+                raise NotFound("join token is not known to this controller")
+            if token["used_at"] is not None:
+                raise Conflict("join token was already used")
+            if token["expired"]:
+                raise Conflict("join token has expired")
+            extra = sorted(set(roles) - set(token["roles"]))
+            if extra:
+                raise Conflict(
+                    f"join token does not grant role(s) {', '.join(extra)}"
+                    f" (it grants {', '.join(token['roles'])})"
+                )
+            existing = await (await conn.execute(
+                "SELECT revoked_at FROM agents WHERE name = %s FOR UPDATE", (name,)
+            )).fetchone()
+            if existing is not None and existing["revoked_at"] is None:
+                raise Conflict(f"an agent named {name} is already enrolled; revoke it first")
+            serial, not_after = register()
+            row = await (await conn.execute(
+                "INSERT INTO agents (name, roles, cert_serial, cert_expires_at)"
+                " VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET roles = EXCLUDED.roles,"
+                "  cert_serial = EXCLUDED.cert_serial, cert_expires_at = EXCLUDED.cert_expires_at,"
+                "  enrolled_at = now(), revoked_at = NULL, facts = '{}'"
+                " RETURNING *",
+                (name, sorted(set(roles)), str(serial), not_after),
+            )).fetchone()
+            await conn.execute(
+                "UPDATE join_tokens SET used_at = now(), used_by = %s WHERE token_hash = %s",
+                (name, token_hash),
+            )
+        return _agent(row)
+
+    # agents
+
+    async def get_agent(self, name: str) -> Agent | None:
+        row = await self._one("SELECT * FROM agents WHERE name = %s", (name,))
+        return _agent(row) if row else None
+
+    async def list_agents(self) -> list[Agent]:
+        return [_agent(r) for r in await self._all("SELECT * FROM agents ORDER BY name")]
+
+    async def revoke_agent(self, name: str) -> bool:
+        row = await self._one(
+            "UPDATE agents SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1",
+            (name,),
+        )
+        return row is not None
+
+    async def agent_seen(self, name: str, facts: dict | None) -> None:
+        if facts is None:
+            await self._one(
+                "UPDATE agents SET last_seen = now() WHERE name = %s RETURNING 1", (name,)
+            )
+        else:
+            await self._one(
+                "UPDATE agents SET last_seen = now(), facts = %s WHERE name = %s RETURNING 1",
+                (json.dumps(facts), name),
+            )
+
+    # jobs
+
+    async def create_job(self, job_id: str, agent: str, kind: str, params: dict) -> tuple[Job, bool]:
+        """Records a job once; returns (job, created). A known id returns the existing job."""
+        row = await self._one(
+            "INSERT INTO jobs (id, agent, kind, params) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (id) DO NOTHING RETURNING *",
+            (job_id, agent, kind, json.dumps(params)),
+        )
+        if row is not None:
+            return _job(row), True
+        existing = await self.get_job(job_id)
+        if existing.agent != agent or existing.kind != kind:
+            raise Conflict(f"job {job_id} already exists for another agent or kind")
+        return existing, False
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._one("SELECT * FROM jobs WHERE id = %s", (job_id,))
+        return _job(row) if row else None
+
+    async def open_jobs(self, agent: str) -> list[Job]:
+        rows = await self._all(
+            "SELECT * FROM jobs WHERE agent = %s AND state IN ('pending', 'sent') ORDER BY created_at",
+            (agent,),
+        )
+        return [_job(r) for r in rows]
+
+    async def job_sent(self, job_id: str) -> None:
+        await self._one(
+            "UPDATE jobs SET state = 'sent', updated_at = now()"
+            " WHERE id = %s AND state = 'pending' RETURNING 1",
+            (job_id,),
+        )
+
+    async def job_progress(self, job_id: str, progress: dict) -> None:
+        await self._one(
+            "UPDATE jobs SET progress = %s, updated_at = now()"
+            " WHERE id = %s AND state IN ('pending', 'sent') RETURNING 1",
+            (json.dumps(progress), job_id),
+        )
+
+    async def job_finished(
+        self, job_id: str, agent: str, ok: bool, output: dict | None, error: str, retryable: bool
+    ) -> Job | None:
+        """Records a result once; a repeated result for a finished job changes nothing."""
+        row = await self._one(
+            "UPDATE jobs SET state = %s, output = %s, error = %s, retryable = %s,"
+            " updated_at = now(), finished_at = now()"
+            " WHERE id = %s AND agent = %s AND state IN ('pending', 'sent') RETURNING *",
+            ("succeeded" if ok else "failed", json.dumps(output) if output is not None else None,
+             None if ok else error, None if ok else retryable, job_id, agent),
+        )
+        return _job(row) if row else None

@@ -1,0 +1,64 @@
+"""The controller's state directory: what `init` writes and `run` reads.
+
+    controller.json   catalog URL, base domain (0600: the URL may hold a password)
+    ca.pem, ca.key    the fleet CA
+    server.pem/.key   the controller's TLS certificate for agents
+    master.key        the key that seals secrets at rest
+"""
+
+import json
+import os
+import pathlib
+from dataclasses import dataclass
+
+from .errors import FluxError
+
+CONFIG_FILE = "controller.json"
+
+
+class ConfigError(FluxError):
+    pass
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    catalog_url: str
+    base_domain: str
+
+
+class StateDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path).expanduser().resolve()
+
+    def file(self, name: str) -> pathlib.Path:
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        return self.file(name).exists()
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self.file(name).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{self.file(name)} is missing; run `flux-controller init --state-dir {self.path}` first"
+            ) from None
+
+    def write(self, name: str, data: bytes, *, secret: bool = False) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = self.file(name)
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+
+    def load_config(self) -> ControllerConfig:
+        raw = json.loads(self.read(CONFIG_FILE))
+        return ControllerConfig(catalog_url=raw["catalog_url"], base_domain=raw["base_domain"])
+
+    def save_config(self, config: ControllerConfig) -> None:
+        body = {"catalog_url": config.catalog_url, "base_domain": config.base_domain}
+        self.write(CONFIG_FILE, (json.dumps(body, indent=2) + "\n").encode(), secret=True)

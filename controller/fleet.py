@@ -1,0 +1,301 @@
+"""The agents' side of the controller: enrollment, live sessions, jobs and pings.
+
+`Fleet` is the registry of connected agents and the one place jobs are sent from.
+Jobs are recorded in the catalog before they are sent, sent again on every
+reconnect until their result arrives, and acknowledged once recorded, so a result
+survives a dropped connection on either side.
+"""
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+import uuid
+
+import grpc
+
+from proto import fleet_pb2_grpc
+
+from . import wire
+from .catalog import Catalog, Job
+from .errors import BadRequest, Conflict, FluxError, NotFound, Unauthorized, Unavailable
+from .pki import CertificateAuthority, PKIError, cert_serial
+from .tokens import is_well_formed_join_token, token_hash
+
+log = logging.getLogger(__name__)
+
+ROLES = ("db", "docker", "gateway")
+AGENT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+PING_TIMEOUT_S = 5.0
+
+
+def check_agent_name(name: str) -> str:
+    if not AGENT_NAME.match(name or ""):
+        raise BadRequest(
+            f"invalid agent name {name!r}: use 1-63 lower-case letters, digits and hyphens"
+        )
+    return name
+
+
+def check_roles(roles: list[str]) -> list[str]:
+    if not roles:
+        raise BadRequest(f"at least one role is required ({', '.join(ROLES)})")
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise BadRequest(f"unknown role(s) {', '.join(unknown)}; roles are {', '.join(ROLES)}")
+    return sorted(set(roles))
+
+
+class Session:
+    """One connected agent's stream."""
+
+    def __init__(self, name: str, serial: str):
+        self.name = name
+        self.serial = serial
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.closed = asyncio.Event()
+        self.close_reason: str | None = None
+        self.revoked = False
+        self.pings: dict[str, asyncio.Future] = {}
+
+    def send(self, message) -> None:
+        self.outbox.put_nowait(message)
+
+    def close(self, reason: str, *, revoked: bool = False) -> None:
+        self.close_reason = reason
+        self.revoked = revoked
+        self.closed.set()
+
+
+class Fleet:
+    def __init__(self, catalog: Catalog, heartbeat_seconds: int = 10):
+        self.catalog = catalog
+        self.heartbeat_seconds = heartbeat_seconds
+        self.sessions: dict[str, Session] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._progress_listeners: dict[str, list[asyncio.Queue]] = {}
+
+    def connected(self, name: str) -> bool:
+        return name in self.sessions
+
+    # sessions
+
+    def attach(self, session: Session) -> None:
+        previous = self.sessions.get(session.name)
+        if previous is not None:
+            previous.close("replaced by a newer connection from the same agent")
+        self.sessions[session.name] = session
+
+    def detach(self, session: Session) -> None:
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]
+        for future in session.pings.values():
+            if not future.done():
+                future.set_exception(Unavailable(f"agent {session.name} disconnected"))
+
+    def revoke(self, name: str) -> None:
+        session = self.sessions.get(name)
+        if session is not None:
+            session.close(f"agent {name} is revoked", revoked=True)
+
+    async def handle(self, session: Session, event: wire.AgentEvent) -> None:
+        if isinstance(event, wire.Hello):
+            await self.catalog.agent_seen(session.name, event.facts.as_dict())
+            for job in await self.catalog.open_jobs(session.name):
+                session.send(wire.job_request(job.id, job.kind, job.params))
+                await self.catalog.job_sent(job.id)
+        elif isinstance(event, wire.Heartbeat):
+            await self.catalog.agent_seen(
+                session.name, event.facts.as_dict() if event.facts else None
+            )
+        elif isinstance(event, wire.Pong):
+            future = session.pings.pop(event.nonce, None)
+            if future is not None and not future.done():
+                future.set_result(time.perf_counter())
+        elif isinstance(event, wire.JobProgress):
+            await self.catalog.job_progress(event.job_id, event.as_dict())
+            for queue in self._progress_listeners.get(event.job_id, []):
+                queue.put_nowait(event.as_dict())
+        elif isinstance(event, wire.JobResult):
+            await self.catalog.job_finished(
+                event.job_id, session.name, event.ok, event.output, event.error, event.retryable
+            )
+            session.send(wire.ack(event.job_id))
+            self._wake(event.job_id)
+
+    # jobs
+
+    async def submit(self, agent: str, kind: str, params: dict, job_id: str | None = None) -> Job:
+        """Records a job and sends it if the agent is connected; a known id is not sent again."""
+        job_id = job_id or str(uuid.uuid4())
+        known = await self.catalog.get_agent(agent)
+        if known is None:
+            raise NotFound(f"no agent named {agent}")
+        if known.revoked_at is not None:
+            raise Conflict(f"agent {agent} is revoked")
+        job, created = await self.catalog.create_job(job_id, agent, kind, params)
+        session = self.sessions.get(agent)
+        if created and session is not None:
+            session.send(wire.job_request(job.id, job.kind, job.params))
+            await self.catalog.job_sent(job.id)
+        return job
+
+    async def wait(self, job_id: str, timeout: float) -> Job:
+        """The job once finished, or as it stands when `timeout` runs out."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(future)
+        try:
+            job = await self.catalog.get_job(job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            if job.finished or timeout <= 0:
+                return job
+            try:
+                await asyncio.wait_for(future, timeout)
+            except asyncio.TimeoutError:
+                pass
+            return await self.catalog.get_job(job_id)
+        finally:
+            waiters = self._waiters.get(job_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(job_id, None)
+
+    def _wake(self, job_id: str) -> None:
+        for future in self._waiters.get(job_id, []):
+            if not future.done():
+                future.set_result(None)
+
+    async def ping(self, name: str) -> float:
+        session = self.sessions.get(name)
+        if session is None:
+            if await self.catalog.get_agent(name) is None:
+                raise NotFound(f"no agent named {name}")
+            raise Unavailable(f"agent {name} is not connected")
+        nonce = secrets.token_hex(8)
+        future = asyncio.get_running_loop().create_future()
+        session.pings[nonce] = future
+        started = time.perf_counter()
+        session.send(wire.ping(nonce))
+        try:
+            answered = await asyncio.wait_for(future, PING_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            session.pings.pop(nonce, None)
+            raise Unavailable(f"agent {name} did not answer within {PING_TIMEOUT_S:g}s") from None
+        return (answered - started) * 1000
+
+
+_STATUS = {
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
+    NotFound: grpc.StatusCode.PERMISSION_DENIED,
+    Conflict: grpc.StatusCode.PERMISSION_DENIED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _status(exc: FluxError) -> grpc.StatusCode:
+    for kind, code in _STATUS.items():
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class EnrollmentService(fleet_pb2_grpc.EnrollmentServicer):
+    def __init__(self, catalog: Catalog, ca: CertificateAuthority, fleet_port: int, server_name: str):
+        self.catalog = catalog
+        self.ca = ca
+        self.fleet_port = fleet_port
+        self.server_name = server_name
+
+    async def Enroll(self, request, context):
+        req = wire.decode_enroll_request(request)
+        try:
+            name = check_agent_name(req.name)
+            roles = check_roles(req.roles)
+            if not is_well_formed_join_token(req.token):
+                raise Unauthorized("join token is malformed")
+            issued = None
+
+            def register():
+                nonlocal issued
+                try:
+                    issued = self.ca.sign_agent_csr(req.csr_pem, name)
+                except PKIError as exc:
+                    raise BadRequest(str(exc)) from None
+                return issued.serial, issued.not_after
+
+            await self.catalog.enroll(token_hash(req.token), name, roles, register)
+        except FluxError as exc:
+            log.warning("enrollment of %r refused: %s", req.name, exc.message)
+            await context.abort(_status(exc), exc.message)
+        log.info("agent %s enrolled with roles %s", name, ",".join(roles))
+        return wire.encode_enroll_response(
+            issued.cert_pem, self.ca.cert_pem, self.fleet_port, self.server_name
+        )
+
+
+def _peer_identity(context) -> tuple[str, str] | None:
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") or []
+    certs = auth.get("x509_pem_cert") or []
+    if not names or not certs:
+        return None
+    return names[0].decode(), str(cert_serial(certs[0]))
+
+
+class FleetService(fleet_pb2_grpc.FleetServicer):
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
+
+    async def Connect(self, request_iterator, context):
+        identity = _peer_identity(context)
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        name, serial = identity
+        agent = await self.fleet.catalog.get_agent(name)
+        if agent is None or agent.cert_serial != serial:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate is not current for this agent")
+        if agent.revoked_at is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {name} is revoked")
+
+        session = Session(name, serial)
+        self.fleet.attach(session)
+        log.info("agent %s connected from %s", name, context.peer())
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            yield wire.welcome(self.fleet.heartbeat_seconds)
+            while True:
+                get = asyncio.create_task(session.outbox.get())
+                closed = asyncio.create_task(session.closed.wait())
+                done, _ = await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    closed.cancel()
+                    yield get.result()
+                    continue
+                get.cancel()
+                break
+        finally:
+            reader.cancel()
+            self.fleet.detach(session)
+            log.info("agent %s disconnected: %s", name, session.close_reason or "stream ended")
+        if session.close_reason:
+            code = grpc.StatusCode.PERMISSION_DENIED if session.revoked else grpc.StatusCode.ABORTED
+            await context.abort(code, session.close_reason)
+
+    async def _read(self, session: Session, request_iterator) -> None:
+        try:
+            async for message in request_iterator:
+                event = wire.decode_agent_message(message)
+                if event is not None:
+                    await self.fleet.handle(session, event)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            raise
+        except Exception:
+            log.exception("agent %s: error handling a message", session.name)
+        finally:
+            if not session.closed.is_set():
+                session.close_reason = None
+                session.closed.set()

@@ -1,0 +1,169 @@
+"""flux-controller: `init` prepares a state directory and catalog; `run` serves."""
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from urllib.parse import urlsplit
+
+from . import __version__, catalog as catalog_mod
+from .catalog import Catalog
+from .config import CONFIG_FILE, ConfigError, ControllerConfig, StateDir
+from .errors import FluxError
+from .pki import CertificateAuthority, create_ca
+from .secretbox import new_master_key
+from .server import Listen, serve
+from .tokens import new_api_token, token_hash
+
+log = logging.getLogger("controller")
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _check_catalog_url(url: str) -> str:
+    if urlsplit(url).scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"--catalog-url must be a postgresql:// URL, got {redact_url(url)!r}")
+    return url
+
+
+async def initialise(state: StateDir, catalog_url: str | None, base_domain: str | None,
+                     admin_name: str, extra_names: list[str]) -> dict:
+    """Brings a state directory and its catalog to the current version; idempotent."""
+    changes: list[str] = []
+    previous = state.load_config() if state.has(CONFIG_FILE) else None
+    if catalog_url is None and previous is None:
+        raise ConfigError("--catalog-url is required the first time")
+    config = ControllerConfig(
+        catalog_url=_check_catalog_url(catalog_url) if catalog_url else previous.catalog_url,
+        base_domain=base_domain or (previous.base_domain if previous else "localhost"),
+    )
+
+    conn = await catalog_mod.connect(config.catalog_url)
+    try:
+        applied, version = await catalog_mod.migrate(conn)
+    finally:
+        await conn.close()
+    if applied:
+        changes.append(f"catalog schema migrated to version {version} "
+                       f"({', '.join(f'{m.version:04d}_{m.name}' for m in applied)})")
+    if config != previous:
+        state.save_config(config)
+        changes.append(f"configuration written to {state.file(CONFIG_FILE)}")
+
+    if not state.has("ca.pem"):
+        ca_cert, ca_key = create_ca()
+        state.write("ca.key", ca_key, secret=True)
+        state.write("ca.pem", ca_cert)
+        changes.append("private CA created")
+    ca = CertificateAuthority(state.read("ca.pem"), state.read("ca.key"))
+    if not state.has("server.pem"):
+        issued, key = ca.issue_server(extra_names)
+        state.write("server.key", key, secret=True)
+        state.write("server.pem", issued.cert_pem)
+        changes.append("controller server certificate issued")
+    if not state.has("master.key"):
+        state.write("master.key", new_master_key(), secret=True)
+        changes.append("master key for secrets at rest created")
+
+    token = None
+    catalog = Catalog(config.catalog_url, max_size=1)
+    await catalog.open()
+    try:
+        if not await catalog.has_users():
+            token = new_api_token()
+            await catalog.create_user(admin_name, token_hash(token))
+            changes.append(f"admin user {admin_name!r} created")
+    finally:
+        await catalog.close()
+
+    return {
+        "changed": bool(changes),
+        "changes": changes,
+        "schema_version": version,
+        "state_dir": str(state.path),
+        "ca_fingerprint": ca.fingerprint,
+        "admin_token": token,
+    }
+
+
+def _print_init(result: dict) -> None:
+    if not result["changed"]:
+        print(f"Nothing to do: {result['state_dir']} is initialised "
+              f"(catalog schema version {result['schema_version']}).")
+    for change in result["changes"]:
+        print(f"changed: {change}")
+    print(f"CA fingerprint: {result['ca_fingerprint']}")
+    if result["admin_token"]:
+        print(f"Admin API token (shown once, store it now): {result['admin_token']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flux-controller", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flux-controller {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create or upgrade the catalog and state directory",
+                          description="Creates or upgrades the catalog schema, the private CA, the "
+                          "controller's certificate, the master key and the first admin user. "
+                          "Running it again changes nothing and says so.")
+    init.add_argument("--catalog-url", help="postgresql:// URL of the catalog database "
+                      "(required the first time)")
+    init.add_argument("--state-dir", required=True, help="directory for keys and configuration")
+    init.add_argument("--base-domain", help="domain of Service URLs (default: localhost)")
+    init.add_argument("--admin-name", default="admin", help="name of the first user (default: admin)")
+    init.add_argument("--san", action="append", default=[], metavar="NAME",
+                      help="extra host name or IP for the controller's certificate (repeatable)")
+    init.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    run = sub.add_parser("run", help="serve the HTTP API and the agents' gRPC services")
+    run.add_argument("--state-dir", required=True)
+    run.add_argument("--http-listen", default="127.0.0.1:8080", help="HTTP API (default 127.0.0.1:8080)")
+    run.add_argument("--grpc-listen", default="0.0.0.0:7443",
+                     help="agents' mutual-TLS service (default 0.0.0.0:7443)")
+    run.add_argument("--enroll-listen", default="0.0.0.0:7444",
+                     help="agents' enrollment service, server TLS only (default 0.0.0.0:7444)")
+    run.add_argument("--advertise-host", help="host name agents use to reach this controller, "
+                     "shown with join tokens")
+    run.add_argument("--heartbeat-seconds", type=int, default=10, help="agent heartbeat interval")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        state = StateDir(args.state_dir)
+        if args.command == "init":
+            result = asyncio.run(initialise(state, args.catalog_url, args.base_domain,
+                                            args.admin_name, args.san))
+            print(json.dumps(result)) if args.json else _print_init(result)
+            return 0
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if not 1 <= args.heartbeat_seconds <= 300:
+            raise ConfigError("--heartbeat-seconds must be between 1 and 300")
+        asyncio.run(serve(
+            state,
+            Listen.parse(args.http_listen, "--http-listen"),
+            Listen.parse(args.grpc_listen, "--grpc-listen"),
+            Listen.parse(args.enroll_listen, "--enroll-listen"),
+            heartbeat_seconds=args.heartbeat_seconds,
+            advertise_host=args.advertise_host,
+        ))
+        return 0
+    except FluxError as exc:
+        print(f"flux-controller: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

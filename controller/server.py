@@ -1,0 +1,111 @@
+"""`flux-controller run`: the HTTP API and the agents' gRPC services in one asyncio loop."""
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+
+from proto import fleet_pb2_grpc
+
+from .api import create_app
+from .catalog import Catalog
+from .config import ConfigError, StateDir
+from .fleet import EnrollmentService, Fleet, FleetService
+from .pki import SERVER_NAME, CertificateAuthority
+from .systemd import notify
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_concurrent_streams", 100_000),
+]
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, what: str) -> "Listen":
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+        return cls(host.strip("[]") or "0.0.0.0", int(port))
+
+    def grpc_address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _server_credentials(state: StateDir, require_client_cert: bool):
+    chain = state.read("server.pem") + state.read("ca.pem")
+    return grpc.ssl_server_credentials(
+        [(state.read("server.key"), chain)],
+        root_certificates=state.read("ca.pem") if require_client_cert else None,
+        require_client_auth=require_client_cert,
+    )
+
+
+async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_listen: Listen,
+                heartbeat_seconds: int = 10, advertise_host: str | None = None) -> None:
+    config = state.load_config()
+    ca = CertificateAuthority(state.read("ca.pem"), state.read("ca.key"))
+    catalog = Catalog(config.catalog_url)
+    await catalog.open()
+    fleet = Fleet(catalog, heartbeat_seconds=heartbeat_seconds)
+
+    fleet_server = grpc.aio.server(options=GRPC_OPTIONS)
+    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(fleet), fleet_server)
+    fleet_port = fleet_server.add_secure_port(
+        fleet_listen.grpc_address(), _server_credentials(state, require_client_cert=True))
+
+    enroll_server = grpc.aio.server(options=GRPC_OPTIONS)
+    enroll_service = EnrollmentService(catalog, ca, fleet_port, SERVER_NAME)
+    fleet_pb2_grpc.add_EnrollmentServicer_to_server(enroll_service, enroll_server)
+    enroll_port = enroll_server.add_secure_port(
+        enroll_listen.grpc_address(), _server_credentials(state, require_client_cert=False))
+
+    advertised = advertise_host or (enroll_listen.host if enroll_listen.host not in ("0.0.0.0", "::") else "127.0.0.1")
+    app = create_app(catalog, fleet, ca.fingerprint, f"{advertised}:{enroll_port}")
+    web = uvicorn.Server(uvicorn.Config(
+        app, host=http.host, port=http.port, log_level="warning", access_log=False,
+        lifespan="off", server_header=False))
+    web.install_signal_handlers = lambda: None
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await fleet_server.start()
+    await enroll_server.start()
+    web_task = asyncio.create_task(web.serve())
+    while not web.started:
+        if web_task.done():
+            await fleet_server.stop(None)
+            await enroll_server.stop(None)
+            raise ConfigError(f"cannot serve HTTP on {http.host}:{http.port}")
+        await asyncio.sleep(0.05)
+    http_port = web.servers[0].sockets[0].getsockname()[1]
+    log.info("controller ready: http %s:%s, fleet gRPC port %s, enrollment port %s",
+             http.host, http_port, fleet_port, enroll_port)
+    print(f"flux-controller ready http={http.host}:{http_port} grpc={fleet_port} "
+          f"enroll={enroll_port}", flush=True)
+    notify("READY=1\nSTATUS=serving")
+
+    await stop.wait()
+    notify("STOPPING=1")
+    log.info("stopping")
+    for session in list(fleet.sessions.values()):
+        session.close("controller is shutting down")
+    web.should_exit = True
+    await asyncio.gather(fleet_server.stop(2), enroll_server.stop(2), web_task)
+    await catalog.close()

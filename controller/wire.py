@@ -1,0 +1,142 @@
+"""The controller's RPC boundary: protobuf messages to and from plain dataclasses.
+
+Nothing else in the controller touches `_pb2` types.
+"""
+
+import json
+from dataclasses import dataclass, field
+
+from proto import fleet_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Facts:
+    hostname: str
+    agent_version: str
+    tools: dict[str, str]
+    spool_free_bytes: int
+    roles: list[str]
+
+    def as_dict(self) -> dict:
+        return {
+            "hostname": self.hostname,
+            "agent_version": self.agent_version,
+            "tools": dict(self.tools),
+            "spool_free_bytes": self.spool_free_bytes,
+            "roles": list(self.roles),
+        }
+
+
+@dataclass(frozen=True)
+class Hello:
+    facts: Facts
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    facts: Facts | None
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    job_id: str
+    phase: str
+    done: int
+    total: int
+    unit: str
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"phase": self.phase, "done": self.done, "total": self.total,
+                "unit": self.unit, "message": self.message}
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    ok: bool
+    output: dict | None
+    error: str
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class Pong:
+    nonce: str
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    token: str
+    name: str
+    roles: list[str] = field(default_factory=list)
+    csr_pem: bytes = b""
+
+
+AgentEvent = Hello | Heartbeat | JobProgress | JobResult | Pong
+
+
+def _facts(msg: pb.Facts) -> Facts:
+    return Facts(
+        hostname=msg.hostname, agent_version=msg.agent_version, tools=dict(msg.tools),
+        spool_free_bytes=msg.spool_free_bytes, roles=list(msg.roles),
+    )
+
+
+def _output(text: str) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"raw": text}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def decode_agent_message(msg: pb.AgentMessage) -> AgentEvent | None:
+    """None for a message this controller does not understand (a newer agent)."""
+    kind = msg.WhichOneof("body")
+    if kind == "hello":
+        return Hello(_facts(msg.hello.facts))
+    if kind == "heartbeat":
+        return Heartbeat(_facts(msg.heartbeat.facts) if msg.heartbeat.HasField("facts") else None)
+    if kind == "pong":
+        return Pong(msg.pong.nonce)
+    if kind == "job_event":
+        event = msg.job_event
+        which = event.WhichOneof("event")
+        if which == "progress":
+            p = event.progress
+            return JobProgress(event.job_id, p.phase, p.done, p.total, p.unit, p.message)
+        if which == "result":
+            r = event.result
+            return JobResult(event.job_id, r.ok, _output(r.output_json), r.error, r.retryable)
+    return None
+
+
+def decode_enroll_request(msg: pb.EnrollRequest) -> EnrollRequest:
+    return EnrollRequest(msg.token, msg.name, list(msg.roles), bytes(msg.csr_pem))
+
+
+def encode_enroll_response(cert_pem: bytes, ca_pem: bytes, fleet_port: int, server_name: str):
+    return pb.EnrollResponse(
+        certificate_pem=cert_pem, ca_pem=ca_pem, fleet_port=fleet_port, server_name=server_name
+    )
+
+
+def welcome(heartbeat_seconds: int) -> pb.ControllerMessage:
+    return pb.ControllerMessage(welcome=pb.Welcome(heartbeat_seconds=heartbeat_seconds))
+
+
+def job_request(job_id: str, kind: str, params: dict) -> pb.ControllerMessage:
+    return pb.ControllerMessage(
+        job=pb.JobRequest(job_id=job_id, kind=kind, params_json=json.dumps(params))
+    )
+
+
+def ping(nonce: str) -> pb.ControllerMessage:
+    return pb.ControllerMessage(ping=pb.Ping(nonce=nonce))
+
+
+def ack(job_id: str) -> pb.ControllerMessage:
+    return pb.ControllerMessage(ack=pb.ResultAck(job_id=job_id))

@@ -1,0 +1,1 @@
+"""Controller-agent contract (package flux.fleet.v1) and its generated stubs."""
