@@ -70,10 +70,13 @@ class Agent:
     def on_job(self, request: wire.JobRequest) -> None:
         record = self.spool.get(request.job_id)
         if record is not None:
+            log.info("job %s (%s) received again while %s; not run twice",
+                     record.id, record.kind, record.state)
             if record.state == "done":
                 self._send_result(record)
             return
         record = self.spool.start(request.job_id, request.kind)
+        log.info("job %s (%s) started", record.id, record.kind)
         self.running[record.id] = asyncio.create_task(self._run(record, request))
 
     async def _run(self, record: JobRecord, request: wire.JobRequest) -> None:

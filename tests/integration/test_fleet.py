@@ -1,0 +1,211 @@
+"""Enrollment, mutual TLS, the agent stream and jobs, against a real controller and agents."""
+
+import datetime
+import re
+import signal
+import time
+
+import grpc
+import psycopg
+import pytest
+
+from controller.pki import SERVER_NAME, CertificateAuthority, create_ca, make_csr, new_key, key_pem
+from proto import fleet_pb2 as pb
+from proto import fleet_pb2_grpc
+from tests.support import AgentProc, CuttableProxy, run, script, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _connect_with(controller, ca_pem: bytes, key: bytes | None, cert: bytes | None):
+    """Opens the Fleet stream with the given client identity and returns the first reply."""
+    credentials = grpc.ssl_channel_credentials(ca_pem, key, cert)
+    with grpc.secure_channel(f"127.0.0.1:{controller.ports['grpc']}", credentials,
+                             options=[("grpc.ssl_target_name_override", SERVER_NAME)]) as channel:
+        stream = fleet_pb2_grpc.FleetStub(channel).Connect(
+            iter([pb.AgentMessage(hello=pb.Hello(facts=pb.Facts(hostname="probe")))]), timeout=5)
+        return next(stream)
+
+
+def test_enroll_connect_list_and_ping(controller, agents):
+    agent = agents("db-1", "db")
+    wait_until(lambda: controller.connected("db-1"), 15, "db-1 connected")
+
+    listed = controller.agent("db-1")
+    assert listed["roles"] == ["db"]
+    assert listed["revoked"] is False
+    facts = listed["facts"]
+    assert facts["hostname"]
+    assert facts["agent_version"] == "0.1.0"
+    assert re.match(r"^\d+\.\d+", facts["tools"]["pg_dump"])
+    assert re.match(r"^\d+\.\d+", facts["tools"]["psql"])
+    assert facts["spool_free_bytes"] > 0
+    assert datetime.datetime.fromisoformat(listed["cert_expires_at"]) > datetime.datetime.now(datetime.timezone.utc)
+
+    ping = controller.api("POST", "agents/db-1/ping")
+    assert ping.status_code == 200, ping.text
+    assert 0 < ping.json()["rtt_ms"] < 5000
+
+    # The agent's certificate is from the fleet CA and names the agent.
+    assert b"BEGIN CERTIFICATE" in agent.read("cert.pem")
+    assert (agent.state_dir / "key.pem").stat().st_mode & 0o077 == 0
+
+
+def test_heartbeats_update_last_seen(controller, agents):
+    agents("hb-1")
+    wait_until(lambda: controller.connected("hb-1"), 15, "hb-1 connected")
+    first = controller.agent("hb-1")["last_seen"]
+    wait_until(lambda: controller.agent("hb-1")["last_seen"] != first, 10, "a heartbeat")
+
+
+def test_client_without_certificate_is_refused(controller, agents):
+    ca_pem = (controller.state_dir / "ca.pem").read_bytes()
+    with pytest.raises(grpc.RpcError) as refused:
+        _connect_with(controller, ca_pem, None, None)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_with_certificate_from_another_ca_is_refused(controller):
+    other = CertificateAuthority(*create_ca())
+    key = new_key()
+    cert = other.sign_agent_csr(make_csr(key, "intruder"), "intruder").cert_pem
+    ca_pem = (controller.state_dir / "ca.pem").read_bytes()
+    with pytest.raises(grpc.RpcError) as refused:
+        _connect_with(controller, ca_pem, key_pem(key), cert)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_revoked_agent_is_disconnected_and_refused(controller, agents):
+    agent = agents("rev-1")
+    wait_until(lambda: controller.connected("rev-1"), 15, "rev-1 connected")
+
+    revoked_at = time.monotonic()
+    response = controller.api("POST", "agents/rev-1/revoke")
+    assert response.status_code == 200, response.text
+    # The stream closes within 5 seconds and the agent stops for good.
+    code = agent.proc.wait(timeout=5)
+    assert time.monotonic() - revoked_at < 5
+    assert code == 78
+    assert not controller.connected("rev-1")
+    assert controller.agent("rev-1")["revoked"] is True
+    assert "revoked" in agent.log.read_text()
+
+    with pytest.raises(grpc.RpcError) as refused:
+        _connect_with(controller, agent.read("ca.pem"), agent.read("key.pem"), agent.read("cert.pem"))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "revoked" in refused.value.details()
+
+
+def test_join_token_works_once(controller, tmp_path):
+    token = controller.join_token(["db"])
+    AgentProc.enroll(controller, tmp_path, "once-1", "db", token=token)
+    second = run(script("flux-agent"), "enroll", "--controller", token["enroll_address"], "--token", token["token"],
+                 "--name", "once-2", "--roles", "db", "--state-dir", str(tmp_path / "once-2"),
+                 "--ca-fingerprint", token["ca_fingerprint"], check=False)
+    assert second.returncode == 1
+    assert "join token was already used" in second.stderr
+    assert not (tmp_path / "once-2" / "cert.pem").exists()
+    assert controller.agent("once-2") is None
+
+
+def test_expired_join_token_is_refused(controller, tmp_path):
+    token = controller.join_token(["db"], ttl=60)
+    with psycopg.connect(controller.catalog_url, autocommit=True) as conn:
+        conn.execute("UPDATE join_tokens SET expires_at = now() - interval '1 second'")
+    proc = run(script("flux-agent"), "enroll", "--controller", token["enroll_address"], "--token", token["token"],
+               "--name", "late-1", "--roles", "db", "--state-dir", str(tmp_path / "late-1"),
+               "--ca-fingerprint", token["ca_fingerprint"], check=False)
+    assert proc.returncode == 1
+    assert "join token has expired" in proc.stderr
+    assert controller.agent("late-1") is None
+
+
+def test_join_token_cannot_grant_other_roles(controller, tmp_path):
+    token = controller.join_token(["db"])
+    proc = run(script("flux-agent"), "enroll", "--controller", token["enroll_address"], "--token", token["token"],
+               "--name", "dock-1", "--roles", "docker", "--state-dir", str(tmp_path / "dock-1"),
+               "--ca-fingerprint", token["ca_fingerprint"], check=False)
+    assert proc.returncode == 1
+    assert "does not grant role(s) docker" in proc.stderr
+    assert controller.agent("dock-1") is None
+
+
+def test_enroll_refuses_a_controller_whose_ca_does_not_match(controller, tmp_path):
+    token = controller.join_token(["db"])
+    wrong = "sha256:" + "0" * 64
+    proc = run(script("flux-agent"), "enroll", "--controller", token["enroll_address"], "--token", token["token"],
+               "--name", "pin-1", "--roles", "db", "--state-dir", str(tmp_path / "pin-1"),
+               "--ca-fingerprint", wrong, check=False)
+    assert proc.returncode == 1
+    assert "does not present a CA with fingerprint" in proc.stderr
+    # The token was never sent, so it still works.
+    AgentProc.enroll(controller, tmp_path, "pin-1", "db", token=token)
+
+
+def test_agents_reconnect_after_controller_restart(controller, agents):
+    agents("re-1")
+    agents("re-2")
+    wait_until(lambda: controller.connected("re-1") and controller.connected("re-2"), 15, "agents connected")
+    assert controller.stop() == 0
+    controller.start()
+    restarted = time.monotonic()
+    wait_until(lambda: controller.connected("re-1") and controller.connected("re-2"), 10,
+               "agents reconnected")
+    assert time.monotonic() - restarted < 10
+
+
+def test_job_result_survives_a_dropped_connection(controller, agents):
+    agent = agents("drop-1", start=False)
+    proxy = CuttableProxy(controller.ports["grpc"])
+    try:
+        agent.point_at(f"127.0.0.1:{proxy.port}")
+        agent.start()
+        wait_until(lambda: controller.connected("drop-1"), 15, "drop-1 connected")
+        job = controller.api("POST", "agents/drop-1/jobs", {"kind": "diag.wait", "params": {"seconds": 3}})
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+        wait_until(lambda: controller.api("GET", f"jobs/{job_id}").json()["progress"], 5, "progress")
+
+        proxy.cut()
+        wait_until(lambda: not controller.connected("drop-1"), 10, "the controller to notice the drop")
+        time.sleep(3)  # the job finishes while the agent cannot reach the controller
+        assert controller.api("GET", f"jobs/{job_id}").json()["state"] == "sent"
+        proxy.restore()
+
+        done = controller.api("GET", f"jobs/{job_id}", params={"wait": 20}).json()
+        assert done["state"] == "succeeded", done
+        assert done["output"]["waited_s"] >= 3
+    finally:
+        proxy.close()
+
+
+def test_same_job_sent_twice_runs_once(controller, agents):
+    agent = agents("dup-1")
+    wait_until(lambda: controller.connected("dup-1"), 15, "dup-1 connected")
+    body = {"kind": "diag.wait", "params": {"seconds": 2}, "job_id": "dup-job-0001"}
+    assert controller.api("POST", "agents/dup-1/jobs", body).status_code == 202
+    # A restart makes the controller send every open job again on reconnect.
+    controller.stop()
+    controller.start()
+    assert controller.api("POST", "agents/dup-1/jobs", body).status_code == 202
+    done = controller.api("GET", "jobs/dup-job-0001", params={"wait": 20}).json()
+    assert done["state"] == "succeeded", done
+    time.sleep(1)
+    log = agent.log.read_text()
+    assert log.count("job dup-job-0001 (diag.wait) started") == 1
+    assert "job dup-job-0001 (diag.wait) received again" in log
+
+
+def test_agent_killed_mid_job_reports_it_failed_on_restart(controller, agents):
+    agent = agents("kill-1")
+    wait_until(lambda: controller.connected("kill-1"), 15, "kill-1 connected")
+    job_id = controller.api("POST", "agents/kill-1/jobs",
+                            {"kind": "diag.wait", "params": {"seconds": 30}}).json()["id"]
+    wait_until(lambda: controller.api("GET", f"jobs/{job_id}").json()["progress"], 5, "progress")
+    agent.proc.send_signal(signal.SIGKILL)
+    agent.proc.wait()
+    agent.start()
+    done = controller.api("GET", f"jobs/{job_id}", params={"wait": 20}).json()
+    assert done["state"] == "failed"
+    assert "stopped while this job was running" in done["error"]
+    assert done["retryable"] is True

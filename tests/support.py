@@ -1,0 +1,237 @@
+"""Real processes for tests: a PostgreSQL cluster, the controller, agents, a cuttable proxy."""
+
+import json
+import os
+import pathlib
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from cli.devfleet import PostgresCluster, free_port
+
+READY = re.compile(r"flux-controller ready http=\S+:(\d+) grpc=(\d+) enroll=(\d+)")
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def test_cluster(root: pathlib.Path) -> PostgresCluster:
+    base = pathlib.Path("/var/lib/postgresql/flux-test") if os.geteuid() == 0 else root
+    datadir = base / f"t{secrets.token_hex(5)}" / "data"
+    cluster = PostgresCluster(datadir, free_port(), secrets.token_urlsafe(18))
+    cluster.init({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+    cluster.start()
+    return cluster
+
+
+def remove_cluster(cluster: PostgresCluster) -> None:
+    cluster.stop()
+    shutil.rmtree(cluster.datadir.parent, ignore_errors=True)
+
+
+def script(name: str) -> str:
+    """A console script of this installation, whether or not its bin directory is on PATH."""
+    return str(pathlib.Path(sys.executable).parent / name)
+
+
+def run(*command: str, check: bool = True, env: dict | None = None, timeout: float = 60):
+    proc = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{command[:3]} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+class Controller:
+    """`flux-controller` as a separate process, on fixed ports so it can be restarted."""
+
+    def __init__(self, state_dir: pathlib.Path, catalog_url: str):
+        self.state_dir = state_dir
+        self.catalog_url = catalog_url
+        init = run(sys.executable, "-m", "controller.main", "init", "--catalog-url", catalog_url,
+                   "--state-dir", str(state_dir), "--json")
+        self.init_result = json.loads(init.stdout)
+        self.token = self.init_result["admin_token"]
+        self.ca_fingerprint = self.init_result["ca_fingerprint"]
+        self.ports = {"http": free_port(), "grpc": free_port(), "enroll": free_port()}
+        self.proc: subprocess.Popen | None = None
+        self.log = state_dir / "controller.log"
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http']}/api"
+
+    def start(self, env: dict | None = None, heartbeat_seconds: int = 2) -> "Controller":
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller.main", "run", "--state-dir", str(self.state_dir),
+             "--http-listen", f"127.0.0.1:{self.ports['http']}",
+             "--grpc-listen", f"127.0.0.1:{self.ports['grpc']}",
+             "--enroll-listen", f"127.0.0.1:{self.ports['enroll']}",
+             "--heartbeat-seconds", str(heartbeat_seconds)],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        wait_until(lambda: self.proc.poll() is not None
+                   or READY.search(self.log.read_bytes()[offset:].decode(errors="replace")),
+                   30, "controller ready line")
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=20)
+        with open(self.log, "a") as handle:
+            handle.write("\n--- stopped ---\n")
+        return code
+
+    def api(self, method: str, path: str, body=None, token: str | None = "admin", **kwargs):
+        headers = kwargs.pop("headers", {})
+        if token:
+            headers["Authorization"] = f"Bearer {self.token if token == 'admin' else token}"
+        return httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, headers=headers,
+                             timeout=30, **kwargs)
+
+    def join_token(self, roles: list[str], ttl: int = 600) -> dict:
+        response = self.api("POST", "agents/tokens", {"roles": roles, "ttl_seconds": ttl})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def agent(self, name: str) -> dict | None:
+        response = self.api("GET", "agents")
+        assert response.status_code == 200, response.text
+        return next((a for a in response.json() if a["name"] == name), None)
+
+    def connected(self, name: str) -> bool:
+        agent = self.agent(name)
+        return bool(agent and agent["connected"])
+
+
+class AgentProc:
+    def __init__(self, state_dir: pathlib.Path, name: str):
+        self.state_dir = state_dir
+        self.name = name
+        self.proc: subprocess.Popen | None = None
+        self.log = state_dir / "agent.log"
+
+    @classmethod
+    def enroll(cls, controller: Controller, base: pathlib.Path, name: str, roles: str = "db",
+               token: dict | None = None) -> "AgentProc":
+        token = token or controller.join_token(roles.split(","))
+        state = base / name
+        run(sys.executable, "-m", "agent.main", "enroll", "--controller", token["enroll_address"],
+            "--token", token["token"], "--name", name, "--roles", roles, "--state-dir", str(state),
+            "--ca-fingerprint", token["ca_fingerprint"])
+        return cls(state, name)
+
+    def config(self) -> dict:
+        return json.loads((self.state_dir / "agent.json").read_text())
+
+    def point_at(self, address: str) -> None:
+        config = self.config()
+        config["controller"] = address
+        (self.state_dir / "agent.json").write_text(json.dumps(config))
+
+    def start(self) -> "AgentProc":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.main", "run", "--state-dir", str(self.state_dir)],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def read(self, name: str) -> bytes:
+        return (self.state_dir / name).read_bytes()
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback whose connections can be cut and refused on demand."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepting = threading.Event()
+        self.accepting.set()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.accepting.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.pairs.append((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        sockets = [a, b]
+        try:
+            while True:
+                readable, _, _ = select.select(sockets, [], [], 0.5)
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (b if sock is a else a).sendall(data)
+        except OSError:
+            return
+        finally:
+            a.close()
+            b.close()
+
+    def cut(self) -> None:
+        """Drops every open connection and refuses new ones until `restore`."""
+        self.accepting.clear()
+        with self.lock:
+            for a, b in self.pairs:
+                for sock in (a, b):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            self.pairs.clear()
+
+    def restore(self) -> None:
+        self.accepting.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.cut()
+        self.listener.close()
