@@ -38,11 +38,11 @@ class Backoff:
 
 
 class Agent:
-    def __init__(self, state: StateDir):
+    def __init__(self, state: StateDir, tools: dict[str, str] | None = None):
         self.state = state
         self.config: AgentConfig = state.load()
         self.spool = Spool(state.spool)
-        self.tools = facts_mod.tool_versions()
+        self.tools = facts_mod.tool_versions() if tools is None else tools
         self.outbox: asyncio.Queue | None = None
         self.running: dict[str, asyncio.Task] = {}
         self.heartbeat_seconds = 10

@@ -16,7 +16,7 @@ import time
 
 import httpx
 
-from cli.devfleet import PostgresCluster, free_port
+from cli.devfleet import PostgresCluster, free_port, pid_alive  # noqa: F401  (re-exported for tests)
 
 READY = re.compile(r"flux-controller ready http=\S+:(\d+) grpc=(\d+) enroll=(\d+)")
 

@@ -1,0 +1,170 @@
+"""Fleet benchmark: N agents with real mTLS gRPC streams against one controller.
+
+Starts a catalog cluster and a controller, enrolls N agents through join tokens,
+connects them from a few worker processes (each agent its own channel and stream),
+then measures the time until all are connected, ping round trips through the
+controller's API (each ping crosses the agent's stream), and the controller's peak
+RSS. The last line of output is one JSON object with the figures.
+
+    python bench/fleet.py [--agents 200] [--workers 4]
+"""
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import psycopg
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.config import AgentConfig, StateDir as AgentStateDir  # noqa: E402
+from agent.connection import Agent, Backoff  # noqa: E402
+from agent.errors import AgentError  # noqa: E402
+from agent.identity import fetch_pinned_ca, new_key_and_csr  # noqa: E402
+from agent.wire import enroll as enroll_rpc  # noqa: E402
+from tests.support import Controller, remove_cluster, test_cluster  # noqa: E402
+
+
+def enroll_all(controller: Controller, base: pathlib.Path, count: int) -> list[pathlib.Path]:
+    host = "127.0.0.1"
+    token = controller.join_token(["db"])
+    ca_pem = fetch_pinned_ca(host, controller.ports["enroll"], token["ca_fingerprint"])
+    dirs = []
+    for i in range(count):
+        if i:
+            token = controller.join_token(["db"])
+        name = f"bench-{i:05d}"
+        key_pem, csr_pem = new_key_and_csr(name)
+        enrolled = enroll_rpc(token["enroll_address"], ca_pem, token["token"], name, ["db"], csr_pem)
+        state = AgentStateDir(base / name)
+        state.write("key.pem", key_pem, secret=True)
+        state.write("cert.pem", enrolled.certificate_pem)
+        state.write("ca.pem", ca_pem)
+        state.save(AgentConfig(name=name, roles=["db"], controller=f"{host}:{enrolled.fleet_port}",
+                               server_name=enrolled.server_name))
+        dirs.append(state.path)
+    return dirs
+
+
+def worker(dirs: list[str]) -> None:
+    """Keeps every given agent connected until terminated."""
+
+    async def keep(agent: Agent) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await agent.session(backoff)
+            except AgentError:
+                await asyncio.sleep(backoff.next_delay())
+
+    async def main() -> None:
+        tools = {"pg_dump": "bench", "psql": "bench"}
+        await asyncio.gather(*(keep(Agent(AgentStateDir(d), tools=tools)) for d in dirs))
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    asyncio.run(main())
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def ping_all(controller: Controller, names: list[str], rounds: int, concurrency: int) -> list[float]:
+    rtts: list[float] = []
+    limit = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {controller.token}"}
+    async with httpx.AsyncClient(base_url=f"{controller.api_base}/cli/v1/", headers=headers, timeout=30) as http:
+        async def one(name: str) -> None:
+            async with limit:
+                response = await http.post(f"agents/{name}/ping")
+                response.raise_for_status()
+                rtts.append(response.json()["rtt_ms"])
+
+        for _ in range(rounds):
+            await asyncio.gather(*(one(n) for n in names))
+    return rtts
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=4, help="processes the agents are spread over")
+    parser.add_argument("--rounds", type=int, default=3, help="pings per agent")
+    parser.add_argument("--concurrency", type=int, default=16, help="pings in flight at once")
+    args = parser.parse_args()
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-"))
+    cluster = test_cluster(tmp)
+    processes: list[multiprocessing.Process] = []
+    controller = None
+    try:
+        with psycopg.connect(cluster.url(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE bench_catalog")
+        controller = Controller(tmp / "controller", cluster.url("bench_catalog"))
+        controller.start(heartbeat_seconds=10)
+        print(f"enrolling {args.agents} agents", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        dirs = enroll_all(controller, tmp / "agents", args.agents)
+        enroll_s = time.perf_counter() - started
+
+        print("connecting", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        for i in range(args.workers):
+            proc = multiprocessing.Process(target=worker, args=([str(d) for d in dirs[i::args.workers]],))
+            proc.start()
+            processes.append(proc)
+        while True:
+            connected = sum(a["connected"] for a in controller.api("GET", "agents").json())
+            if connected == args.agents:
+                break
+            if time.perf_counter() - started > 300:
+                raise SystemExit(f"only {connected} of {args.agents} agents connected after 300s")
+            time.sleep(0.2)
+        connect_s = time.perf_counter() - started
+
+        print("pinging", file=sys.stderr, flush=True)
+        names = [d.name for d in dirs]
+        rtts = asyncio.run(ping_all(controller, names, args.rounds, args.concurrency))
+        figures = {
+            "agents": args.agents,
+            "enroll_s": round(enroll_s, 2),
+            "connect_s": round(connect_s, 2),
+            "pings": len(rtts),
+            "ping_p50_ms": round(statistics.median(rtts), 2),
+            "ping_p99_ms": round(percentile(rtts, 0.99), 2),
+            "controller_rss_mb": round(peak_rss_mb(controller.proc.pid), 1),
+        }
+    finally:
+        for proc in processes:
+            proc.terminate()
+            proc.join(10)
+        if controller is not None:
+            controller.stop()
+        remove_cluster(cluster)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

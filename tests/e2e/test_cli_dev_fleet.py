@@ -1,0 +1,103 @@
+"""Whole flows through the `flux` CLI on a local fleet started by `flux dev up`."""
+
+import json
+import os
+import pathlib
+import shutil
+import stat
+
+import pytest
+
+from tests.support import pid_alive, run, script
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    env = {"FLUX_CONFIG_DIR": str(tmp_path / "cfg")}
+    directory = tmp_path / "dev"
+
+    def flux(*args, check=True):
+        return run(script("flux"), *args, env=env, check=check, timeout=180)
+
+    up = flux("dev", "up", "--dir", str(directory), "--json")
+    yield flux, json.loads(up.stdout), directory, env
+    flux("dev", "down", "--dir", str(directory))
+    remove_dev_data(directory)
+
+
+def remove_dev_data(directory):
+    state = json.loads((directory / "dev.json").read_text())
+    shutil.rmtree(pathlib.Path(state["catalog"]["datadir"]).parent, ignore_errors=True)
+
+
+def test_dev_up_starts_a_fleet_the_cli_can_use(fleet, tmp_path):
+    flux, info, directory, env = fleet
+    assert info["api_base"].endswith("/api")
+    assert info["token"].startswith("flx_live_")
+    assert info["dir"] == str(directory)
+    for key in ("http", "grpc", "enroll", "catalog"):
+        assert info[key].startswith("127.0.0.1:")
+
+    config = tmp_path / "cfg" / "config.json"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert json.loads(config.read_text()) == {"api_base": info["api_base"], "token": info["token"]}
+
+    listed = json.loads(flux("agents", "list", "--json").stdout)
+    assert [(a["name"], a["roles"], a["connected"]) for a in listed] == [("dev-agent", ["db"], True)]
+    assert "dev-agent" in flux("agents", "list").stdout
+
+    ping = json.loads(flux("agents", "ping", "dev-agent", "--json").stdout)
+    assert ping["rtt_ms"] > 0
+
+    token = flux("agents", "token", "--roles", "docker", "--ttl", "10m")
+    assert "flux-agent enroll --controller" in token.stdout and "--roles docker" in token.stdout
+
+    again = json.loads(flux("dev", "up", "--dir", str(directory), "--json").stdout)
+    assert set(again["reused"]) == {"catalog", "controller", "agent"}
+    assert again["token"] == info["token"]
+
+
+def test_login_verifies_and_stores_the_token(fleet, tmp_path):
+    flux, info, _, env = fleet
+    (tmp_path / "cfg" / "config.json").unlink()
+
+    bad = flux("login", "--token", "flx_live_" + "0" * 32 + "_0000", "--api-base", info["api_base"], check=False)
+    assert bad.returncode == 1 and "Unauthorized" in bad.stderr
+    assert not (tmp_path / "cfg" / "config.json").exists()
+
+    malformed = flux("login", "--token", "hunter2", "--api-base", info["api_base"], check=False)
+    assert malformed.returncode == 2 and "not a Flux API token" in malformed.stderr
+
+    ok = flux("login", "--token", info["token"], "--api-base", info["api_base"].removesuffix("/api"), "--json")
+    assert json.loads(ok.stdout)["user"] == "admin"
+    saved = json.loads((tmp_path / "cfg" / "config.json").read_text())
+    assert saved == {"api_base": info["api_base"], "token": info["token"]}
+
+    # The environment wins over the stored file.
+    wrong = run(script("flux"), "agents", "list", check=False,
+                env={**env, "FLUX_API_TOKEN": "flx_live_" + "1" * 32 + "_1111"})
+    assert wrong.returncode == 1 and "Unauthorized" in wrong.stderr
+
+
+def test_cli_errors_are_one_line(fleet):
+    flux, *_ = fleet
+    missing = flux("agents", "ping", "nobody", check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: no agent named nobody"
+    usage = flux("agents", "token", "--roles", "db", "--ttl", "soon", check=False)
+    assert usage.returncode == 2 and "not a duration" in usage.stderr
+
+
+def test_dev_down_stops_everything(tmp_path):
+    env = {"FLUX_CONFIG_DIR": str(tmp_path / "cfg")}
+    directory = tmp_path / "dev"
+    run(script("flux"), "dev", "up", "--dir", str(directory), "--json", env=env, timeout=180)
+    state = json.loads((directory / "dev.json").read_text())
+    pids = [state["controller_pid"], state["agent_pid"]]
+    down = json.loads(run(script("flux"), "dev", "down", "--dir", str(directory), "--json", env=env).stdout)
+    assert set(down["stopped"]) == {"agent", "controller", "catalog"}
+    assert not any(pid_alive(pid) for pid in pids)
+    assert not os.path.exists(os.path.join(state["catalog"]["datadir"], "postmaster.pid"))
+    remove_dev_data(directory)
