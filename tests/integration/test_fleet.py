@@ -27,6 +27,13 @@ def _connect_with(controller, ca_pem: bytes, key: bytes | None, cert: bytes | No
         return next(stream)
 
 
+def enroll_cli(token: dict, name: str, roles: str, base, fingerprint: str | None = None):
+    return run(script("flux-agent"), "enroll", "--controller", token["enroll_address"],
+               "--token", token["token"], "--name", name, "--roles", roles,
+               "--state-dir", str(base / name),
+               "--ca-fingerprint", fingerprint or token["ca_fingerprint"], check=False)
+
+
 def test_enroll_connect_list_and_ping(controller, agents):
     agent = agents("db-1", "db")
     wait_until(lambda: controller.connected("db-1"), 15, "db-1 connected")
@@ -99,9 +106,7 @@ def test_revoked_agent_is_disconnected_and_refused(controller, agents):
 def test_join_token_works_once(controller, tmp_path):
     token = controller.join_token(["db"])
     AgentProc.enroll(controller, tmp_path, "once-1", "db", token=token)
-    second = run(script("flux-agent"), "enroll", "--controller", token["enroll_address"], "--token", token["token"],
-                 "--name", "once-2", "--roles", "db", "--state-dir", str(tmp_path / "once-2"),
-                 "--ca-fingerprint", token["ca_fingerprint"], check=False)
+    second = enroll_cli(token, "once-2", "db", tmp_path)
     assert second.returncode == 1
     assert "join token was already used" in second.stderr
     assert not (tmp_path / "once-2" / "cert.pem").exists()
@@ -112,9 +117,7 @@ def test_expired_join_token_is_refused(controller, tmp_path):
     token = controller.join_token(["db"], ttl=60)
     with psycopg.connect(controller.catalog_url, autocommit=True) as conn:
         conn.execute("UPDATE join_tokens SET expires_at = now() - interval '1 second'")
-    proc = run(script("flux-agent"), "enroll", "--controller", token["enroll_address"], "--token", token["token"],
-               "--name", "late-1", "--roles", "db", "--state-dir", str(tmp_path / "late-1"),
-               "--ca-fingerprint", token["ca_fingerprint"], check=False)
+    proc = enroll_cli(token, "late-1", "db", tmp_path)
     assert proc.returncode == 1
     assert "join token has expired" in proc.stderr
     assert controller.agent("late-1") is None
@@ -122,9 +125,7 @@ def test_expired_join_token_is_refused(controller, tmp_path):
 
 def test_join_token_cannot_grant_other_roles(controller, tmp_path):
     token = controller.join_token(["db"])
-    proc = run(script("flux-agent"), "enroll", "--controller", token["enroll_address"], "--token", token["token"],
-               "--name", "dock-1", "--roles", "docker", "--state-dir", str(tmp_path / "dock-1"),
-               "--ca-fingerprint", token["ca_fingerprint"], check=False)
+    proc = enroll_cli(token, "dock-1", "docker", tmp_path)
     assert proc.returncode == 1
     assert "does not grant role(s) docker" in proc.stderr
     assert controller.agent("dock-1") is None
@@ -133,9 +134,7 @@ def test_join_token_cannot_grant_other_roles(controller, tmp_path):
 def test_enroll_refuses_a_controller_whose_ca_does_not_match(controller, tmp_path):
     token = controller.join_token(["db"])
     wrong = "sha256:" + "0" * 64
-    proc = run(script("flux-agent"), "enroll", "--controller", token["enroll_address"], "--token", token["token"],
-               "--name", "pin-1", "--roles", "db", "--state-dir", str(tmp_path / "pin-1"),
-               "--ca-fingerprint", wrong, check=False)
+    proc = enroll_cli(token, "pin-1", "db", tmp_path, fingerprint=wrong)
     assert proc.returncode == 1
     assert "does not present a CA with fingerprint" in proc.stderr
     # The token was never sent, so it still works.
