@@ -11,11 +11,15 @@ import random
 import signal
 
 import grpc
+import psycopg
 
 from . import facts as facts_mod
 from . import wire
 from .config import AgentConfig, StateDir
+from . import settings as settings_mod
+from . import tenants
 from .errors import AgentError, Revoked
+from .gateway import Gateway
 from .jobs import HANDLERS, JobContext
 from .spool import JobRecord, Spool
 from .systemd import notify
@@ -43,6 +47,9 @@ class Agent:
         self.config: AgentConfig = state.load()
         self.spool = Spool(state.spool)
         self.tools = facts_mod.tool_versions() if tools is None else tools
+        self.settings = settings_mod.load(state)
+        self.gateway = (Gateway(state.path, self.settings["gateway"])
+                        if "gateway" in self.config.roles and "gateway" in self.settings else None)
         self.outbox: asyncio.Queue | None = None
         self.running: dict[str, asyncio.Task] = {}
         self.heartbeat_seconds = 10
@@ -87,10 +94,11 @@ class Agent:
         try:
             if handler is None:
                 raise AgentError(f"this agent does not know job kind {request.kind!r}")
-            output = await handler(JobContext(record.id, request.params, progress, self.collect_facts))
+            output = await handler(JobContext(record.id, request.params, progress, self.collect_facts,
+                                              self.settings, self.gateway))
             self.spool.finish(record, True, output, "", False)
         except AgentError as exc:
-            self.spool.finish(record, False, None, exc.message, exc.retryable)
+            self.spool.finish(record, False, None, exc.message, exc.retryable, exc.code)
         except Exception as exc:
             log.exception("job %s (%s) failed unexpectedly", record.id, request.kind)
             self.spool.finish(record, False, None, f"{type(exc).__name__}: {exc}", False)
@@ -100,14 +108,24 @@ class Agent:
         self._send_result(record)
 
     def _send_result(self, record: JobRecord) -> None:
-        self.send(wire.result(record.id, record.ok, record.output, record.error, record.retryable))
+        self.send(wire.result(record.id, record.ok, record.output, record.error, record.retryable,
+                              record.error_code))
+
+    def _bootstrap_shared_cluster(self) -> None:
+        """Prepares the shared cluster at start so the pooled PostgREST can log in before any tenant exists."""
+        try:
+            with tenants.connect(self.settings["db"]) as conn:
+                tenants.bootstrap(conn, self.settings["db"])
+        except (AgentError, psycopg.Error) as exc:
+            log.warning("shared cluster bootstrap failed (retried with the first tenant job): %s", exc)
 
     # the stream
 
     async def _requests(self, outbox: asyncio.Queue):
         yield wire.hello(self.facts())
         for record in self.spool.unacked_results():
-            yield wire.result(record.id, record.ok, record.output, record.error, record.retryable)
+            yield wire.result(record.id, record.ok, record.output, record.error, record.retryable,
+                              record.error_code)
         while True:
             yield await outbox.get()
 
@@ -159,6 +177,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if "db" in self.settings:
+            await asyncio.to_thread(self._bootstrap_shared_cluster)
+        if self.gateway is not None:
+            await self.gateway.start()
         notify("READY=1")
         backoff = Backoff()
         while not stop.is_set():
@@ -182,4 +204,6 @@ class Agent:
                     pass
         for task in list(self.running.values()):
             task.cancel()
+        if self.gateway is not None:
+            await self.gateway.stop()
         log.info("agent stopped")

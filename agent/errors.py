@@ -2,10 +2,17 @@
 
 
 class AgentError(Exception):
-    def __init__(self, message: str, *, retryable: bool = False):
+    """`code` tells the controller what kind of failure this is: invalid, conflict,
+    not_found, unavailable, or empty."""
+
+    code = ""
+
+    def __init__(self, message: str, *, retryable: bool = False, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.retryable = retryable
+        if code is not None:
+            self.code = code
 
 
 class Revoked(AgentError):

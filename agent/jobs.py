@@ -3,9 +3,10 @@
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from . import tenants
 from .errors import AgentError
 
 ProgressFn = Callable[[str, int, int, str, str], None]
@@ -17,6 +18,8 @@ class JobContext:
     params: dict
     progress: ProgressFn
     collect_facts: Callable[[], dict]
+    settings: dict = field(default_factory=dict)
+    gateway: object | None = None
 
 
 Handler = Callable[[JobContext], Awaitable[dict]]
@@ -42,7 +45,59 @@ async def diag_wait(ctx: JobContext) -> dict:
     return {"waited_s": round(time.monotonic() - started, 3), "pid": os.getpid()}
 
 
+def _db_settings(ctx: JobContext):
+    db = ctx.settings.get("db")
+    if db is None:
+        raise AgentError("this agent has no db settings (shared_cluster_url) in settings.json")
+    return db
+
+
+async def _on_shared_cluster(ctx: JobContext, work) -> dict:
+    db = _db_settings(ctx)
+    tenant = tenants.Tenant.from_params(ctx.params)
+
+    def run() -> dict:
+        with tenants.connect(db) as conn:
+            tenants.bootstrap(conn, db)
+            return work(conn, tenant, db)
+
+    return await asyncio.to_thread(run)
+
+
+async def tenant_create(ctx: JobContext) -> dict:
+    return await _on_shared_cluster(ctx, lambda conn, t, db: tenants.create_tenant(conn, t, db))
+
+
+async def tenant_drop(ctx: JobContext) -> dict:
+    return await _on_shared_cluster(ctx, lambda conn, t, db: tenants.drop_tenant(conn, t))
+
+
+async def tenant_migrations(ctx: JobContext) -> dict:
+    return await _on_shared_cluster(ctx, lambda conn, t, db: {"applied": tenants.ledger(conn, t)})
+
+
+async def tenant_push(ctx: JobContext) -> dict:
+    files = tenants.parse_files(ctx.params.get("files") or [])
+    dry_run = bool(ctx.params.get("dry_run"))
+    return await _on_shared_cluster(
+        ctx, lambda conn, t, db: tenants.push(conn, t, files, db, dry_run, ctx.progress))
+
+
+async def gateway_sync(ctx: JobContext) -> dict:
+    if ctx.gateway is None:
+        raise AgentError("this agent has no gateway role configured (settings.json: gateway)")
+    version = ctx.params.get("version")
+    if not isinstance(version, int):
+        raise AgentError("gateway.sync needs an integer version")
+    return await ctx.gateway.sync(ctx.params.get("routes") or [], version)
+
+
 HANDLERS: dict[str, Handler] = {
     "facts.collect": facts_collect,
     "diag.wait": diag_wait,
+    "tenant.create": tenant_create,
+    "tenant.drop": tenant_drop,
+    "tenant.migrations": tenant_migrations,
+    "tenant.push": tenant_push,
+    "gateway.sync": gateway_sync,
 }

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         asyncio.run(Agent(StateDir(args.state_dir)).run())
         return 0
     except Revoked as exc:

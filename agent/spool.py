@@ -29,6 +29,7 @@ class JobRecord:
     output: dict | None = None
     error: str = ""
     retryable: bool = False
+    error_code: str = ""
     acked: bool = False
     finished_at: float | None = None
 
@@ -66,9 +67,10 @@ class Spool:
         return record
 
     def finish(self, record: JobRecord, ok: bool, output: dict | None, error: str,
-               retryable: bool) -> JobRecord:
+               retryable: bool, error_code: str = "") -> JobRecord:
         record.state = "done"
         record.ok, record.output, record.error, record.retryable = ok, output, error, retryable
+        record.error_code = error_code
         record.finished_at = time.time()
         self._save(record)
         return record

@@ -79,10 +79,10 @@ def progress(job_id: str, phase: str, done: int, total: int, unit: str, message:
         phase=phase, done=done, total=total, unit=unit, message=message)))
 
 
-def result(job_id: str, ok: bool, output: dict | None, error: str, retryable: bool):
+def result(job_id: str, ok: bool, output: dict | None, error: str, retryable: bool, error_code: str = ""):
     return pb.AgentMessage(job_event=pb.JobEvent(job_id=job_id, result=pb.JobResult(
         ok=ok, output_json=json.dumps(output) if output is not None else "",
-        error=error, retryable=retryable)))
+        error=error, retryable=retryable, error_code=error_code)))
 
 
 def decode(msg: pb.ControllerMessage) -> ControllerEvent | None:

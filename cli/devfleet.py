@@ -24,8 +24,6 @@ import httpx
 from .errors import CliError
 
 STATE_FILE = "dev.json"
-AGENT_NAME = "dev-agent"
-AGENT_ROLES = "db"
 
 
 def free_port() -> int:
@@ -146,11 +144,11 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
-def spawn(command: list[str], log: pathlib.Path) -> int:
+def spawn(command: list[str], log: pathlib.Path, env: dict | None = None) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, **(env or {})})
     return proc.pid
 
 
@@ -186,6 +184,11 @@ class Progress:
             print(f"• {message}", file=sys.stderr, flush=True)
 
 
+STANDIN = pathlib.Path(__file__).resolve().parents[1] / "packaging" / "images" / "postgrest-standin" / "postgrest_standin.py"
+PORTS = ("http", "grpc", "enroll", "caddy_admin", "gateway", "forward_auth", "pool_api", "pool_admin")
+AGENTS = {"dev-db": "db", "dev-gateway": "gateway"}
+
+
 class DevFleet:
     def __init__(self, directory: pathlib.Path, say=None):
         self.dir = directory.expanduser().resolve()
@@ -204,23 +207,35 @@ class DevFleet:
     def _log(self, name: str) -> pathlib.Path:
         return self.dir / "logs" / f"{name}.log"
 
-    def cluster(self) -> PostgresCluster:
-        if "catalog" not in self.state:
+    def _secret(self, key: str) -> str:
+        secrets_ = self.state.setdefault("secrets", {})
+        if key not in secrets_:
+            secrets_[key] = secrets.token_urlsafe(32)
+            self._save()
+        return secrets_[key]
+
+    def cluster(self, role: str) -> PostgresCluster:
+        """The `catalog` or the `shared` PostgreSQL cluster of this fleet."""
+        clusters = self.state.setdefault("clusters", {})
+        if role not in clusters:
             # As root the data must live where the postgres user can reach it.
             if os.geteuid() == 0:
-                tag = secrets.token_hex(6)
-                datadir = pathlib.Path("/var/lib/postgresql/flux-dev") / tag / "catalog"
+                base = pathlib.Path("/var/lib/postgresql/flux-dev") / self.state.setdefault("tag", secrets.token_hex(6))
             else:
-                datadir = self.dir / "pg" / "catalog"
-            self.state["catalog"] = {"datadir": str(datadir), "port": free_port(),
-                                     "password": secrets.token_urlsafe(24)}
+                base = self.dir / "pg"
+            clusters[role] = {"datadir": str(base / role), "port": free_port(),
+                              "password": secrets.token_urlsafe(24)}
             self._save()
-        c = self.state["catalog"]
+        c = clusters[role]
         return PostgresCluster(pathlib.Path(c["datadir"]), c["port"], c["password"])
 
     @property
+    def ports(self) -> dict:
+        return self.state["ports"]
+
+    @property
     def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.state['ports']['http']}/api"
+        return f"http://127.0.0.1:{self.ports['http']}/api"
 
     def _verify(self) -> bool:
         try:
@@ -237,29 +252,57 @@ class DevFleet:
             raise CliError(f"controller refused {path}: {response.json().get('error')}")
         return response.json()
 
-    def up(self) -> dict:
-        reused = []
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.state.setdefault("ports", {"http": free_port(), "grpc": free_port(), "enroll": free_port()})
+    def _ensure_process(self, key: str, command: list[str], env: dict | None = None) -> bool:
+        """Starts a process unless the one recorded under `key` still runs; True when reused."""
+        pids = self.state.setdefault("pids", {})
+        if pid_alive(pids.get(key)):
+            return True
+        pids[key] = spawn(command, self._log(key), env)
         self._save()
+        return False
 
-        cluster = self.cluster()
+    def _start_cluster(self, role: str, database: str, reused: list[str]) -> PostgresCluster:
+        cluster = self.cluster(role)
         if cluster.running():
-            reused.append("catalog")
+            reused.append(f"{role} cluster")
         else:
             if not cluster.initialised():
-                self.say(f"initialising the catalog cluster in {cluster.datadir}")
+                self.say(f"initialising the {role} cluster in {cluster.datadir}")
                 cluster.init()
-            self.say(f"starting PostgreSQL on 127.0.0.1:{cluster.port}")
+            self.say(f"starting the {role} PostgreSQL cluster on 127.0.0.1:{cluster.port}")
             cluster.start()
-        cluster.create_database("flux_catalog")
+        cluster.create_database(database)
+        return cluster
+
+    def _agent_settings(self, name: str, shared: PostgresCluster) -> dict:
+        if AGENTS[name] == "db":
+            return {"db": {"shared_cluster_url": shared.url("flux_shared"),
+                           "authenticator_password": self._secret("authenticator")}}
+        return {"gateway": {
+            "caddy_admin": f"127.0.0.1:{self.ports['caddy_admin']}",
+            "listen": f"127.0.0.1:{self.ports['gateway']}",
+            "auth_listen": f"127.0.0.1:{self.ports['forward_auth']}",
+            "pool_upstream": f"127.0.0.1:{self.ports['pool_api']}",
+            "pool_jwt_secret": self._secret("pool_jwt"),
+        }}
+
+    def up(self) -> dict:
+        reused: list[str] = []
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ports = self.state.setdefault("ports", {})
+        for name in PORTS:
+            ports.setdefault(name, free_port())
+        self._save()
+
+        catalog = self._start_cluster("catalog", "flux_catalog", reused)
+        shared = self._start_cluster("shared", "flux_shared", reused)
 
         controller_dir = self.dir / "controller"
         if "token" not in self.state:
             self.say("initialising the controller")
             init = subprocess.run(
                 [sys.executable, "-m", "controller.main", "init", "--catalog-url",
-                 cluster.url("flux_catalog"), "--state-dir", str(controller_dir),
+                 catalog.url("flux_catalog"), "--state-dir", str(controller_dir),
                  "--base-domain", "localhost", "--json"], capture_output=True, text=True)
             if init.returncode != 0:
                 raise CliError(f"controller init failed: {init.stderr.strip()}")
@@ -268,60 +311,83 @@ class DevFleet:
                 raise CliError(f"{controller_dir} was initialised before but {self.state_path} lost "
                                "its admin token; run `flux dev down` and remove the directory to start over")
             self.state["token"] = result["admin_token"]
-            self.state["ca_fingerprint"] = result["ca_fingerprint"]
             self._save()
 
-        ports = self.state["ports"]
-        if pid_alive(self.state.get("controller_pid")) and self._verify():
+        if pid_alive(self.state.get("pids", {}).get("controller")) and self._verify():
             reused.append("controller")
         else:
             self.say(f"starting the controller (API on 127.0.0.1:{ports['http']})")
-            self.state["controller_pid"] = spawn(
-                [sys.executable, "-m", "controller.main", "run", "--state-dir", str(controller_dir),
-                 "--http-listen", f"127.0.0.1:{ports['http']}",
-                 "--grpc-listen", f"127.0.0.1:{ports['grpc']}",
-                 "--enroll-listen", f"127.0.0.1:{ports['enroll']}",
-                 "--advertise-host", "127.0.0.1"], self._log("controller"))
-            self._save()
+            self.state.setdefault("pids", {}).pop("controller", None)
+            self._ensure_process("controller", [
+                sys.executable, "-m", "controller.main", "run", "--state-dir", str(controller_dir),
+                "--http-listen", f"127.0.0.1:{ports['http']}", "--grpc-listen", f"127.0.0.1:{ports['grpc']}",
+                "--enroll-listen", f"127.0.0.1:{ports['enroll']}", "--advertise-host", "127.0.0.1"])
             wait_for(self._verify, 30, "the controller", self._log("controller"))
 
-        agent_dir = self.dir / "agents" / AGENT_NAME
-        if not (agent_dir / "agent.json").exists():
-            self.say(f"enrolling agent {AGENT_NAME} with a join token")
-            token = self._api("POST", "agents/tokens", {"roles": AGENT_ROLES.split(","), "ttl_seconds": 600})
-            enroll = subprocess.run(
-                [sys.executable, "-m", "agent.main", "enroll", "--controller", token["enroll_address"],
-                 "--token", token["token"], "--name", AGENT_NAME, "--roles", AGENT_ROLES,
-                 "--state-dir", str(agent_dir), "--ca-fingerprint", token["ca_fingerprint"]],
-                capture_output=True, text=True)
-            if enroll.returncode != 0:
-                raise CliError(f"agent enrollment failed: {enroll.stderr.strip()}")
-        if pid_alive(self.state.get("agent_pid")):
-            reused.append("agent")
-        else:
-            self.say(f"starting agent {AGENT_NAME}")
-            self.state["agent_pid"] = spawn(
-                [sys.executable, "-m", "agent.main", "run", "--state-dir", str(agent_dir)],
-                self._log(AGENT_NAME))
-            self._save()
+        for name, roles in AGENTS.items():
+            agent_dir = self.dir / "agents" / name
+            if not (agent_dir / "agent.json").exists():
+                self.say(f"enrolling agent {name} ({roles}) with a join token")
+                token = self._api("POST", "agents/tokens", {"roles": roles.split(","), "ttl_seconds": 600})
+                enroll = subprocess.run(
+                    [sys.executable, "-m", "agent.main", "enroll", "--controller", token["enroll_address"],
+                     "--token", token["token"], "--name", name, "--roles", roles,
+                     "--state-dir", str(agent_dir), "--ca-fingerprint", token["ca_fingerprint"]],
+                    capture_output=True, text=True)
+                if enroll.returncode != 0:
+                    raise CliError(f"agent enrollment failed: {enroll.stderr.strip()}")
+            settings_path = agent_dir / "settings.json"
+            fd = os.open(settings_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self._agent_settings(name, shared), handle, indent=2)
+            if self._ensure_process(name, [sys.executable, "-m", "agent.main", "run", "--state-dir", str(agent_dir)]):
+                reused.append(name)
+            else:
+                self.say(f"starting agent {name}")
 
-        def agent_connected():
-            return any(a["name"] == AGENT_NAME and a["connected"] for a in self._api("GET", "agents"))
+        self.say("using the PostgREST STAND-IN for the pooled API (not PostgREST; see packaging/images)")
+        standin_env = {
+            "PGRST_DB_URI": f"postgresql://authenticator:{self._secret('authenticator')}@127.0.0.1:{shared.port}/flux_shared",
+            "PGRST_DB_CONFIG": "true", "PGRST_DB_SCHEMAS": "public", "PGRST_DB_ANON_ROLE": "anon",
+            "PGRST_DB_PRE_REQUEST": "flux.pre_request", "PGRST_JWT_SECRET": self._secret("pool_jwt"),
+            "PGRST_SERVER_HOST": "127.0.0.1", "PGRST_SERVER_PORT": str(ports["pool_api"]),
+            "PGRST_ADMIN_SERVER_PORT": str(ports["pool_admin"]),
+        }
+        if self._ensure_process("pooled-postgrest", [sys.executable, str(STANDIN)], standin_env):
+            reused.append("pooled-postgrest")
 
-        wait_for(agent_connected, 30, f"agent {AGENT_NAME}", self._log(AGENT_NAME))
+        def agents_connected():
+            listed = {a["name"]: a["connected"] for a in self._api("GET", "agents")}
+            return all(listed.get(name) for name in AGENTS)
+
+        wait_for(agents_connected, 60, "the agents", self._log("dev-gateway"))
+        wait_for(self._pool_ready, 30, "the pooled PostgREST stand-in", self._log("pooled-postgrest"))
         return self.describe(reused)
 
+    def _pool_ready(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.ports['pool_admin']}/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def describe(self, reused: list[str]) -> dict:
-        ports = self.state["ports"]
+        ports = self.ports
+        clusters = self.state["clusters"]
         return {
             "api_base": self.api_base,
             "token": self.state["token"],
             "dir": str(self.dir),
-            "catalog": f"127.0.0.1:{self.state['catalog']['port']}",
+            "base_domain": "localhost",
+            "gateway_url": f"https://127.0.0.1:{ports['gateway']}",
+            "gateway_ca": str(self.dir / "agents" / "dev-gateway" / "caddy-data" / "caddy" / "pki" / "authorities"
+                              / "local" / "root.crt"),
+            "catalog": f"127.0.0.1:{clusters['catalog']['port']}",
+            "shared_cluster": f"127.0.0.1:{clusters['shared']['port']}",
+            "pooled_postgrest": f"127.0.0.1:{ports['pool_api']} (stand-in)",
             "http": f"127.0.0.1:{ports['http']}",
             "grpc": f"127.0.0.1:{ports['grpc']}",
             "enroll": f"127.0.0.1:{ports['enroll']}",
-            "agents": [AGENT_NAME],
+            "agents": list(AGENTS),
             "reused": reused,
             "logs": str(self.dir / "logs"),
         }
@@ -330,17 +396,22 @@ class DevFleet:
         if not self.state:
             return []
         stopped = []
-        for key, name in (("agent_pid", "agent"), ("controller_pid", "controller")):
-            if pid_alive(self.state.get(key)):
-                self.say(f"stopping the {name}")
-                terminate(self.state[key])
-                stopped.append(name)
-            self.state.pop(key, None)
-        if "catalog" in self.state:
-            cluster = self.cluster()
-            if cluster.running():
-                self.say("stopping the catalog cluster")
-                cluster.stop()
-                stopped.append("catalog")
+        pids = self.state.get("pids", {})
+        for key in [*AGENTS, "pooled-postgrest", "controller"]:
+            if pid_alive(pids.get(key)):
+                self.say(f"stopping {key}")
+                terminate(pids[key])
+                stopped.append(key)
+            pids.pop(key, None)
+        for role in ("shared", "catalog"):
+            if role in self.state.get("clusters", {}):
+                cluster = self.cluster(role)
+                if cluster.running():
+                    self.say(f"stopping the {role} cluster")
+                    cluster.stop()
+                    stopped.append(f"{role} cluster")
         self._save()
         return stopped
+
+    def data_dirs(self) -> list[pathlib.Path]:
+        return [pathlib.Path(c["datadir"]) for c in self.state.get("clusters", {}).values()]

@@ -18,6 +18,7 @@ from . import config as config_mod
 from .client import ApiClient
 from .devfleet import DevFleet, Progress
 from .errors import CliError
+from .projectref import migration_files, resolve
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -143,6 +144,126 @@ def agents_revoke(name, as_json):
     """Revoke an agent: its connection closes now and it is refused from then on."""
     result = client().post(f"agents/{name}/revoke")
     emit(result, as_json, lambda r: click.echo(f"Revoked {r['name']}; it must be enrolled again to reconnect."))
+
+
+PROJECT_OPTIONS = [
+    click.option("-p", "--project", "slug", help="project slug (or flux.json)"),
+    click.option("--hash", "hash_", help="project hash, 7 hex characters (or flux.json)"),
+]
+
+
+def project_options(fn):
+    for option in reversed(PROJECT_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--mode", type=click.Choice(["v2_shared", "v1_dedicated"]), default="v2_shared", show_default=True,
+              help="engine: pooled tenant schema or dedicated containers")
+@click.option("--json", "as_json", is_flag=True)
+def create(name, mode, as_json):
+    """Create a project. Prints its Service URL and JWT secret (shown once)."""
+    result = client().post("create", {"name": name, "mode": mode}, timeout=180)
+
+    def render(r):
+        s = r["summary"]
+        click.echo(f"Created {s['slug']} (hash {s['hash']}, {r['mode']}).")
+        click.echo(f"Service URL: {s['apiUrl']}")
+        click.echo(f"FLUX_GATEWAY_JWT_SECRET={r['projectJwtSecret']}  (shown once; "
+                   "`flux project credentials` shows it again)")
+
+    emit(result, as_json, render)
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def list_projects(as_json):
+    """List your projects with their engine (MODE) and API URL."""
+    result = client().get("list")
+
+    def render(items):
+        if not items:
+            click.echo("No projects yet. Create one with `flux create NAME`.")
+            return
+        _table([[p["slug"], p["hash"], p.get("mode", "?"), p.get("lifecycleState", "?"), p["status"], p["apiUrl"]]
+                for p in items], ["PROJECT", "HASH", "MODE", "LIFECYCLE", "STATUS", "API URL"])
+
+    emit(result, as_json, render)
+
+
+@cli.group()
+def project():
+    """Credentials and settings of one project."""
+
+
+@project.command("credentials")
+@click.argument("slug_arg", required=False, metavar="[SLUG]")
+@project_options
+@click.option("--json", "as_json", is_flag=True)
+def project_credentials(slug_arg, slug, hash_, as_json):
+    """Show the project's JWT secret and Service URL (for your app's env)."""
+    slug, hash_ = resolve(slug_arg or slug, hash_)
+    api = client()
+    shown = api.get(f"projects/{hash_}")
+    if shown["slug"] != slug:
+        raise CliError(f"slug {slug!r} does not match the project with hash {hash_} (its slug is {shown['slug']!r})")
+    result = api.get(f"projects/{hash_}/credentials")
+
+    def render(r):
+        click.echo(f"FLUX_URL={r.get('serviceUrl', shown.get('serviceUrl'))}")
+        click.echo(f"FLUX_GATEWAY_JWT_SECRET={r['projectJwtSecret']}")
+        for key, name in (("postgresConnectionString", "DATABASE_URL"), ("anonKey", "FLUX_ANON_KEY"),
+                          ("serviceRoleKey", "FLUX_SERVICE_ROLE_KEY")):
+            if r.get(key):
+                click.echo(f"{name}={r[key]}")
+
+    emit(result, as_json, render)
+
+
+@project.command("maintenance")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@project_options
+@click.option("--json", "as_json", is_flag=True)
+def project_maintenance(state, slug, hash_, as_json):
+    """Turn the gateway's write lock on or off (reads pass, writes get 503); returns once every gateway enforces it."""
+    slug, hash_ = resolve(slug, hash_)
+    result = client().post(f"projects/{hash_}/maintenance", {"enabled": state == "on"})
+    emit(result, as_json, lambda r: click.echo(
+        f"Maintenance {'on' if r['maintenance'] else 'off'} for {slug}; acknowledged by {', '.join(r['gateways'])}."))
+
+
+@cli.command()
+@click.argument("path", required=False)
+@project_options
+@click.option("--dry-run", is_flag=True, help="list what would apply, change nothing")
+@click.option("--json", "as_json", is_flag=True)
+def push(path, slug, hash_, dry_run, as_json):
+    """Apply SQL migrations not yet applied, in file-name order, in one transaction.
+
+    PATH is a .sql file or a directory of them; without it, the first of migrations/,
+    flux/migrations/, sql/ and schema.sql that exists. An applied file that was
+    edited since is a conflict: nothing is applied.
+    """
+    slug, hash_ = resolve(slug, hash_)
+    source, files = migration_files(path)
+    body = {"slug": slug, "hash": hash_, "dryRun": dry_run,
+            "files": [{"filename": f.name, "sql": f.read_text()} for f in files]}
+    result = client().post("push", body, timeout=600)
+
+    def render(r):
+        verb = "Would apply" if dry_run else "Applied"
+        if r["applied"]:
+            click.echo(f"{verb} {len(r['applied'])} file(s) from {source}:")
+            for name in r["applied"]:
+                click.echo(f"  {name}")
+        else:
+            click.echo(f"Nothing to apply: all {len(files)} file(s) in {source} are applied already.")
+        if r.get("skippedFiles"):
+            click.echo(f"Already applied: {len(r['skippedFiles'])}")
+
+    emit(result, as_json, render)
 
 
 @cli.group()

@@ -4,6 +4,8 @@ Every response is JSON, errors included: `{"error": "<message>"}`.
 """
 
 import datetime
+import hashlib
+import json
 import logging
 
 from fastapi import Depends, FastAPI, Request
@@ -16,6 +18,8 @@ from . import __version__
 from .catalog import Agent, Catalog, Job, User
 from .errors import BadRequest, FluxError, NotFound, Unauthorized
 from .fleet import Fleet, check_agent_name, check_roles
+from .gateways import service_url
+from .projects import POOLED_NOTE, Projects, list_item
 from .tokens import is_well_formed_api_token, new_join_token, token_hash
 
 log = logging.getLogger(__name__)
@@ -24,11 +28,30 @@ PREFIX = "/api/cli/v1"
 # Job kinds an operator may run by hand through the API; operations send others.
 DIAGNOSTIC_JOBS = ("facts.collect", "diag.wait")
 MAX_JOIN_TOKEN_TTL = 30 * 24 * 3600
+MAX_PUSH_BYTES = 4 * 1024 * 1024
+
+
+class PayloadTooLarge(FluxError):
+    status = 413
 
 
 class JoinTokenRequest(BaseModel):
     roles: list[str] = Field(description="roles the enrolling agent may take: db, docker, gateway")
     ttl_seconds: int = Field(3600, ge=60, le=MAX_JOIN_TOKEN_TTL)
+
+
+class CreateRequest(BaseModel):
+    name: str
+    mode: str = "v2_shared"
+    stripSupabaseRestPrefix: bool | None = None
+
+
+class MaintenanceRequest(BaseModel):
+    enabled: bool
+
+
+class LifecycleRequest(BaseModel):
+    action: str
 
 
 class JobRequest(BaseModel):
@@ -74,7 +97,45 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(catalog: Catalog, fleet: Fleet, ca_fingerprint: str, enroll_address: str) -> FastAPI:
+async def read_limited_json(request: Request, limit: int) -> dict:
+    """The request's JSON object, refusing bodies over `limit` bytes before reading them whole."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is over {limit // (1024 * 1024)} MiB")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is over {limit // (1024 * 1024)} MiB")
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    return value
+
+
+def push_files(body: dict) -> list[dict]:
+    """The files of a push: `files`, or one `sql` with its optional `migration` (existing clients)."""
+    if "files" in body:
+        files = body["files"]
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            raise BadRequest("files must be a list of {filename, sql, version?, checksum?}")
+        return [{k: f[k] for k in ("filename", "sql", "version", "checksum") if k in f} for f in files]
+    sql_text = body.get("sql")
+    if not isinstance(sql_text, str):
+        raise BadRequest("push needs sql (a string) or files")
+    migration = body.get("migration") or {}
+    if migration:
+        return [{"filename": str(migration.get("filename", "")), "version": str(migration.get("version", "")),
+                 "checksum": str(migration.get("checksum", "")), "sql": sql_text}]
+    digest = hashlib.sha256(sql_text.encode()).hexdigest()
+    return [{"filename": f"adhoc-{digest[:12]}.sql", "sql": sql_text}]
+
+
+def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, ca_fingerprint: str,
+               enroll_address: str) -> FastAPI:
     app = FastAPI(
         title="Flux control plane API",
         version=__version__,
@@ -168,5 +229,67 @@ def create_app(catalog: Catalog, fleet: Fleet, ca_fingerprint: str, enroll_addre
         if not 0 <= wait <= 60:
             raise BadRequest("wait must be between 0 and 60 seconds")
         return job_view(await fleet.wait(job_id, wait))
+
+    # projects
+
+    @app.post(f"{PREFIX}/create", status_code=201)
+    async def create_project(body: CreateRequest, user: User = Depends(current_user)):
+        project, secret = await projects.create(user, body.name, body.mode)
+        return {
+            "summary": list_item(project, projects.base_domain),
+            "mode": project.mode,
+            "serviceUrl": service_url(project, projects.base_domain),
+            "projectJwtSecret": secret,
+            "secrets": {"pgrstJwtSecret": secret, "postgresPassword": "n/a-v2-shared",
+                        "postgresContainerHost": "shared-cluster", "note": POOLED_NOTE},
+        }
+
+    @app.get(f"{PREFIX}/list")
+    async def list_projects(user: User = Depends(current_user)):
+        return await projects.listing(user)
+
+    @app.get(f"{PREFIX}/projects/{{hash_}}")
+    async def show_project(hash_: str, user: User = Depends(current_user)):
+        project = await projects.get(user, hash_)
+        return {"slug": project.slug, "hash": project.hash, "mode": project.mode, "name": project.name,
+                "apiSchema": project.api_schema, "lifecycleState": project.lifecycle,
+                "maintenance": project.maintenance, "createdAt": project.created_at.isoformat(),
+                "serviceUrl": service_url(project, projects.base_domain)}
+
+    @app.get(f"{PREFIX}/projects/{{hash_}}/credentials")
+    async def project_credentials(hash_: str, user: User = Depends(current_user)):
+        return projects.credentials(await projects.get(user, hash_))
+
+    @app.get(f"{PREFIX}/projects/{{hash_}}/migrations")
+    async def project_migrations(hash_: str, user: User = Depends(current_user)):
+        return await projects.migrations(await projects.get(user, hash_))
+
+    @app.get(f"{PREFIX}/projects/{{hash_}}/backups")
+    async def project_backups(hash_: str, user: User = Depends(current_user)):
+        await projects.get(user, hash_)
+        return {"backups": []}
+
+    @app.post(f"{PREFIX}/projects/{{hash_}}/lifecycle")
+    async def project_lifecycle(hash_: str, body: LifecycleRequest, user: User = Depends(current_user)):
+        project = await projects.get(user, hash_)
+        if body.action not in ("start", "stop"):
+            raise BadRequest("action must be start or stop")
+        raise BadRequest(f"{project.slug} is {project.mode}: start and stop apply to v1_dedicated projects")
+
+    @app.post(f"{PREFIX}/projects/{{hash_}}/maintenance")
+    async def project_maintenance(hash_: str, body: MaintenanceRequest, user: User = Depends(current_user)):
+        return await projects.set_maintenance(await projects.get(user, hash_), body.enabled)
+
+    @app.post(f"{PREFIX}/push")
+    async def push(request: Request, user: User = Depends(current_user)):
+        body = await read_limited_json(request, MAX_PUSH_BYTES)
+        slug, hash_ = body.get("slug"), body.get("hash")
+        if not isinstance(slug, str) or not isinstance(hash_, str):
+            raise BadRequest("push needs slug and hash")
+        project = await projects.get(user, hash_, slug)
+        result = await projects.push(project, push_files(body), bool(body.get("dryRun")))
+        result["skippedFiles"] = result.pop("skipped")
+        result["skipped"] = not result["applied"]
+        return result
 
     return app

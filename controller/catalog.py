@@ -52,16 +52,41 @@ class Job:
     id: str
     agent: str
     kind: str
-    params: dict
+    params_sealed: str
     state: str
     output: dict | None
     error: str | None
     retryable: bool | None
     progress: dict | None
+    error_code: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.state in ("succeeded", "failed")
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    owner_id: int
+    name: str
+    slug: str
+    hash: str
+    mode: str
+    lifecycle: str
+    api_schema: str
+    jwt_secret_sealed: str
+    db_agent: str | None
+    maintenance: bool
+    created_at: datetime.datetime
+
+    @property
+    def short_id(self) -> str:
+        return self.id.replace("-", "")[:12]
+
+
+def _project(row: dict) -> Project:
+    return Project(**{**row, "id": str(row["id"])})
 
 
 def available_migrations() -> list[Migration]:
@@ -130,9 +155,9 @@ def _agent(row: dict) -> Agent:
 
 def _job(row: dict) -> Job:
     return Job(
-        id=row["id"], agent=row["agent"], kind=row["kind"], params=row["params"],
+        id=row["id"], agent=row["agent"], kind=row["kind"], params_sealed=row["params_sealed"],
         state=row["state"], output=row["output"], error=row["error"],
-        retryable=row["retryable"], progress=row["progress"],
+        retryable=row["retryable"], progress=row["progress"], error_code=row.get("error_code"),
     )
 
 
@@ -174,11 +199,15 @@ class Catalog:
     async def has_users(self) -> bool:
         return await self._one("SELECT 1 FROM users LIMIT 1") is not None
 
-    async def create_user(self, name: str, token_hash: str) -> User:
+    async def create_user(self, name: str, token_hash: str, cli_role: str = "admin", plan: str = "pro") -> User:
         async with self._pool.connection() as conn, conn.transaction():
-            row = await (await conn.execute(
-                "INSERT INTO users (name) VALUES (%s) RETURNING id, name, plan, cli_role", (name,)
-            )).fetchone()
+            try:
+                row = await (await conn.execute(
+                    "INSERT INTO users (name, cli_role, plan) VALUES (%s, %s, %s)"
+                    " RETURNING id, name, plan, cli_role", (name, cli_role, plan)
+                )).fetchone()
+            except psycopg.errors.UniqueViolation:
+                raise Conflict(f"a user named {name} already exists") from None
             await conn.execute(
                 "INSERT INTO api_tokens (token_hash, user_id) VALUES (%s, %s)", (token_hash, row["id"])
             )
@@ -271,12 +300,12 @@ class Catalog:
 
     # jobs
 
-    async def create_job(self, job_id: str, agent: str, kind: str, params: dict) -> tuple[Job, bool]:
+    async def create_job(self, job_id: str, agent: str, kind: str, params_sealed: str) -> tuple[Job, bool]:
         """Records a job once; returns (job, created). A known id returns the existing job."""
         row = await self._one(
-            "INSERT INTO jobs (id, agent, kind, params) VALUES (%s, %s, %s, %s)"
+            "INSERT INTO jobs (id, agent, kind, params_sealed) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (id) DO NOTHING RETURNING *",
-            (job_id, agent, kind, json.dumps(params)),
+            (job_id, agent, kind, params_sealed),
         )
         if row is not None:
             return _job(row), True
@@ -311,14 +340,72 @@ class Catalog:
         )
 
     async def job_finished(
-        self, job_id: str, agent: str, ok: bool, output: dict | None, error: str, retryable: bool
+        self, job_id: str, agent: str, ok: bool, output: dict | None, error: str, retryable: bool,
+        error_code: str = "",
     ) -> Job | None:
         """Records a result once; a repeated result for a finished job changes nothing."""
         row = await self._one(
-            "UPDATE jobs SET state = %s, output = %s, error = %s, retryable = %s,"
+            "UPDATE jobs SET state = %s, output = %s, error = %s, retryable = %s, error_code = %s,"
             " updated_at = now(), finished_at = now()"
             " WHERE id = %s AND agent = %s AND state IN ('pending', 'sent') RETURNING *",
             ("succeeded" if ok else "failed", json.dumps(output) if output is not None else None,
-             None if ok else error, None if ok else retryable, job_id, agent),
+             None if ok else error, None if ok else retryable, None if ok else (error_code or None),
+             job_id, agent),
         )
         return _job(row) if row else None
+
+    # projects
+
+    async def insert_project(self, project_id: str, owner_id: int, name: str, slug: str, hash_: str,
+                             mode: str, api_schema: str, jwt_secret_sealed: str, db_agent: str | None) -> Project:
+        try:
+            row = await self._one(
+                "INSERT INTO projects (id, owner_id, name, slug, hash, mode, api_schema, jwt_secret_sealed,"
+                " db_agent) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *",
+                (project_id, owner_id, name, slug, hash_, mode, api_schema, jwt_secret_sealed, db_agent))
+        except psycopg.errors.UniqueViolation as exc:
+            constraint = exc.diag.constraint_name or ""
+            if "hash" in constraint:
+                raise HashTaken(hash_) from None
+            raise Conflict(f"a project named {slug} already exists") from None
+        return _project(row)
+
+    async def project_by_hash(self, owner_id: int, hash_: str) -> Project | None:
+        row = await self._one("SELECT * FROM projects WHERE owner_id = %s AND hash = %s", (owner_id, hash_))
+        return _project(row) if row else None
+
+    async def project(self, project_id: str) -> Project | None:
+        row = await self._one("SELECT * FROM projects WHERE id = %s", (project_id,))
+        return _project(row) if row else None
+
+    async def projects_of(self, owner_id: int) -> list[Project]:
+        rows = await self._all("SELECT * FROM projects WHERE owner_id = %s ORDER BY slug", (owner_id,))
+        return [_project(r) for r in rows]
+
+    async def projects_in(self, *lifecycles: str) -> list[Project]:
+        rows = await self._all("SELECT * FROM projects WHERE lifecycle = ANY(%s) ORDER BY created_at",
+                               (list(lifecycles),))
+        return [_project(r) for r in rows]
+
+    async def set_lifecycle(self, project_id: str, lifecycle: str) -> None:
+        await self._one("UPDATE projects SET lifecycle = %s WHERE id = %s RETURNING 1", (lifecycle, project_id))
+
+    async def set_maintenance(self, project_id: str, enabled: bool) -> None:
+        await self._one("UPDATE projects SET maintenance = %s WHERE id = %s RETURNING 1", (enabled, project_id))
+
+    async def delete_project(self, project_id: str) -> None:
+        await self._one("DELETE FROM projects WHERE id = %s RETURNING 1", (project_id,))
+
+    async def projects_per_db_agent(self) -> dict[str, int]:
+        rows = await self._all("SELECT db_agent, count(*) AS n FROM projects WHERE db_agent IS NOT NULL"
+                               " GROUP BY db_agent")
+        return {r["db_agent"]: r["n"] for r in rows}
+
+    async def next_routes_version(self) -> int:
+        row = await self._one("UPDATE gateway_routes_version SET version = version + 1 WHERE id = 1"
+                              " RETURNING version")
+        return row["version"]
+
+
+class HashTaken(Conflict):
+    """A random project hash collided with one the owner already has; pick another."""

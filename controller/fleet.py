@@ -7,6 +7,7 @@ survives a dropped connection on either side.
 """
 
 import asyncio
+import json
 import logging
 import re
 import secrets
@@ -21,6 +22,7 @@ from . import wire
 from .catalog import Catalog, Job
 from .errors import BadRequest, Conflict, FluxError, NotFound, Unauthorized, Unavailable
 from .pki import CertificateAuthority, PKIError, cert_serial
+from .secretbox import SecretBox
 from .tokens import is_well_formed_join_token, token_hash
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,20 @@ class Session:
         self.closed.set()
 
 
+class AgentFailed(FluxError):
+    """An agent ran a job and it failed for a reason none of the other kinds names."""
+
+    status = 502
+
+
+_FAILURE_KINDS = {"invalid": BadRequest, "conflict": Conflict, "not_found": NotFound,
+                  "unavailable": Unavailable}
+
+
 class Fleet:
-    def __init__(self, catalog: Catalog, heartbeat_seconds: int = 10):
+    def __init__(self, catalog: Catalog, box: SecretBox, heartbeat_seconds: int = 10):
         self.catalog = catalog
+        self.box = box
         self.heartbeat_seconds = heartbeat_seconds
         self.sessions: dict[str, Session] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
@@ -103,7 +116,7 @@ class Fleet:
         if isinstance(event, wire.Hello):
             await self.catalog.agent_seen(session.name, event.facts.as_dict())
             for job in await self.catalog.open_jobs(session.name):
-                session.send(wire.job_request(job.id, job.kind, job.params))
+                self._send_job(session, job)
                 await self.catalog.job_sent(job.id)
         elif isinstance(event, wire.Heartbeat):
             await self.catalog.agent_seen(
@@ -119,7 +132,8 @@ class Fleet:
                 queue.put_nowait(event.as_dict())
         elif isinstance(event, wire.JobResult):
             await self.catalog.job_finished(
-                event.job_id, session.name, event.ok, event.output, event.error, event.retryable
+                event.job_id, session.name, event.ok, event.output, event.error, event.retryable,
+                event.error_code,
             )
             session.send(wire.ack(event.job_id))
             self._wake(event.job_id)
@@ -134,12 +148,30 @@ class Fleet:
             raise NotFound(f"no agent named {agent}")
         if known.revoked_at is not None:
             raise Conflict(f"agent {agent} is revoked")
-        job, created = await self.catalog.create_job(job_id, agent, kind, params)
+        sealed = self.box.seal(json.dumps(params).encode(), f"job:{job_id}")
+        job, created = await self.catalog.create_job(job_id, agent, kind, sealed)
         session = self.sessions.get(agent)
         if created and session is not None:
-            session.send(wire.job_request(job.id, job.kind, job.params))
+            self._send_job(session, job)
             await self.catalog.job_sent(job.id)
         return job
+
+    def _send_job(self, session: Session, job: Job) -> None:
+        params = json.loads(self.box.open(job.params_sealed, f"job:{job.id}"))
+        session.send(wire.job_request(job.id, job.kind, params))
+
+    async def run(self, agent: str, kind: str, params: dict, timeout: float = 60) -> dict:
+        """Runs a job to its end and returns its output; a failure raises the matching error."""
+        job = await self.submit(agent, kind, params)
+        done = await self.wait(job.id, timeout)
+        if not done.finished:
+            raise Unavailable(f"agent {agent} did not finish {kind} within {timeout:g}s (job {job.id})")
+        if done.state == "failed":
+            kind_of_error = _FAILURE_KINDS.get(done.error_code or "", AgentFailed)
+            error = kind_of_error(f"{done.error} (agent {agent})")
+            error.retryable = bool(done.retryable)
+            raise error
+        return done.output or {}
 
     async def wait(self, job_id: str, timeout: float) -> Job:
         """The job once finished, or as it stands when `timeout` runs out."""

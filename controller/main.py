@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from urllib.parse import urlsplit
 
@@ -104,6 +105,19 @@ def _print_init(result: dict) -> None:
         print(f"Admin API token (shown once, store it now): {result['admin_token']}")
 
 
+async def add_user(state: StateDir, name: str, role: str, plan: str) -> dict:
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$", name):
+        raise ConfigError(f"invalid user name {name!r}")
+    catalog = Catalog(state.load_config().catalog_url, max_size=1)
+    await catalog.open()
+    try:
+        token = new_api_token()
+        user = await catalog.create_user(name, token_hash(token), role, plan)
+    finally:
+        await catalog.close()
+    return {"user": user.name, "cliRole": user.cli_role, "plan": user.plan, "token": token}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux-controller", description=__doc__)
     parser.add_argument("--version", action="version", version=f"flux-controller {__version__}")
@@ -121,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--san", action="append", default=[], metavar="NAME",
                       help="extra host name or IP for the controller's certificate (repeatable)")
     init.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    users = sub.add_parser("users", help="manage users of this control plane")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    add = users_sub.add_parser("add", help="add a user and print its first API token (shown once)")
+    add.add_argument("name")
+    add.add_argument("--state-dir", required=True)
+    add.add_argument("--role", choices=["admin", "operator"], default="operator")
+    add.add_argument("--plan", choices=["hobby", "pro"], default="pro")
+    add.add_argument("--json", action="store_true")
 
     run = sub.add_parser("run", help="serve the HTTP API and the agents' gRPC services")
     run.add_argument("--state-dir", required=True)
@@ -144,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(initialise(state, args.catalog_url, args.base_domain,
                                             args.admin_name, args.san))
             print(json.dumps(result)) if args.json else _print_init(result)
+            return 0
+        if args.command == "users":
+            result = asyncio.run(add_user(state, args.name, args.role, args.plan))
+            print(json.dumps(result) if args.json else
+                  f"User {result['user']} ({result['cliRole']}) added. API token (shown once): {result['token']}")
             return 0
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,7 +14,10 @@ from .api import create_app
 from .catalog import Catalog
 from .config import ConfigError, StateDir
 from .fleet import EnrollmentService, Fleet, FleetService
+from .gateways import Gateways
 from .pki import SERVER_NAME, CertificateAuthority
+from .projects import Projects
+from .secretbox import SecretBox
 from .systemd import notify
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,9 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     ca = CertificateAuthority(state.read("ca.pem"), state.read("ca.key"))
     catalog = Catalog(config.catalog_url)
     await catalog.open()
-    fleet = Fleet(catalog, heartbeat_seconds=heartbeat_seconds)
+    box = SecretBox(state.read("master.key"))
+    fleet = Fleet(catalog, box, heartbeat_seconds=heartbeat_seconds)
+    projects = Projects(catalog, fleet, box, Gateways(catalog, fleet, box, config.base_domain))
 
     fleet_server = grpc.aio.server(options=GRPC_OPTIONS)
     fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(fleet), fleet_server)
@@ -74,7 +79,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
         enroll_listen.grpc_address(), _server_credentials(state, require_client_cert=False))
 
     advertised = advertise_host or (enroll_listen.host if enroll_listen.host not in ("0.0.0.0", "::") else "127.0.0.1")
-    app = create_app(catalog, fleet, ca.fingerprint, f"{advertised}:{enroll_port}")
+    app = create_app(catalog, fleet, projects, ca.fingerprint, f"{advertised}:{enroll_port}")
     web = uvicorn.Server(uvicorn.Config(
         app, host=http.host, port=http.port, log_level="warning", access_log=False,
         lifespan="off", server_header=False))
@@ -100,8 +105,10 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     print(f"flux-controller ready http={http.host}:{http_port} grpc={fleet_port} "
           f"enroll={enroll_port}", flush=True)
     notify("READY=1\nSTATUS=serving")
+    recovery = asyncio.create_task(projects.recover())
 
     await stop.wait()
+    recovery.cancel()
     notify("STOPPING=1")
     log.info("stopping")
     for session in list(fleet.sessions.values()):

@@ -58,6 +58,7 @@ class JobResult:
     output: dict | None
     error: str
     retryable: bool
+    error_code: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def decode_agent_message(msg: pb.AgentMessage) -> AgentEvent | None:
             return JobProgress(event.job_id, p.phase, p.done, p.total, p.unit, p.message)
         if which == "result":
             r = event.result
-            return JobResult(event.job_id, r.ok, _output(r.output_json), r.error, r.retryable)
+            return JobResult(event.job_id, r.ok, _output(r.output_json), r.error, r.retryable, r.error_code)
     return None
 
 

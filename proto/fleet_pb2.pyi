@@ -100,16 +100,18 @@ class JobProgress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., unit: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("ok", "output_json", "error", "retryable")
+    __slots__ = ("ok", "output_json", "error", "retryable", "error_code")
     OK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     output_json: str
     error: str
     retryable: bool
-    def __init__(self, ok: _Optional[bool] = ..., output_json: _Optional[str] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
+    error_code: str
+    def __init__(self, ok: _Optional[bool] = ..., output_json: _Optional[str] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., error_code: _Optional[str] = ...) -> None: ...
 
 class Pong(_message.Message):
     __slots__ = ("nonce",)

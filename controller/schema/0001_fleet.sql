@@ -39,12 +39,15 @@ CREATE TABLE jobs (
     id           text PRIMARY KEY,
     agent        text NOT NULL REFERENCES agents (name) ON DELETE CASCADE,
     kind         text NOT NULL,
-    params       jsonb NOT NULL DEFAULT '{}',
+    -- Parameters may carry secrets (route tables hold project JWT secrets): they are
+    -- stored sealed with the master key, never in the clear.
+    params_sealed text NOT NULL,
     state        text NOT NULL DEFAULT 'pending'
                  CHECK (state IN ('pending', 'sent', 'succeeded', 'failed')),
     output       jsonb,
     error        text,
     retryable    boolean,
+    error_code   text,
     progress     jsonb,
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now(),

@@ -29,7 +29,8 @@ def fleet(tmp_path):
 
 def remove_dev_data(directory):
     state = json.loads((directory / "dev.json").read_text())
-    shutil.rmtree(pathlib.Path(state["catalog"]["datadir"]).parent, ignore_errors=True)
+    for cluster in state["clusters"].values():
+        shutil.rmtree(pathlib.Path(cluster["datadir"]).parent, ignore_errors=True)
 
 
 def test_dev_up_starts_a_fleet_the_cli_can_use(fleet, tmp_path):
@@ -45,17 +46,19 @@ def test_dev_up_starts_a_fleet_the_cli_can_use(fleet, tmp_path):
     assert json.loads(config.read_text()) == {"api_base": info["api_base"], "token": info["token"]}
 
     listed = json.loads(flux("agents", "list", "--json").stdout)
-    assert [(a["name"], a["roles"], a["connected"]) for a in listed] == [("dev-agent", ["db"], True)]
-    assert "dev-agent" in flux("agents", "list").stdout
+    assert [(a["name"], a["roles"], a["connected"]) for a in listed] == [
+        ("dev-db", ["db"], True), ("dev-gateway", ["gateway"], True)]
+    assert "dev-gateway" in flux("agents", "list").stdout
 
-    ping = json.loads(flux("agents", "ping", "dev-agent", "--json").stdout)
+    ping = json.loads(flux("agents", "ping", "dev-db", "--json").stdout)
     assert ping["rtt_ms"] > 0
 
     token = flux("agents", "token", "--roles", "docker", "--ttl", "10m")
     assert "flux-agent enroll --controller" in token.stdout and "--roles docker" in token.stdout
 
     again = json.loads(flux("dev", "up", "--dir", str(directory), "--json").stdout)
-    assert set(again["reused"]) == {"catalog", "controller", "agent"}
+    assert set(again["reused"]) == {"catalog cluster", "shared cluster", "controller", "dev-db", "dev-gateway",
+                                    "pooled-postgrest"}
     assert again["token"] == info["token"]
 
 
@@ -95,9 +98,12 @@ def test_dev_down_stops_everything(tmp_path):
     directory = tmp_path / "dev"
     run(script("flux"), "dev", "up", "--dir", str(directory), "--json", env=env, timeout=180)
     state = json.loads((directory / "dev.json").read_text())
-    pids = [state["controller_pid"], state["agent_pid"]]
+    pids = list(state["pids"].values())
+    caddy_pid = int((directory / "agents" / "dev-gateway" / "caddy.pid").read_text())
     down = json.loads(run(script("flux"), "dev", "down", "--dir", str(directory), "--json", env=env).stdout)
-    assert set(down["stopped"]) == {"agent", "controller", "catalog"}
-    assert not any(pid_alive(pid) for pid in pids)
-    assert not os.path.exists(os.path.join(state["catalog"]["datadir"], "postmaster.pid"))
+    assert set(down["stopped"]) == {"dev-db", "dev-gateway", "pooled-postgrest", "controller",
+                                    "shared cluster", "catalog cluster"}
+    assert not any(pid_alive(pid) for pid in pids + [caddy_pid])
+    for cluster in state["clusters"].values():
+        assert not os.path.exists(os.path.join(cluster["datadir"], "postmaster.pid"))
     remove_dev_data(directory)

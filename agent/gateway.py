@@ -1,0 +1,282 @@
+"""The gateway role: Caddy at the edge, this agent answering its forward_auth requests.
+
+For each request Caddy asks `GET /verify` here with the original Host, method and
+Authorization. The answer is 404 (unknown host), 401 (missing or bad token), 503
+(a write while the project is migrating) or 200 with the headers Caddy copies onto
+the proxied request: a short-lived pool token for the tenant's runtime role and the
+pinned profile. Routes come from the controller (`gateway.sync`), are saved to disk,
+and are served from there when the controller is down.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+import httpx
+import jwt
+import uvicorn
+
+from .config import write_atomic
+from .errors import AgentError
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "gateway-state.json"
+DEFAULT_SNI = "gateway.flux.internal"
+POOL_TOKEN_TTL_S = 60
+# A route's upstream naming the pooled PostgREST, whose address only the gateway knows.
+POOL_UPSTREAM = "pool"
+MIGRATING = {"error": "project is migrating; try again later"}
+RETRY_AFTER_S = "5"
+WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+# Headers a client could send to steer the upstream; Caddy removes them before proxying.
+SPOOFABLE = ["X-Flux-*", "X-Forwarded-User", "X-Real-Ip", "X-Postgrest-*"]
+
+
+@dataclass(frozen=True)
+class Route:
+    project_id: str
+    hosts: list[str]
+    mode: str
+    schema: str
+    runtime_role: str
+    jwt_secret: str
+    upstream: str
+    maintenance: bool = False
+
+
+def _route(raw: dict) -> Route:
+    try:
+        return Route(**{k: raw[k] for k in Route.__dataclass_fields__ if k in raw})
+    except TypeError as exc:
+        raise AgentError(f"malformed route: {exc}") from None
+
+
+class RouteTable:
+    def __init__(self, routes: list[Route], version: int):
+        self.version = version
+        self.routes = routes
+        self.by_host = {h.lower(): r for r in routes for h in r.hosts}
+
+
+class Gateway:
+    def __init__(self, state_dir: pathlib.Path, settings: GatewaySettings):
+        self.state_dir = state_dir
+        self.settings = settings
+        self.table = RouteTable([], 0)
+        self._pool_tokens: dict[tuple, tuple[float, str]] = {}
+        self.caddy: subprocess.Popen | None = None
+        self.auth_server: uvicorn.Server | None = None
+
+    # state
+
+    def load_saved(self) -> None:
+        path = self.state_dir / STATE_FILE
+        if path.exists():
+            raw = json.loads(path.read_text())
+            self.table = RouteTable([_route(r) for r in raw["routes"]], raw["version"])
+            log.info("gateway: serving %d saved route(s), version %d", len(self.table.routes), self.table.version)
+
+    def _save(self) -> None:
+        body = {"version": self.table.version, "routes": [asdict(r) for r in self.table.routes]}
+        write_atomic(self.state_dir / STATE_FILE, json.dumps(body).encode(), secret=True)
+
+    async def sync(self, routes: list[dict], version: int) -> dict:
+        """Replaces the route table; returns once Caddy and the auth answers use it."""
+        if version < self.table.version:
+            return {"applied_version": self.table.version, "routes": len(self.table.routes), "stale": True}
+        new = RouteTable([_route(r) for r in routes], version)
+        reload_caddy = self._caddy_shape(new) != self._caddy_shape(self.table) or not await self._caddy_has_our_config()
+        self.table = new
+        self._pool_tokens.clear()
+        self._save()
+        if reload_caddy:
+            await self.load_caddy_config()
+        return {"applied_version": version, "routes": len(new.routes), "caddy_reloaded": reload_caddy}
+
+    # Caddy
+
+    @staticmethod
+    def _caddy_shape(table: RouteTable) -> list:
+        return sorted((tuple(sorted(r.hosts)), r.upstream) for r in table.routes)
+
+    def caddy_config(self) -> dict:
+        s = self.settings
+        routes = [self._caddy_route(r) for r in sorted(self.table.routes, key=lambda r: r.project_id)]
+        routes.append({"handle": [{"handler": "static_response", "status_code": 404,
+                                   "headers": {"Content-Type": ["application/json"]},
+                                   "body": json.dumps({"error": "no project at this host"})}]})
+        return {
+            "admin": {"listen": s.caddy_admin},
+            "logging": {"logs": {"default": {"level": "ERROR"}}},
+            "apps": {
+                "http": {"servers": {"flux": {
+                    "listen": [s.listen],
+                    "routes": routes,
+                    "automatic_https": {"disable_redirects": True},
+                    "tls_connection_policies": [{"default_sni": DEFAULT_SNI}],
+                }}},
+                "tls": {"automation": {"policies": [{"issuers": [{"module": "internal"}]}]},
+                        "certificates": {"automate": [DEFAULT_SNI]}},
+                "pki": {"certificate_authorities": {"local": {"install_trust": False}}},
+            },
+        }
+
+    def _caddy_route(self, route: Route) -> dict:
+        auth = {
+            "handler": "reverse_proxy",
+            "upstreams": [{"dial": self.settings.auth_listen}],
+            "rewrite": {"method": "GET", "uri": "/verify"},
+            "headers": {"request": {"set": {"X-Forwarded-Method": ["{http.request.method}"],
+                                            "X-Forwarded-Uri": ["{http.request.uri}"]}}},
+            "handle_response": [{
+                "match": {"status_code": [2]},
+                "routes": [{"handle": [{"handler": "headers", "request": {
+                    "set": {
+                        "Authorization": ["{http.reverse_proxy.header.X-Flux-Authorization}"],
+                        "Accept-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"],
+                        "Content-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"],
+                    },
+                    "delete": SPOOFABLE,
+                }}]}],
+            }],
+        }
+        dial = self.settings.pool_upstream if route.upstream == POOL_UPSTREAM else route.upstream
+        upstream = {"handler": "reverse_proxy", "upstreams": [{"dial": dial}]}
+        return {"match": [{"host": route.hosts}],
+                "handle": [{"handler": "subroute", "routes": [{"handle": [auth, upstream]}]}],
+                "terminal": True}
+
+    def _admin(self, path: str) -> str:
+        return f"http://{self.settings.caddy_admin}{path}"
+
+    async def _caddy_up(self) -> bool:
+        try:
+            async with httpx.AsyncClient(timeout=2) as http:
+                return (await http.get(self._admin("/config/"))).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def _caddy_has_our_config(self) -> bool:
+        try:
+            async with httpx.AsyncClient(timeout=2) as http:
+                response = await http.get(self._admin("/config/apps/http/servers/flux/listen"))
+                return response.status_code == 200 and response.json() == [self.settings.listen]
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    async def load_caddy_config(self) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            try:
+                response = await http.post(self._admin("/load"), json=self.caddy_config())
+            except httpx.HTTPError as exc:
+                raise AgentError(f"Caddy admin API at {self.settings.caddy_admin} unreachable: {exc}",
+                                 retryable=True) from None
+        if response.status_code != 200:
+            raise AgentError(f"Caddy refused the configuration: {response.text.strip()[:500]}")
+
+    async def ensure_caddy(self) -> None:
+        """Adopts the Caddy answering on the admin address, or starts one."""
+        if await self._caddy_up():
+            log.info("gateway: adopting the Caddy at %s", self.settings.caddy_admin)
+        elif not self.settings.manage_caddy:
+            raise AgentError(f"no Caddy answers at {self.settings.caddy_admin} and manage_caddy is off",
+                             retryable=True)
+        else:
+            binary = shutil.which(self.settings.caddy_bin)
+            if binary is None:
+                raise AgentError(f"Caddy binary {self.settings.caddy_bin!r} not found; install caddy")
+            config = self.state_dir / "caddy.json"
+            write_atomic(config, json.dumps(self.caddy_config()).encode(), secret=True)
+            env = {**os.environ, "XDG_DATA_HOME": str(self.state_dir / "caddy-data"),
+                   "XDG_CONFIG_HOME": str(self.state_dir / "caddy-config")}
+            log_file = open(self.state_dir / "caddy.log", "ab")
+            self.caddy = subprocess.Popen([binary, "run", "--config", str(config)], env=env,
+                                          stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            (self.state_dir / "caddy.pid").write_text(str(self.caddy.pid))
+            deadline = time.monotonic() + 20
+            while not await self._caddy_up():
+                if self.caddy.poll() is not None or time.monotonic() > deadline:
+                    raise AgentError(f"Caddy did not start; see {self.state_dir / 'caddy.log'}")
+                await asyncio.sleep(0.1)
+            log.info("gateway: started Caddy (pid %d), edge on %s", self.caddy.pid, self.settings.listen)
+        await self.load_caddy_config()
+
+    # forward_auth
+
+    def verify(self, host: str, method: str, authorization: str) -> tuple[int, dict, dict | None]:
+        """(status, headers, JSON body) for one request Caddy asks about."""
+        route = self.table.by_host.get(host.split(":")[0].lower())
+        if route is None:
+            return 404, {}, {"error": "no project at this host"}
+        if route.maintenance and method.upper() in WRITE_METHODS:
+            return 503, {"Retry-After": RETRY_AFTER_S}, MIGRATING
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return 401, {"WWW-Authenticate": "Bearer"}, {"error": "missing bearer token"}
+        try:
+            claims = jwt.decode(token.strip(), route.jwt_secret, algorithms=["HS256"],
+                                options={"require": ["sub"]})
+        except jwt.PyJWTError as exc:
+            return 401, {"WWW-Authenticate": "Bearer"}, {"error": f"invalid token: {exc}"}
+        return 200, {"X-Flux-Authorization": f"Bearer {self._pool_token(route, claims)}",
+                     "X-Flux-Profile": route.schema}, None
+
+    def _pool_token(self, route: Route, claims: dict) -> str:
+        key = (route.project_id, json.dumps(claims, sort_keys=True, default=str))
+        now = time.time()
+        cached = self._pool_tokens.get(key)
+        if cached and cached[0] - now > POOL_TOKEN_TTL_S / 2:
+            return cached[1]
+        exp = int(now) + POOL_TOKEN_TTL_S
+        minted = {**{k: v for k, v in claims.items() if k not in ("role", "exp", "aud")},
+                  "role": route.runtime_role, "exp": exp, "iat": int(now)}
+        token = jwt.encode(minted, self.settings.pool_jwt_secret, algorithm="HS256")
+        if len(self._pool_tokens) > 10_000:
+            self._pool_tokens.clear()
+        self._pool_tokens[key] = (exp, token)
+        return token
+
+    async def asgi(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        method = headers.get("x-forwarded-method", scope["method"])
+        status, extra, body = self.verify(headers.get("host", ""), method, headers.get("authorization", ""))
+        payload = json.dumps(body).encode() if body is not None else b""
+        out = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        out += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def start(self) -> None:
+        self.load_saved()
+        host, _, port = self.settings.auth_listen.rpartition(":")
+        self.auth_server = uvicorn.Server(uvicorn.Config(
+            self.asgi, host=host, port=int(port), log_level="warning", access_log=False, interface="asgi3",
+            lifespan="off", server_header=False, date_header=False, proxy_headers=False))
+        self.auth_server.install_signal_handlers = lambda: None
+        self._serve_task = asyncio.create_task(self.auth_server.serve())
+        while not self.auth_server.started:
+            if self._serve_task.done():
+                raise AgentError(f"cannot serve forward_auth on {self.settings.auth_listen}")
+            await asyncio.sleep(0.05)
+        await self.ensure_caddy()
+
+    async def stop(self) -> None:
+        if self.auth_server is not None:
+            self.auth_server.should_exit = True
+            await self._serve_task
+        if self.caddy is not None and self.caddy.poll() is None:
+            self.caddy.terminate()
+            try:
+                self.caddy.wait(10)
+            except subprocess.TimeoutExpired:
+                self.caddy.kill()

@@ -1,0 +1,72 @@
+"""Per-role settings of an agent, from `settings.json` in its state directory.
+
+    {"db":      {"shared_cluster_url": "postgresql://...", "authenticator_password": "...",
+                 "runtime_connection_limit": 20, "runtime_statement_timeout": "15s",
+                 "push_statement_timeout": "60s"},
+     "gateway": {"caddy_admin": "127.0.0.1:2019", "listen": "127.0.0.1:8443",
+                 "auth_listen": "127.0.0.1:8444", "pool_upstream": "127.0.0.1:3000",
+                 "pool_jwt_secret": "...", "manage_caddy": true, "caddy_bin": "caddy"}}
+
+The file holds credentials (0600). The controller never sees these values.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+
+from .config import StateDir
+from .errors import AgentError
+
+SETTINGS_FILE = "settings.json"
+_DURATION = re.compile(r"^\d+(ms|s|min)$")
+
+
+@dataclass(frozen=True)
+class DbSettings:
+    shared_cluster_url: str
+    authenticator_password: str | None = None
+    runtime_connection_limit: int = 20
+    runtime_statement_timeout: str = "15s"
+    push_statement_timeout: str = "60s"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    caddy_admin: str
+    listen: str
+    auth_listen: str
+    pool_upstream: str
+    pool_jwt_secret: str
+    manage_caddy: bool = True
+    caddy_bin: str = "caddy"
+
+
+def _build(cls, raw: dict, role: str):
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise AgentError(f"{SETTINGS_FILE}: unknown {role} setting(s) {', '.join(unknown)}")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise AgentError(f"{SETTINGS_FILE}: {role} settings are incomplete: {exc}") from None
+
+
+def load(state: StateDir) -> dict:
+    path = state.file(SETTINGS_FILE)
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise AgentError(f"{path} is not valid JSON: {exc}") from None
+    settings = {}
+    if "db" in raw:
+        db = _build(DbSettings, raw["db"], "db")
+        for key in ("runtime_statement_timeout", "push_statement_timeout"):
+            if not _DURATION.match(getattr(db, key)):
+                raise AgentError(f"{SETTINGS_FILE}: db.{key} must look like 15s, 500ms or 2min")
+        settings["db"] = db
+    if "gateway" in raw:
+        settings["gateway"] = _build(GatewaySettings, raw["gateway"], "gateway")
+    return settings
