@@ -121,6 +121,8 @@ class Gateway:
                     "listen": [s.listen],
                     "routes": routes,
                     "automatic_https": {"disable_redirects": True},
+                    # Clients that send no SNI (addressing the gateway by IP) get the gateway's
+                    # own certificate and are routed by their Host header.
                     "tls_connection_policies": [{"default_sni": DEFAULT_SNI}],
                 }}},
                 "tls": {"automation": {"policies": [{"issuers": [{"module": "internal"}]}]},

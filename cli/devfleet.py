@@ -357,6 +357,9 @@ class DevFleet:
             reused.append("pooled-postgrest")
 
         def agents_connected():
+            for name in AGENTS:
+                if not pid_alive(self.state["pids"].get(name)):
+                    raise CliError(f"agent {name} exited; see {self._log(name)}")
             listed = {a["name"]: a["connected"] for a in self._api("GET", "agents")}
             return all(listed.get(name) for name in AGENTS)
 

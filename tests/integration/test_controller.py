@@ -9,6 +9,7 @@ import sys
 import psycopg
 import pytest
 
+from controller.catalog import available_migrations
 from tests.support import Controller, run
 
 pytestmark = pytest.mark.integration
@@ -18,7 +19,8 @@ def test_init_is_idempotent_and_stores_only_token_hashes(tmp_path, catalog_url):
     ctl = Controller(tmp_path / "state", catalog_url)
     first = ctl.init_result
     assert first["changed"] is True
-    assert first["schema_version"] == 1
+    latest = [m.version for m in available_migrations()]
+    assert first["schema_version"] == latest[-1]
     assert first["admin_token"].startswith("flx_live_")
     for name in ("ca.key", "server.key", "master.key", "controller.json"):
         assert (ctl.state_dir / name).stat().st_mode & 0o077 == 0, name
@@ -30,9 +32,9 @@ def test_init_is_idempotent_and_stores_only_token_hashes(tmp_path, catalog_url):
     assert ctl.init_result["ca_fingerprint"] in again.stdout
 
     with psycopg.connect(catalog_url) as conn:
-        versions = conn.execute("SELECT version FROM schema_migrations").fetchall()
+        versions = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
         hashes = [r[0] for r in conn.execute("SELECT token_hash FROM api_tokens").fetchall()]
-    assert versions == [(1,)]
+    assert [v for (v,) in versions] == latest
     assert len(hashes) == 1 and hashes[0] != first["admin_token"] and len(hashes[0]) == 64
 
 
