@@ -51,8 +51,8 @@ def script(name: str) -> str:
     return str(pathlib.Path(sys.executable).parent / name)
 
 
-def run(*command: str, check: bool = True, env: dict | None = None, timeout: float = 60):
-    proc = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout,
+def run(*command: str, check: bool = True, env: dict | None = None, timeout: float = 60, cwd: str | None = None):
+    proc = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{command[:3]} exited {proc.returncode}: {proc.stderr}")

@@ -13,8 +13,9 @@ from tests.support import pid_alive, run, script
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def fleet(tmp_path):
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cli")
     env = {"FLUX_CONFIG_DIR": str(tmp_path / "cfg")}
     directory = tmp_path / "dev"
 
@@ -33,8 +34,9 @@ def remove_dev_data(directory):
         shutil.rmtree(pathlib.Path(cluster["datadir"]).parent, ignore_errors=True)
 
 
-def test_dev_up_starts_a_fleet_the_cli_can_use(fleet, tmp_path):
+def test_dev_up_starts_a_fleet_the_cli_can_use(fleet):
     flux, info, directory, env = fleet
+    tmp_path = directory.parent
     assert info["api_base"].endswith("/api")
     assert info["token"].startswith("flx_live_")
     assert info["dir"] == str(directory)
@@ -62,8 +64,9 @@ def test_dev_up_starts_a_fleet_the_cli_can_use(fleet, tmp_path):
     assert again["token"] == info["token"]
 
 
-def test_login_verifies_and_stores_the_token(fleet, tmp_path):
-    flux, info, _, env = fleet
+def test_login_verifies_and_stores_the_token(fleet):
+    flux, info, directory, env = fleet
+    tmp_path = directory.parent
     (tmp_path / "cfg" / "config.json").unlink()
 
     bad = flux("login", "--token", "flx_live_" + "0" * 32 + "_0000", "--api-base", info["api_base"], check=False)
@@ -107,3 +110,46 @@ def test_dev_down_stops_everything(tmp_path):
     for cluster in state["clusters"].values():
         assert not os.path.exists(os.path.join(cluster["datadir"], "postmaster.pid"))
     remove_dev_data(directory)
+
+
+def test_projects_through_the_cli(fleet, tmp_path):
+    flux, info, directory, env = fleet
+    created = json.loads(flux("create", "Bloom Atelier", "--json").stdout)
+    slug, hash_ = created["summary"]["slug"], created["summary"]["hash"]
+    assert slug == "bloom-atelier" and created["mode"] == "v2_shared"
+
+    table = flux("list").stdout.splitlines()
+    assert table[0].split() == ["PROJECT", "HASH", "MODE", "LIFECYCLE", "STATUS", "API", "URL"]
+    row = next(line for line in table if line.startswith("bloom-atelier"))
+    assert row.split() == [slug, hash_, "v2_shared", "active", "running", created["summary"]["apiUrl"]]
+
+    creds = flux("project", "credentials", slug, "--hash", hash_).stdout
+    assert f"FLUX_GATEWAY_JWT_SECRET={created['projectJwtSecret']}" in creds
+    assert f"FLUX_URL={created['summary']['apiUrl']}" in creds
+
+    repo = tmp_path / "app"
+    (repo / "migrations").mkdir(parents=True)
+    (repo / ".git").mkdir()
+    (repo / "flux.json").write_text(json.dumps({"slug": slug, "hash": hash_}))
+    (repo / "migrations" / "001_todos.sql").write_text("create table public.todos (id serial primary key, title text);")
+    (repo / "migrations" / "002_seed.sql").write_text("insert into todos (title) values ('first');")
+
+    def flux_in_repo(*args, check=True):
+        return run(script("flux"), *args, env=env, check=check, cwd=str(repo))
+
+    dry = flux_in_repo("push", "--dry-run").stdout
+    assert "Would apply 2 file(s)" in dry
+    applied = json.loads(flux_in_repo("push", "--json").stdout)
+    assert applied["applied"] == ["001_todos.sql", "002_seed.sql"] and applied["tablesMoved"] == 1
+    assert "Nothing to apply" in flux_in_repo("push").stdout
+
+    (repo / "migrations" / "002_seed.sql").write_text("insert into todos (title) values ('edited');")
+    conflict = flux_in_repo("push", check=False)
+    assert conflict.returncode == 1 and "002_seed.sql" in conflict.stderr and "nothing was applied" in conflict.stderr
+
+    mismatch = flux("push", str(repo / "migrations"), "-p", "other-slug", "--hash", hash_, check=False)
+    assert mismatch.returncode == 1 and "does not match" in mismatch.stderr
+    unknown = flux("project", "credentials", slug, "--hash", "0000000", check=False)
+    assert unknown.returncode == 1 and "Project not found for this hash." in unknown.stderr
+    malformed = flux("project", "credentials", slug, "--hash", "XYZ", check=False)
+    assert malformed.returncode == 2 and "7 lower-case hex" in malformed.stderr
