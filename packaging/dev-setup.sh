@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine to run Flux from this checkout: system packages
-# (PostgreSQL server and client, systemd's tools) and a virtualenv in .venv with the
+# (PostgreSQL server and client, systemd's tools, Caddy) and a virtualenv in .venv with the
 # project installed. Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,7 @@ need=()
 command -v pg_dump >/dev/null 2>&1 || need+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v caddy >/dev/null 2>&1 || need+=(caddy)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
