@@ -46,10 +46,14 @@ class Route:
     hosts: list[str]
     mode: str
     schema: str
-    runtime_role: str
     jwt_secret: str
     upstream: str
     maintenance: bool = False
+    app_role: str | None = None
+
+    @property
+    def pooled(self) -> bool:
+        return self.mode == "v2_shared"
 
 
 def _route(raw: dict) -> Route:
@@ -121,6 +125,12 @@ class Gateway:
                     "listen": [s.listen],
                     "routes": routes,
                     "automatic_https": {"disable_redirects": True},
+                    # An upstream that does not answer (a stopped stack) still gets a JSON error.
+                    "errors": {"routes": [{"handle": [{
+                        "handler": "static_response", "status_code": "{http.error.status_code}",
+                        "headers": {"Content-Type": ["application/json"]},
+                        "body": json.dumps({"error": "project API unavailable ({http.error.status_code})"}),
+                    }]}]},
                     # Clients that send no SNI (addressing the gateway by IP) get the gateway's
                     # own certificate and are routed by their Host header.
                     "tls_connection_policies": [{"default_sni": DEFAULT_SNI}],
@@ -132,23 +142,24 @@ class Gateway:
         }
 
     def _caddy_route(self, route: Route) -> dict:
+        profile = {"Accept-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"],
+                   "Content-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"]}
         auth = {
             "handler": "reverse_proxy",
             "upstreams": [{"dial": self.settings.auth_listen}],
             "rewrite": {"method": "GET", "uri": "/verify"},
             "headers": {"request": {"set": {"X-Forwarded-Method": ["{http.request.method}"],
                                             "X-Forwarded-Uri": ["{http.request.uri}"]}}},
-            "handle_response": [{
-                "match": {"status_code": [2]},
-                "routes": [{"handle": [{"handler": "headers", "request": {
-                    "set": {
-                        "Authorization": ["{http.reverse_proxy.header.X-Flux-Authorization}"],
-                        "Accept-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"],
-                        "Content-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"],
-                    },
-                    "delete": SPOOFABLE,
-                }}]}],
-            }],
+            # 200: proxy with the token the gateway returns; 204: proxy anonymously.
+            "handle_response": [
+                {"match": {"status_code": [200]},
+                 "routes": [{"handle": [{"handler": "headers", "request": {
+                     "set": {"Authorization": ["{http.reverse_proxy.header.X-Flux-Authorization}"], **profile},
+                     "delete": SPOOFABLE}}]}]},
+                {"match": {"status_code": [204]},
+                 "routes": [{"handle": [{"handler": "headers", "request": {
+                     "set": profile, "delete": [*SPOOFABLE, "Authorization"]}}]}]},
+            ],
         }
         dial = self.settings.pool_upstream if route.upstream == POOL_UPSTREAM else route.upstream
         upstream = {"handler": "reverse_proxy", "upstreams": [{"dial": dial}]}
@@ -220,18 +231,28 @@ class Gateway:
             return 404, {}, {"error": "no project at this host"}
         if route.maintenance and method.upper() in WRITE_METHODS:
             return 503, {"Retry-After": RETRY_AFTER_S}, MIGRATING
+        profile = {"X-Flux-Profile": route.schema}
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            if not route.pooled and not authorization.strip():
+                return 204, profile, None  # PostgREST's own semantics: anonymous is its anon role
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": "missing bearer token"}
         try:
-            claims = jwt.decode(token.strip(), route.jwt_secret, algorithms=["HS256"],
-                                options={"require": ["sub"]})
+            claims = jwt.decode(token, route.jwt_secret, algorithms=["HS256"],
+                                options={"require": ["sub"] if route.pooled else []})
         except jwt.PyJWTError as exc:
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": f"invalid token: {exc}"}
-        return 200, {"X-Flux-Authorization": f"Bearer {self._pool_token(route, claims)}",
-                     "X-Flux-Profile": route.schema}, None
+        if route.pooled:
+            minted = self._minted(route, claims, self.settings.pool_jwt_secret)
+        elif "role" not in claims and route.app_role:
+            minted = self._minted(route, claims, route.jwt_secret)
+        else:
+            minted = token
+        return 200, {"X-Flux-Authorization": f"Bearer {minted}", **profile}, None
 
-    def _pool_token(self, route: Route, claims: dict) -> str:
+    def _minted(self, route: Route, claims: dict, secret: str) -> str:
+        """A short-lived token for the route's app role, carrying the app token's other claims."""
         key = (route.project_id, json.dumps(claims, sort_keys=True, default=str))
         now = time.time()
         cached = self._pool_tokens.get(key)
@@ -239,8 +260,8 @@ class Gateway:
             return cached[1]
         exp = int(now) + POOL_TOKEN_TTL_S
         minted = {**{k: v for k, v in claims.items() if k not in ("role", "exp", "aud")},
-                  "role": route.runtime_role, "exp": exp, "iat": int(now)}
-        token = jwt.encode(minted, self.settings.pool_jwt_secret, algorithm="HS256")
+                  "role": route.app_role, "exp": exp, "iat": int(now)}
+        token = jwt.encode(minted, secret, algorithm="HS256")
         if len(self._pool_tokens) > 10_000:
             self._pool_tokens.clear()
         self._pool_tokens[key] = (exp, token)

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from . import tenants
+from . import stacks, tenants
+from .settings import DockerSettings
 from .errors import AgentError
 
 ProgressFn = Callable[[str, int, int, str, str], None]
@@ -92,6 +93,40 @@ async def gateway_sync(ctx: JobContext) -> dict:
     return await ctx.gateway.sync(ctx.params.get("routes") or [], version)
 
 
+def _stack(ctx: JobContext) -> tuple[stacks.StackSpec, DockerSettings]:
+    return stacks.StackSpec.from_params(ctx.params), ctx.settings.get("docker") or DockerSettings()
+
+
+async def stack_provision(ctx: JobContext) -> dict:
+    spec, settings = _stack(ctx)
+    return await asyncio.to_thread(stacks.provision, spec, settings, ctx.progress)
+
+
+async def stack_observe(ctx: JobContext) -> dict:
+    spec, _ = _stack(ctx)
+    return await asyncio.to_thread(stacks.observe, spec)
+
+
+async def stack_start(ctx: JobContext) -> dict:
+    spec, settings = _stack(ctx)
+    return await asyncio.to_thread(stacks.start, spec, settings)
+
+
+async def stack_stop(ctx: JobContext) -> dict:
+    spec, _ = _stack(ctx)
+    return await asyncio.to_thread(stacks.stop, spec)
+
+
+async def stack_remove(ctx: JobContext) -> dict:
+    spec, _ = _stack(ctx)
+    return await asyncio.to_thread(stacks.remove, spec)
+
+
+async def stack_probe(ctx: JobContext) -> dict:
+    spec, settings = _stack(ctx)
+    return await asyncio.to_thread(stacks.probe_only, spec, settings)
+
+
 HANDLERS: dict[str, Handler] = {
     "facts.collect": facts_collect,
     "diag.wait": diag_wait,
@@ -100,4 +135,10 @@ HANDLERS: dict[str, Handler] = {
     "tenant.migrations": tenant_migrations,
     "tenant.push": tenant_push,
     "gateway.sync": gateway_sync,
+    "stack.provision": stack_provision,
+    "stack.observe": stack_observe,
+    "stack.start": stack_start,
+    "stack.stop": stack_stop,
+    "stack.remove": stack_remove,
+    "stack.probe": stack_probe,
 }

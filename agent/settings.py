@@ -3,6 +3,9 @@
     {"db":      {"shared_cluster_url": "postgresql://...", "authenticator_password": "...",
                  "runtime_connection_limit": 20, "runtime_statement_timeout": "15s",
                  "push_statement_timeout": "60s"},
+     "docker":  {"postgres_image": "postgres:15", "postgrest_image": "postgrest/postgrest:v12.2.3",
+                 "publish_host": "127.0.0.1", "advertise_host": "127.0.0.1", "memory_limit": "512m",
+                 "cpus": 1.0, "restart_policy": "unless-stopped"},
      "gateway": {"caddy_admin": "127.0.0.1:2019", "listen": "127.0.0.1:8443",
                  "auth_listen": "127.0.0.1:8444", "pool_upstream": "127.0.0.1:3000",
                  "pool_jwt_secret": "...", "manage_caddy": true, "caddy_bin": "caddy"}}
@@ -28,6 +31,20 @@ class DbSettings:
     runtime_connection_limit: int = 20
     runtime_statement_timeout: str = "15s"
     push_statement_timeout: str = "60s"
+
+
+@dataclass(frozen=True)
+class DockerSettings:
+    postgres_image: str = "postgres:15"
+    postgrest_image: str = "postgrest/postgrest:v12.2.3"
+    # Where the stack's ports are published, and the address others use to reach them.
+    publish_host: str = "127.0.0.1"
+    advertise_host: str = "127.0.0.1"
+    memory_limit: str = "512m"
+    cpus: float = 1.0
+    restart_policy: str = "unless-stopped"
+    # The official PostgREST image has no shell to run a health check with.
+    api_healthcheck: list | None = None
 
 
 @dataclass(frozen=True)
@@ -69,4 +86,6 @@ def load(state: StateDir) -> dict:
         settings["db"] = db
     if "gateway" in raw:
         settings["gateway"] = _build(GatewaySettings, raw["gateway"], "gateway")
+    if "docker" in raw:
+        settings["docker"] = _build(DockerSettings, raw["docker"], "docker")
     return settings

@@ -184,9 +184,30 @@ class Progress:
             print(f"• {message}", file=sys.stderr, flush=True)
 
 
-STANDIN = pathlib.Path(__file__).resolve().parents[1] / "packaging" / "images" / "postgrest-standin" / "postgrest_standin.py"
+PACKAGING = pathlib.Path(__file__).resolve().parents[1] / "packaging"
+STANDIN = PACKAGING / "images" / "postgrest-standin" / "postgrest_standin.py"
+IMAGE_BUILDER = PACKAGING / "images" / "build.py"
 PORTS = ("http", "grpc", "enroll", "caddy_admin", "gateway", "forward_auth", "pool_api", "pool_admin")
-AGENTS = {"dev-db": "db", "dev-gateway": "gateway"}
+AGENTS = {"dev-db": "db", "dev-gateway": "gateway", "dev-docker": "docker"}
+# The stand-in image has Python, not curl: its health check asks PostgREST's port with it.
+STANDIN_HEALTHCHECK = ["CMD", "python3", "-c",
+                       "import socket; socket.create_connection(('127.0.0.1', 3000), 2).close()"]
+
+
+def docker_running() -> bool:
+    return shutil.which("docker") is not None and subprocess.run(
+        ["docker", "info"], capture_output=True).returncode == 0
+
+
+def install_packages(packages: list[str], say) -> None:
+    if os.geteuid() != 0:
+        raise CliError(f"missing {', '.join(packages)}; install them (as root: apt-get install -y {' '.join(packages)})")
+    say(f"installing {', '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True, env=env)
+    proc = subprocess.run(["apt-get", "install", "-y", "-qq", *packages], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise CliError(f"apt-get install {' '.join(packages)} failed: {proc.stderr.strip()[-500:]}")
 
 
 class DevFleet:
@@ -274,10 +295,34 @@ class DevFleet:
         cluster.create_database(database)
         return cluster
 
+    def _ensure_docker(self, reused: list[str]) -> None:
+        missing = [pkg for pkg, tool in (("docker.io", "dockerd"), ("debootstrap", "debootstrap"))
+                   if shutil.which(tool) is None]
+        if missing:
+            install_packages(missing, self.say)
+        if docker_running():
+            reused.append("docker engine")
+            return
+        self.say("starting the Docker engine")
+        self._ensure_process("dockerd", ["dockerd"])
+        wait_for(docker_running, 60, "the Docker engine", self._log("dockerd"))
+
+    def _images(self) -> dict:
+        self.say("checking the local images (built from Debian packages when missing, about a minute each)")
+        proc = subprocess.run([sys.executable, str(IMAGE_BUILDER), "--json"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CliError(f"building the local images failed: {proc.stderr.strip()[-800:]}")
+        return json.loads(proc.stdout)
+
     def _agent_settings(self, name: str, shared: PostgresCluster) -> dict:
         if AGENTS[name] == "db":
             return {"db": {"shared_cluster_url": shared.url("flux_shared"),
                            "authenticator_password": self._secret("authenticator")}}
+        if AGENTS[name] == "docker":
+            images = self.state["images"]
+            self.say(f"dedicated stacks use {images['postgrest']}, a PostgREST STAND-IN (not PostgREST)")
+            return {"docker": {"postgres_image": images["postgres"], "postgrest_image": images["postgrest"],
+                               "api_healthcheck": STANDIN_HEALTHCHECK, "memory_limit": "256m"}}
         return {"gateway": {
             "caddy_admin": f"127.0.0.1:{self.ports['caddy_admin']}",
             "listen": f"127.0.0.1:{self.ports['gateway']}",
@@ -296,22 +341,29 @@ class DevFleet:
 
         catalog = self._start_cluster("catalog", "flux_catalog", reused)
         shared = self._start_cluster("shared", "flux_shared", reused)
+        self._ensure_docker(reused)
+        self.state["images"] = self._images()
+        self._save()
 
         controller_dir = self.dir / "controller"
-        if "token" not in self.state:
-            self.say("initialising the controller")
-            init = subprocess.run(
-                [sys.executable, "-m", "controller.main", "init", "--catalog-url",
-                 catalog.url("flux_catalog"), "--state-dir", str(controller_dir),
-                 "--base-domain", "localhost", "--json"], capture_output=True, text=True)
-            if init.returncode != 0:
-                raise CliError(f"controller init failed: {init.stderr.strip()}")
-            result = json.loads(init.stdout)
-            if not result["admin_token"]:
-                raise CliError(f"{controller_dir} was initialised before but {self.state_path} lost "
-                               "its admin token; run `flux dev down` and remove the directory to start over")
+        # init every time: it changes nothing on a current catalog and upgrades an older one.
+        init = subprocess.run(
+            [sys.executable, "-m", "controller.main", "init", "--catalog-url",
+             catalog.url("flux_catalog"), "--state-dir", str(controller_dir),
+             "--base-domain", "localhost", "--json"], capture_output=True, text=True)
+        if init.returncode != 0:
+            raise CliError(f"controller init failed: {init.stderr.strip()}")
+        result = json.loads(init.stdout)
+        if result["admin_token"]:
             self.state["token"] = result["admin_token"]
             self._save()
+        elif "token" not in self.state:
+            raise CliError(f"{controller_dir} was initialised before but {self.state_path} lost "
+                           "its admin token; run `flux dev down` and remove the directory to start over")
+        if result["changed"]:
+            self.say("controller initialised: " + "; ".join(result["changes"]))
+            # A controller running on an older schema must be restarted on the new one.
+            terminate(self.state.get("pids", {}).pop("controller", None))
 
         if pid_alive(self.state.get("pids", {}).get("controller")) and self._verify():
             reused.append("controller")
@@ -391,6 +443,7 @@ class DevFleet:
             "grpc": f"127.0.0.1:{ports['grpc']}",
             "enroll": f"127.0.0.1:{ports['enroll']}",
             "agents": list(AGENTS),
+            "images": self.state["images"],
             "reused": reused,
             "logs": str(self.dir / "logs"),
         }
@@ -400,7 +453,7 @@ class DevFleet:
             return []
         stopped = []
         pids = self.state.get("pids", {})
-        for key in [*AGENTS, "pooled-postgrest", "controller"]:
+        for key in [*AGENTS, "pooled-postgrest", "controller", "dockerd"]:
             if pid_alive(pids.get(key)):
                 self.say(f"stopping {key}")
                 terminate(pids[key])

@@ -162,10 +162,14 @@ def project_options(fn):
 @click.argument("name")
 @click.option("--mode", type=click.Choice(["v2_shared", "v1_dedicated"]), default="v2_shared", show_default=True,
               help="engine: pooled tenant schema or dedicated containers")
+@click.option("--host", help="docker agent for a dedicated project (default: the one with the fewest projects)")
 @click.option("--json", "as_json", is_flag=True)
-def create(name, mode, as_json):
+def create(name, mode, host, as_json):
     """Create a project. Prints its Service URL and JWT secret (shown once)."""
-    result = client().post("create", {"name": name, "mode": mode}, timeout=180)
+    body = {"name": name, "mode": mode, **({"host": host} if host else {})}
+    if not as_json and mode == "v1_dedicated":
+        click.echo("Provisioning Postgres and PostgREST containers (this takes a little while)...", err=True)
+    result = client().post("create", body, timeout=600)
 
     def render(r):
         s = r["summary"]
@@ -191,6 +195,45 @@ def list_projects(as_json):
                 for p in items], ["PROJECT", "HASH", "MODE", "LIFECYCLE", "STATUS", "API URL"])
 
     emit(result, as_json, render)
+
+
+def _stack_command(name: str, help_text: str, call):
+    @cli.command(name, help=help_text)
+    @project_options
+    @click.option("--json", "as_json", is_flag=True)
+    def command(slug, hash_, as_json):
+        slug, hash_ = resolve(slug, hash_)
+        api = client()
+        shown = api.get(f"projects/{hash_}")
+        if shown["slug"] != slug:
+            raise CliError(f"slug {slug!r} does not match the project with hash {hash_} "
+                           f"(its slug is {shown['slug']!r})")
+        result = call(api, slug, hash_)
+        emit(result, as_json, lambda r: click.echo(f"{slug}: {name} done; status {r.get('status', '?')}."))
+
+    return command
+
+
+_stack_command("start", "Start a dedicated project's containers and wait until its API answers.",
+               lambda api, slug, h: api.post(f"projects/{h}/lifecycle", {"action": "start"}, timeout=600))
+_stack_command("stop", "Stop a dedicated project's containers (data is kept).",
+               lambda api, slug, h: api.post(f"projects/{h}/lifecycle", {"action": "stop"}, timeout=600))
+_stack_command("repair", "Re-converge a dedicated stack: missing parts come back with the same data, "
+               "JWT secret and API schema.",
+               lambda api, slug, h: api.post(f"projects/{h}/repair", timeout=600))
+
+
+@cli.command()
+@project_options
+@click.option("--yes", is_flag=True, help="confirm: the project's data is deleted for good")
+@click.option("--json", "as_json", is_flag=True)
+def delete(slug, hash_, yes, as_json):
+    """Delete a project: its stack or tenant schema, its route and its catalog row."""
+    slug, hash_ = resolve(slug, hash_)
+    if not yes:
+        raise CliError(f"deleting {slug} removes its data for good; pass --yes to confirm", exit_code=2)
+    result = client().request("DELETE", f"projects/{hash_}", params={"slug": slug}, timeout=600)
+    emit(result, as_json, lambda r: click.echo(f"Deleted {r['deleted']} ({r['hash']})."))
 
 
 @cli.group()

@@ -43,6 +43,7 @@ class JoinTokenRequest(BaseModel):
 class CreateRequest(BaseModel):
     name: str
     mode: str = "v2_shared"
+    host: str | None = Field(None, description="docker agent to place a dedicated project on")
     stripSupabaseRestPrefix: bool | None = None
 
 
@@ -234,14 +235,20 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, ca_fingerprin
 
     @app.post(f"{PREFIX}/create", status_code=201)
     async def create_project(body: CreateRequest, user: User = Depends(current_user)):
-        project, secret = await projects.create(user, body.name, body.mode)
+        project, secret = await projects.create(user, body.name, body.mode, body.host)
+        if project.mode == "v2_shared":
+            stored = {"postgresPassword": "n/a-v2-shared", "postgresContainerHost": "shared-cluster",
+                      "note": POOLED_NOTE}
+        else:
+            stored = {"postgresPassword": projects.postgres_password(project),
+                      "postgresContainerHost": f"{project.db_host}:{project.db_port}",
+                      "note": "Dedicated project: its own Postgres and PostgREST containers."}
         return {
             "summary": list_item(project, projects.base_domain),
             "mode": project.mode,
             "serviceUrl": service_url(project, projects.base_domain),
             "projectJwtSecret": secret,
-            "secrets": {"pgrstJwtSecret": secret, "postgresPassword": "n/a-v2-shared",
-                        "postgresContainerHost": "shared-cluster", "note": POOLED_NOTE},
+            "secrets": {"pgrstJwtSecret": secret, **stored},
         }
 
     @app.get(f"{PREFIX}/list")
@@ -271,10 +278,15 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, ca_fingerprin
 
     @app.post(f"{PREFIX}/projects/{{hash_}}/lifecycle")
     async def project_lifecycle(hash_: str, body: LifecycleRequest, user: User = Depends(current_user)):
-        project = await projects.get(user, hash_)
-        if body.action not in ("start", "stop"):
-            raise BadRequest("action must be start or stop")
-        raise BadRequest(f"{project.slug} is {project.mode}: start and stop apply to v1_dedicated projects")
+        return await projects.lifecycle(await projects.get(user, hash_), body.action)
+
+    @app.post(f"{PREFIX}/projects/{{hash_}}/repair")
+    async def project_repair(hash_: str, user: User = Depends(current_user)):
+        return await projects.repair(await projects.get(user, hash_))
+
+    @app.delete(f"{PREFIX}/projects/{{hash_}}")
+    async def project_delete(hash_: str, slug: str, user: User = Depends(current_user)):
+        return await projects.delete(await projects.get(user, hash_, slug))
 
     @app.post(f"{PREFIX}/projects/{{hash_}}/maintenance")
     async def project_maintenance(hash_: str, body: MaintenanceRequest, user: User = Depends(current_user)):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -79,6 +80,14 @@ class Project:
     db_agent: str | None
     maintenance: bool
     created_at: datetime.datetime
+    docker_agent: str | None = None
+    postgres_password_sealed: str | None = None
+    authenticator_password_sealed: str | None = None
+    api_upstream: str | None = None
+    api_port: int | None = None
+    db_host: str | None = None
+    db_port: int | None = None
+    observed_status: str | None = None
 
     @property
     def short_id(self) -> str:
@@ -184,6 +193,13 @@ class Catalog:
     async def _all(self, query: str, params: tuple = ()) -> list[dict]:
         async with self._pool.connection() as conn:
             return await (await conn.execute(query, params)).fetchall()
+
+    async def pending_schema_versions(self) -> list[int]:
+        try:
+            rows = await self._all("SELECT version FROM schema_migrations")
+        except psycopg.errors.UndefinedTable:
+            rows = []
+        return [m.version for m in pending_migrations(available_migrations(), {r["version"] for r in rows})]
 
     # users and API tokens
 
@@ -357,12 +373,16 @@ class Catalog:
     # projects
 
     async def insert_project(self, project_id: str, owner_id: int, name: str, slug: str, hash_: str,
-                             mode: str, api_schema: str, jwt_secret_sealed: str, db_agent: str | None) -> Project:
+                             mode: str, api_schema: str, jwt_secret_sealed: str, db_agent: str | None,
+                             docker_agent: str | None = None, postgres_password_sealed: str | None = None,
+                             authenticator_password_sealed: str | None = None) -> Project:
         try:
             row = await self._one(
                 "INSERT INTO projects (id, owner_id, name, slug, hash, mode, api_schema, jwt_secret_sealed,"
-                " db_agent) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *",
-                (project_id, owner_id, name, slug, hash_, mode, api_schema, jwt_secret_sealed, db_agent))
+                " db_agent, docker_agent, postgres_password_sealed, authenticator_password_sealed)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *",
+                (project_id, owner_id, name, slug, hash_, mode, api_schema, jwt_secret_sealed, db_agent,
+                 docker_agent, postgres_password_sealed, authenticator_password_sealed))
         except psycopg.errors.UniqueViolation as exc:
             constraint = exc.diag.constraint_name or ""
             if "hash" in constraint:
@@ -396,10 +416,22 @@ class Catalog:
     async def delete_project(self, project_id: str) -> None:
         await self._one("DELETE FROM projects WHERE id = %s RETURNING 1", (project_id,))
 
-    async def projects_per_db_agent(self) -> dict[str, int]:
-        rows = await self._all("SELECT db_agent, count(*) AS n FROM projects WHERE db_agent IS NOT NULL"
-                               " GROUP BY db_agent")
-        return {r["db_agent"]: r["n"] for r in rows}
+    async def projects_per_agent(self, column: str) -> dict[str, int]:
+        """Projects placed on each agent, by `db_agent` or `docker_agent`."""
+        if column not in ("db_agent", "docker_agent"):
+            raise ValueError(column)
+        query = sql.SQL("SELECT {c} AS agent, count(*) AS n FROM projects WHERE {c} IS NOT NULL GROUP BY {c}"
+                        ).format(c=sql.Identifier(column))
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(query)).fetchall()
+        return {r["agent"]: r["n"] for r in rows}
+
+    async def set_stack(self, project_id: str, api_upstream: str, api_port: int, db_host: str, db_port: int) -> None:
+        await self._one("UPDATE projects SET api_upstream = %s, api_port = %s, db_host = %s, db_port = %s"
+                        " WHERE id = %s RETURNING 1", (api_upstream, api_port, db_host, db_port, project_id))
+
+    async def set_observed_status(self, project_id: str, status: str) -> None:
+        await self._one("UPDATE projects SET observed_status = %s WHERE id = %s RETURNING 1", (status, project_id))
 
     async def next_routes_version(self) -> int:
         row = await self._one("UPDATE gateway_routes_version SET version = version + 1 WHERE id = 1"

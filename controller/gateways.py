@@ -42,14 +42,16 @@ class Gateways:
         return self.box.open(project.jwt_secret_sealed, f"project:{project.id}").decode()
 
     def route(self, project: Project) -> dict:
+        pooled = project.mode == "v2_shared"
         return {
             "project_id": project.id,
             "hosts": [service_host(project, self.base_domain), legacy_host(project, self.base_domain)],
             "mode": project.mode,
             "schema": project.api_schema,
-            "runtime_role": runtime_role(project),
+            # App tokens (a `sub`, no `role`) act as this role; none for projects created dedicated.
+            "app_role": runtime_role(project) if pooled else None,
             "jwt_secret": self.jwt_secret(project),
-            "upstream": "pool",
+            "upstream": "pool" if pooled else project.api_upstream,
             "maintenance": project.maintenance,
         }
 
@@ -61,7 +63,8 @@ class Gateways:
             if not gateways:
                 raise Unavailable("no gateway agent is enrolled; enroll one with role gateway")
             version = await self.catalog.next_routes_version()
-            routes = [self.route(p) for p in await self.catalog.projects_in(*ROUTED_LIFECYCLES)]
+            routes = [self.route(p) for p in await self.catalog.projects_in(*ROUTED_LIFECYCLES)
+                      if p.mode == "v2_shared" or p.api_upstream]
             params = {"version": version, "routes": routes}
             results = await asyncio.gather(
                 *(self.fleet.run(g.name, "gateway.sync", params, timeout=SYNC_TIMEOUT_S) for g in gateways),

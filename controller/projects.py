@@ -1,8 +1,8 @@
-"""Projects on the pooled engine: create, list, credentials, push, maintenance.
+"""Projects on both engines: create, list, credentials, lifecycle, repair, delete, push, maintenance.
 
 Create is a short step machine whose state is the project's lifecycle in the catalog:
-a row in `provisioning` is undone (tenant dropped, route removed, row deleted) when a
-step fails, and by `recover()` when the controller restarts with one left over.
+a row in `provisioning` is undone (tenant or stack removed, route dropped, row deleted)
+when a step fails, and by `recover()` when the controller restarts with one left over.
 """
 
 import asyncio
@@ -10,23 +10,33 @@ import hashlib
 import logging
 import re
 import secrets
+import urllib.parse
 import uuid
 
+import jwt
+
 from .catalog import Catalog, HashTaken, Project, User
-from .errors import BadRequest, FluxError, NotFound, Unavailable
+from .errors import BadRequest, Conflict, FluxError, NotFound, Unavailable
 from .fleet import Fleet
 from .gateways import Gateways, service_url
 from .secretbox import SecretBox
 
 log = logging.getLogger(__name__)
 
-MODES = ("v2_shared", "v1_dedicated")
+POOLED, DEDICATED = "v2_shared", "v1_dedicated"
+MODES = (POOLED, DEDICATED)
 HASH = re.compile(r"^[0-9a-f]{7}$")
 MAX_NAME = 63
 JWT_SECRET_BYTES = 48
 TENANT_JOB_TIMEOUT_S = 60
+STACK_JOB_TIMEOUT_S = 300
+OBSERVE_TIMEOUT_S = 10
 PUSH_TIMEOUT_S = 300
+KEY_LIFETIME_S = 10 * 365 * 24 * 3600
 POOLED_NOTE = "Pooled project: the database lives in a tenant schema of the shared cluster."
+# What the docker agent observes, in the words existing clients accept.
+STATUS = {"Running": "running", "Stopped": "stopped", "Partial": "partial", "Missing": "missing",
+          "Drift": "corrupted"}
 
 
 def slugify(name: str) -> str:
@@ -40,17 +50,14 @@ def check_hash(value: str) -> str:
     return value
 
 
-def new_jwt_secret() -> str:
-    return secrets.token_urlsafe(JWT_SECRET_BYTES)
-
-
 def list_item(project: Project, base_domain: str) -> dict:
+    status = "running" if project.mode == POOLED else (project.observed_status or "missing")
     return {
         "slug": project.slug,
         "hash": project.hash,
         "name": project.name,
         "mode": project.mode,
-        "status": "running",
+        "status": status,
         "lifecycleState": project.lifecycle,
         "apiUrl": service_url(project, base_domain),
     }
@@ -67,6 +74,12 @@ class Projects:
     def base_domain(self) -> str:
         return self.gateways.base_domain
 
+    def _open(self, project: Project, sealed: str | None, what: str) -> str:
+        return self.box.open(sealed, f"project:{project.id}:{what}").decode()
+
+    def _seal(self, project_id: str, value: str, what: str) -> str:
+        return self.box.seal(value.encode(), f"project:{project_id}:{what}")
+
     # lookups
 
     async def get(self, user: User, hash_: str, slug: str | None = None) -> Project:
@@ -79,28 +92,68 @@ class Projects:
         return project
 
     async def listing(self, user: User) -> list[dict]:
-        return [list_item(p, self.base_domain) for p in await self.catalog.projects_of(user.id)
-                if p.lifecycle not in ("provisioning", "deleting")]
+        projects = [p for p in await self.catalog.projects_of(user.id)
+                    if p.lifecycle not in ("provisioning", "deleting")]
+        await asyncio.gather(*(self.observe(p) for p in projects if p.mode == DEDICATED))
+        fresh = {p.id: p for p in await self.catalog.projects_of(user.id)}
+        return [list_item(fresh[p.id], self.base_domain) for p in projects if p.id in fresh]
+
+    async def observe(self, project: Project) -> str:
+        """The dedicated stack's status as its docker agent sees it now; the last known one if it cannot say."""
+        try:
+            seen = await self.fleet.run(project.docker_agent, "stack.observe", self._stack(project),
+                                        timeout=OBSERVE_TIMEOUT_S)
+        except FluxError as exc:
+            log.info("cannot observe %s now: %s", project.slug, exc.message)
+            return project.observed_status or "missing"
+        status = STATUS.get(seen.get("state"), "corrupted")
+        if status != project.observed_status:
+            await self.catalog.set_observed_status(project.id, status)
+        return status
 
     def jwt_secret(self, project: Project) -> str:
         return self.gateways.jwt_secret(project)
 
+    def api_key(self, project: Project, role: str) -> str:
+        issued = int(project.created_at.timestamp())
+        return jwt.encode({"role": role, "iss": "flux", "ref": project.slug, "iat": issued,
+                           "exp": issued + KEY_LIFETIME_S}, self.jwt_secret(project), algorithm="HS256")
+
+    def postgres_password(self, project: Project) -> str:
+        return self._open(project, project.postgres_password_sealed, "postgres")
+
     def credentials(self, project: Project) -> dict:
-        return {"mode": project.mode, "slug": project.slug, "hash": project.hash,
-                "projectJwtSecret": self.jwt_secret(project), "serviceUrl": service_url(project, self.base_domain),
-                "note": POOLED_NOTE}
+        base = {"mode": project.mode, "slug": project.slug, "hash": project.hash,
+                "projectJwtSecret": self.jwt_secret(project), "serviceUrl": service_url(project, self.base_domain)}
+        if project.mode == POOLED:
+            return {**base, "note": POOLED_NOTE}
+        password = urllib.parse.quote(self.postgres_password(project), safe="")
+        return {**base,
+                "postgresConnectionString":
+                    f"postgresql://postgres:{password}@{project.db_host}:{project.db_port}/postgres",
+                "anonKey": self.api_key(project, "anon"),
+                "serviceRoleKey": self.api_key(project, "service_role")}
+
+    # placement
+
+    async def _place(self, role: str, column: str, requested: str | None = None) -> str:
+        agents = {a.name: a for a in await self.catalog.list_agents() if a.revoked_at is None}
+        if requested is not None:
+            agent = agents.get(requested)
+            if agent is None or role not in agent.roles:
+                raise BadRequest(f"unknown {role} host {requested!r}; see `flux agents list`")
+            if not self.fleet.connected(requested):
+                raise Unavailable(f"{role} host {requested} is not connected")
+            return requested
+        counts = await self.catalog.projects_per_agent(column)
+        candidates = [n for n, a in agents.items() if role in a.roles and self.fleet.connected(n)]
+        if not candidates:
+            raise Unavailable(f"no connected {role} agent can host this project")
+        return min(candidates, key=lambda name: (counts.get(name, 0), name))
 
     # create
 
-    async def _db_agent(self) -> str:
-        counts = await self.catalog.projects_per_db_agent()
-        candidates = [a.name for a in await self.catalog.list_agents()
-                      if "db" in a.roles and a.revoked_at is None and self.fleet.connected(a.name)]
-        if not candidates:
-            raise Unavailable("no connected db agent can host a pooled project")
-        return min(candidates, key=lambda name: (counts.get(name, 0), name))
-
-    async def create(self, user: User, name: str, mode: str = "v2_shared") -> tuple[Project, str]:
+    async def create(self, user: User, name: str, mode: str = POOLED, host: str | None = None) -> tuple[Project, str]:
         name = (name or "").strip()
         if not name or len(name) > MAX_NAME:
             raise BadRequest(f"project name must be 1-{MAX_NAME} characters")
@@ -109,25 +162,40 @@ class Projects:
             raise BadRequest(f"project name {name!r} has no letters or digits to make a slug from")
         if mode not in MODES:
             raise BadRequest(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
-        if mode != "v2_shared":
-            raise BadRequest("v1_dedicated projects are not available on this controller yet")
-        db_agent = await self._db_agent()
-        secret = new_jwt_secret()
+        if mode == POOLED and host is not None:
+            raise BadRequest("--host places dedicated projects; pooled ones live on the shared cluster")
+        if mode == POOLED:
+            db_agent, docker_agent = await self._place("db", "db_agent"), None
+        else:
+            db_agent, docker_agent = None, await self._place("docker", "docker_agent", host)
+        secret = secrets.token_urlsafe(JWT_SECRET_BYTES)
         project = None
         for _ in range(5):
             project_id = str(uuid.uuid4())
             short_id = project_id.replace("-", "")[:12]
+            dedicated = {}
+            if mode == DEDICATED:
+                dedicated = {
+                    "docker_agent": docker_agent,
+                    "postgres_password_sealed": self._seal(project_id, secrets.token_urlsafe(24), "postgres"),
+                    "authenticator_password_sealed": self._seal(project_id, secrets.token_urlsafe(24),
+                                                                "authenticator"),
+                }
             try:
                 project = await self.catalog.insert_project(
-                    project_id, user.id, name, slug, secrets.token_hex(4)[:7], mode, f"t_{short_id}_api",
-                    self.box.seal(secret.encode(), f"project:{project_id}"), db_agent)
+                    project_id, user.id, name, slug, secrets.token_hex(4)[:7], mode,
+                    f"t_{short_id}_api" if mode == POOLED else "api",
+                    self.box.seal(secret.encode(), f"project:{project_id}"), db_agent, **dedicated)
                 break
             except HashTaken:
                 continue
         if project is None:
             raise FluxError("could not find a free project hash; try again")
         try:
-            await self.fleet.run(db_agent, "tenant.create", self._tenant(project), timeout=TENANT_JOB_TIMEOUT_S)
+            if mode == POOLED:
+                await self.fleet.run(db_agent, "tenant.create", self._tenant(project), timeout=TENANT_JOB_TIMEOUT_S)
+            else:
+                await self._provision(project)
             await self.catalog.set_lifecycle(project.id, "active")
             await self.gateways.sync()
         except FluxError as exc:
@@ -140,12 +208,33 @@ class Projects:
     def _tenant(project: Project) -> dict:
         return {"project_id": project.id, "short_id": project.short_id}
 
+    def _stack(self, project: Project, with_secrets: bool = False) -> dict:
+        params = {"project_id": project.id, "slug": project.slug, "hash": project.hash,
+                  "api_schema": project.api_schema}
+        if with_secrets:
+            params.update(
+                jwt_secret=self.jwt_secret(project),
+                postgres_password=self._open(project, project.postgres_password_sealed, "postgres"),
+                authenticator_password=self._open(project, project.authenticator_password_sealed, "authenticator"),
+                api_port=project.api_port, db_port=project.db_port)
+        return params
+
+    async def _provision(self, project: Project) -> dict:
+        """Converges the dedicated stack; keeps its ports, volume, secret and API schema."""
+        out = await self.fleet.run(project.docker_agent, "stack.provision", self._stack(project, True),
+                                   timeout=STACK_JOB_TIMEOUT_S)
+        await self.catalog.set_stack(project.id, out["api_upstream"], out["api_port"], out["db_host"], out["db_port"])
+        await self.catalog.set_observed_status(project.id, "running")
+        return out
+
     async def _undo(self, project: Project) -> None:
         """Removes every trace of a project; raises if a part could not be removed."""
         await self.catalog.set_lifecycle(project.id, "deleting")
-        if project.db_agent:
-            await self.fleet.run(project.db_agent, "tenant.drop", self._tenant(project),
-                                 timeout=TENANT_JOB_TIMEOUT_S)
+        if project.mode == POOLED and project.db_agent:
+            await self.fleet.run(project.db_agent, "tenant.drop", self._tenant(project), timeout=TENANT_JOB_TIMEOUT_S)
+        if project.mode == DEDICATED and project.docker_agent:
+            await self.fleet.run(project.docker_agent, "stack.remove", self._stack(project),
+                                 timeout=STACK_JOB_TIMEOUT_S)
         await self.catalog.delete_project(project.id)
         try:
             await self.gateways.sync()
@@ -154,7 +243,7 @@ class Projects:
             log.warning("route of %s not yet removed from every gateway: %s", project.slug, exc.message)
 
     async def recover(self) -> None:
-        """Undoes creates and deletes that a stopped controller left half-done; retries until done."""
+        """Finishes creates and deletes that a stopped controller left half-done; retries until done."""
         while True:
             leftovers = await self.catalog.projects_in("provisioning", "deleting")
             if not leftovers:
@@ -162,15 +251,44 @@ class Projects:
             for project in leftovers:
                 try:
                     await self._undo(project)
-                    log.info("removed half-created project %s (%s)", project.slug, project.hash)
+                    log.info("removed half-created or half-deleted project %s (%s)", project.slug, project.hash)
                 except FluxError as exc:
-                    log.warning("cannot remove half-created project %s yet: %s", project.slug, exc.message)
+                    log.warning("cannot remove project %s yet: %s", project.slug, exc.message)
             await asyncio.sleep(10)
+
+    # lifecycle of dedicated stacks
+
+    def _dedicated(self, project: Project, action: str) -> None:
+        if project.mode != DEDICATED:
+            raise BadRequest(f"{project.slug} is {project.mode}: {action} applies to v1_dedicated projects")
+
+    async def lifecycle(self, project: Project, action: str) -> dict:
+        if action not in ("start", "stop"):
+            raise BadRequest("action must be start or stop")
+        self._dedicated(project, action)
+        if action == "stop":
+            await self.fleet.run(project.docker_agent, "stack.stop", self._stack(project), timeout=STACK_JOB_TIMEOUT_S)
+        else:
+            await self.fleet.run(project.docker_agent, "stack.start", self._stack(project, True),
+                                 timeout=STACK_JOB_TIMEOUT_S)
+        status = await self.observe(await self.catalog.project(project.id))
+        return {"ok": True, "action": action, "status": status}
+
+    async def repair(self, project: Project) -> dict:
+        self._dedicated(project, "repair")
+        out = await self._provision(project)
+        await self.gateways.sync()
+        return {"ok": True, "steps": out["steps"], "changed": out["changed"],
+                "status": await self.observe(await self.catalog.project(project.id))}
+
+    async def delete(self, project: Project) -> dict:
+        await self._undo(project)
+        return {"ok": True, "deleted": project.slug, "hash": project.hash}
 
     # push, ledger, maintenance
 
     async def push(self, project: Project, files: list[dict], dry_run: bool) -> dict:
-        if project.mode != "v2_shared":
+        if project.mode != POOLED:
             raise BadRequest("push to v1_dedicated projects is not available on this controller yet")
         for item in files:
             item.setdefault("checksum", hashlib.sha256(item.get("sql", "").encode()).hexdigest())
@@ -180,6 +298,8 @@ class Projects:
         return {"ok": True, **output}
 
     async def migrations(self, project: Project) -> dict:
+        if project.mode != POOLED:
+            raise Conflict("the migration ledger of v1_dedicated projects is not available on this controller yet")
         return await self.fleet.run(project.db_agent, "tenant.migrations", self._tenant(project),
                                     timeout=TENANT_JOB_TIMEOUT_S)
 

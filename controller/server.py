@@ -63,6 +63,11 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     ca = CertificateAuthority(state.read("ca.pem"), state.read("ca.key"))
     catalog = Catalog(config.catalog_url)
     await catalog.open()
+    behind = await catalog.pending_schema_versions()
+    if behind:
+        await catalog.close()
+        raise ConfigError(f"the catalog schema lacks versions {behind}; run `flux-controller init "
+                          f"--state-dir {state.path}` to upgrade it")
     box = SecretBox(state.read("master.key"))
     fleet = Fleet(catalog, box, heartbeat_seconds=heartbeat_seconds)
     projects = Projects(catalog, fleet, box, Gateways(catalog, fleet, box, config.base_domain))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine to run Flux from this checkout: system packages
-# (PostgreSQL server and client, systemd's tools, Caddy) and a virtualenv in .venv with the
+# (PostgreSQL server and client, systemd's tools, Caddy, Docker, debootstrap) and a virtualenv in .venv with the
 # project installed. Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,8 @@ command -v pg_dump >/dev/null 2>&1 || need+=(postgresql-client)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v caddy >/dev/null 2>&1 || need+=(caddy)
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 

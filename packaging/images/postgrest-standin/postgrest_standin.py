@@ -292,9 +292,10 @@ class StandIn:
         claims, role, authenticated = self.authenticate(headers)
         schema = self.profile(method, headers)
         parts = [unquote(p) for p in path.strip("/").split("/") if p]
-        if len(parts) != 1:
+        if len(parts) > 1:
             raise ApiError(404, "PGRST125", f"Invalid path {path}")
-        table = sql.Identifier(schema, checked(parts[0], "table"))
+        # The root lists the schema's tables, as the role sees them (PostgREST serves OpenAPI there).
+        table = sql.Identifier(schema, checked(parts[0], "table")) if parts else None
         params_list = parse_qsl(query, keep_blank_values=True)
         params = dict(params_list)
         prefer = headers.get("Prefer", "")
@@ -328,6 +329,14 @@ class StandIn:
         return status, out_headers, payload
 
     def run_query(self, conn, method, table, params_list, params, body, prefer):
+        if table is None:
+            if method not in ("GET", "HEAD"):
+                raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
+            tables = conn.execute(
+                "SELECT coalesce(json_agg(table_name ORDER BY table_name), '[]'::json)"
+                " FROM information_schema.tables WHERE table_schema = current_schema()").fetchone()[0]
+            return 200, json.dumps({"swagger": "2.0", "info": {"title": "postgrest-standin"},
+                                    "paths": {f"/{t}": {} for t in tables}}).encode()
         where, values = parse_filters(params_list)
         returning = "return=representation" in prefer
         if method in ("GET", "HEAD"):

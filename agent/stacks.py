@@ -1,0 +1,391 @@
+"""Dedicated stacks (docker role): a project's own Postgres and PostgREST containers.
+
+Everything a stack has is named from the project and labelled `flux.managed=true`:
+network `flux-<hash>-<slug>-net`, volume `...-db-data`, containers `...-db` and `...-api`.
+Provisioning is idempotent and reports each step as ok or changed; observing reads
+only what the Docker engine shows.
+"""
+
+import re
+import socket
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import docker
+import httpx
+import jwt
+import psycopg
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from psycopg import sql
+
+from .errors import AgentError
+from .settings import DockerSettings
+
+_SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+_HASH = re.compile(r"^[0-9a-f]{7}$")
+_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+DB_PORT, API_PORT = 5432, 3000
+READY_TIMEOUT_S = 90
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    project_id: str
+    slug: str
+    hash: str
+    api_schema: str = "api"
+    jwt_secret: str = ""
+    postgres_password: str = ""
+    authenticator_password: str = ""
+    api_port: int | None = None
+    db_port: int | None = None
+
+    @classmethod
+    def from_params(cls, params: dict) -> "StackSpec":
+        known = {k: params[k] for k in cls.__dataclass_fields__ if k in params}
+        try:
+            spec = cls(**known)
+        except TypeError as exc:
+            raise AgentError(f"incomplete stack parameters: {exc}", code="invalid") from None
+        if not _SLUG.match(spec.slug) or not _HASH.match(spec.hash):
+            raise AgentError(f"invalid slug {spec.slug!r} or hash {spec.hash!r}", code="invalid")
+        if not _SCHEMA.match(spec.api_schema):
+            raise AgentError(f"invalid API schema {spec.api_schema!r}", code="invalid")
+        return spec
+
+    @property
+    def prefix(self) -> str:
+        return f"flux-{self.hash}-{self.slug}"
+
+    @property
+    def network(self) -> str:
+        return f"{self.prefix}-net"
+
+    @property
+    def volume(self) -> str:
+        return f"{self.prefix}-db-data"
+
+    @property
+    def db(self) -> str:
+        return f"{self.prefix}-db"
+
+    @property
+    def api(self) -> str:
+        return f"{self.prefix}-api"
+
+    def labels(self, component: str) -> dict:
+        return {"flux.managed": "true", "flux.slug": self.slug, "flux.hash": self.hash,
+                "flux.project": self.project_id, "flux.component": component}
+
+
+def client() -> docker.DockerClient:
+    try:
+        engine = docker.from_env(timeout=60)
+        engine.ping()
+        return engine
+    except DockerException as exc:
+        raise AgentError(f"cannot reach the Docker engine: {exc}", retryable=True, code="unavailable") from None
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _get(collection, name: str):
+    try:
+        return collection.get(name)
+    except NotFound:
+        return None
+
+
+def _published_port(container, port: int) -> int | None:
+    container.reload()
+    bindings = (container.attrs.get("HostConfig", {}).get("PortBindings") or {}).get(f"{port}/tcp") or []
+    return int(bindings[0]["HostPort"]) if bindings and bindings[0].get("HostPort") else None
+
+
+def _ensure_image(engine, image: str) -> None:
+    try:
+        engine.images.get(image)
+    except ImageNotFound:
+        try:
+            engine.images.pull(image)
+        except DockerException as exc:
+            raise AgentError(f"image {image} is not on this host and cannot be pulled: {exc}",
+                             code="unavailable") from None
+
+
+def _ensure_running(container) -> str:
+    container.reload()
+    if container.status == "running":
+        return "ok"
+    container.start()
+    return "changed"
+
+
+def _run(engine, settings: DockerSettings, image: str, **kwargs):
+    _ensure_image(engine, image)
+    return engine.containers.run(
+        image, detach=True, mem_limit=settings.memory_limit, nano_cpus=int(settings.cpus * 1e9),
+        restart_policy={"Name": settings.restart_policy}, **kwargs)
+
+
+def _db_url(spec: StackSpec, settings: DockerSettings, port: int, user: str = "postgres", password: str | None = None) -> str:
+    secret = urllib.parse.quote(password if password is not None else spec.postgres_password, safe="")
+    return f"postgresql://{user}:{secret}@{settings.advertise_host}:{port}/postgres"
+
+
+def wait_for_db(url: str, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(url, connect_timeout=3) as conn:
+                conn.execute("SELECT 1")
+                return
+        except psycopg.OperationalError as exc:
+            last = str(exc).strip().splitlines()[0] if str(exc).strip() else "not ready"
+            time.sleep(0.5)
+    raise AgentError(f"the project's Postgres did not accept connections within {timeout:g}s: {last}",
+                     retryable=True)
+
+
+BOOTSTRAP = """
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticator') THEN
+    CREATE ROLE authenticator LOGIN NOINHERIT;
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'anon') THEN
+    CREATE ROLE anon NOLOGIN;
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
+    CREATE ROLE authenticated NOLOGIN;
+  END IF;
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
+    CREATE ROLE service_role NOLOGIN BYPASSRLS;
+  END IF;
+END $$;
+ALTER ROLE authenticator WITH LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE;
+ALTER ROLE service_role WITH NOLOGIN BYPASSRLS;
+GRANT anon, authenticated, service_role TO authenticator;
+CREATE SCHEMA IF NOT EXISTS auth;
+GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;
+CREATE OR REPLACE FUNCTION auth.uid() RETURNS text LANGUAGE sql STABLE AS
+  $$ SELECT nullif(current_setting('request.jwt.claims', true), '')::json ->> 'sub' $$;
+CREATE SCHEMA IF NOT EXISTS flux;
+CREATE TABLE IF NOT EXISTS flux.flux_migrations (
+  tenant_schema text NOT NULL,
+  version       text NOT NULL,
+  filename      text NOT NULL,
+  checksum      text NOT NULL,
+  applied_at    timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (tenant_schema, filename)
+);
+"""
+
+API_SCHEMA_GRANTS = [
+    "CREATE SCHEMA IF NOT EXISTS {s}",
+    "GRANT USAGE ON SCHEMA {s} TO anon, authenticated, service_role",
+    "GRANT ALL ON ALL TABLES IN SCHEMA {s} TO anon, authenticated, service_role",
+    "GRANT ALL ON ALL SEQUENCES IN SCHEMA {s} TO anon, authenticated, service_role",
+    "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {s} TO anon, authenticated, service_role",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT ALL ON TABLES TO anon, authenticated, service_role",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT ALL ON SEQUENCES TO anon, authenticated, service_role",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT EXECUTE ON FUNCTIONS TO anon, authenticated, service_role",
+]
+
+
+def bootstrap_roles(url: str, spec: StackSpec) -> str:
+    """Roles, grants and helpers PostgREST needs; returns ok or changed."""
+    with psycopg.connect(url) as conn, conn.transaction():
+        before = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname IN"
+                              " ('authenticator', 'anon', 'authenticated', 'service_role')").fetchone()[0]
+        schema_existed = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                      (spec.api_schema,)).fetchone() is not None
+        conn.execute(BOOTSTRAP)
+        conn.execute(sql.SQL("ALTER ROLE authenticator PASSWORD {}").format(sql.Literal(spec.authenticator_password)))
+        for statement in API_SCHEMA_GRANTS:
+            conn.execute(sql.SQL(statement).format(s=sql.Identifier(spec.api_schema)))
+    return "ok" if before == 4 and schema_existed else "changed"
+
+
+def service_role_token(secret: str, ttl_s: int = 60) -> str:
+    now = int(time.time())
+    return jwt.encode({"role": "service_role", "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256")
+
+
+def probe(settings: DockerSettings, spec: StackSpec, api_port: int, timeout: float = READY_TIMEOUT_S) -> dict:
+    """A request as service_role, signed with the project's secret: ok, or PostgREST's exact complaint."""
+    url = f"http://{settings.advertise_host}:{api_port}/"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = httpx.get(url, headers={"Authorization": f"Bearer {service_role_token(spec.jwt_secret)}"},
+                                 timeout=5)
+            break
+        except httpx.TransportError as exc:
+            if time.monotonic() > deadline:
+                raise AgentError(f"PostgREST at {url} did not answer within {timeout:g}s: {exc}",
+                                 retryable=True) from None
+            time.sleep(0.5)
+    if response.status_code == 200:
+        return {"status": 200}
+    try:
+        message = response.json().get("message") or response.text
+    except ValueError:
+        message = response.text
+    raise AgentError(f"PostgREST probe failed ({response.status_code}): {message}")
+
+
+def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
+    engine = client()
+    steps: dict[str, str] = {}
+    say = progress or (lambda *a: None)
+    try:
+        say("network", 0, 6, "steps", spec.network)
+        if _get(engine.networks, spec.network) is None:
+            engine.networks.create(spec.network, driver="bridge", labels=spec.labels("network"))
+            steps["network"] = "changed"
+        else:
+            steps["network"] = "ok"
+
+        say("volume", 1, 6, "steps", spec.volume)
+        if _get(engine.volumes, spec.volume) is None:
+            engine.volumes.create(spec.volume, labels=spec.labels("volume"))
+            steps["volume"] = "changed"
+        else:
+            steps["volume"] = "ok"
+
+        say("database", 2, 6, "steps", spec.db)
+        db = _get(engine.containers, spec.db)
+        if db is None:
+            db_port = spec.db_port or _free_port(settings.publish_host)
+            db = _run(engine, settings, settings.postgres_image, name=spec.db, network=spec.network,
+                      hostname="db", labels=spec.labels("db"),
+                      environment={"POSTGRES_PASSWORD": spec.postgres_password},
+                      volumes={spec.volume: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},
+                      ports={f"{DB_PORT}/tcp": (settings.publish_host, db_port)},
+                      healthcheck={"test": ["CMD", "pg_isready", "-U", "postgres", "-h", "127.0.0.1"],
+                                   "interval": 1_000_000_000, "timeout": 3_000_000_000, "retries": 60})
+            steps["db container"] = "changed"
+        else:
+            steps["db container"] = _ensure_running(db)
+        db_port = _published_port(db, DB_PORT)
+        admin_url = _db_url(spec, settings, db_port)
+        wait_for_db(admin_url)
+
+        say("bootstrap", 3, 6, "steps", "roles and grants")
+        steps["role bootstrap"] = bootstrap_roles(admin_url, spec)
+
+        say("api", 4, 6, "steps", spec.api)
+        api = _get(engine.containers, spec.api)
+        if api is None:
+            api_port = spec.api_port or _free_port(settings.publish_host)
+            password = urllib.parse.quote(spec.authenticator_password, safe="")
+            environment = {
+                "PGRST_DB_URI": f"postgres://authenticator:{password}@{spec.db}:{DB_PORT}/postgres",
+                "PGRST_DB_SCHEMAS": spec.api_schema,
+                "PGRST_DB_ANON_ROLE": "anon",
+                "PGRST_JWT_SECRET": spec.jwt_secret,
+                "PGRST_SERVER_HOST": "0.0.0.0",
+                "PGRST_SERVER_PORT": str(API_PORT),
+            }
+            extra = {"healthcheck": {"test": settings.api_healthcheck, "interval": 2_000_000_000,
+                                     "timeout": 3_000_000_000, "retries": 30}} if settings.api_healthcheck else {}
+            api = _run(engine, settings, settings.postgrest_image, name=spec.api, network=spec.network,
+                       labels=spec.labels("api"), environment=environment,
+                       ports={f"{API_PORT}/tcp": (settings.publish_host, api_port)}, **extra)
+            steps["api container"] = "changed"
+        else:
+            steps["api container"] = _ensure_running(api)
+        api_port = _published_port(api, API_PORT)
+
+        say("probe", 5, 6, "steps", "service_role request")
+        probe(settings, spec, api_port)
+        steps["probe"] = "ok"
+        say("done", 6, 6, "steps", "")
+    except APIError as exc:
+        raise AgentError(f"Docker refused a step for {spec.prefix}: {exc.explanation or exc}") from None
+    return {"steps": steps, "changed": any(v == "changed" for v in steps.values()),
+            "api_upstream": f"{settings.advertise_host}:{api_port}", "api_port": api_port,
+            "db_host": settings.advertise_host, "db_port": db_port}
+
+
+def _containers(engine, spec: StackSpec) -> dict:
+    found = engine.containers.list(all=True, filters={"label": ["flux.managed=true", f"flux.hash={spec.hash}",
+                                                                f"flux.slug={spec.slug}"]})
+    return {c.name: c for c in found}
+
+
+def observe(spec: StackSpec) -> dict:
+    """Running, Stopped, Partial, Missing or Drift, from the containers the engine shows."""
+    engine = client()
+    present = _containers(engine, spec)
+    states = {name: present[name].status if name in present else "missing" for name in (spec.db, spec.api)}
+    foreign = [c.name for c in present.values() if c.labels.get("flux.project") != spec.project_id]
+    unexpected = [name for name in present if name not in (spec.db, spec.api)]
+    if foreign or unexpected:
+        state = "Drift"
+    elif all(s == "missing" for s in states.values()):
+        state = "Missing"
+    elif all(s == "running" for s in states.values()):
+        state = "Running"
+    elif all(s in ("exited", "created") for s in states.values()):
+        state = "Stopped"
+    else:
+        state = "Partial"
+    return {"state": state, "containers": states, "foreign": foreign + unexpected}
+
+
+def stop(spec: StackSpec) -> dict:
+    engine = client()
+    changed = []
+    for name in (spec.api, spec.db):
+        container = _get(engine.containers, name)
+        if container is not None and container.status != "exited":
+            container.stop(timeout=15)
+            changed.append(name)
+    return {"stopped": changed}
+
+
+def start(spec: StackSpec, settings: DockerSettings) -> dict:
+    engine = client()
+    missing = [n for n in (spec.db, spec.api) if _get(engine.containers, n) is None]
+    if missing:
+        raise AgentError(f"cannot start {spec.prefix}: {', '.join(missing)} missing; run repair", code="conflict")
+    db = engine.containers.get(spec.db)
+    _ensure_running(db)
+    wait_for_db(_db_url(spec, settings, _published_port(db, DB_PORT)))
+    api = engine.containers.get(spec.api)
+    _ensure_running(api)
+    api_port = _published_port(api, API_PORT)
+    probe(settings, spec, api_port)
+    return {"api_upstream": f"{settings.advertise_host}:{api_port}"}
+
+
+def remove(spec: StackSpec) -> dict:
+    engine = client()
+    removed = []
+    for name in (spec.api, spec.db):
+        container = _get(engine.containers, name)
+        if container is not None:
+            container.remove(force=True)
+            removed.append(name)
+    for collection, name in ((engine.volumes, spec.volume), (engine.networks, spec.network)):
+        item = _get(collection, name)
+        if item is not None:
+            item.remove()
+            removed.append(name)
+    return {"removed": removed}
+
+
+def probe_only(spec: StackSpec, settings: DockerSettings) -> dict:
+    engine = client()
+    api = _get(engine.containers, spec.api)
+    if api is None:
+        raise AgentError(f"{spec.api} does not exist", code="not_found")
+    return probe(settings, spec, _published_port(api, API_PORT), timeout=15)
