@@ -26,7 +26,7 @@ import jwt
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import PooledFleet, app_token  # noqa: E402
+from tests.support import LocalFleet, app_token  # noqa: E402
 
 SCHEMA_SQL = """
 create table public.items (id serial primary key, name text not null);
@@ -70,7 +70,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def measure(fleet: PooledFleet, project: dict, rps: int, seconds: float) -> dict:
+async def measure(fleet: LocalFleet, project: dict, rps: int, seconds: float) -> dict:
     host = fleet.host(project)
     detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
     schema = detail["apiSchema"]
@@ -107,7 +107,7 @@ def main() -> int:
     parser.add_argument("--rps", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5)
     args = parser.parse_args()
-    fleet = PooledFleet(pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-gw-")) / "dev")
+    fleet = LocalFleet(pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-gw-")) / "dev")
     try:
         project = fleet.create("Gateway Bench")
         pushed = fleet.push(project, {"001_items.sql": SCHEMA_SQL})

@@ -280,6 +280,10 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, ca_fingerprin
     async def project_lifecycle(hash_: str, body: LifecycleRequest, user: User = Depends(current_user)):
         return await projects.lifecycle(await projects.get(user, hash_), body.action)
 
+    @app.post(f"{PREFIX}/projects/{{hash_}}/probe")
+    async def project_probe(hash_: str, user: User = Depends(current_user)):
+        return await projects.probe(await projects.get(user, hash_))
+
     @app.post(f"{PREFIX}/projects/{{hash_}}/repair")
     async def project_repair(hash_: str, user: User = Depends(current_user)):
         return await projects.repair(await projects.get(user, hash_))

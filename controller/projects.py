@@ -274,6 +274,13 @@ class Projects:
         status = await self.observe(await self.catalog.project(project.id))
         return {"ok": True, "action": action, "status": status}
 
+    async def probe(self, project: Project) -> dict:
+        """A service_role request to the project's PostgREST: ok, or PostgREST's exact complaint."""
+        self._dedicated(project, "probe")
+        out = await self.fleet.run(project.docker_agent, "stack.probe", self._stack(project, True),
+                                   timeout=STACK_JOB_TIMEOUT_S)
+        return {"ok": True, **out}
+
     async def repair(self, project: Project) -> dict:
         self._dedicated(project, "repair")
         out = await self._provision(project)

@@ -237,8 +237,8 @@ class CuttableProxy:
         self.listener.close()
 
 
-class PooledFleet:
-    """A whole local fleet (dev fleet) for tests of the pooled engine and the gateway."""
+class LocalFleet:
+    """A whole local fleet (`flux dev up`) for tests of both engines and the gateway."""
 
     def __init__(self, directory: pathlib.Path):
         from cli.devfleet import DevFleet
@@ -254,8 +254,8 @@ class PooledFleet:
         return httpx.request(method, f"{self.info['api_base']}/cli/v1/{path}", json=body, headers=headers,
                              timeout=120, **kwargs)
 
-    def create(self, name: str, token: str | None = None) -> dict:
-        response = self.api("POST", "create", {"name": name}, token=token)
+    def create(self, name: str, token: str | None = None, mode: str = "v2_shared", **extra) -> dict:
+        response = self.api("POST", "create", {"name": name, "mode": mode, **extra}, token=token)
         assert response.status_code == 201, response.text
         return response.json()
 
@@ -303,6 +303,10 @@ class PooledFleet:
         return json.loads(out.stdout)["token"]
 
     def close(self) -> None:
+        # Dedicated stacks live in the Docker engine, which outlives the fleet: remove them.
+        for project in self.api("GET", "list").json():
+            if project["mode"] == "v1_dedicated":
+                self.api("DELETE", f"projects/{project['hash']}", params={"slug": project["slug"]})
         self.fleet.down()
         for datadir in self.fleet.data_dirs():
             shutil.rmtree(datadir.parent, ignore_errors=True)

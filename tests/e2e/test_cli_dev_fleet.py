@@ -49,7 +49,9 @@ def test_dev_up_starts_a_fleet_the_cli_can_use(fleet):
 
     listed = json.loads(flux("agents", "list", "--json").stdout)
     assert [(a["name"], a["roles"], a["connected"]) for a in listed] == [
-        ("dev-db", ["db"], True), ("dev-gateway", ["gateway"], True)]
+        ("dev-db", ["db"], True), ("dev-docker", ["docker"], True), ("dev-gateway", ["gateway"], True)]
+    docker_facts = next(a for a in listed if a["name"] == "dev-docker")["facts"]
+    assert docker_facts["tools"]["docker"]
     assert "dev-gateway" in flux("agents", "list").stdout
 
     ping = json.loads(flux("agents", "ping", "dev-db", "--json").stdout)
@@ -59,8 +61,8 @@ def test_dev_up_starts_a_fleet_the_cli_can_use(fleet):
     assert "flux-agent enroll --controller" in token.stdout and "--roles docker" in token.stdout
 
     again = json.loads(flux("dev", "up", "--dir", str(directory), "--json").stdout)
-    assert set(again["reused"]) == {"catalog cluster", "shared cluster", "controller", "dev-db", "dev-gateway",
-                                    "pooled-postgrest"}
+    assert set(again["reused"]) == {"catalog cluster", "shared cluster", "docker engine", "controller", "dev-db",
+                                    "dev-gateway", "dev-docker", "pooled-postgrest"}
     assert again["token"] == info["token"]
 
 
@@ -104,8 +106,8 @@ def test_dev_down_stops_everything(tmp_path):
     pids = list(state["pids"].values())
     caddy_pid = int((directory / "agents" / "dev-gateway" / "caddy.pid").read_text())
     down = json.loads(run(script("flux"), "dev", "down", "--dir", str(directory), "--json", env=env).stdout)
-    assert set(down["stopped"]) == {"dev-db", "dev-gateway", "pooled-postgrest", "controller",
-                                    "shared cluster", "catalog cluster"}
+    assert {"dev-db", "dev-gateway", "dev-docker", "pooled-postgrest", "controller", "shared cluster",
+            "catalog cluster"} <= set(down["stopped"])
     assert not any(pid_alive(pid) for pid in pids + [caddy_pid])
     for cluster in state["clusters"].values():
         assert not os.path.exists(os.path.join(cluster["datadir"], "postmaster.pid"))

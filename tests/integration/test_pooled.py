@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tests.support import PooledFleet, app_token
+from tests.support import LocalFleet, app_token
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ grant usage on sequence public.todos_id_seq to authenticated;
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    fleet = PooledFleet(tmp_path_factory.mktemp("pooled") / "dev")
+    fleet = LocalFleet(tmp_path_factory.mktemp("pooled") / "dev")
     yield fleet
     fleet.close()
 

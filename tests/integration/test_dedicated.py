@@ -1,0 +1,157 @@
+"""The dedicated engine on a real Docker engine: provision, probe, lifecycle, repair, delete."""
+
+import subprocess
+
+import psycopg
+import pytest
+
+from tests.support import LocalFleet, run, script
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    fleet = LocalFleet(tmp_path_factory.mktemp("dedicated") / "dev")
+    yield fleet
+    fleet.close()
+
+
+def docker(*args: str) -> str:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def names(prefix: str) -> dict[str, str]:
+    return {
+        "db": f"{prefix}-db", "api": f"{prefix}-api",
+        "volume": f"{prefix}-db-data", "network": f"{prefix}-net",
+    }
+
+
+def _dedicated(fleet, name: str) -> tuple[dict, dict, str]:
+    project = fleet.create(name, mode="v1_dedicated")
+    s = project["summary"]
+    creds = fleet.api("GET", f"projects/{s['hash']}/credentials").json()
+    return project, creds, f"flux-{s['hash']}-{s['slug']}"
+
+
+def test_provision_probe_and_rows_through_the_gateway(fleet):
+    project, creds, prefix = _dedicated(fleet, "Dedicated Rows")
+    n = names(prefix)
+    running = docker("ps", "--format", "{{.Names}}").split()
+    assert n["db"] in running and n["api"] in running
+    labels = docker("inspect", "-f", "{{json .Config.Labels}}", n["db"])
+    assert '"flux.managed":"true"' in labels and project["summary"]["hash"] in labels
+    assert docker("volume", "inspect", "-f", "{{.Name}}", n["volume"]) == n["volume"]
+    assert docker("network", "inspect", "-f", "{{.Name}}", n["network"]) == n["network"]
+    assert docker("inspect", "-f", "{{.HostConfig.Memory}}", n["db"]) == str(256 * 1024 * 1024)
+    # PostgREST connects as authenticator, never as a superuser.
+    assert "authenticator" in docker("inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", n["api"])
+
+    assert creds["mode"] == "v1_dedicated" and creds["anonKey"] and creds["serviceRoleKey"]
+    with psycopg.connect(creds["postgresConnectionString"]) as conn:
+        conn.execute("CREATE TABLE api.notes (id serial PRIMARY KEY, body text NOT NULL)")
+        assert conn.execute("SELECT rolbypassrls FROM pg_roles WHERE rolname = 'service_role'").fetchone() == (True,)
+        assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'authenticator'").fetchone() == (False,)
+
+    probe = fleet.api("POST", f"projects/{project['summary']['hash']}/probe")
+    assert probe.status_code == 200 and probe.json()["status"] == 200
+
+    host = fleet.host(project)
+    written = fleet.gateway("POST", host, "/notes", creds["serviceRoleKey"], json={"body": "hello"},
+                            headers={"Prefer": "return=representation"})
+    assert written.status_code == 201, written.text
+    read = fleet.gateway("GET", host, "/notes?select=body", creds["anonKey"])
+    assert read.status_code == 200 and read.json() == [{"body": "hello"}]
+    listed = next(p for p in fleet.api("GET", "list").json() if p["hash"] == project["summary"]["hash"])
+    assert listed["mode"] == "v1_dedicated" and listed["status"] == "running"
+
+
+def test_probe_reports_a_missing_service_role_exactly(fleet):
+    project, creds, _ = _dedicated(fleet, "No Service Role")
+    with psycopg.connect(creds["postgresConnectionString"], autocommit=True) as conn:
+        conn.execute("DROP OWNED BY service_role")
+        conn.execute("DROP ROLE service_role")
+    probe = fleet.api("POST", f"projects/{project['summary']['hash']}/probe")
+    assert probe.status_code == 502
+    assert 'role "service_role" does not exist' in probe.json()["error"]
+    # Repair brings the role back.
+    assert fleet.api("POST", f"projects/{project['summary']['hash']}/repair").status_code == 200
+    assert fleet.api("POST", f"projects/{project['summary']['hash']}/probe").status_code == 200
+
+
+def test_stop_start_and_repair_after_a_removed_container(fleet):
+    project, creds, prefix = _dedicated(fleet, "Lifecycle Demo")
+    h = project["summary"]["hash"]
+    host = fleet.host(project)
+    with psycopg.connect(creds["postgresConnectionString"]) as conn:
+        conn.execute("CREATE TABLE api.kept (v text); INSERT INTO api.kept VALUES ('survives')")
+
+    def status():
+        return next(p for p in fleet.api("GET", "list").json() if p["hash"] == h)["status"]
+
+    stopped = fleet.api("POST", f"projects/{h}/lifecycle", {"action": "stop"})
+    assert stopped.status_code == 200 and stopped.json() == {"ok": True, "action": "stop", "status": "stopped"}
+    assert status() == "stopped"
+    refused = fleet.gateway("GET", host, "/kept", creds["anonKey"])
+    assert refused.status_code == 502 and "error" in refused.json()
+
+    assert fleet.api("POST", f"projects/{h}/lifecycle", {"action": "start"}).json()["status"] == "running"
+    assert fleet.gateway("GET", host, "/kept", creds["anonKey"]).json() == [{"v": "survives"}]
+
+    docker("rm", "-f", f"{prefix}-api")
+    assert status() == "partial"
+    repaired = fleet.api("POST", f"projects/{h}/repair")
+    assert repaired.status_code == 200, repaired.text
+    assert repaired.json()["steps"]["api container"] == "changed"
+    assert repaired.json()["steps"]["volume"] == "ok"
+    assert status() == "running"
+    # Same data, same JWT secret, same API schema.
+    assert fleet.gateway("GET", host, "/kept", creds["serviceRoleKey"]).json() == [{"v": "survives"}]
+    again = fleet.api("GET", f"projects/{h}/credentials").json()
+    assert again["projectJwtSecret"] == creds["projectJwtSecret"]
+
+
+def test_delete_removes_everything(fleet):
+    project, creds, prefix = _dedicated(fleet, "Doomed Stack")
+    s = project["summary"]
+    n = names(prefix)
+    without_yes = run(script("flux"), "delete", "-p", s["slug"], "--hash", s["hash"], check=False,
+                      env={"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token})
+    assert without_yes.returncode == 2 and "--yes" in without_yes.stderr
+    deleted = run(script("flux"), "delete", "-p", s["slug"], "--hash", s["hash"], "--yes",
+                  env={"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token})
+    assert f"Deleted {s['slug']}" in deleted.stdout
+    leftover = docker("ps", "-a", "--filter", f"label=flux.hash={s['hash']}", "--format", "{{.Names}}")
+    assert leftover == ""
+    assert docker("volume", "ls", "-q", "--filter", f"name={n['volume']}") == ""
+    assert docker("network", "ls", "-q", "--filter", f"name={n['network']}") == ""
+    assert all(p["hash"] != s["hash"] for p in fleet.api("GET", "list").json())
+    gone = fleet.gateway("GET", fleet.host(project), "/", creds["anonKey"], sni=False)
+    assert gone.status_code == 404
+
+
+def test_stacks_cannot_reach_each_other(fleet):
+    _, _, a = _dedicated(fleet, "Island A")
+    _, _, b = _dedicated(fleet, "Island B")
+    b_ip = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", f"{b}-db")
+    by_name = subprocess.run(["docker", "exec", f"{a}-db", "pg_isready", "-h", f"{b}-db", "-t", "3"],
+                             capture_output=True, text=True)
+    by_ip = subprocess.run(["docker", "exec", f"{a}-db", "pg_isready", "-h", b_ip, "-t", "3"],
+                           capture_output=True, text=True)
+    assert by_name.returncode != 0 and by_ip.returncode != 0
+    own = subprocess.run(["docker", "exec", f"{a}-db", "pg_isready", "-h", "127.0.0.1", "-t", "3"],
+                         capture_output=True, text=True)
+    assert own.returncode == 0
+
+
+def test_bad_input_is_refused(fleet):
+    unknown = fleet.api("POST", "create", {"name": "Nowhere", "mode": "v1_dedicated", "host": "no-such-host"})
+    assert unknown.status_code == 400 and "unknown docker host 'no-such-host'" in unknown.json()["error"]
+    assert not [p for p in fleet.api("GET", "list").json() if p["slug"] == "nowhere"]
+    project, _, _ = _dedicated(fleet, "Mismatch")
+    wrong = fleet.api("DELETE", f"projects/{project['summary']['hash']}", params={"slug": "other"})
+    assert wrong.status_code == 400 and "does not match" in wrong.json()["error"]
+    pooled = fleet.create("Pooled One")
+    lifecycle = fleet.api("POST", f"projects/{pooled['summary']['hash']}/lifecycle", {"action": "stop"})
+    assert lifecycle.status_code == 400 and "v1_dedicated" in lifecycle.json()["error"]
