@@ -95,7 +95,7 @@ class Agent:
             if handler is None:
                 raise AgentError(f"this agent does not know job kind {request.kind!r}")
             output = await handler(JobContext(record.id, request.params, progress, self.collect_facts,
-                                              self.settings, self.gateway))
+                                              self.settings, self.gateway, self.state.path))
             self.spool.finish(record, True, output, "", False)
         except AgentError as exc:
             self.spool.finish(record, False, None, exc.message, exc.retryable, exc.code)

@@ -235,7 +235,7 @@ class Gateway:
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            if not route.pooled and not authorization.strip():
+            if not route.pooled and not route.app_role and not authorization.strip():
                 return 204, profile, None  # PostgREST's own semantics: anonymous is its anon role
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": "missing bearer token"}
         try:

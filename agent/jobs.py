@@ -2,11 +2,12 @@
 
 import asyncio
 import os
+import pathlib
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from . import stacks, tenants
+from . import dumps, ledger, stacks, tenants
 from .settings import DockerSettings
 from .errors import AgentError
 
@@ -21,6 +22,7 @@ class JobContext:
     collect_facts: Callable[[], dict]
     settings: dict = field(default_factory=dict)
     gateway: object | None = None
+    state_dir: pathlib.Path = pathlib.Path(".")
 
 
 Handler = Callable[[JobContext], Awaitable[dict]]
@@ -74,11 +76,11 @@ async def tenant_drop(ctx: JobContext) -> dict:
 
 
 async def tenant_migrations(ctx: JobContext) -> dict:
-    return await _on_shared_cluster(ctx, lambda conn, t, db: {"applied": tenants.ledger(conn, t)})
+    return await _on_shared_cluster(ctx, lambda conn, t, db: {"applied": ledger.ledger(conn, t.schema)})
 
 
 async def tenant_push(ctx: JobContext) -> dict:
-    files = tenants.parse_files(ctx.params.get("files") or [])
+    files = ledger.parse_files(ctx.params.get("files") or [])
     dry_run = bool(ctx.params.get("dry_run"))
     return await _on_shared_cluster(
         ctx, lambda conn, t, db: tenants.push(conn, t, files, db, dry_run, ctx.progress))
@@ -127,6 +129,77 @@ async def stack_probe(ctx: JobContext) -> dict:
     return await asyncio.to_thread(stacks.probe_only, spec, settings)
 
 
+async def stack_bootstrap(ctx: JobContext) -> dict:
+    spec, settings = _stack(ctx)
+    return await asyncio.to_thread(stacks.bootstrap, spec, settings)
+
+
+async def stack_image_info(ctx: JobContext) -> dict:
+    settings = ctx.settings.get("docker") or DockerSettings()
+    return {"postgres_major": await asyncio.to_thread(stacks.postgres_major, settings),
+            "postgres_image": settings.postgres_image, "postgrest_image": settings.postgrest_image}
+
+
+def _on_stack_db(ctx: JobContext, work):
+    spec, settings = _stack(ctx)
+
+    def run() -> dict:
+        import psycopg
+
+        with psycopg.connect(stacks.admin_url(spec, settings)) as conn:
+            return work(conn, spec)
+
+    return asyncio.to_thread(run)
+
+
+async def stack_push(ctx: JobContext) -> dict:
+    files = ledger.parse_files(ctx.params.get("files") or [])
+    dry_run = bool(ctx.params.get("dry_run"))
+    return await _on_stack_db(ctx, lambda conn, spec: ledger.apply_files(
+        conn, spec.api_schema, files, "60s", dry_run, run_as=None, authenticated_as="authenticated",
+        progress=ctx.progress))
+
+
+async def stack_migrations(ctx: JobContext) -> dict:
+    return await _on_stack_db(ctx, lambda conn, spec: {"applied": ledger.ledger(conn, spec.api_schema)})
+
+
+async def tenant_preflight(ctx: JobContext) -> dict:
+    spool = ctx.state_dir / "spool"
+    return await _on_shared_cluster(ctx, lambda conn, t, db: dumps.preflight(conn, t, spool))
+
+
+async def tenant_lock(ctx: JobContext) -> dict:
+    db = _db_settings(ctx)
+    return await asyncio.to_thread(dumps.lock, db, tenants.Tenant.from_params(ctx.params))
+
+
+async def tenant_unlock(ctx: JobContext) -> dict:
+    return await asyncio.to_thread(dumps.unlock, _db_settings(ctx), tenants.Tenant.from_params(ctx.params),
+                                   bool(ctx.params.get("revoke_writes")))
+
+
+async def tenant_dump(ctx: JobContext) -> dict:
+    db = _db_settings(ctx)
+    tenant = tenants.Tenant.from_params(ctx.params)
+    if ctx.params.get("require_guard") and not dumps.guard_held(tenant):
+        raise AgentError("the write guard on the source is not held (the agent restarted?); "
+                         "lock again before dumping", retryable=True)
+    name = str(ctx.params.get("name") or tenant.schema)
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise AgentError(f"invalid dump name {name!r}", code="invalid")
+    return await asyncio.to_thread(
+        dumps.dump, db, tenant, ctx.state_dir / "spool", name, ctx.params.get("target_url"),
+        int(ctx.params.get("target_major", 15)), int(ctx.params.get("expected_bytes", 0)),
+        int(ctx.params.get("table_count", 0)), ctx.progress)
+
+
+async def tenant_verify(ctx: JobContext) -> dict:
+    db = _db_settings(ctx)
+    return await asyncio.to_thread(dumps.verify, db, tenants.Tenant.from_params(ctx.params),
+                                   str(ctx.params.get("target_url", "")))
+
+
 HANDLERS: dict[str, Handler] = {
     "facts.collect": facts_collect,
     "diag.wait": diag_wait,
@@ -141,4 +214,13 @@ HANDLERS: dict[str, Handler] = {
     "stack.stop": stack_stop,
     "stack.remove": stack_remove,
     "stack.probe": stack_probe,
+    "stack.bootstrap": stack_bootstrap,
+    "stack.image_info": stack_image_info,
+    "stack.push": stack_push,
+    "stack.migrations": stack_migrations,
+    "tenant.preflight": tenant_preflight,
+    "tenant.lock": tenant_lock,
+    "tenant.unlock": tenant_unlock,
+    "tenant.dump": tenant_dump,
+    "tenant.verify": tenant_verify,
 }

@@ -40,6 +40,9 @@ class StackSpec:
     authenticator_password: str = ""
     api_port: int | None = None
     db_port: int | None = None
+    # Set for projects migrated from the pooled engine: their app tokens act as this role,
+    # and anonymous requests get nothing they did not have before.
+    app_role: str | None = None
 
     @classmethod
     def from_params(cls, params: dict) -> "StackSpec":
@@ -189,13 +192,13 @@ CREATE TABLE IF NOT EXISTS flux.flux_migrations (
 
 API_SCHEMA_GRANTS = [
     "CREATE SCHEMA IF NOT EXISTS {s}",
-    "GRANT USAGE ON SCHEMA {s} TO anon, authenticated, service_role",
-    "GRANT ALL ON ALL TABLES IN SCHEMA {s} TO anon, authenticated, service_role",
-    "GRANT ALL ON ALL SEQUENCES IN SCHEMA {s} TO anon, authenticated, service_role",
-    "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {s} TO anon, authenticated, service_role",
-    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT ALL ON TABLES TO anon, authenticated, service_role",
-    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT ALL ON SEQUENCES TO anon, authenticated, service_role",
-    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT EXECUTE ON FUNCTIONS TO anon, authenticated, service_role",
+    "GRANT USAGE ON SCHEMA {s} TO {r}",
+    "GRANT ALL ON ALL TABLES IN SCHEMA {s} TO {r}",
+    "GRANT ALL ON ALL SEQUENCES IN SCHEMA {s} TO {r}",
+    "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {s} TO {r}",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT ALL ON TABLES TO {r}",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT ALL ON SEQUENCES TO {r}",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT EXECUTE ON FUNCTIONS TO {r}",
 ]
 
 
@@ -208,8 +211,11 @@ def bootstrap_roles(url: str, spec: StackSpec) -> str:
                                       (spec.api_schema,)).fetchone() is not None
         conn.execute(BOOTSTRAP)
         conn.execute(sql.SQL("ALTER ROLE authenticator PASSWORD {}").format(sql.Literal(spec.authenticator_password)))
+        # A migrated schema keeps the grants it had; only service_role is added.
+        grantees = ["service_role"] if spec.app_role else ["anon", "authenticated", "service_role"]
+        roles = sql.SQL(", ").join(sql.Identifier(r) for r in grantees)
         for statement in API_SCHEMA_GRANTS:
-            conn.execute(sql.SQL(statement).format(s=sql.Identifier(spec.api_schema)))
+            conn.execute(sql.SQL(statement).format(s=sql.Identifier(spec.api_schema), r=roles))
     return "ok" if before == 4 and schema_existed else "changed"
 
 
@@ -389,3 +395,31 @@ def probe_only(spec: StackSpec, settings: DockerSettings) -> dict:
     if api is None:
         raise AgentError(f"{spec.api} does not exist", code="not_found")
     return probe(settings, spec, _published_port(api, API_PORT), timeout=15)
+
+
+def admin_url(spec: StackSpec, settings: DockerSettings) -> str:
+    engine = client()
+    db = _get(engine.containers, spec.db)
+    if db is None:
+        raise AgentError(f"{spec.db} does not exist", code="not_found")
+    return _db_url(spec, settings, _published_port(db, DB_PORT))
+
+
+def bootstrap(spec: StackSpec, settings: DockerSettings) -> dict:
+    """Role bootstrap again, e.g. after a restore brought new tables."""
+    return {"role bootstrap": bootstrap_roles(admin_url(spec, settings), spec)}
+
+
+def postgres_major(settings: DockerSettings) -> int:
+    """The Postgres major of the configured image, from its PG_MAJOR or its PATH."""
+    engine = client()
+    _ensure_image(engine, settings.postgres_image)
+    env = engine.images.get(settings.postgres_image).attrs.get("Config", {}).get("Env") or []
+    for entry in env:
+        key, _, value = entry.partition("=")
+        if key == "PG_MAJOR" and value.split(".")[0].isdigit():
+            return int(value.split(".")[0])
+        match = re.search(r"/usr/lib/postgresql/(\d+)/bin", value) if key == "PATH" else None
+        if match:
+            return int(match.group(1))
+    raise AgentError(f"cannot tell the Postgres major version of {settings.postgres_image}")

@@ -5,7 +5,6 @@ comment says it belongs to the tenant at hand; a schema owned by another tenant 
 an error, never reused.
 """
 
-import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -15,10 +14,9 @@ from psycopg import sql
 
 from .errors import AgentError
 from .settings import DbSettings
-from .sqlrewrite import RewriteError, rewrite
+from .ledger import MigrationFile, apply_files
 
 _SHORT_ID = re.compile(r"^[0-9a-f]{12}$")
-_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,200}\.sql$")
 # One lock for changes to the cluster's tenant list (roles, schemas, exposed schemas).
 _TENANTS_LOCK = 0x666C7874
 
@@ -210,93 +208,14 @@ def drop_tenant(conn, tenant: Tenant) -> dict:
     return {"schema_dropped": existed, "roles_dropped": dropped}
 
 
-def ledger(conn, tenant: Tenant) -> list[dict]:
-    rows = conn.execute(
-        "SELECT version, filename, checksum, applied_at FROM flux.flux_migrations"
-        " WHERE tenant_schema = %s ORDER BY filename", (tenant.schema,)).fetchall()
-    conn.rollback()
-    return [{"version": v, "filename": f, "checksum": c, "appliedAt": a.isoformat()} for v, f, c, a in rows]
-
-
-@dataclass(frozen=True)
-class MigrationFile:
-    filename: str
-    version: str
-    checksum: str
-    sql: str
-
-
-def parse_files(raw: list) -> list[MigrationFile]:
-    files = []
-    for item in raw:
-        filename = str(item.get("filename", ""))
-        if not _FILENAME.match(filename):
-            raise AgentError(f"invalid migration file name {filename!r}", code="invalid")
-        text = str(item.get("sql", ""))
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        if item.get("checksum") and item["checksum"] != digest:
-            raise AgentError(f"{filename}: checksum does not match its content", code="invalid")
-        files.append(MigrationFile(filename, str(item.get("version") or filename.split("_")[0]), digest, text))
-    names = [f.filename for f in files]
-    if len(set(names)) != len(names):
-        raise AgentError("the same migration file name appears twice", code="invalid")
-    return sorted(files, key=lambda f: f.filename)
-
-
-class PushConflict(AgentError):
-    code = "conflict"
-
-
 def push(conn, tenant: Tenant, files: list[MigrationFile], settings: DbSettings, dry_run: bool,
          progress=None) -> dict:
     """Applies files not yet in the ledger, in order, in one transaction, as the owner role."""
-    with conn.transaction():
-        if not _check_owner(conn, tenant):
-            raise AgentError(f"schema {tenant.schema} does not exist on the shared cluster", code="not_found")
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (tenant.schema,))
-        applied = dict(conn.execute(
-            "SELECT filename, checksum FROM flux.flux_migrations WHERE tenant_schema = %s",
-            (tenant.schema,)).fetchall())
-        for f in files:
-            if f.filename in applied and applied[f.filename] != f.checksum:
-                raise PushConflict(
-                    f"{f.filename} was applied before with checksum {applied[f.filename][:12]}… and has "
-                    f"changed since (now {f.checksum[:12]}…); nothing was applied. Add a new migration "
-                    "file instead of editing an applied one")
-        todo = [f for f in files if f.filename not in applied]
-        rewritten = []
-        for f in todo:
-            try:
-                rewritten.append((f, rewrite(f.sql, tenant.schema, tenant.runtime_role, f.filename)))
-            except RewriteError as exc:
-                raise AgentError(str(exc), code="invalid") from None
-        result = {
-            "applied": [f.filename for f in todo],
-            "skipped": sorted(f.filename for f in files if f.filename in applied),
-            "tablesMoved": sum(r.tables_moved for _, r in rewritten),
-            "sequencesMoved": sum(r.sequences_moved for _, r in rewritten),
-            "viewsMoved": sum(r.views_moved for _, r in rewritten),
-            "dryRun": dry_run,
-        }
-        if dry_run:
-            raise psycopg.Rollback()
-        conn.execute("SELECT set_config('statement_timeout', %s, true)", (settings.push_statement_timeout,))
-        for index, (f, r) in enumerate(rewritten):
-            if progress:
-                progress("push", index, len(rewritten), "files", f.filename)
-            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(tenant.owner_role)))
-            conn.execute("SELECT set_config('search_path', %s, true)",
-                         (sql.Identifier(tenant.schema).as_string(conn) + ", auth",))
-            try:
-                conn.execute(r.sql)
-            except psycopg.Error as exc:
-                raise AgentError(f"{f.filename}: {exc.diag.message_primary or exc}"
-                                 + (f" ({exc.diag.sqlstate})" if exc.diag.sqlstate else ""),
-                                 code="invalid") from None
-            conn.execute("RESET ROLE")
-            conn.execute(
-                "INSERT INTO flux.flux_migrations (tenant_schema, version, filename, checksum)"
-                " VALUES (%s, %s, %s, %s)", (tenant.schema, f.version, f.filename, f.checksum))
-        if progress and rewritten:
-            progress("push", len(rewritten), len(rewritten), "files", "done")
-    return result
+    exists, _ = _schema_comment(conn, tenant.schema)
+    if exists:
+        _check_owner(conn, tenant)
+    else:
+        raise AgentError(f"schema {tenant.schema} does not exist on the shared cluster", code="not_found")
+    conn.rollback()
+    return apply_files(conn, tenant.schema, files, settings.push_statement_timeout, dry_run,
+                       run_as=tenant.owner_role, authenticated_as=tenant.runtime_role, progress=progress)

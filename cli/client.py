@@ -1,5 +1,7 @@
 """The HTTP client of the controller's API. Every failure becomes a CliError."""
 
+import json
+
 import httpx
 
 from .config import Settings
@@ -42,3 +44,23 @@ class ApiClient:
 
     def post(self, path: str, body: dict | None = None, **kwargs):
         return self.request("POST", path, json_body=body or {}, **kwargs)
+
+    def stream(self, path: str, body: dict, timeout: float = 6 * 3600):
+        """POSTs and yields the NDJSON objects of a streamed answer as they arrive."""
+        headers = {"Accept": "application/x-ndjson", "Content-Type": "application/json"}
+        try:
+            with self._http.stream("POST", path, json=body, headers=headers,
+                                   timeout=httpx.Timeout(30, read=timeout)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        message = response.json().get("error")
+                    except ValueError:
+                        message = None
+                    raise CliError(message or f"request failed with HTTP {response.status_code}")
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.HTTPError as exc:
+            raise CliError(f"lost the connection to the control plane at {self.settings.api_base}: {exc}; "
+                           "the migration goes on there (see `flux migrate --help`)") from None

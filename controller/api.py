@@ -10,7 +10,7 @@ import logging
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -19,7 +19,8 @@ from .catalog import Agent, Catalog, Job, User
 from .errors import BadRequest, FluxError, NotFound, Unauthorized
 from .fleet import Fleet, check_agent_name, check_roles
 from .gateways import service_url
-from .projects import POOLED_NOTE, Projects, list_item
+from .migrations import Migrations, Options, check
+from .projects import POOLED_NOTE, Projects, check_hash, list_item
 from .tokens import is_well_formed_api_token, new_join_token, token_hash
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def push_files(body: dict) -> list[dict]:
     return [{"filename": f"adhoc-{digest[:12]}.sql", "sql": sql_text}]
 
 
-def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, ca_fingerprint: str,
+def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: Migrations, ca_fingerprint: str,
                enroll_address: str) -> FastAPI:
     app = FastAPI(
         title="Flux control plane API",
@@ -295,6 +296,48 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, ca_fingerprin
     @app.post(f"{PREFIX}/projects/{{hash_}}/maintenance")
     async def project_maintenance(hash_: str, body: MaintenanceRequest, user: User = Depends(current_user)):
         return await projects.set_maintenance(await projects.get(user, hash_), body.enabled)
+
+    @app.post(f"{PREFIX}/migrate")
+    async def migrate(request: Request, user: User = Depends(current_user)):
+        body = await read_limited_json(request, 64 * 1024)
+        slug, hash_ = body.get("slug"), body.get("hash")
+        if not isinstance(slug, str) or not isinstance(hash_, str):
+            raise BadRequest("migrate needs slug and hash")
+        check_hash(hash_)
+        project = await catalog.project_by_hash(user.id, hash_)
+        if project is None or project.lifecycle in ("provisioning", "deleting"):
+            raise NotFound("Project not found for this API key")
+        if slug != project.slug:
+            raise BadRequest(f"slug {slug!r} does not own hash {hash_} (that project is {project.slug!r})")
+        options = Options.from_request(body)
+        check(options, project, await catalog.running_migration(project.id))
+        if options.dry_run:
+            return await migrations.dry_run(project, options)
+        row = await migrations.start(project, options)
+        if "application/x-ndjson" not in request.headers.get("accept", ""):
+            result = await migrations.wait(row.id)
+            return JSONResponse(result, status_code=200 if result["ok"] else 400)
+        queue = migrations.subscribe(row.id)
+
+        async def events():
+            try:
+                yield json.dumps({"event": "started", "migrationId": row.id, "kind": row.kind}) + "\n"
+                while True:
+                    event = await queue.get()
+                    yield json.dumps(event) + "\n"
+                    if event.get("event") == "result":
+                        return
+            finally:
+                migrations.unsubscribe(row.id, queue)
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    @app.get(f"{PREFIX}/migrations/{{migration_id}}")
+    async def migration_status(migration_id: str, _: User = Depends(current_user)):
+        try:
+            return await migrations.wait_status(migration_id)
+        except ValueError:
+            raise BadRequest("invalid migration id") from None
 
     @app.post(f"{PREFIX}/push")
     async def push(request: Request, user: User = Depends(current_user)):

@@ -170,6 +170,29 @@ def _job(row: dict) -> Job:
     )
 
 
+@dataclass(frozen=True)
+class MigrationRow:
+    id: str
+    project_id: str
+    kind: str
+    options: dict
+    phase: str
+    state: str
+    error: str | None
+    result: dict | None
+    new_jwt_secret_sealed: str | None
+    started_at: datetime.datetime
+
+
+def _migration(row: dict) -> MigrationRow:
+    return MigrationRow(**{k: (str(v) if k in ("id", "project_id") else v) for k, v in row.items()
+                           if k in MigrationRow.__dataclass_fields__})
+
+
+class HashTaken(Conflict):
+    """A random project hash collided with one the owner already has; pick another."""
+
+
 class Catalog:
     def __init__(self, url: str, *, max_size: int = 10):
         self._pool = AsyncConnectionPool(
@@ -439,5 +462,61 @@ class Catalog:
         return row["version"]
 
 
-class HashTaken(Conflict):
-    """A random project hash collided with one the owner already has; pick another."""
+    # migrations
+
+    async def insert_migration(self, migration_id: str, project_id: str, kind: str, options: dict,
+                               new_jwt_secret_sealed: str | None) -> MigrationRow:
+        try:
+            row = await self._one(
+                "INSERT INTO migrations (id, project_id, kind, options, phase, state, new_jwt_secret_sealed)"
+                " VALUES (%s, %s, %s, %s, 'lease', 'running', %s) RETURNING *",
+                (migration_id, project_id, kind, json.dumps(options), new_jwt_secret_sealed))
+        except psycopg.errors.UniqueViolation:
+            running = await self.running_migration(project_id)
+            detail = f" (migration {running.id}, phase {running.phase})" if running else ""
+            raise Conflict(f"this project is already migrating{detail}; wait for it to finish") from None
+        return _migration(row)
+
+    async def running_migration(self, project_id: str) -> MigrationRow | None:
+        row = await self._one("SELECT * FROM migrations WHERE project_id = %s AND state = 'running'", (project_id,))
+        return _migration(row) if row else None
+
+    async def migration(self, migration_id: str) -> MigrationRow | None:
+        row = await self._one("SELECT * FROM migrations WHERE id = %s", (migration_id,))
+        return _migration(row) if row else None
+
+    async def running_migrations(self) -> list[MigrationRow]:
+        return [_migration(r) for r in await self._all("SELECT * FROM migrations WHERE state = 'running'")]
+
+    async def migration_phase(self, migration_id: str, phase: str) -> None:
+        await self._one("UPDATE migrations SET phase = %s, updated_at = now() WHERE id = %s RETURNING 1",
+                        (phase, migration_id))
+
+    async def finish_migration(self, migration_id: str, state: str, error: str | None, result: dict | None) -> None:
+        await self._one("UPDATE migrations SET state = %s, error = %s, result = %s, updated_at = now(),"
+                        " finished_at = now() WHERE id = %s RETURNING 1",
+                        (state, error, json.dumps(result) if result is not None else None, migration_id))
+
+    async def prepare_dedicated(self, project_id: str, docker_agent: str, postgres_password_sealed: str,
+                                authenticator_password_sealed: str) -> None:
+        """Places a pooled project's future stack; passwords are set once and kept for re-runs."""
+        await self._one(
+            "UPDATE projects SET docker_agent = %s,"
+            " postgres_password_sealed = coalesce(postgres_password_sealed, %s),"
+            " authenticator_password_sealed = coalesce(authenticator_password_sealed, %s)"
+            " WHERE id = %s RETURNING 1",
+            (docker_agent, postgres_password_sealed, authenticator_password_sealed, project_id))
+
+    async def flip(self, project_id: str, migration_id: str, jwt_secret_sealed: str | None) -> None:
+        """The catalog side of cutover: the project is dedicated from this commit on."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE projects SET mode = 'v1_dedicated', observed_status = 'running',"
+                " jwt_secret_sealed = coalesce(%s, jwt_secret_sealed) WHERE id = %s",
+                (jwt_secret_sealed, project_id))
+            await conn.execute("UPDATE migrations SET phase = 'flipped', updated_at = now() WHERE id = %s",
+                               (migration_id,))
+
+    async def unflip(self, project_id: str, jwt_secret_sealed: str) -> None:
+        await self._one("UPDATE projects SET mode = 'v2_shared', jwt_secret_sealed = %s WHERE id = %s RETURNING 1",
+                        (jwt_secret_sealed, project_id))

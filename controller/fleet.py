@@ -87,7 +87,7 @@ class Fleet:
         self.heartbeat_seconds = heartbeat_seconds
         self.sessions: dict[str, Session] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
-        self._progress_listeners: dict[str, list[asyncio.Queue]] = {}
+        self._progress_listeners: dict[str, list] = {}
 
     def connected(self, name: str) -> bool:
         return name in self.sessions
@@ -128,8 +128,8 @@ class Fleet:
                 future.set_result(time.perf_counter())
         elif isinstance(event, wire.JobProgress):
             await self.catalog.job_progress(event.job_id, event.as_dict())
-            for queue in self._progress_listeners.get(event.job_id, []):
-                queue.put_nowait(event.as_dict())
+            for listener in self._progress_listeners.get(event.job_id, []):
+                listener(event.as_dict())
         elif isinstance(event, wire.JobResult):
             await self.catalog.job_finished(
                 event.job_id, session.name, event.ok, event.output, event.error, event.retryable,
@@ -160,10 +160,19 @@ class Fleet:
         params = json.loads(self.box.open(job.params_sealed, f"job:{job.id}"))
         session.send(wire.job_request(job.id, job.kind, params))
 
-    async def run(self, agent: str, kind: str, params: dict, timeout: float = 60) -> dict:
-        """Runs a job to its end and returns its output; a failure raises the matching error."""
-        job = await self.submit(agent, kind, params)
-        done = await self.wait(job.id, timeout)
+    async def run(self, agent: str, kind: str, params: dict, timeout: float = 60, on_progress=None) -> dict:
+        """Runs a job to its end and returns its output; a failure raises the matching error.
+
+        `on_progress(dict)` hears the job's progress events as the agent streams them.
+        """
+        job_id = str(uuid.uuid4())
+        if on_progress is not None:
+            self._progress_listeners.setdefault(job_id, []).append(on_progress)
+        try:
+            job = await self.submit(agent, kind, params, job_id)
+            done = await self.wait(job.id, timeout)
+        finally:
+            self._progress_listeners.pop(job_id, None)
         if not done.finished:
             raise Unavailable(f"agent {agent} did not finish {kind} within {timeout:g}s (job {job.id})")
         if done.state == "failed":

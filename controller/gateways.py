@@ -49,7 +49,7 @@ class Gateways:
             "mode": project.mode,
             "schema": project.api_schema,
             # App tokens (a `sub`, no `role`) act as this role; none for projects created dedicated.
-            "app_role": runtime_role(project) if pooled else None,
+            "app_role": runtime_role(project) if pooled or project.api_schema != "api" else None,
             "jwt_secret": self.jwt_secret(project),
             "upstream": "pool" if pooled else project.api_upstream,
             "maintenance": project.maintenance,

@@ -127,10 +127,8 @@ class Projects:
                 "projectJwtSecret": self.jwt_secret(project), "serviceUrl": service_url(project, self.base_domain)}
         if project.mode == POOLED:
             return {**base, "note": POOLED_NOTE}
-        password = urllib.parse.quote(self.postgres_password(project), safe="")
         return {**base,
-                "postgresConnectionString":
-                    f"postgresql://postgres:{password}@{project.db_host}:{project.db_port}/postgres",
+                "postgresConnectionString": self.admin_url(project),
                 "anonKey": self.api_key(project, "anon"),
                 "serviceRoleKey": self.api_key(project, "service_role")}
 
@@ -208,9 +206,19 @@ class Projects:
     def _tenant(project: Project) -> dict:
         return {"project_id": project.id, "short_id": project.short_id}
 
+    @staticmethod
+    def migrated(project: Project) -> bool:
+        """A project that came from the pooled engine keeps its tenant schema and runtime role."""
+        return project.api_schema != "api"
+
+    def admin_url(self, project: Project) -> str:
+        password = urllib.parse.quote(self.postgres_password(project), safe="")
+        return f"postgresql://postgres:{password}@{project.db_host}:{project.db_port}/postgres"
+
     def _stack(self, project: Project, with_secrets: bool = False) -> dict:
         params = {"project_id": project.id, "slug": project.slug, "hash": project.hash,
-                  "api_schema": project.api_schema}
+                  "api_schema": project.api_schema,
+                  "app_role": f"t_{project.short_id}_role" if self.migrated(project) else None}
         if with_secrets:
             params.update(
                 jwt_secret=self.jwt_secret(project),
@@ -230,9 +238,10 @@ class Projects:
     async def _undo(self, project: Project) -> None:
         """Removes every trace of a project; raises if a part could not be removed."""
         await self.catalog.set_lifecycle(project.id, "deleting")
-        if project.mode == POOLED and project.db_agent:
+        # A migrated project may have both: its stack and what is left of its pooled copy.
+        if project.db_agent:
             await self.fleet.run(project.db_agent, "tenant.drop", self._tenant(project), timeout=TENANT_JOB_TIMEOUT_S)
-        if project.mode == DEDICATED and project.docker_agent:
+        if project.docker_agent:
             await self.fleet.run(project.docker_agent, "stack.remove", self._stack(project),
                                  timeout=STACK_JOB_TIMEOUT_S)
         await self.catalog.delete_project(project.id)
@@ -266,6 +275,7 @@ class Projects:
         if action not in ("start", "stop"):
             raise BadRequest("action must be start or stop")
         self._dedicated(project, action)
+        await self.not_migrating(project)
         if action == "stop":
             await self.fleet.run(project.docker_agent, "stack.stop", self._stack(project), timeout=STACK_JOB_TIMEOUT_S)
         else:
@@ -289,25 +299,36 @@ class Projects:
                 "status": await self.observe(await self.catalog.project(project.id))}
 
     async def delete(self, project: Project) -> dict:
+        await self.not_migrating(project)
         await self._undo(project)
         return {"ok": True, "deleted": project.slug, "hash": project.hash}
 
     # push, ledger, maintenance
 
+    async def not_migrating(self, project: Project) -> None:
+        running = await self.catalog.running_migration(project.id)
+        if running is not None:
+            raise Conflict(f"{project.slug} is migrating (phase {running.phase}); try again when it is done")
+
     async def push(self, project: Project, files: list[dict], dry_run: bool) -> dict:
-        if project.mode != POOLED:
-            raise BadRequest("push to v1_dedicated projects is not available on this controller yet")
+        await self.not_migrating(project)
         for item in files:
             item.setdefault("checksum", hashlib.sha256(item.get("sql", "").encode()).hexdigest())
-        output = await self.fleet.run(project.db_agent, "tenant.push",
-                                      {**self._tenant(project), "files": files, "dry_run": dry_run},
-                                      timeout=PUSH_TIMEOUT_S)
+        if project.mode == POOLED:
+            output = await self.fleet.run(project.db_agent, "tenant.push",
+                                          {**self._tenant(project), "files": files, "dry_run": dry_run},
+                                          timeout=PUSH_TIMEOUT_S)
+        else:
+            output = await self.fleet.run(project.docker_agent, "stack.push",
+                                          {**self._stack(project, True), "files": files, "dry_run": dry_run},
+                                          timeout=PUSH_TIMEOUT_S)
         return {"ok": True, **output}
 
     async def migrations(self, project: Project) -> dict:
-        if project.mode != POOLED:
-            raise Conflict("the migration ledger of v1_dedicated projects is not available on this controller yet")
-        return await self.fleet.run(project.db_agent, "tenant.migrations", self._tenant(project),
+        if project.mode == POOLED:
+            return await self.fleet.run(project.db_agent, "tenant.migrations", self._tenant(project),
+                                        timeout=TENANT_JOB_TIMEOUT_S)
+        return await self.fleet.run(project.docker_agent, "stack.migrations", self._stack(project, True),
                                     timeout=TENANT_JOB_TIMEOUT_S)
 
     async def set_maintenance(self, project: Project, enabled: bool) -> dict:

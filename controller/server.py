@@ -16,6 +16,7 @@ from .config import ConfigError, StateDir
 from .fleet import EnrollmentService, Fleet, FleetService
 from .gateways import Gateways
 from .pki import SERVER_NAME, CertificateAuthority
+from .migrations import Migrations
 from .projects import Projects
 from .secretbox import SecretBox
 from .systemd import notify
@@ -70,7 +71,9 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
                           f"--state-dir {state.path}` to upgrade it")
     box = SecretBox(state.read("master.key"))
     fleet = Fleet(catalog, box, heartbeat_seconds=heartbeat_seconds)
-    projects = Projects(catalog, fleet, box, Gateways(catalog, fleet, box, config.base_domain))
+    gateways = Gateways(catalog, fleet, box, config.base_domain)
+    projects = Projects(catalog, fleet, box, gateways)
+    migrations = Migrations(catalog, fleet, projects, gateways)
 
     fleet_server = grpc.aio.server(options=GRPC_OPTIONS)
     fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(fleet), fleet_server)
@@ -84,7 +87,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
         enroll_listen.grpc_address(), _server_credentials(state, require_client_cert=False))
 
     advertised = advertise_host or (enroll_listen.host if enroll_listen.host not in ("0.0.0.0", "::") else "127.0.0.1")
-    app = create_app(catalog, fleet, projects, ca.fingerprint, f"{advertised}:{enroll_port}")
+    app = create_app(catalog, fleet, projects, migrations, ca.fingerprint, f"{advertised}:{enroll_port}")
     web = uvicorn.Server(uvicorn.Config(
         app, host=http.host, port=http.port, log_level="warning", access_log=False,
         lifespan="off", server_header=False))
@@ -110,7 +113,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     print(f"flux-controller ready http={http.host}:{http_port} grpc={fleet_port} "
           f"enroll={enroll_port}", flush=True)
     notify("READY=1\nSTATUS=serving")
-    recovery = asyncio.create_task(projects.recover())
+    recovery = asyncio.gather(projects.recover(), migrations.recover())
 
     await stop.wait()
     recovery.cancel()

@@ -244,7 +244,11 @@ class LocalFleet:
         from cli.devfleet import DevFleet
 
         self.fleet = DevFleet(directory)
-        self.info = self.fleet.up()
+        try:
+            self.info = self.fleet.up()
+        except BaseException:
+            self.fleet.down()
+            raise
         self.token = self.info["token"]
         self.gateway_port = int(self.info["gateway_url"].rsplit(":", 1)[1])
         self.base_domain = self.info["base_domain"]

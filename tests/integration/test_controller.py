@@ -1,7 +1,5 @@
 """The controller process: init, its HTTP API's behaviour, readiness and shutdown."""
 
-import json
-import os
 import socket
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """The pooled engine end to end: projects, push, the gateway (Caddy + forward_auth), maintenance."""
 
-import time
 
 import pytest
 

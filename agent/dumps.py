@@ -1,0 +1,302 @@
+"""Moving a pooled tenant out (db role): preflight, write guard, dump and restore, verify.
+
+The dump is plain SQL from pg_dump, written to a file in the agent's spool and, when a
+target is given, streamed at the same time into the dedicated database with psql, so
+the data moves once. Lines a server older than 17 rejects (`\\restrict`, `\\unrestrict`,
+`SET transaction_timeout`) are dropped on the way, never inside COPY data.
+"""
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import threading
+import time
+from typing import Iterable, Iterator
+
+import psycopg
+from psycopg import conninfo, sql
+
+from .errors import AgentError
+from .facts import parse_pg_tool_version
+from .settings import DbSettings
+from .tenants import Tenant
+
+PROGRESS_EVERY_BYTES = 4 * 1024 * 1024
+# Guards hold an EXCLUSIVE lock on every table of a tenant (reads pass, writes wait) for
+# as long as a migration needs the source to stand still.
+_GUARDS: dict[str, psycopg.Connection] = {}
+_GUARDS_LOCK = threading.Lock()
+
+
+def sanitize(lines: Iterable[bytes], target_major: int) -> Iterator[bytes]:
+    """Drops the psql meta-commands and settings a server before 17 rejects; COPY data passes untouched."""
+    in_copy = False
+    for line in lines:
+        if in_copy:
+            if line.rstrip(b"\r\n") == b"\\.":
+                in_copy = False
+            yield line
+            continue
+        if line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
+            in_copy = True
+        elif target_major < 17 and (line.startswith((b"\\restrict", b"\\unrestrict"))
+                                    or line.startswith(b"SET transaction_timeout")):
+            continue
+        yield line
+
+
+def libpq_env(url: str) -> dict:
+    """Connection settings as libpq environment variables, so no password appears in argv."""
+    parts = conninfo.conninfo_to_dict(url)
+    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD", "dbname": "PGDATABASE"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update({names[k]: str(v) for k, v in parts.items() if k in names and v is not None})
+    return env
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise AgentError(f"{name} not found on this db agent's host: the migration runs {name} here, against "
+                         "the shared cluster; install the PostgreSQL client binaries (postgresql-client)",
+                         code="unavailable")
+    return path
+
+
+def tool_version(name: str) -> str | None:
+    path = shutil.which(name)
+    if path is None:
+        return None
+    return parse_pg_tool_version(subprocess.run([path, "--version"], capture_output=True, text=True).stdout)
+
+
+# preflight
+
+def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
+    schema = tenant.schema
+    tables = conn.execute(
+        "SELECT c.relname, c.reltuples::bigint, pg_total_relation_size(c.oid), c.relrowsecurity"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY c.relname", (schema,)).fetchall()
+    rows = []
+    for name, _, size, rls in tables:
+        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name))).fetchone()[0]
+        rows.append({"name": name, "rows": count, "bytes": size, "rls": rls})
+    sequences = [{"name": n, "last_value": v} for n, v in conn.execute(
+        "SELECT sequencename, last_value FROM pg_sequences WHERE schemaname = %s ORDER BY 1", (schema,)).fetchall()]
+    extensions = [r[0] for r in conn.execute(
+        "SELECT DISTINCT e.extname FROM pg_depend d JOIN pg_extension e ON d.refobjid = e.oid"
+        " JOIN pg_class c ON d.objid = c.oid JOIN pg_namespace n ON c.relnamespace = n.oid"
+        " WHERE n.nspname = %s UNION SELECT extname FROM pg_extension WHERE extname <> 'plpgsql'", (schema,))]
+    ledger = [{"version": v, "filename": f, "checksum": c} for v, f, c in conn.execute(
+        "SELECT version, filename, checksum FROM flux.flux_migrations WHERE tenant_schema = %s ORDER BY filename",
+        (schema,)).fetchall()]
+    policy_roles = sorted({role for (roles,) in conn.execute(
+        "SELECT roles FROM pg_policies WHERE schemaname = %s", (schema,)).fetchall() for role in roles})
+    views = [r[0] for r in conn.execute("SELECT viewname FROM pg_views WHERE schemaname = %s ORDER BY 1", (schema,))]
+    conn.rollback()
+    return {
+        "schema": schema,
+        "tables": rows,
+        "views": views,
+        "sequences": sequences,
+        "extensions": sorted(extensions),
+        "ledger": ledger,
+        "policy_roles": policy_roles,
+        "total_bytes": sum(t["bytes"] for t in rows),
+        "tools": {"pg_dump": tool_version("pg_dump"), "psql": tool_version("psql")},
+        "spool_free_bytes": shutil.disk_usage(spool).free,
+    }
+
+
+# write guard
+
+def _tables(conn, schema: str) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1", (schema,))]
+
+
+def lock(settings: DbSettings, tenant: Tenant) -> dict:
+    """Holds writes to every tenant table at the database, whatever path they take."""
+    with _GUARDS_LOCK:
+        existing = _GUARDS.get(tenant.schema)
+        if existing is not None and not existing.closed:
+            return {"locked": True, "changed": False}
+        conn = psycopg.connect(settings.shared_cluster_url, connect_timeout=10)
+        try:
+            conn.execute("SET lock_timeout = '15s'")
+            tables = _tables(conn, tenant.schema)
+            for name in tables:
+                conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(tenant.schema, name)))
+        except psycopg.Error as exc:
+            conn.close()
+            raise AgentError(f"could not lock the tables of {tenant.schema}: {exc}", retryable=True) from None
+        _GUARDS[tenant.schema] = conn
+        return {"locked": True, "changed": True, "tables": len(tables)}
+
+
+def guard_held(tenant: Tenant) -> bool:
+    conn = _GUARDS.get(tenant.schema)
+    return conn is not None and not conn.closed
+
+
+def unlock(settings: DbSettings, tenant: Tenant, revoke_writes: bool) -> dict:
+    """Releases the guard; with `revoke_writes` the source stays read-only for the tenant from then on.
+
+    The revoke commits in the guard's own transaction, so no write slips in between.
+    """
+    with _GUARDS_LOCK:
+        conn = _GUARDS.pop(tenant.schema, None)
+    held = conn is not None and not conn.closed
+    if revoke_writes:
+        target = conn if held else psycopg.connect(settings.shared_cluster_url, connect_timeout=10)
+        try:
+            exists = target.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (tenant.schema,)).fetchone()
+            if exists:
+                target.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} FROM {}")
+                               .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.runtime_role)))
+            target.commit()
+        finally:
+            target.close()
+    elif held:
+        conn.close()
+    return {"locked": False, "held": held, "source_read_only": revoke_writes}
+
+
+# dump and restore
+
+def prepare_target(target_url: str, tenant: Tenant) -> None:
+    """Empties what an earlier attempt restored and creates the roles the dump refers to."""
+    with psycopg.connect(target_url, connect_timeout=10) as conn, conn.transaction():
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant.schema)))
+        conn.execute("DELETE FROM flux.flux_migrations WHERE tenant_schema = %s", (tenant.schema,))
+        for role in (tenant.owner_role, tenant.runtime_role):
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        # App tokens act as the runtime role through PostgREST, which logs in as authenticator.
+        conn.execute(sql.SQL("GRANT {} TO authenticator").format(sql.Identifier(tenant.runtime_role)))
+        conn.execute(sql.SQL("GRANT authenticated TO {}").format(sql.Identifier(tenant.runtime_role)))
+
+
+def copy_ledger(source, target_url: str, tenant: Tenant) -> int:
+    rows = source.execute("SELECT version, filename, checksum, applied_at FROM flux.flux_migrations"
+                          " WHERE tenant_schema = %s", (tenant.schema,)).fetchall()
+    source.rollback()
+    with psycopg.connect(target_url) as conn, conn.transaction():
+        for version, filename, checksum, applied_at in rows:
+            conn.execute("INSERT INTO flux.flux_migrations (tenant_schema, version, filename, checksum, applied_at)"
+                         " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                         (tenant.schema, version, filename, checksum, applied_at))
+    return len(rows)
+
+
+def dump(settings: DbSettings, tenant: Tenant, spool: pathlib.Path, name: str, target_url: str | None = None,
+         target_major: int = 15, expected_bytes: int = 0, table_count: int = 0, progress=None) -> dict:
+    """pg_dump of the tenant schema into the spool, streamed into `target_url` too when given."""
+    pg_dump = require_tool("pg_dump")
+    dumps = spool / "dumps"
+    dumps.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = dumps / f"{name}.sql"
+    partial = path.with_suffix(".sql.partial")
+    say = progress or (lambda *a: None)
+    if target_url:
+        prepare_target(target_url, tenant)
+    dumper = subprocess.Popen(
+        [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(settings.shared_cluster_url))
+    restorer = None
+    if target_url:
+        restorer = subprocess.Popen(
+            [require_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=libpq_env(target_url))
+    digest = hashlib.sha256()
+    size = tables = 0
+    next_report = 0
+    started = time.monotonic()
+    phase = "dump+restore" if restorer else "dump"
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            for line in sanitize(dumper.stdout, target_major):
+                out.write(line)
+                digest.update(line)
+                if restorer is not None:
+                    restorer.stdin.write(line)
+                size += len(line)
+                if line.startswith(b"COPY "):
+                    tables += 1
+                    say(phase, tables - 1, table_count, "tables", line[5:].split(b" ", 1)[0].decode())
+                if size >= next_report:
+                    say(phase, size, max(expected_bytes, size), "bytes", "")
+                    next_report = size + PROGRESS_EVERY_BYTES
+            out.flush()
+            os.fsync(out.fileno())
+    except BrokenPipeError:
+        pass
+    finally:
+        if restorer is not None and restorer.stdin and not restorer.stdin.closed:
+            try:
+                restorer.stdin.close()
+            except BrokenPipeError:
+                pass
+    dump_err = dumper.stderr.read().decode(errors="replace").strip()
+    if dumper.wait() != 0:
+        raise AgentError(f"pg_dump of {tenant.schema} failed: {dump_err[-800:]}", retryable=True)
+    if restorer is not None:
+        restore_err = restorer.stderr.read().decode(errors="replace").strip()
+        if restorer.wait() != 0:
+            raise AgentError(f"restore into the dedicated database failed: {restore_err[-800:]}")
+    os.replace(partial, path)
+    ledger_rows = 0
+    if target_url:
+        with psycopg.connect(settings.shared_cluster_url) as source:
+            ledger_rows = copy_ledger(source, target_url, tenant)
+    say(phase, size, size, "bytes", "done")
+    return {"path": str(path), "bytes": size, "sha256": digest.hexdigest(), "tables": tables,
+            "restored": bool(target_url), "ledger_rows": ledger_rows,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+# verify
+
+CHECKSUM = ("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text"
+            " FROM {} AS t")
+
+
+def _fingerprint(conn, schema: str) -> dict:
+    tables = {}
+    for name in _tables(conn, schema):
+        count, checksum = conn.execute(sql.SQL(CHECKSUM).format(sql.Identifier(schema, name))).fetchone()
+        tables[name] = {"rows": count, "checksum": checksum}
+    sequences = dict(conn.execute(
+        "SELECT sequencename, last_value FROM pg_sequences WHERE schemaname = %s", (schema,)).fetchall())
+    ledger = [list(r) for r in conn.execute(
+        "SELECT version, filename, checksum FROM flux.flux_migrations WHERE tenant_schema = %s ORDER BY filename",
+        (schema,)).fetchall()]
+    conn.rollback()
+    return {"tables": tables, "sequences": sequences, "ledger": ledger}
+
+
+def verify(settings: DbSettings, tenant: Tenant, target_url: str) -> dict:
+    with psycopg.connect(settings.shared_cluster_url) as source, psycopg.connect(target_url) as target:
+        before, after = _fingerprint(source, tenant.schema), _fingerprint(target, tenant.schema)
+    problems = []
+    for name, expected in before["tables"].items():
+        got = after["tables"].get(name)
+        if got is None:
+            problems.append(f"table {name} is missing on the target")
+        elif got != expected:
+            problems.append(f"table {name}: source {expected['rows']} rows, target {got['rows']} rows"
+                            + ("" if got["rows"] != expected["rows"] else ", checksums differ"))
+    for name, value in before["sequences"].items():
+        if after["sequences"].get(name) != value:
+            problems.append(f"sequence {name}: source at {value}, target at {after['sequences'].get(name)}")
+    if before["ledger"] != after["ledger"]:
+        problems.append(f"ledger: {len(before['ledger'])} rows on the source, {len(after['ledger'])} on the target")
+    if problems:
+        raise AgentError("verification failed: " + "; ".join(problems))
+    return {"tables": {n: t["rows"] for n, t in before["tables"].items()},
+            "sequences": len(before["sequences"]), "ledger_rows": len(before["ledger"]), "ok": True}
