@@ -255,8 +255,8 @@ class LocalFleet:
 
     def api(self, method: str, path: str, body=None, token: str | None = None, **kwargs):
         headers = {"Authorization": f"Bearer {token or self.token}", **kwargs.pop("headers", {})}
-        return httpx.request(method, f"{self.info['api_base']}/cli/v1/{path}", json=body, headers=headers,
-                             timeout=120, **kwargs)
+        kwargs.setdefault("timeout", 120)
+        return httpx.request(method, f"{self.info['api_base']}/cli/v1/{path}", json=body, headers=headers, **kwargs)
 
     def create(self, name: str, token: str | None = None, mode: str = "v2_shared", **extra) -> dict:
         response = self.api("POST", "create", {"name": name, "mode": mode, **extra}, token=token)
@@ -294,12 +294,34 @@ class LocalFleet:
 
         cluster = self.fleet.cluster("shared")
         with psycopg.connect(cluster.url("flux_shared")) as conn:
-            return conn.execute(query, params).fetchall()
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
 
     def stop_process(self, key: str) -> None:
         from cli.devfleet import terminate
 
         terminate(self.fleet.state["pids"][key])
+
+    def kill_process(self, key: str) -> None:
+        """SIGKILL, as a crash would."""
+        import signal
+
+        from cli.devfleet import pid_alive
+
+        pid = self.fleet.state["pids"][key]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(pid), 10, f"{key} to die")
+
+    def restart(self) -> None:
+        """Starts whatever is not running (as `flux dev up` does)."""
+        self.info = self.fleet.up()
+
+    def migrate(self, project: dict, **flags):
+        body = {"slug": project["summary"]["slug"], "hash": project["summary"]["hash"], "to": "v1_dedicated",
+                "dryRun": False, "yes": True, "staged": False, "dumpOnly": False, "preserveJwtSecret": True,
+                "newJwtSecret": False, "lockWrites": True, "dropSourceAfter": False, "skipBackupCheck": True,
+                **flags}
+        return self.api("POST", "migrate", body, timeout=600)
 
     def add_user(self, name: str) -> str:
         out = run(sys.executable, "-m", "controller.main", "users", "add", name, "--state-dir",

@@ -1,0 +1,334 @@
+"""flux migrate end to end: pooled to dedicated on real Postgres, Docker, Caddy and agents."""
+
+import hashlib
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.support import LocalFleet, app_token, run, script, wait_until
+
+pytestmark = pytest.mark.integration
+
+FILES = {
+    "001_todos.sql": """
+create table public.todos (id bigserial primary key, owner text not null default auth.uid(), title text not null,
+                           done boolean not null default false);
+alter table public.todos enable row level security;
+create policy own_todos on public.todos for all to authenticated using (owner = auth.uid())
+  with check (owner = auth.uid());
+grant select, insert, update, delete on public.todos to authenticated;
+grant usage on sequence public.todos_id_seq to authenticated;
+""",
+    "002_tags.sql": """
+create table public.tags (id int generated always as identity primary key, name text unique not null);
+create sequence public.invoice_numbers start 1000;
+grant select on public.tags to authenticated;
+insert into public.tags (name) values ('home'), ('work'), ('garden');
+select nextval('invoice_numbers'); select nextval('invoice_numbers');
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    fleet = LocalFleet(tmp_path_factory.mktemp("migrate") / "dev")
+    yield fleet
+    fleet.close()
+
+
+def _tenant(fleet, name: str, rows: int = 3) -> tuple[dict, str]:
+    project = fleet.create(name)
+    assert fleet.push(project, FILES).status_code == 200
+    secret = project["projectJwtSecret"]
+    for user in ("alice", "bob"):
+        for i in range(rows):
+            response = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret, sub=user),
+                                     json={"title": f"{user} {i}"})
+            assert response.status_code == 201, response.text
+    return project, secret
+
+
+def _schema(fleet, project) -> str:
+    return fleet.api("GET", f"projects/{project['summary']['hash']}").json()["apiSchema"]
+
+
+def _containers(project) -> list[str]:
+    out = subprocess.run(["docker", "ps", "-a", "--filter", f"label=flux.hash={project['summary']['hash']}",
+                          "--format", "{{.Names}}"], capture_output=True, text=True, check=True).stdout
+    return sorted(out.split())
+
+
+def _dedicated_sql(project, query: str) -> str:
+    s = project["summary"]
+    return subprocess.run(["docker", "exec", f"flux-{s['hash']}-{s['slug']}-db", "psql", "-U", "postgres", "-Atc",
+                           query], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _mode(fleet, project) -> str:
+    return next(p for p in fleet.api("GET", "list").json() if p["hash"] == project["summary"]["hash"])["mode"]
+
+
+def test_dry_run_dump_only_staged_and_full(fleet):
+    project, secret = _tenant(fleet, "Bloom Atelier")
+    schema = _schema(fleet, project)
+    alice = app_token(secret, sub="alice")
+    before = fleet.gateway("GET", fleet.host(project), "/todos?order=id", alice).json()
+    assert len(before) == 3
+
+    dry = fleet.migrate(project, dryRun=True, yes=False)
+    assert dry.status_code == 200, dry.text
+    plan, pre = dry.json()["plan"], dry.json()["preflight"]
+    assert plan["docker_host"] == "dev-docker" and plan["kind"] == "full"
+    assert {t["name"]: t["rows"] for t in pre["tables"]} == {"todos": 6, "tags": 3}
+    assert all(t["bytes"] > 0 for t in pre["tables"])
+    assert {s["name"] for s in pre["sequences"]} >= {"todos_id_seq", "invoice_numbers"}
+    assert [m["filename"] for m in pre["ledger"]] == ["001_todos.sql", "002_tags.sql"]
+    assert pre["policy_roles"] == [schema.replace("_api", "_role")]
+    assert pre["tools"]["dev-db"]["pg_dump"] and pre["tools"]["dev-docker"]["docker"]
+    assert pre["target_postgres_major"] == 15 and pre["estimated_seconds"] > 0 and pre["errors"] == []
+    assert any("tags" in w for w in pre["warnings"])  # tags has no row-level security
+    assert _containers(project) == [] and _mode(fleet, project) == "v2_shared"
+
+    dump = fleet.migrate(project, dumpOnly=True)
+    assert dump.status_code == 200, dump.text
+    d = dump.json()["dump"]
+    assert dump.json()["message"].startswith("Dump complete")
+    with open(d["path"], "rb") as handle:
+        content = handle.read()
+    assert len(content) == d["bytes"] and hashlib.sha256(content).hexdigest() == d["sha256"]
+    assert b"COPY " in content and b"\\restrict" not in content
+    assert _containers(project) == [] and _mode(fleet, project) == "v2_shared"
+
+    staged = fleet.migrate(project, staged=True)
+    assert staged.status_code == 200, staged.text
+    assert staged.json()["message"] == "Staged migration complete (catalog mode unchanged; target DB populated)."
+    assert _mode(fleet, project) == "v2_shared"
+    assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "6"
+    # Still served by the pooled engine, writes included.
+    assert fleet.gateway("POST", fleet.host(project), "/todos", alice, json={"title": "after staged"}).status_code == 201
+
+    full = fleet.migrate(project)
+    assert full.status_code == 200, full.text
+    assert full.json()["message"] == "Migration complete. Project is now v1_dedicated."
+    listed = next(p for p in fleet.api("GET", "list").json() if p["hash"] == project["summary"]["hash"])
+    assert listed["mode"] == "v1_dedicated" and listed["apiUrl"] == project["summary"]["apiUrl"]
+    assert listed["status"] == "running"
+    s = project["summary"]
+    running = subprocess.run(["docker", "ps", "--format", "{{.Names}}"], capture_output=True, text=True).stdout.split()
+    assert f"flux-{s['hash']}-{s['slug']}-db" in running and f"flux-{s['hash']}-{s['slug']}-api" in running
+
+    # The app's own tokens give the same answers, now from the dedicated stack.
+    after = fleet.gateway("GET", fleet.host(project), "/todos?order=id", alice).json()
+    assert after[:3] == before and after[3]["title"] == "after staged"
+    assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret, sub="bob")).json() != after
+    assert fleet.gateway("GET", fleet.host(project), "/todos").status_code == 401
+    assert _dedicated_sql(project, f"SELECT last_value FROM {schema}.invoice_numbers") == "1001"
+    new_row = fleet.gateway("POST", fleet.host(project), "/todos", alice, json={"title": "on dedicated"},
+                            headers={"Prefer": "return=representation"})
+    assert new_row.status_code == 201 and new_row.json()[0]["id"] == 8
+
+    # The ledger came along: push applies only new files.
+    pushed = fleet.push(project, {**FILES, "003_more.sql": "create table public.more (id int);"})
+    assert pushed.status_code == 200 and pushed.json()["applied"] == ["003_more.sql"]
+    creds = fleet.api("GET", f"projects/{s['hash']}/credentials").json()
+    assert creds["mode"] == "v1_dedicated" and creds["postgresConnectionString"].startswith("postgresql://")
+    assert creds["projectJwtSecret"] == secret
+
+    # The pooled copy is kept (no --drop-source-after) but takes no more writes.
+    source = fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos")
+    assert source == [(7,)]
+    with pytest.raises(Exception, match="permission denied"):
+        fleet.shared_sql(f"SET ROLE {schema.replace('_api', '_role')}; INSERT INTO {schema}.todos (owner, title) "
+                         "VALUES ('x', 'sneaky')")
+
+
+def test_refusals_change_nothing(fleet):
+    project, _ = _tenant(fleet, "Refusals", rows=1)
+    dedicated = fleet.create("Already Dedicated", mode="v1_dedicated")
+    cases = [
+        (dict(project=dedicated), "moves v2_shared projects only"),
+        (dict(slug="not-the-owner"), "does not own hash"),
+        (dict(to="v2_shared"), "the only target is v1_dedicated"),
+        (dict(yes=False), "pass --yes"),
+        (dict(staged=True, newJwtSecret=True), "--staged cannot be combined with --new-jwt-secret"),
+        (dict(staged=True, dropSourceAfter=True), "--drop-source-after needs a full migrate"),
+    ]
+    for flags, message in cases:
+        target = flags.pop("project", project)
+        if "slug" in flags:
+            response = fleet.api("POST", "migrate", {**json.loads(json.dumps({
+                "slug": flags.pop("slug"), "hash": target["summary"]["hash"], "yes": True}))})
+        else:
+            response = fleet.migrate(target, **flags)
+        assert response.status_code == 400, (flags, response.text)
+        assert message in response.json()["error"], response.json()
+    assert _containers(project) == [] and _mode(fleet, project) == "v2_shared"
+    missing = fleet.api("POST", "migrate", {"slug": "x", "hash": "0000000", "yes": True})
+    assert missing.status_code == 404 and missing.json()["error"] == "Project not found for this API key"
+
+    # A second migrate while one runs is refused.
+    first = {}
+    thread = threading.Thread(target=lambda: first.setdefault("r", fleet.migrate(project, staged=True)))
+    thread.start()
+    wait_until(lambda: fleet.api("GET", f"projects/{project['summary']['hash']}").json() and
+               fleet.migrate(project, dryRun=True, yes=False).status_code == 200, 10, "dry run")
+    second = None
+    deadline = time.monotonic() + 20
+    while thread.is_alive() and time.monotonic() < deadline:
+        second = fleet.migrate(project, staged=True)
+        if second.status_code == 400:
+            break
+        time.sleep(0.05)
+    thread.join(300)
+    assert second is not None and second.status_code == 400 and "already migrating" in second.json()["error"]
+    assert first["r"].status_code == 200
+
+
+def test_writes_during_a_full_migrate_are_never_lost(fleet):
+    project, secret = _tenant(fleet, "Busy Writer", rows=1)
+    schema = _schema(fleet, project)
+    token = app_token(secret, sub="alice")
+    acked, refused = [], []
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            title = f"w{i}"
+            i += 1
+            try:
+                response = fleet.gateway("POST", fleet.host(project), "/todos", token, json={"title": title})
+            except Exception:
+                continue
+            (acked if 200 <= response.status_code < 300 else refused).append((title, response.status_code))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(1)
+    migrated = fleet.migrate(project)
+    time.sleep(1)
+    stop.set()
+    thread.join(30)
+    assert migrated.status_code == 200, migrated.text
+    dedicated = set(_dedicated_sql(project, f"SELECT title FROM {schema}.todos").split("\n"))
+    source = {t for (t,) in fleet.shared_sql(f"SELECT title FROM {schema}.todos")}
+    acked_titles = {t for t, _ in acked}
+    assert acked_titles and acked_titles <= dedicated, acked_titles - dedicated
+    # Nothing reached the pooled copy that the dedicated one lacks: no 2xx came from the source after the dump.
+    assert source <= dedicated
+    assert all(code == 503 for _, code in refused), refused
+
+
+def test_new_jwt_secret_rotates_on_cutover(fleet):
+    project, secret = _tenant(fleet, "Rotating", rows=1)
+    migrated = fleet.migrate(project, newJwtSecret=True)
+    assert migrated.status_code == 200, migrated.text
+    creds = fleet.api("GET", f"projects/{project['summary']['hash']}/credentials").json()
+    assert creds["projectJwtSecret"] != secret
+    old = fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret))
+    assert old.status_code == 401
+    new = fleet.gateway("GET", fleet.host(project), "/todos", app_token(creds["projectJwtSecret"]))
+    assert new.status_code == 200 and [r["title"] for r in new.json()] == ["alice 0"]
+
+
+def test_no_lock_writes_is_honoured_and_drop_source_after_removes_the_source(fleet):
+    project, _ = _tenant(fleet, "Unlocked Drop", rows=1)
+    schema = _schema(fleet, project)
+    dry = fleet.migrate(project, dryRun=True, yes=False, lockWrites=False, dropSourceAfter=True).json()
+    assert "lock writes" not in dry["plan"]["steps"] and "drop source" in dry["plan"]["steps"]
+    assert any("--no-lock-writes" in w for w in dry["preflight"]["warnings"])
+    cli = run(script("flux"), "migrate", "-p", project["summary"]["slug"], "--hash", project["summary"]["hash"],
+              "--to", "v1_dedicated", "--yes", "--no-lock-writes", "--drop-source-after", timeout=600,
+              env={"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token})
+    assert "Migration complete. Project is now v1_dedicated." in cli.stdout
+    assert "warning: --no-lock-writes" in cli.stderr
+    assert "• dump" in cli.stderr and "• lock" not in cli.stderr
+    assert fleet.shared_sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
+    assert fleet.shared_sql("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s",
+                            (schema.replace("_api", "") + "%",)) == [(0,)]
+
+
+def _wait_phase(fleet, migration_id: str, phases: tuple[str, ...], timeout: float = 60) -> None:
+    def reached():
+        status = fleet.api("GET", f"migrations/{migration_id}").json()
+        return status.get("phase") in phases or status.get("running") is not True
+    wait_until(reached, timeout, f"phase {phases}")
+
+
+def _start_streaming(fleet, project, **flags) -> tuple[str, threading.Thread, dict]:
+    """Starts a migration and returns its id while it runs."""
+    import httpx
+
+    body = {"slug": project["summary"]["slug"], "hash": project["summary"]["hash"], "to": "v1_dedicated",
+            "yes": True, **flags}
+    box: dict = {}
+    started = threading.Event()
+
+    def consume():
+        try:
+            with httpx.stream("POST", f"{fleet.info['api_base']}/cli/v1/migrate", json=body, timeout=600,
+                              headers={"Authorization": f"Bearer {fleet.token}", "Accept": "application/x-ndjson"}
+                              ) as response:
+                for line in response.iter_lines():
+                    event = json.loads(line)
+                    box.setdefault("events", []).append(event)
+                    if event.get("event") == "started":
+                        box["id"] = event["migrationId"]
+                        started.set()
+        except httpx.HTTPError as exc:
+            box["error"] = str(exc)
+        started.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    started.wait(30)
+    return box.get("id"), thread, box
+
+
+def _big_tenant(fleet, name: str) -> tuple[dict, str, str]:
+    project, secret = _tenant(fleet, name, rows=1)
+    schema = _schema(fleet, project)
+    fleet.shared_sql(f"INSERT INTO {schema}.todos (owner, title) SELECT 'load', repeat('x', 200) || g"
+                     " FROM generate_series(1, 400000) g")
+    return project, secret, schema
+
+
+def test_controller_killed_during_restore_rolls_back(fleet):
+    project, secret, schema = _big_tenant(fleet, "Killed Controller")
+    migration_id, thread, _ = _start_streaming(fleet, project)
+    assert migration_id
+    _wait_phase(fleet, migration_id, ("dump",))
+    fleet.kill_process("controller")
+    thread.join(30)
+    fleet.restart()
+    wait_until(lambda: fleet.api("GET", f"migrations/{migration_id}").json().get("running") is not True, 60,
+               "the migration to settle")
+    status = fleet.api("GET", f"migrations/{migration_id}").json()
+    assert status["ok"] is False and "controller stopped" in status["error"]
+    detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
+    assert detail["mode"] == "v2_shared" and detail["maintenance"] is False
+    # The pooled copy serves, writes included, and a re-run succeeds.
+    write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "after crash"})
+    assert write.status_code == 201
+    rerun = fleet.migrate(project)
+    assert rerun.status_code == 200, rerun.text
+    assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "400003"
+
+
+def test_db_agent_killed_during_dump_rolls_back_and_keeps_the_source(fleet):
+    project, secret, schema = _big_tenant(fleet, "Killed Agent")
+    migration_id, thread, box = _start_streaming(fleet, project, dropSourceAfter=True)
+    _wait_phase(fleet, migration_id, ("dump",))
+    fleet.kill_process("dev-db")
+    fleet.restart()
+    thread.join(120)
+    result = box["events"][-1]
+    assert result["event"] == "result" and result["ok"] is False and result["phase"] == "dump"
+    detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
+    assert detail["mode"] == "v2_shared" and detail["maintenance"] is False
+    assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400002,)]
+    write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "still pooled"})
+    assert write.status_code == 201
