@@ -466,6 +466,38 @@ def dev_up(directory, as_json, login):
     emit(result, as_json, render)
 
 
+@dev.command("demo")
+@click.option("--dir", "directory", help=DEV_DIR_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object with what the demo did")
+def dev_demo(directory, as_json):
+    """Bring up the local fleet, create Bloom Atelier on v2_shared with sample rows, and migrate it
+    to v1_dedicated (dry run, staged, full) with progress shown; then list projects and read the
+    same rows through the same Service URL."""
+    from .demo import Demo, print_list
+
+    say = Progress(quiet=as_json)
+    info = DevFleet(_dev_dir(directory), say=say).up()
+    config_mod.save(config_mod.Settings(info["api_base"], info["token"]))
+    show = MigrateProgress()
+
+    def follow(events):
+        result = {}
+        for event in events:
+            if not as_json:
+                show(event)
+            if event.get("event") == "result":
+                result = event
+        return result
+
+    result = Demo(info, say).run(follow)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo("flux list:")
+    print_list(result["list"])
+    click.echo(f"Rows before and after, through {result['project']['serviceUrl']}: {json.dumps(result['after'])}")
+
+
 @dev.command("down")
 @click.option("--dir", "directory", help=DEV_DIR_HELP)
 @click.option("--json", "as_json", is_flag=True)

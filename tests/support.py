@@ -329,10 +329,9 @@ class LocalFleet:
         return json.loads(out.stdout)["token"]
 
     def close(self) -> None:
-        # Dedicated stacks live in the Docker engine, which outlives the fleet: remove them.
+        # Stacks live in the Docker engine, which outlives the fleet: delete every project.
         for project in self.api("GET", "list").json():
-            if project["mode"] == "v1_dedicated":
-                self.api("DELETE", f"projects/{project['hash']}", params={"slug": project["slug"]})
+            self.api("DELETE", f"projects/{project['hash']}", params={"slug": project["slug"]})
         self.fleet.down()
         for datadir in self.fleet.data_dirs():
             shutil.rmtree(datadir.parent, ignore_errors=True)

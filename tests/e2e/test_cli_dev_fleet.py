@@ -24,6 +24,9 @@ def fleet(tmp_path_factory):
 
     up = flux("dev", "up", "--dir", str(directory), "--json")
     yield flux, json.loads(up.stdout), directory, env
+    # Stacks live in the Docker engine, which outlives the fleet: delete every project.
+    for project in json.loads(flux("list", "--json").stdout):
+        flux("delete", "-p", project["slug"], "--hash", project["hash"], "--yes")
     flux("dev", "down", "--dir", str(directory))
     remove_dev_data(directory)
 
@@ -155,3 +158,19 @@ def test_projects_through_the_cli(fleet, tmp_path):
     assert unknown.returncode == 1 and "Project not found for this hash." in unknown.stderr
     malformed = flux("project", "credentials", slug, "--hash", "XYZ", check=False)
     assert malformed.returncode == 2 and "7 lower-case hex" in malformed.stderr
+
+
+def test_dev_demo_migrates_bloom_atelier_and_reads_the_same_rows(fleet):
+    flux, info, directory, env = fleet
+    result = json.loads(flux("dev", "demo", "--dir", str(directory), "--json").stdout)
+    assert result["before"] == result["after"] and len(result["after"]) == 2
+    row = next(p for p in result["list"] if p["slug"] == "bloom-atelier")
+    assert row["mode"] == "v1_dedicated" and row["apiUrl"] == result["project"]["serviceUrl"]
+    listed = flux("list").stdout
+    assert "bloom-atelier" in listed and "v1_dedicated" in listed
+    # It can run again: the previous demo project is replaced.
+    again = json.loads(flux("dev", "demo", "--dir", str(directory), "--json").stdout)
+    assert again["project"]["hash"] != result["project"]["hash"]
+    stale = run("docker", "ps", "-a", "--filter",
+                f"label=flux.hash={result['project']['hash']}", "--format", "{{.Names}}")
+    assert stale.stdout.strip() == ""
