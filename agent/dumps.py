@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import psycopg
 from psycopg import conninfo, sql
@@ -30,21 +30,60 @@ _GUARDS: dict[str, psycopg.Connection] = {}
 _GUARDS_LOCK = threading.Lock()
 
 
-def sanitize(lines: Iterable[bytes], target_major: int) -> Iterator[bytes]:
-    """Drops the psql meta-commands and settings a server before 17 rejects; COPY data passes untouched."""
+def _dropped(line: bytes, target_major: int) -> bool:
+    return target_major < 17 and (line.startswith((b"\\restrict", b"\\unrestrict"))
+                                  or line.startswith(b"SET transaction_timeout"))
+
+
+def sanitize(read, target_major: int, chunk_size: int = 1 << 20, on_copy=None) -> Iterator[bytes]:
+    """Yields a plain-format dump read with `read(n)`, minus the lines a server before 17 rejects.
+
+    Outside COPY blocks the dump is read line by line; inside them (nearly all of its bytes)
+    whole chunks pass through untouched up to the `\\.` line that ends the block.
+    `on_copy(line)` hears each COPY statement as it starts.
+    """
+    buf = b""
     in_copy = False
-    for line in lines:
-        if in_copy:
-            if line.rstrip(b"\r\n") == b"\\.":
-                in_copy = False
-            yield line
-            continue
-        if line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
-            in_copy = True
-        elif target_major < 17 and (line.startswith((b"\\restrict", b"\\unrestrict"))
-                                    or line.startswith(b"SET transaction_timeout")):
-            continue
-        yield line
+    eof = False
+    while not eof:
+        data = read(chunk_size)
+        eof = not data
+        buf += data
+        out = []
+        while buf:
+            if in_copy:
+                # buf starts at a line start here; the block ends at a line that is exactly "\.".
+                end = 0 if buf.startswith(b"\\.\n") else buf.find(b"\n\\.\n") + 1
+                if end > 0 or buf.startswith(b"\\.\n"):
+                    out.append(buf[:end + 3])
+                    buf = buf[end + 3:]
+                    in_copy = False
+                    continue
+                if eof:
+                    out.append(buf)
+                    buf = b""
+                    break
+                last = buf.rfind(b"\n")
+                if last >= 0:
+                    out.append(buf[:last + 1])
+                    buf = buf[last + 1:]
+                break
+            newline = buf.find(b"\n")
+            if newline < 0:
+                if eof:
+                    out.append(buf)
+                    buf = b""
+                break
+            line, buf = buf[:newline + 1], buf[newline + 1:]
+            if line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
+                in_copy = True
+                if on_copy is not None:
+                    on_copy(line)
+            elif _dropped(line, target_major):
+                continue
+            out.append(line)
+        if out:
+            yield b"".join(out)
 
 
 def libpq_env(url: str) -> dict:
@@ -217,18 +256,20 @@ def dump(settings: DbSettings, tenant: Tenant, spool: pathlib.Path, name: str, t
     next_report = 0
     started = time.monotonic()
     phase = "dump+restore" if restorer else "dump"
+    def copying(line: bytes) -> None:
+        nonlocal tables
+        say(phase, tables, table_count, "tables", line[5:].split(b" ", 1)[0].decode())
+        tables += 1
+
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            for line in sanitize(dumper.stdout, target_major):
-                out.write(line)
-                digest.update(line)
+            for chunk in sanitize(dumper.stdout.read1, target_major, on_copy=copying):
+                out.write(chunk)
+                digest.update(chunk)
                 if restorer is not None:
-                    restorer.stdin.write(line)
-                size += len(line)
-                if line.startswith(b"COPY "):
-                    tables += 1
-                    say(phase, tables - 1, table_count, "tables", line[5:].split(b" ", 1)[0].decode())
+                    restorer.stdin.write(chunk)
+                size += len(chunk)
                 if size >= next_report:
                     say(phase, size, max(expected_bytes, size), "bytes", "")
                     next_report = size + PROGRESS_EVERY_BYTES

@@ -1,0 +1,117 @@
+"""Migrate benchmark: a tenant of --size-mb moved by a raw `pg_dump -n <schema> | psql` into a
+fresh database, and by `flux migrate` (full, write lock on), in one run.
+
+Prints the data-move time (ours: the streamed dump and restore), the total migrate time,
+the write-lock window (from the lock to its release), throughput, and the ratio raw ÷ ours
+of the data-move times. The last line of output is one JSON object with the figures.
+
+    python bench/migrate.py [--size-mb 1024]
+"""
+
+import argparse
+import json
+import pathlib
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import psycopg
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.dumps import libpq_env  # noqa: E402
+from tests.support import LocalFleet, wait_until  # noqa: E402
+
+ROW_BYTES = 1000
+SCHEMA_SQL = "create table public.items (id bigserial primary key, body text not null);"
+
+
+def raw_target(image: str) -> tuple[str, str]:
+    """A fresh Postgres container of the same image the stacks use, with the roles the dump names."""
+    name = f"flux-bench-raw-{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(16)
+    subprocess.run(["docker", "run", "-d", "--name", name, "-e", f"POSTGRES_PASSWORD={password}",
+                    "-p", "127.0.0.1::5432", image], check=True, capture_output=True)
+    port = subprocess.run(["docker", "port", name, "5432/tcp"], capture_output=True, text=True,
+                          check=True).stdout.split(":")[-1].strip()
+    url = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+
+    def ready():
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    wait_until(ready, 60, "the raw target")
+    return name, url
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=1024)
+    args = parser.parse_args()
+    fleet = LocalFleet(pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-mig-")) / "dev")
+    raw_container = None
+    try:
+        project = fleet.create("Migrate Bench")
+        fleet.push(project, {"001_items.sql": SCHEMA_SQL}).raise_for_status()
+        schema = fleet.api("GET", f"projects/{project['summary']['hash']}").json()["apiSchema"]
+        rows = args.size_mb * 1024 * 1024 // ROW_BYTES
+        print(f"building a {args.size_mb} MB tenant ({rows} rows)", file=sys.stderr, flush=True)
+        fleet.shared_sql(f"INSERT INTO {schema}.items (body) SELECT repeat(md5(g::text), {ROW_BYTES // 32})"
+                         f" FROM generate_series(1, {rows}) g")
+        fleet.shared_sql(f"ANALYZE {schema}.items")
+        size = fleet.shared_sql(f"SELECT pg_total_relation_size('{schema}.items')")[0][0]
+
+        raw_container, target = raw_target(fleet.info["images"]["postgres"])
+        role = schema.replace("_api", "_role")
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {role}; CREATE ROLE {schema.replace('_api', '_ddl')}; CREATE SCHEMA auth;"
+                         " CREATE FUNCTION auth.uid() RETURNS text LANGUAGE sql AS $$ SELECT NULL::text $$")
+        shared = fleet.fleet.cluster("shared").url("flux_shared")
+        print("raw: pg_dump | psql", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        dump = subprocess.Popen(["pg_dump", "-n", schema], stdout=subprocess.PIPE, env=libpq_env(shared))
+        restore = subprocess.run(["psql", "-X", "-q"], stdin=dump.stdout, capture_output=True, env=libpq_env(target))
+        dump.wait()
+        raw_s = time.perf_counter() - started
+        if dump.returncode != 0 or restore.returncode != 0:
+            raise SystemExit(f"raw pipe failed: {restore.stderr.decode()[-500:]}")
+
+        print("ours: flux migrate --yes", file=sys.stderr, flush=True)
+        body = {"slug": project["summary"]["slug"], "hash": project["summary"]["hash"], "to": "v1_dedicated",
+                "yes": True}
+        phases = {}
+        result = None
+        started = time.perf_counter()
+        with httpx.stream("POST", f"{fleet.info['api_base']}/cli/v1/migrate", json=body, timeout=3600,
+                          headers={"Authorization": f"Bearer {fleet.token}", "Accept": "application/x-ndjson"}) as r:
+            for line in r.iter_lines():
+                event = json.loads(line)
+                if event.get("event") == "phase":
+                    phases[event["phase"]] = time.perf_counter()
+                if event.get("event") == "result":
+                    result = event
+        total_s = time.perf_counter() - started
+        if not result or not result["ok"]:
+            raise SystemExit(f"migrate failed: {result}")
+        move_s = result["dump"]["seconds"]
+        lock_window_s = phases.get("done", time.perf_counter()) - phases["lock"]
+    finally:
+        if raw_container:
+            subprocess.run(["docker", "rm", "-f", raw_container], capture_output=True)
+        fleet.close()
+    size_mb = size / (1024 * 1024)
+    print(json.dumps({"size_mb": round(size_mb, 1), "raw_s": round(raw_s, 2), "move_s": round(move_s, 2),
+                      "total_s": round(total_s, 2), "lock_window_s": round(lock_window_s, 2),
+                      "throughput_mb_s": round(size_mb / move_s, 1), "ratio": round(raw_s / move_s, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
