@@ -276,7 +276,8 @@ def dump(settings: DbSettings, tenant: Tenant, spool: pathlib.Path, name: str, t
             out.flush()
             os.fsync(out.fileno())
     except BrokenPipeError:
-        pass
+        # psql gave up (its error is read below); stop pg_dump, which would block on a full pipe.
+        dumper.kill()
     finally:
         if restorer is not None and restorer.stdin and not restorer.stdin.closed:
             try:
