@@ -134,6 +134,7 @@ def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
         (schema,)).fetchall()]
     policy_roles = sorted({role for (roles,) in conn.execute(
         "SELECT roles FROM pg_policies WHERE schemaname = %s", (schema,)).fetchall() for role in roles})
+    roles = referenced_roles(conn, schema)
     views = [r[0] for r in conn.execute("SELECT viewname FROM pg_views WHERE schemaname = %s ORDER BY 1", (schema,))]
     conn.rollback()
     return {
@@ -144,6 +145,7 @@ def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
         "extensions": sorted(extensions),
         "ledger": ledger,
         "policy_roles": policy_roles,
+        "roles": roles,
         "total_bytes": sum(t["bytes"] for t in rows),
         "tools": {"pg_dump": tool_version("pg_dump"), "psql": tool_version("psql")},
         "spool_free_bytes": shutil.disk_usage(spool).free,
@@ -207,12 +209,33 @@ def unlock(settings: DbSettings, tenant: Tenant, revoke_writes: bool) -> dict:
 
 # dump and restore
 
-def prepare_target(target_url: str, tenant: Tenant) -> None:
+REFERENCED_ROLES = """
+SELECT DISTINCT r.rolname FROM pg_roles r WHERE r.oid IN (
+  SELECT nspowner FROM pg_namespace WHERE nspname = %(s)s
+  UNION SELECT c.relowner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %(s)s
+  UNION SELECT p.proowner FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %(s)s
+  UNION SELECT (aclexplode(c.relacl)).grantee FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %(s)s AND c.relacl IS NOT NULL
+  UNION SELECT (aclexplode(nspacl)).grantee FROM pg_namespace WHERE nspname = %(s)s AND nspacl IS NOT NULL
+  UNION SELECT unnest(pol.polroles) FROM pg_policy pol JOIN pg_class c ON c.oid = pol.polrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %(s)s
+) AND NOT r.rolsuper ORDER BY 1
+"""
+
+
+def referenced_roles(conn, schema: str) -> list[str]:
+    """Roles the schema's objects are owned by, granted to or name in policies."""
+    roles = [r[0] for r in conn.execute(REFERENCED_ROLES, {"s": schema}).fetchall()]
+    conn.rollback()
+    return roles
+
+
+def prepare_target(target_url: str, tenant: Tenant, roles: list[str]) -> None:
     """Empties what an earlier attempt restored and creates the roles the dump refers to."""
     with psycopg.connect(target_url, connect_timeout=10) as conn, conn.transaction():
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant.schema)))
         conn.execute("DELETE FROM flux.flux_migrations WHERE tenant_schema = %s", (tenant.schema,))
-        for role in (tenant.owner_role, tenant.runtime_role):
+        for role in sorted({tenant.owner_role, tenant.runtime_role, *roles}):
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
                 conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
         # App tokens act as the runtime role through PostgREST, which logs in as authenticator.
@@ -242,7 +265,9 @@ def dump(settings: DbSettings, tenant: Tenant, spool: pathlib.Path, name: str, t
     partial = path.with_suffix(".sql.partial")
     say = progress or (lambda *a: None)
     if target_url:
-        prepare_target(target_url, tenant)
+        with psycopg.connect(settings.shared_cluster_url, connect_timeout=10) as source:
+            roles = referenced_roles(source, tenant.schema)
+        prepare_target(target_url, tenant, roles)
     dumper = subprocess.Popen(
         [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(settings.shared_cluster_url))
@@ -284,13 +309,18 @@ def dump(settings: DbSettings, tenant: Tenant, spool: pathlib.Path, name: str, t
                 restorer.stdin.close()
             except BrokenPipeError:
                 pass
-    dump_err = dumper.stderr.read().decode(errors="replace").strip()
-    if dumper.wait() != 0:
-        raise AgentError(f"pg_dump of {tenant.schema} failed: {dump_err[-800:]}", retryable=True)
+    # A restore that failed says why first: pg_dump may only have been stopped because of it.
     if restorer is not None:
         restore_err = restorer.stderr.read().decode(errors="replace").strip()
         if restorer.wait() != 0:
+            dumper.kill()
+            dumper.wait()
+            partial.unlink(missing_ok=True)
             raise AgentError(f"restore into the dedicated database failed: {restore_err[-800:]}")
+    dump_err = dumper.stderr.read().decode(errors="replace").strip()
+    if dumper.wait() != 0:
+        partial.unlink(missing_ok=True)
+        raise AgentError(f"pg_dump of {tenant.schema} failed: {dump_err[-800:]}", retryable=True)
     os.replace(partial, path)
     ledger_rows = 0
     if target_url:

@@ -175,7 +175,7 @@ class Migrations:
                      "docker_host": docker_name, "service_url": service_url(project, self.gateways.base_domain)},
             "preflight": {
                 **{k: preflight[k] for k in ("schema", "tables", "views", "sequences", "extensions", "ledger",
-                                             "policy_roles", "total_bytes", "spool_free_bytes")},
+                                             "policy_roles", "roles", "total_bytes", "spool_free_bytes")},
                 "db_host": project.db_agent,
                 "tools": {project.db_agent: preflight["tools"],
                           **({docker_name: {"docker": docker_agent.facts.get("tools", {}).get("docker")}}

@@ -52,3 +52,67 @@ def test_pg_dump_15_18_emits_restrict(databases):
         pytest.skip(f"this check is about pg_dump 15.18; installed: {version.strip()}")
     dump = subprocess.run(["pg_dump"], capture_output=True, check=True, env=libpq_env(databases[0])).stdout
     assert dump.splitlines()[0].startswith(b"\\restrict") or b"\n\\restrict " in dump
+
+
+def _tenant_target(target: str) -> None:
+    with psycopg.connect(target) as conn:
+        conn.execute("CREATE ROLE authenticator; CREATE ROLE authenticated; CREATE SCHEMA flux;"
+                     " CREATE TABLE flux.flux_migrations (tenant_schema text, version text, filename text,"
+                     " checksum text, applied_at timestamptz DEFAULT now(), PRIMARY KEY (tenant_schema, filename))")
+
+
+@pytest.fixture
+def tenant():
+    from agent.tenants import Tenant
+
+    return Tenant("0123abcd-0000-4000-8000-000000000000", "0123abcd0000")
+
+
+def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_path):
+    from agent.dumps import dump
+    from agent.settings import DbSettings
+    from tests.support import remove_cluster, test_cluster
+
+    source = databases[0]
+    other = test_cluster(tmp_path)  # roles are per cluster: the target must be another one
+    target = other.url()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA flux; CREATE TABLE flux.flux_migrations (tenant_schema text, version text,"
+                     " filename text, checksum text, applied_at timestamptz DEFAULT now(),"
+                     " PRIMARY KEY (tenant_schema, filename))")
+        conn.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'auditor') THEN"
+                     f" CREATE ROLE auditor; END IF; END $$; CREATE SCHEMA {tenant.schema};"
+                     f" CREATE TABLE {tenant.schema}.notes (id int); INSERT INTO {tenant.schema}.notes VALUES (1);"
+                     f" GRANT SELECT ON {tenant.schema}.notes TO auditor")
+    try:
+        _tenant_target(target)
+        with psycopg.connect(target) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'auditor'").fetchone() == (0,)
+        result = dump(DbSettings(source), tenant, tmp_path, "roles", target)
+        assert result["restored"] is True
+        with psycopg.connect(target) as conn:
+            assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (1,)
+            assert conn.execute("SELECT has_table_privilege('auditor', %s, 'SELECT')",
+                                (f"{tenant.schema}.notes",)).fetchone() == (True,)
+    finally:
+        remove_cluster(other)
+
+
+def test_a_failing_restore_ends_the_job_with_psqls_error(databases, tenant, tmp_path):
+    from agent.dumps import dump
+    from agent.errors import AgentError
+    from agent.settings import DbSettings
+
+    source, target = databases
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA flux; CREATE TABLE flux.flux_migrations (tenant_schema text, version text,"
+                     " filename text, checksum text, applied_at timestamptz DEFAULT now(),"
+                     " PRIMARY KEY (tenant_schema, filename))")
+        # A type outside the tenant schema: the dump refers to it but does not carry it.
+        conn.execute(f"CREATE TYPE public.mood AS ENUM ('ok', 'meh'); CREATE SCHEMA {tenant.schema};"
+                     f" CREATE TABLE {tenant.schema}.feelings (id int, mood public.mood);"
+                     f" INSERT INTO {tenant.schema}.feelings SELECT g, 'ok' FROM generate_series(1, 200000) g")
+    _tenant_target(target)
+    with pytest.raises(AgentError, match='type "public.mood" does not exist'):
+        dump(DbSettings(source), tenant, tmp_path, "fails", target)
+    assert list((tmp_path / "dumps").iterdir()) == []
