@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .catalog import Agent, Catalog, Job, User
 from .errors import BadRequest, FluxError, NotFound, Unauthorized
+from .dashboard import mount as mount_dashboard
 from .fleet import Fleet, check_agent_name, check_roles
 from .gateways import service_url
 from .migrations import Migrations, Options, check
@@ -180,6 +181,8 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
         if agent is None:
             raise NotFound(f"no agent named {name}")
         return agent
+
+    mount_dashboard(app, catalog, fleet, projects, migrations)
 
     @app.get(f"{PREFIX}/auth/verify")
     async def verify(user: User = Depends(current_user)):

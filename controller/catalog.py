@@ -182,6 +182,7 @@ class MigrationRow:
     result: dict | None
     new_jwt_secret_sealed: str | None
     started_at: datetime.datetime
+    finished_at: datetime.datetime | None = None
 
 
 def _migration(row: dict) -> MigrationRow:
@@ -520,3 +521,26 @@ class Catalog:
     async def unflip(self, project_id: str, jwt_secret_sealed: str) -> None:
         await self._one("UPDATE projects SET mode = 'v2_shared', jwt_secret_sealed = %s WHERE id = %s RETURNING 1",
                         (jwt_secret_sealed, project_id))
+
+    # dashboard sessions
+
+    async def create_session(self, id_hash: str, user_id: int, csrf: str, ttl: datetime.timedelta) -> None:
+        await self._one("INSERT INTO sessions (id_hash, user_id, csrf, expires_at) VALUES (%s, %s, %s, now() + %s)"
+                        " RETURNING 1", (id_hash, user_id, csrf, ttl))
+
+    async def session_user(self, id_hash: str) -> tuple[User, str] | None:
+        row = await self._one(
+            "SELECT u.id, u.name, u.plan, u.cli_role, s.csrf FROM sessions s JOIN users u ON u.id = s.user_id"
+            " WHERE s.id_hash = %s AND s.expires_at > now()", (id_hash,))
+        if row is None:
+            return None
+        csrf = row.pop("csrf")
+        return User(**row), csrf
+
+    async def delete_session(self, id_hash: str) -> None:
+        await self._one("DELETE FROM sessions WHERE id_hash = %s RETURNING 1", (id_hash,))
+
+    async def migrations_of(self, project_id: str, limit: int = 10) -> list[MigrationRow]:
+        rows = await self._all("SELECT * FROM migrations WHERE project_id = %s ORDER BY started_at DESC LIMIT %s",
+                               (project_id, limit))
+        return [_migration(r) for r in rows]

@@ -100,6 +100,9 @@ class Migrations:
         self.gateways = gateways
         self._listeners: dict[str, list[asyncio.Queue]] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._project_of: dict[str, str] = {}
+        # Hear every migration's events with the project they concern (the dashboard's live cards).
+        self.watchers: list = []
 
     # events
 
@@ -116,6 +119,9 @@ class Migrations:
     def _emit(self, migration_id: str, event: dict) -> None:
         for queue in self._listeners.get(migration_id, []):
             queue.put_nowait(event)
+        project_id = self._project_of.get(migration_id)
+        for watcher in list(self.watchers):
+            watcher(project_id, event)
 
     # plan and preflight
 
@@ -196,6 +202,7 @@ class Migrations:
         if options.new_jwt_secret:
             sealed = self.projects.box.seal(secrets.token_urlsafe(JWT_SECRET_BYTES).encode(), f"project:{project.id}")
         row = await self.catalog.insert_migration(str(uuid.uuid4()), project.id, options.kind, asdict(options), sealed)
+        self._project_of[row.id] = project.id
         self._tasks[row.id] = asyncio.create_task(self._drive(row))
         return row
 
@@ -238,6 +245,7 @@ class Migrations:
         finally:
             self._tasks.pop(row.id, None)
         self._emit(row.id, {"event": "result", **final})
+        self._project_of.pop(row.id, None)
         return final
 
     async def _phase(self, row: MigrationRow, phase: str) -> None:

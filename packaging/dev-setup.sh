@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine to run Flux from this checkout: system packages
-# (PostgreSQL server and client, systemd's tools, Caddy, Docker, debootstrap) and a virtualenv in .venv with the
+# (PostgreSQL server and client, systemd's tools, Caddy, Docker, debootstrap, Chromium for the
+# dashboard's browser tests) and a virtualenv in .venv with the
 # project installed. Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v caddy >/dev/null 2>&1 || need+=(caddy)
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 

@@ -1,0 +1,229 @@
+"""The dashboard at `/`: sign-in, projects, project detail and fleet, server-rendered.
+
+Actions call the same `Projects` and `Migrations` operations as the HTTP API. A session is
+an HTTP-only, same-site cookie whose hash is stored; every form carries the session's
+token and every POST must come from this origin.
+"""
+
+import asyncio
+import datetime
+import hashlib
+import html
+import json
+import secrets
+from importlib import resources
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from .catalog import Catalog, Project, User
+from .errors import FluxError, Forbidden
+from .fleet import Fleet
+from .gateways import service_url
+from .migrations import Migrations, Options
+from .projects import DEDICATED, Projects
+from .tokens import is_well_formed_api_token, token_hash
+
+COOKIE = "flux_session"
+SESSION_TTL = datetime.timedelta(hours=12)
+ACTIONS = {"stop": "Stop", "start": "Start", "repair": "Repair", "migrate": "Migrate to dedicated"}
+ROOT = resources.files(__package__)
+
+
+class SignInRequired(Exception):
+    pass
+
+
+def status_label(project: Project, migrating: str | None) -> tuple[str, str]:
+    """(label, tone) of a card: what the agents observe, in the dashboard's words."""
+    if migrating:
+        return f"Migrating · {migrating}", "busy"
+    if project.lifecycle == "provisioning":
+        return "Starting", "busy"
+    if project.mode != DEDICATED:
+        return "Online · Healthy", "ok"
+    return {"running": ("Online · Healthy", "ok"), "stopped": ("Offline", "off"),
+            "missing": ("Offline", "off")}.get(project.observed_status or "missing", ("Error", "error"))
+
+
+def mount(app, catalog: Catalog, fleet: Fleet, projects: Projects, migrations: Migrations) -> None:
+    templates = Environment(loader=FileSystemLoader(str(ROOT / "templates")),
+                            autoescape=select_autoescape(["html"]))
+    router = APIRouter(include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
+
+    def render(name: str, status: int = 200, **context) -> HTMLResponse:
+        return HTMLResponse(templates.get_template(name).render(**context), status_code=status)
+
+    async def session(request: Request) -> tuple[User, str]:
+        cookie = request.cookies.get(COOKIE)
+        found = await catalog.session_user(hashlib.sha256(cookie.encode()).hexdigest()) if cookie else None
+        if found is None:
+            raise SignInRequired()
+        return found
+
+    def same_origin(request: Request) -> None:
+        origin = request.headers.get("origin") or request.headers.get("referer")
+        if origin is None:
+            raise Forbidden("cross-site request refused: no Origin")
+        if urlsplit(origin).netloc != request.headers.get("host"):
+            raise Forbidden("cross-site request refused")
+
+    async def checked(request: Request, csrf: str) -> User:
+        user, expected = await session(request)
+        same_origin(request)
+        if not secrets.compare_digest(csrf or "", expected):
+            raise Forbidden("the form's token does not match this session; reload the page")
+        return user
+
+    async def card(project: Project) -> dict:
+        running = await catalog.running_migration(project.id)
+        label, tone = status_label(project, running.phase if running else None)
+        return {"p": project, "label": label, "tone": tone, "url": service_url(project, projects.base_domain),
+                "engine": "Dedicated" if project.mode == DEDICATED else "Pooled", "migrating": bool(running)}
+
+    async def visible(user: User) -> list[Project]:
+        listed = [p for p in await catalog.projects_of(user.id) if p.lifecycle not in ("deleting",)]
+        await asyncio.gather(*(projects.observe(p) for p in listed if p.mode == DEDICATED and p.lifecycle == "active"))
+        return [p for p in await catalog.projects_of(user.id) if p.lifecycle not in ("deleting",)]
+
+    @app.exception_handler(SignInRequired)
+    async def to_sign_in(request: Request, _: SignInRequired):
+        if request.method == "GET" and not request.url.path.startswith("/events"):
+            return RedirectResponse("/login", status_code=303)
+        return HTMLResponse("<h1>Sign in required</h1>", status_code=401)
+
+    @router.get("/", response_class=HTMLResponse)
+    async def home(request: Request):
+        await session(request)
+        return RedirectResponse("/projects", status_code=303)
+
+    @router.get("/login", response_class=HTMLResponse)
+    async def login_page(request: Request):
+        return render("login.html", error=None)
+
+    @router.post("/login")
+    async def login(request: Request, token: str = Form("")):
+        same_origin(request)
+        token = token.strip()
+        user = await catalog.user_for_token(token_hash(token)) if is_well_formed_api_token(token) else None
+        if user is None:
+            return render("login.html", status=401, error="That token is not valid for this control plane.")
+        value = secrets.token_urlsafe(32)
+        await catalog.create_session(hashlib.sha256(value.encode()).hexdigest(), user.id,
+                                     secrets.token_urlsafe(24), SESSION_TTL)
+        response = RedirectResponse("/projects", status_code=303)
+        response.set_cookie(COOKIE, value, max_age=int(SESSION_TTL.total_seconds()), httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https", path="/")
+        return response
+
+    @router.post("/logout")
+    async def logout(request: Request, csrf: str = Form("")):
+        await checked(request, csrf)
+        await catalog.delete_session(hashlib.sha256(request.cookies[COOKIE].encode()).hexdigest())
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    @router.get("/projects", response_class=HTMLResponse)
+    async def projects_page(request: Request):
+        user, csrf = await session(request)
+        cards = [await card(p) for p in await visible(user)]
+        return render("projects.html", user=user, csrf=csrf, cards=cards, page="projects")
+
+    @router.get("/projects/{hash_}/card", response_class=HTMLResponse)
+    async def card_fragment(request: Request, hash_: str):
+        user, csrf = await session(request)
+        project = await projects.get(user, hash_)
+        if project.mode == DEDICATED:
+            await projects.observe(project)
+            project = await catalog.project(project.id)
+        return render("_card.html", c=await card(project), csrf=csrf)
+
+    @router.get("/projects/{hash_}", response_class=HTMLResponse)
+    async def project_page(request: Request, hash_: str):
+        user, csrf = await session(request)
+        project = await projects.get(user, hash_)
+        history = await catalog.migrations_of(project.id)
+        return render("project.html", user=user, csrf=csrf, c=await card(project), history=history,
+                      credentials=None, page="projects")
+
+    @router.post("/projects/{hash_}/credentials", response_class=HTMLResponse)
+    async def show_credentials(request: Request, hash_: str, csrf: str = Form("")):
+        user = await checked(request, csrf)
+        project = await projects.get(user, hash_)
+        history = await catalog.migrations_of(project.id)
+        response = render("project.html", user=user, csrf=csrf, c=await card(project), history=history,
+                          credentials=projects.credentials(project), page="projects")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @router.get("/projects/{hash_}/confirm/{action}", response_class=HTMLResponse)
+    async def confirm_page(request: Request, hash_: str, action: str):
+        user, csrf = await session(request)
+        project = await projects.get(user, hash_)
+        if action not in ACTIONS:
+            return render("error.html", status=404, user=user, csrf=csrf, message=f"no action {action}")
+        return render("confirm.html", user=user, csrf=csrf, p=project, action=action, verb=ACTIONS[action],
+                      page="projects")
+
+    @router.post("/projects/{hash_}/actions/{action}")
+    async def run_action(request: Request, hash_: str, action: str, csrf: str = Form(""), confirm: str = Form("")):
+        user = await checked(request, csrf)
+        project = await projects.get(user, hash_)
+        if confirm != "yes" or action not in ACTIONS:
+            return RedirectResponse(f"/projects/{hash_}/confirm/{action}", status_code=303)
+        try:
+            if action in ("stop", "start"):
+                await projects.lifecycle(project, action)
+            elif action == "repair":
+                await projects.repair(project)
+            else:
+                await migrations.start(project, Options(yes=True))
+        except FluxError as exc:
+            return render("error.html", status=exc.status, user=user, csrf=csrf, message=exc.message)
+        return RedirectResponse("/projects", status_code=303)
+
+    @router.get("/fleet", response_class=HTMLResponse)
+    async def fleet_page(request: Request):
+        user, csrf = await session(request)
+        agents = [{"a": a, "connected": fleet.connected(a.name)} for a in await catalog.list_agents()]
+        return render("fleet.html", user=user, csrf=csrf, agents=agents, page="fleet")
+
+    @router.get("/events")
+    async def events(request: Request):
+        user, _ = await session(request)
+        mine = {p.id: p.hash for p in await catalog.projects_of(user.id)}
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def watch(project_id, event):
+            if project_id in mine:
+                queue.put_nowait({"hash": mine[project_id], **event})
+
+        async def stream():
+            migrations.watchers.append(watch)
+            try:
+                yield ": connected\n\n"
+                while not await request.is_disconnected():
+                    try:
+                        event = await asyncio.wait_for(queue.get(), 15)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    yield f"data: {json.dumps(event, default=str)}\n\n"
+            finally:
+                migrations.watchers.remove(watch)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden):
+        if request.url.path.startswith("/api/"):
+            return Response(json.dumps({"error": exc.message}), status_code=403, media_type="application/json")
+        return HTMLResponse(f"<h1>Forbidden</h1><p>{html.escape(exc.message)}</p>", status_code=403)
+
+    app.include_router(router)
