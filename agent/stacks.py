@@ -19,6 +19,7 @@ import psycopg
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from psycopg import sql
 
+from .apiroles import API_ROLES_AND_LEDGER
 from .errors import AgentError
 from .settings import DockerSettings
 
@@ -156,38 +157,10 @@ def wait_for_db(url: str, timeout: float = READY_TIMEOUT_S) -> None:
                      retryable=True)
 
 
-BOOTSTRAP = """
-DO $$
-BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticator') THEN
-    CREATE ROLE authenticator LOGIN NOINHERIT;
-  END IF;
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'anon') THEN
-    CREATE ROLE anon NOLOGIN;
-  END IF;
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
-    CREATE ROLE authenticated NOLOGIN;
-  END IF;
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
-    CREATE ROLE service_role NOLOGIN BYPASSRLS;
-  END IF;
-END $$;
-ALTER ROLE authenticator WITH LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE;
+BOOTSTRAP = API_ROLES_AND_LEDGER + """
 ALTER ROLE service_role WITH NOLOGIN BYPASSRLS;
 GRANT anon, authenticated, service_role TO authenticator;
-CREATE SCHEMA IF NOT EXISTS auth;
 GRANT USAGE ON SCHEMA auth TO anon, authenticated, service_role;
-CREATE OR REPLACE FUNCTION auth.uid() RETURNS text LANGUAGE sql STABLE AS
-  $$ SELECT nullif(current_setting('request.jwt.claims', true), '')::json ->> 'sub' $$;
-CREATE SCHEMA IF NOT EXISTS flux;
-CREATE TABLE IF NOT EXISTS flux.flux_migrations (
-  tenant_schema text NOT NULL,
-  version       text NOT NULL,
-  filename      text NOT NULL,
-  checksum      text NOT NULL,
-  applied_at    timestamptz NOT NULL DEFAULT now(),
-  PRIMARY KEY (tenant_schema, filename)
-);
 """
 
 API_SCHEMA_GRANTS = [

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from .apiroles import API_ROLES_AND_LEDGER
 from .errors import AgentError
 from .settings import DbSettings
 from .ledger import MigrationFile, apply_files
@@ -54,38 +55,10 @@ class Tenant:
         return f"tenant:{self.project_id}"
 
 
-BOOTSTRAP = """
-DO $$
-BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticator') THEN
-    CREATE ROLE authenticator LOGIN NOINHERIT;
-  END IF;
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'anon') THEN
-    CREATE ROLE anon NOLOGIN;
-  END IF;
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
-    CREATE ROLE authenticated NOLOGIN;
-  END IF;
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
-    CREATE ROLE service_role NOLOGIN;
-  END IF;
-END $$;
-ALTER ROLE authenticator WITH LOGIN NOINHERIT;
+BOOTSTRAP = API_ROLES_AND_LEDGER + """
 GRANT anon TO authenticator;
-CREATE SCHEMA IF NOT EXISTS auth;
 GRANT USAGE ON SCHEMA auth TO PUBLIC;
-CREATE OR REPLACE FUNCTION auth.uid() RETURNS text LANGUAGE sql STABLE AS
-  $$ SELECT nullif(current_setting('request.jwt.claims', true), '')::json ->> 'sub' $$;
-CREATE SCHEMA IF NOT EXISTS flux;
 GRANT USAGE ON SCHEMA flux TO PUBLIC;
-CREATE TABLE IF NOT EXISTS flux.flux_migrations (
-  tenant_schema text NOT NULL,
-  version       text NOT NULL,
-  filename      text NOT NULL,
-  checksum      text NOT NULL,
-  applied_at    timestamptz NOT NULL DEFAULT now(),
-  PRIMARY KEY (tenant_schema, filename)
-);
 REVOKE ALL ON flux.flux_migrations FROM PUBLIC;
 -- PostgREST's pre-request hook: a tenant's runtime role only ever sees its own schema.
 CREATE OR REPLACE FUNCTION flux.pre_request() RETURNS void LANGUAGE plpgsql AS $$

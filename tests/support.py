@@ -306,7 +306,6 @@ class LocalFleet:
         """SIGKILL, as a crash would."""
         import signal
 
-        from cli.devfleet import pid_alive
 
         pid = self.fleet.state["pids"][key]
         os.kill(pid, signal.SIGKILL)
