@@ -1,6 +1,7 @@
 """flux migrate end to end: pooled to dedicated on real Postgres, Docker, Caddy and agents."""
 
 import hashlib
+import sys
 import json
 import subprocess
 import threading
@@ -332,3 +333,28 @@ def test_db_agent_killed_during_dump_rolls_back_and_keeps_the_source(fleet):
     assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400002,)]
     write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "still pooled"})
     assert write.status_code == 201
+
+
+def test_missing_pg_dump_on_the_db_host_is_reported_by_the_dry_run_and_refused(fleet):
+    from cli.devfleet import spawn, terminate
+
+    project, _ = _tenant(fleet, "No Pg Dump", rows=1)
+    agent_dir = fleet.fleet.dir / "agents" / "dev-db"
+    terminate(fleet.fleet.state["pids"]["dev-db"])
+    # The same agent, on a host whose PATH has no PostgreSQL client.
+    pid = spawn([sys.executable, "-m", "agent.main", "run", "--state-dir", str(agent_dir)],
+                fleet.fleet.dir / "logs" / "dev-db-no-pg-dump.log", {"PATH": "/nonexistent"})
+    try:
+        wait_until(lambda: next(a for a in fleet.api("GET", "agents").json() if a["name"] == "dev-db")["connected"],
+                   30, "dev-db without pg_dump")
+        dry = fleet.migrate(project, dryRun=True, yes=False)
+        assert dry.status_code == 200 and dry.json()["ok"] is False
+        errors = dry.json()["preflight"]["errors"]
+        assert any("pg_dump not found on db agent dev-db (host" in e for e in errors), errors
+        refused = fleet.migrate(project)
+        assert refused.status_code == 400
+        assert refused.json()["phase"] == "preflight" and "pg_dump not found" in refused.json()["error"]
+        assert _containers(project) == [] and _mode(fleet, project) == "v2_shared"
+    finally:
+        terminate(pid)
+        fleet.restart()
