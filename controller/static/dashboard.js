@@ -3,6 +3,7 @@
 (function () {
   "use strict";
   var source = new EventSource("/events");
+  window.fluxEvents = source;
   function card(hash) { return document.querySelector('.card[data-hash="' + hash + '"]'); }
   function refresh(hash) {
     fetch("/projects/" + hash + "/card", {credentials: "same-origin"})

@@ -125,7 +125,7 @@ def test_projects_page_actions_and_a_live_migration(fleet, base, browser):
     assert card(page, dedicated).locator(".status").inner_text() == "Online · Healthy"
 
     # A migration started elsewhere shows up on the open page, live, then the card turns Dedicated.
-    page.wait_for_timeout(500)  # the event stream is connected
+    page.wait_for_function("window.fluxEvents && window.fluxEvents.readyState === 1")
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("r", fleet.migrate(pooled)))
     thread.start()
