@@ -544,3 +544,13 @@ class Catalog:
         rows = await self._all("SELECT * FROM migrations WHERE project_id = %s ORDER BY started_at DESC LIMIT %s",
                                (project_id, limit))
         return [_migration(r) for r in rows]
+
+    # operations
+
+    async def record_operation(self, project_id: str, kind: str, outcome: str, detail: str | None = None) -> None:
+        await self._one("INSERT INTO operations (project_id, kind, outcome, detail) VALUES (%s, %s, %s, %s)"
+                        " RETURNING 1", (project_id, kind, outcome, detail))
+
+    async def operations_of(self, project_id: str, limit: int = 10) -> list[dict]:
+        return await self._all("SELECT kind, outcome, detail, at FROM operations WHERE project_id = %s"
+                               " ORDER BY at DESC LIMIT %s", (project_id, limit))

@@ -143,21 +143,29 @@ def mount(app, catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
             project = await catalog.project(project.id)
         return render("_card.html", c=await card(project), csrf=csrf)
 
+    async def history(project: Project) -> list[dict]:
+        """Recent operations, migrations included, newest first."""
+        rows = [{"what": o["kind"], "at": o["at"], "outcome": o["outcome"], "detail": o["detail"] or ""}
+                for o in await catalog.operations_of(project.id)]
+        rows += [{"what": f"migrate ({m.kind.replace('_', '-')})", "at": m.started_at,
+                  "outcome": m.state.replace("_", " "), "detail": m.phase + (f": {m.error}" if m.error else "")}
+                 for m in await catalog.migrations_of(project.id)]
+        return sorted(rows, key=lambda r: r["at"], reverse=True)[:15]
+
     @router.get("/projects/{hash_}", response_class=HTMLResponse)
     async def project_page(request: Request, hash_: str):
         user, csrf = await session(request)
         project = await projects.get(user, hash_)
-        history = await catalog.migrations_of(project.id)
-        return render("project.html", user=user, csrf=csrf, c=await card(project), history=history,
+        return render("project.html", user=user, csrf=csrf, c=await card(project), history=await history(project),
                       credentials=None, page="projects")
 
     @router.post("/projects/{hash_}/credentials", response_class=HTMLResponse)
     async def show_credentials(request: Request, hash_: str, csrf: str = Form("")):
         user = await checked(request, csrf)
         project = await projects.get(user, hash_)
-        history = await catalog.migrations_of(project.id)
-        response = render("project.html", user=user, csrf=csrf, c=await card(project), history=history,
-                          credentials=projects.credentials(project), page="projects")
+        response = render("project.html", user=user, csrf=csrf, c=await card(project),
+                          history=await history(project), credentials=projects.credentials(project),
+                          page="projects")
         response.headers["Cache-Control"] = "no-store"
         return response
 

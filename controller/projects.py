@@ -200,6 +200,7 @@ class Projects:
             log.warning("create %s failed, undoing: %s", project.slug, exc.message)
             await self._undo(project)
             raise
+        await self.catalog.record_operation(project.id, "create", "succeeded", mode)
         return await self.catalog.project(project.id), secret
 
     @staticmethod
@@ -271,17 +272,32 @@ class Projects:
         if project.mode != DEDICATED:
             raise BadRequest(f"{project.slug} is {project.mode}: {action} applies to v1_dedicated projects")
 
+    async def _recorded(self, project: Project, kind: str, work):
+        """Runs an operation and records its outcome for the project's history."""
+        try:
+            result = await work()
+        except FluxError as exc:
+            await self.catalog.record_operation(project.id, kind, "failed", exc.message)
+            raise
+        await self.catalog.record_operation(project.id, kind, "succeeded", None)
+        return result
+
     async def lifecycle(self, project: Project, action: str) -> dict:
         if action not in ("start", "stop"):
             raise BadRequest("action must be start or stop")
         self._dedicated(project, action)
         await self.not_migrating(project)
-        if action == "stop":
-            await self.fleet.run(project.docker_agent, "stack.stop", self._stack(project), timeout=STACK_JOB_TIMEOUT_S)
-        else:
-            await self.fleet.run(project.docker_agent, "stack.start", self._stack(project, True),
-                                 timeout=STACK_JOB_TIMEOUT_S)
-        status = await self.observe(await self.catalog.project(project.id))
+
+        async def work():
+            if action == "stop":
+                await self.fleet.run(project.docker_agent, "stack.stop", self._stack(project),
+                                     timeout=STACK_JOB_TIMEOUT_S)
+            else:
+                await self.fleet.run(project.docker_agent, "stack.start", self._stack(project, True),
+                                     timeout=STACK_JOB_TIMEOUT_S)
+            return await self.observe(await self.catalog.project(project.id))
+
+        status = await self._recorded(project, action, work)
         return {"ok": True, "action": action, "status": status}
 
     async def probe(self, project: Project) -> dict:
@@ -293,8 +309,13 @@ class Projects:
 
     async def repair(self, project: Project) -> dict:
         self._dedicated(project, "repair")
-        out = await self._provision(project)
-        await self.gateways.sync()
+
+        async def work():
+            out = await self._provision(project)
+            await self.gateways.sync()
+            return out
+
+        out = await self._recorded(project, "repair", work)
         return {"ok": True, "steps": out["steps"], "changed": out["changed"],
                 "status": await self.observe(await self.catalog.project(project.id))}
 

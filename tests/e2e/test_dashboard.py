@@ -141,9 +141,12 @@ def test_projects_page_actions_and_a_live_migration(fleet, base, browser):
 
 def test_project_detail_shows_credentials_only_on_request_and_the_fleet_page(fleet, base, browser):
     project = fleet.create("Detail Demo", mode="v1_dedicated")
+    assert fleet.api("POST", f"projects/{project['summary']['hash']}/lifecycle", {"action": "stop"}).status_code == 200
     page = sign_in(browser, base, fleet.token)
     page.goto(f"{base}/projects/{project['summary']['hash']}")
     assert page.get_by_text(project["summary"]["apiUrl"]).is_visible()
+    operations = page.locator("tbody").first.inner_text()
+    assert "stop" in operations and "create" in operations and "succeeded" in operations
     assert project["projectJwtSecret"] not in page.content()
     page.get_by_role("button", name="Show credentials").click()
     assert project["projectJwtSecret"] in page.content()
