@@ -129,8 +129,12 @@ def test_projects_page_actions_and_a_live_migration(fleet, base, browser):
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("r", fleet.migrate(pooled)))
     thread.start()
-    card(page, pooled).locator(".migration:not([hidden]) .phase").wait_for(timeout=30_000)
-    assert "Migrating" in card(page, pooled).locator(".phase").inner_text()
+    seen = page.wait_for_function(
+        """hash => {
+             const phase = document.querySelector(`.card[data-hash="${hash}"] .migration:not([hidden]) .phase`);
+             return phase && phase.textContent.includes("Migrating") ? phase.textContent : null;
+           }""", arg=pooled["summary"]["hash"], timeout=30_000)
+    assert seen.json_value().startswith("Migrating · ")
     thread.join(300)
     assert result["r"].status_code == 200, result["r"].text
     card(page, pooled).locator(".badge", has_text="Dedicated").wait_for(timeout=30_000)

@@ -51,3 +51,15 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", proc.stderr
+
+
+@pytest.mark.parametrize("dropin, key, value", [
+    ("docker.conf", "SupplementaryGroups", "docker"),
+    ("gateway.conf", "AmbientCapabilities", "CAP_NET_BIND_SERVICE"),
+])
+def test_role_drop_ins_add_only_what_their_role_needs(dropin, key, value):
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(UNITS / "flux-agent.service.d" / dropin)
+    assert parser["Service"][key] == value
+    assert "SupplementaryGroups" not in _unit("flux-agent.service")["Service"]
