@@ -395,10 +395,11 @@ def dev_up(directory, as_json, login):
 
     def render(r):
         click.echo(f"Local fleet is up ({'reused: ' + ', '.join(r['reused']) if r['reused'] else 'started'}).")
-        for key in ("api_base", "http", "grpc", "enroll", "catalog", "dir", "logs"):
-            click.echo(f"  {key:9} {r[key]}")
-        click.echo(f"  agents    {', '.join(r['agents'])}")
-        click.echo(f"  token     {r['token']}")
+        for key in ("api_base", "gateway_url", "base_domain", "gateway_ca", "http", "grpc", "enroll", "catalog",
+                    "shared_cluster", "pooled_postgrest", "dir", "logs"):
+            click.echo(f"  {key:16} {r[key]}")
+        click.echo(f"  {'agents':16} {', '.join(r['agents'])}")
+        click.echo(f"  {'token':16} {r['token']}")
 
     emit(result, as_json, render)
 

@@ -63,6 +63,9 @@ def test_dev_up_starts_a_fleet_the_cli_can_use(fleet):
     token = flux("agents", "token", "--roles", "docker", "--ttl", "10m")
     assert "flux-agent enroll --controller" in token.stdout and "--roles docker" in token.stdout
 
+    shown = flux("dev", "up", "--dir", str(directory)).stdout
+    for key in ("api_base", "gateway_url", "base_domain", "gateway_ca", "token"):
+        assert key in shown
     again = json.loads(flux("dev", "up", "--dir", str(directory), "--json").stdout)
     assert set(again["reused"]) == {"catalog cluster", "shared cluster", "docker engine", "controller", "dev-db",
                                     "dev-gateway", "dev-docker", "pooled-postgrest"}
