@@ -7,6 +7,7 @@ the controller acknowledges them.
 
 import asyncio
 import logging
+import os
 import random
 import signal
 
@@ -20,11 +21,20 @@ from . import settings as settings_mod
 from . import tenants
 from .errors import AgentError, Revoked
 from .gateway import Gateway
+from .identity import certificate_expiry, needs_renewal, new_key_and_csr
 from .jobs import HANDLERS, JobContext
 from .spool import JobRecord, Spool
 from .systemd import notify
 
 log = logging.getLogger(__name__)
+
+
+def finish_renewal(state: StateDir) -> None:
+    """Puts a renewed key and certificate in place, whichever of them is still waiting."""
+    for name in ("key.pem", "cert.pem"):
+        pending = state.file(name + ".new")
+        if pending.exists():
+            os.replace(pending, state.file(name))
 
 
 class Backoff:
@@ -45,6 +55,7 @@ class Agent:
     def __init__(self, state: StateDir, tools: dict[str, str] | None = None):
         self.state = state
         self.config: AgentConfig = state.load()
+        finish_renewal(state)
         self.spool = Spool(state.spool)
         self.tools = facts_mod.tool_versions() if tools is None else tools
         self.settings = settings_mod.load(state)
@@ -111,6 +122,16 @@ class Agent:
         self.send(wire.result(record.id, record.ok, record.output, record.error, record.retryable,
                               record.error_code))
 
+    async def _renew(self, channel) -> None:
+        key_pem, csr_pem = new_key_and_csr(self.config.name)
+        cert_pem = await wire.renew(channel, csr_pem)
+        # Both new files are complete before either replaces the old one; a crash in between
+        # is finished by `finish_renewal` when the agent starts again.
+        self.state.write("key.pem.new", key_pem, secret=True)
+        self.state.write("cert.pem.new", cert_pem)
+        finish_renewal(self.state)
+        log.info("renewed this agent's certificate until %s", certificate_expiry(cert_pem))
+
     def _bootstrap_shared_cluster(self) -> None:
         """Prepares the shared cluster at start so the pooled PostgREST can log in before any tenant exists."""
         try:
@@ -151,6 +172,9 @@ class Agent:
                 if isinstance(event, wire.Welcome):
                     log.info("connected to the controller at %s as %s", host_port, self.config.name)
                     backoff.reset()
+                    if needs_renewal(self.state.read("cert.pem")):
+                        await self._renew(channel)
+                        raise AgentError("certificate renewed; reconnecting with it", retryable=True)
                     self.heartbeat_seconds = event.heartbeat_seconds
                     if heartbeats is None:
                         heartbeats = asyncio.create_task(self._heartbeats())

@@ -85,3 +85,13 @@ def new_key_and_csr(name: str) -> tuple[bytes, bytes]:
 
 def certificate_expiry(cert_pem: bytes) -> str:
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.isoformat()
+
+
+def needs_renewal(cert_pem: bytes, now=None) -> bool:
+    """True once less than a third of the certificate's lifetime remains."""
+    import datetime
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return cert.not_valid_after_utc - now < lifetime / 3

@@ -129,6 +129,15 @@ def enroll(address: str, ca_pem: bytes, token: str, name: str, roles: list[str],
                     reply.server_name)
 
 
+async def renew(channel, csr_pem: bytes) -> bytes:
+    """A new certificate for this agent, over its current mutual-TLS channel."""
+    try:
+        reply = await fleet_pb2_grpc.FleetStub(channel).Renew(pb.RenewRequest(csr_pem=csr_pem), timeout=15)
+    except grpc.RpcError as exc:
+        raise translate(exc, "certificate renewal refused") from None
+    return bytes(reply.certificate_pem)
+
+
 def open_stream(channel, requests):
     """Starts the Connect stream; `requests` is an async iterator of AgentMessages."""
     return fleet_pb2_grpc.FleetStub(channel).Connect(requests)

@@ -320,6 +320,15 @@ class Catalog:
     async def list_agents(self) -> list[Agent]:
         return [_agent(r) for r in await self._all("SELECT * FROM agents ORDER BY name")]
 
+    async def renew_agent(self, name: str, old_serial: str, new_serial: str,
+                          not_after: datetime.datetime) -> bool:
+        """Swaps an agent's certificate; False if the presented one is no longer its current one."""
+        row = await self._one(
+            "UPDATE agents SET cert_serial = %s, cert_expires_at = %s"
+            " WHERE name = %s AND cert_serial = %s AND revoked_at IS NULL RETURNING 1",
+            (new_serial, not_after, name, old_serial))
+        return row is not None
+
     async def revoke_agent(self, name: str) -> bool:
         row = await self._one(
             "UPDATE agents SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1",

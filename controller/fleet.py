@@ -288,8 +288,23 @@ def _peer_identity(context) -> tuple[str, str] | None:
 
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
-    def __init__(self, fleet: Fleet):
+    def __init__(self, fleet: Fleet, ca: CertificateAuthority):
         self.fleet = fleet
+        self.ca = ca
+
+    async def Renew(self, request, context):
+        identity = _peer_identity(context)
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        name, serial = identity
+        try:
+            issued = self.ca.sign_agent_csr(wire.decode_renew_request(request), name)
+        except PKIError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not await self.fleet.catalog.renew_agent(name, serial, str(issued.serial), issued.not_after):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate is not current for this agent")
+        log.info("agent %s renewed its certificate until %s", name, issued.not_after.isoformat())
+        return wire.encode_renew_response(issued.cert_pem)
 
     async def Connect(self, request_iterator, context):
         identity = _peer_identity(context)

@@ -76,7 +76,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     migrations = Migrations(catalog, fleet, projects, gateways)
 
     fleet_server = grpc.aio.server(options=GRPC_OPTIONS)
-    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(fleet), fleet_server)
+    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(fleet, ca), fleet_server)
     fleet_port = fleet_server.add_secure_port(
         fleet_listen.grpc_address(), _server_credentials(state, require_client_cert=True))
 

@@ -125,6 +125,14 @@ def encode_enroll_response(cert_pem: bytes, ca_pem: bytes, fleet_port: int, serv
     )
 
 
+def decode_renew_request(msg: pb.RenewRequest) -> bytes:
+    return bytes(msg.csr_pem)
+
+
+def encode_renew_response(cert_pem: bytes) -> pb.RenewResponse:
+    return pb.RenewResponse(certificate_pem=cert_pem)
+
+
 def welcome(heartbeat_seconds: int) -> pb.ControllerMessage:
     return pb.ControllerMessage(welcome=pb.Welcome(heartbeat_seconds=heartbeat_seconds))
 

@@ -112,6 +112,11 @@ class FleetStub:
                 request_serializer=proto_dot_fleet__pb2.AgentMessage.SerializeToString,
                 response_deserializer=proto_dot_fleet__pb2.ControllerMessage.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/flux.fleet.v1.Fleet/Renew',
+                request_serializer=proto_dot_fleet__pb2.RenewRequest.SerializeToString,
+                response_deserializer=proto_dot_fleet__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -125,6 +130,13 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """A new certificate for the calling agent, before its current one runs out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +144,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=proto_dot_fleet__pb2.AgentMessage.FromString,
                     response_serializer=proto_dot_fleet__pb2.ControllerMessage.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=proto_dot_fleet__pb2.RenewRequest.FromString,
+                    response_serializer=proto_dot_fleet__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -161,6 +178,33 @@ class Fleet:
             '/flux.fleet.v1.Fleet/Connect',
             proto_dot_fleet__pb2.AgentMessage.SerializeToString,
             proto_dot_fleet__pb2.ControllerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flux.fleet.v1.Fleet/Renew',
+            proto_dot_fleet__pb2.RenewRequest.SerializeToString,
+            proto_dot_fleet__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

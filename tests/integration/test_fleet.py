@@ -208,3 +208,41 @@ def test_agent_killed_mid_job_reports_it_failed_on_restart(controller, agents):
     assert done["state"] == "failed"
     assert "stopped while this job was running" in done["error"]
     assert done["retryable"] is True
+
+
+def test_an_agent_renews_its_certificate_before_it_runs_out(controller, agents):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    agent = agents("renew-1", start=False)
+    # Give the agent a certificate with ten days left of a year.
+    ca = x509.load_pem_x509_certificate((controller.state_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((controller.state_dir / "ca.key").read_bytes(), None)
+    key = serialization.load_pem_private_key(agent.read("key.pem"), None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    old = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "renew-1")]))
+           .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - datetime.timedelta(days=355)).not_valid_after(now + datetime.timedelta(days=10))
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .sign(ca_key, hashes.SHA256()))
+    (agent.state_dir / "cert.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    with psycopg.connect(controller.catalog_url, autocommit=True) as conn:
+        conn.execute("UPDATE agents SET cert_serial = %s, cert_expires_at = %s WHERE name = 'renew-1'",
+                     (str(old.serial_number), old.not_valid_after_utc))
+
+    old_key = agent.read("key.pem")
+    agent.start()
+    renewed = wait_until(lambda: (a := controller.agent("renew-1")) and a["connected"]
+                         and datetime.datetime.fromisoformat(a["cert_expires_at"]) > now + datetime.timedelta(days=300)
+                         and a, 20, "a renewed certificate")
+    new = x509.load_pem_x509_certificate(agent.read("cert.pem"))
+    assert new.serial_number != old.serial_number
+    assert new.not_valid_after_utc > now + datetime.timedelta(days=300)
+    assert renewed["connected"] is True
+    assert agent.read("key.pem") != old_key
+    # The old certificate is refused from now on.
+    with pytest.raises(grpc.RpcError) as refused:
+        _connect_with(controller, agent.read("ca.pem"), old_key, old.public_bytes(serialization.Encoding.PEM))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED

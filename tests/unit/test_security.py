@@ -82,3 +82,28 @@ def test_secret_box_round_trip_and_binding():
         SecretBox(new_master_key()).open(sealed, "project:1")
     with pytest.raises(SecretBoxError, match="32 bytes"):
         SecretBox(b"short")
+
+
+def test_agents_renew_once_two_thirds_of_the_lifetime_are_gone(ca):
+    from agent.identity import needs_renewal
+
+    _, csr = new_key_and_csr("db-1")
+    issued = ca.sign_agent_csr(csr, "db-1")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert not needs_renewal(issued.cert_pem, now)
+    assert not needs_renewal(issued.cert_pem, now + datetime.timedelta(days=200))
+    assert needs_renewal(issued.cert_pem, now + datetime.timedelta(days=250))
+
+
+def test_a_renewal_interrupted_between_its_two_files_is_finished_at_start(tmp_path):
+    from agent.config import StateDir
+    from agent.connection import finish_renewal
+
+    state = StateDir(tmp_path)
+    (tmp_path / "key.pem").write_text("new key")  # replaced before the interruption
+    (tmp_path / "cert.pem").write_text("old cert")
+    (tmp_path / "cert.pem.new").write_text("new cert")
+    finish_renewal(state)
+    assert (tmp_path / "key.pem").read_text() == "new key"
+    assert (tmp_path / "cert.pem").read_text() == "new cert"
+    assert not (tmp_path / "cert.pem.new").exists()
