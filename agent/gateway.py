@@ -75,7 +75,7 @@ class Gateway:
         self.state_dir = state_dir
         self.settings = settings
         self.table = RouteTable([], 0)
-        self._pool_tokens: dict[tuple, tuple[float, str]] = {}
+        self._minted_tokens: dict[tuple, tuple[float, str]] = {}
         self.caddy: subprocess.Popen | None = None
         self.auth_server: uvicorn.Server | None = None
 
@@ -99,7 +99,7 @@ class Gateway:
         new = RouteTable([_route(r) for r in routes], version)
         reload_caddy = self._caddy_shape(new) != self._caddy_shape(self.table) or not await self._caddy_has_our_config()
         self.table = new
-        self._pool_tokens.clear()
+        self._minted_tokens.clear()
         self._save()
         if reload_caddy:
             await self.load_caddy_config()
@@ -255,16 +255,16 @@ class Gateway:
         """A short-lived token for the route's app role, carrying the app token's other claims."""
         key = (route.project_id, json.dumps(claims, sort_keys=True, default=str))
         now = time.time()
-        cached = self._pool_tokens.get(key)
+        cached = self._minted_tokens.get(key)
         if cached and cached[0] - now > POOL_TOKEN_TTL_S / 2:
             return cached[1]
         exp = int(now) + POOL_TOKEN_TTL_S
         minted = {**{k: v for k, v in claims.items() if k not in ("role", "exp", "aud")},
                   "role": route.app_role, "exp": exp, "iat": int(now)}
         token = jwt.encode(minted, secret, algorithm="HS256")
-        if len(self._pool_tokens) > 10_000:
-            self._pool_tokens.clear()
-        self._pool_tokens[key] = (exp, token)
+        if len(self._minted_tokens) > 10_000:
+            self._minted_tokens.clear()
+        self._minted_tokens[key] = (exp, token)
         return token
 
     async def asgi(self, scope, receive, send) -> None:

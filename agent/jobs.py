@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+import psycopg
+
 from . import dumps, ledger, stacks, tenants
 from .settings import DockerSettings
 from .errors import AgentError
@@ -144,8 +146,6 @@ def _on_stack_db(ctx: JobContext, work):
     spec, settings = _stack(ctx)
 
     def run() -> dict:
-        import psycopg
-
         with psycopg.connect(stacks.admin_url(spec, settings)) as conn:
             return work(conn, spec)
 

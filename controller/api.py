@@ -20,7 +20,7 @@ from .errors import BadRequest, FluxError, NotFound, Unauthorized
 from .dashboard import mount as mount_dashboard
 from .fleet import Fleet, check_agent_name, check_roles
 from .gateways import service_url
-from .migrations import Migrations, Options, check
+from .migrations import Migrations, Options
 from .projects import POOLED_NOTE, Projects, check_hash, list_item
 from .tokens import is_well_formed_api_token, new_join_token, token_hash
 
@@ -313,7 +313,6 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
         if slug != project.slug:
             raise BadRequest(f"slug {slug!r} does not own hash {hash_} (that project is {project.slug!r})")
         options = Options.from_request(body)
-        check(options, project, await catalog.running_migration(project.id))
         if options.dry_run:
             return await migrations.dry_run(project, options)
         row = await migrations.start(project, options)

@@ -86,9 +86,7 @@ def mount(app, catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
                 "engine": "Dedicated" if project.mode == DEDICATED else "Pooled", "migrating": bool(running)}
 
     async def visible(user: User) -> list[Project]:
-        listed = [p for p in await catalog.projects_of(user.id) if p.lifecycle not in ("deleting",)]
-        await asyncio.gather(*(projects.observe(p) for p in listed if p.mode == DEDICATED and p.lifecycle == "active"))
-        return [p for p in await catalog.projects_of(user.id) if p.lifecycle not in ("deleting",)]
+        return await projects.observed([p for p in await catalog.projects_of(user.id) if p.lifecycle != "deleting"])
 
     @app.exception_handler(SignInRequired)
     async def to_sign_in(request: Request, _: SignInRequired):
@@ -137,10 +135,7 @@ def mount(app, catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
     @router.get("/projects/{hash_}/card", response_class=HTMLResponse)
     async def card_fragment(request: Request, hash_: str):
         user, csrf = await session(request)
-        project = await projects.get(user, hash_)
-        if project.mode == DEDICATED:
-            await projects.observe(project)
-            project = await catalog.project(project.id)
+        [project] = await projects.observed([await projects.get(user, hash_)])
         return render("_card.html", c=await card(project), csrf=csrf)
 
     async def history(project: Project) -> list[dict]:

@@ -52,9 +52,8 @@ def check_roles(roles: list[str]) -> list[str]:
 class Session:
     """One connected agent's stream."""
 
-    def __init__(self, name: str, serial: str):
+    def __init__(self, name: str):
         self.name = name
-        self.serial = serial
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.closed = asyncio.Event()
         self.close_reason: str | None = None
@@ -317,7 +316,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         if agent.revoked_at is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {name} is revoked")
 
-        session = Session(name, serial)
+        session = Session(name)
         self.fleet.attach(session)
         log.info("agent %s connected from %s", name, context.peer())
         reader = asyncio.create_task(self._read(session, request_iterator))

@@ -35,7 +35,6 @@ MESSAGES = {
 }
 DATA_TIMEOUT_S = 6 * 3600
 ASSUMED_BYTES_PER_S = 40 * 1024 * 1024
-BEFORE_FLIP = ("lease", "preflight", "provision", "lock", "dump", "restore", "bootstrap", "verify", "probe")
 
 
 @dataclass(frozen=True)
@@ -128,10 +127,11 @@ class Migrations:
     async def _target_agent(self, project: Project) -> str:
         if project.docker_agent and self.fleet.connected(project.docker_agent):
             return project.docker_agent
-        return await self.projects._place("docker", "docker_agent")
+        return await self.projects.place("docker", "docker_agent")
 
     async def dry_run(self, project: Project, options: Options) -> dict:
-        preflight = await self.fleet.run(project.db_agent, "tenant.preflight", self.projects._tenant(project),
+        check(options, project, await self.catalog.running_migration(project.id))
+        preflight = await self.fleet.run(project.db_agent, "tenant.preflight", self.projects.tenant_params(project),
                                          timeout=120)
         db_agent = await self.catalog.get_agent(project.db_agent)
         errors, warnings = [], []
@@ -270,7 +270,7 @@ class Migrations:
     async def _run(self, row: MigrationRow) -> dict:
         project = await self.catalog.project(row.project_id)
         options = Options(**row.options)
-        tenant = self.projects._tenant(project)
+        tenant = self.projects.tenant_params(project)
         preflight = await self._step(row, "preflight", lambda: self.fleet.run(
             project.db_agent, "tenant.preflight", tenant, timeout=120))
         if not preflight["tools"].get("pg_dump"):
@@ -295,10 +295,10 @@ class Migrations:
             docker_agent = await self._target_agent(project)
             await self.catalog.prepare_dedicated(
                 project.id, docker_agent,
-                self.projects._seal(project.id, secrets.token_urlsafe(24), "postgres"),
-                self.projects._seal(project.id, secrets.token_urlsafe(24), "authenticator"))
+                self.projects.seal(project.id, secrets.token_urlsafe(24), "postgres"),
+                self.projects.seal(project.id, secrets.token_urlsafe(24), "authenticator"))
             placed = await self.catalog.project(project.id)
-            params = self.projects._stack(placed, with_secrets=True)
+            params = self.projects.stack_params(placed, with_secrets=True)
             if new_secret:
                 params["jwt_secret"] = new_secret
             out = await self.fleet.run(docker_agent, "stack.provision", params, timeout=STACK_JOB_TIMEOUT_S,
@@ -309,7 +309,7 @@ class Migrations:
             return await self.catalog.project(project.id), image
 
         project, image = await self._step(row, "provision", provision)
-        stack = self.projects._stack(project, with_secrets=True)
+        stack = self.projects.stack_params(project, with_secrets=True)
         if new_secret:
             stack["jwt_secret"] = new_secret
         target_url = self.projects.admin_url(project)
@@ -360,7 +360,7 @@ class Migrations:
         await self._unlock(row, project, options, after_flip=True)
         if options.drop_source_after:
             await self._phase(row, "drop_source")
-            await self.fleet.run(project.db_agent, "tenant.drop", self.projects._tenant(project), timeout=120)
+            await self.fleet.run(project.db_agent, "tenant.drop", self.projects.tenant_params(project), timeout=120)
             summary["sourceDropped"] = True
         await self._phase(row, "done")
         return {"message": MESSAGES["full"], **summary}
@@ -373,14 +373,14 @@ class Migrations:
             await self.projects.set_maintenance(current, False)
         # After cutover the pooled copy must never take another write.
         await self.fleet.run(project.db_agent, "tenant.unlock",
-                             {**self.projects._tenant(project), "revoke_writes": after_flip}, timeout=60)
+                             {**self.projects.tenant_params(project), "revoke_writes": after_flip}, timeout=60)
 
     async def _fail(self, row: MigrationRow, phase: str, message: str) -> None:
         """Rolls back a migration that has not flipped: lock released, pooled copy serving."""
         project = await self.catalog.project(row.project_id)
         problems = []
         try:
-            await self.fleet.run(project.db_agent, "tenant.unlock", {**self.projects._tenant(project),
+            await self.fleet.run(project.db_agent, "tenant.unlock", {**self.projects.tenant_params(project),
                                                                     "revoke_writes": False}, timeout=60)
         except FluxError as exc:
             problems.append(f"db guard: {exc.message}")

@@ -165,14 +165,5 @@ class CertificateAuthority:
         return self._issue(builder)
 
 
-def make_csr(key: ec.EllipticCurvePrivateKey, name: str) -> bytes:
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
-
-
 def cert_serial(pem: bytes) -> int:
     return x509.load_pem_x509_certificate(pem).serial_number

@@ -6,6 +6,7 @@ when a step fails, and by `recover()` when the controller restarts with one left
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import re
@@ -74,10 +75,10 @@ class Projects:
     def base_domain(self) -> str:
         return self.gateways.base_domain
 
-    def _open(self, project: Project, sealed: str | None, what: str) -> str:
+    def unseal(self, project: Project, sealed: str | None, what: str) -> str:
         return self.box.open(sealed, f"project:{project.id}:{what}").decode()
 
-    def _seal(self, project_id: str, value: str, what: str) -> str:
+    def seal(self, project_id: str, value: str, what: str) -> str:
         return self.box.seal(value.encode(), f"project:{project_id}:{what}")
 
     # lookups
@@ -91,17 +92,21 @@ class Projects:
                              f"(its slug is {project.slug!r}); check -p/--hash or flux.json")
         return project
 
+    async def observed(self, projects: list[Project]) -> list[Project]:
+        """The projects with the status their docker agents observe now."""
+        statuses = await asyncio.gather(*(self.observe(p) if p.mode == DEDICATED and p.lifecycle == "active"
+                                          else asyncio.sleep(0, p.observed_status) for p in projects))
+        return [dataclasses.replace(p, observed_status=s) for p, s in zip(projects, statuses)]
+
     async def listing(self, user: User) -> list[dict]:
         projects = [p for p in await self.catalog.projects_of(user.id)
                     if p.lifecycle not in ("provisioning", "deleting")]
-        await asyncio.gather(*(self.observe(p) for p in projects if p.mode == DEDICATED))
-        fresh = {p.id: p for p in await self.catalog.projects_of(user.id)}
-        return [list_item(fresh[p.id], self.base_domain) for p in projects if p.id in fresh]
+        return [list_item(p, self.base_domain) for p in await self.observed(projects)]
 
     async def observe(self, project: Project) -> str:
         """The dedicated stack's status as its docker agent sees it now; the last known one if it cannot say."""
         try:
-            seen = await self.fleet.run(project.docker_agent, "stack.observe", self._stack(project),
+            seen = await self.fleet.run(project.docker_agent, "stack.observe", self.stack_params(project),
                                         timeout=OBSERVE_TIMEOUT_S)
         except FluxError as exc:
             log.info("cannot observe %s now: %s", project.slug, exc.message)
@@ -120,7 +125,7 @@ class Projects:
                            "exp": issued + KEY_LIFETIME_S}, self.jwt_secret(project), algorithm="HS256")
 
     def postgres_password(self, project: Project) -> str:
-        return self._open(project, project.postgres_password_sealed, "postgres")
+        return self.unseal(project, project.postgres_password_sealed, "postgres")
 
     def credentials(self, project: Project) -> dict:
         base = {"mode": project.mode, "slug": project.slug, "hash": project.hash,
@@ -134,7 +139,7 @@ class Projects:
 
     # placement
 
-    async def _place(self, role: str, column: str, requested: str | None = None) -> str:
+    async def place(self, role: str, column: str, requested: str | None = None) -> str:
         agents = {a.name: a for a in await self.catalog.list_agents() if a.revoked_at is None}
         if requested is not None:
             agent = agents.get(requested)
@@ -163,9 +168,9 @@ class Projects:
         if mode == POOLED and host is not None:
             raise BadRequest("--host places dedicated projects; pooled ones live on the shared cluster")
         if mode == POOLED:
-            db_agent, docker_agent = await self._place("db", "db_agent"), None
+            db_agent, docker_agent = await self.place("db", "db_agent"), None
         else:
-            db_agent, docker_agent = None, await self._place("docker", "docker_agent", host)
+            db_agent, docker_agent = None, await self.place("docker", "docker_agent", host)
         secret = secrets.token_urlsafe(JWT_SECRET_BYTES)
         project = None
         for _ in range(5):
@@ -175,8 +180,8 @@ class Projects:
             if mode == DEDICATED:
                 dedicated = {
                     "docker_agent": docker_agent,
-                    "postgres_password_sealed": self._seal(project_id, secrets.token_urlsafe(24), "postgres"),
-                    "authenticator_password_sealed": self._seal(project_id, secrets.token_urlsafe(24),
+                    "postgres_password_sealed": self.seal(project_id, secrets.token_urlsafe(24), "postgres"),
+                    "authenticator_password_sealed": self.seal(project_id, secrets.token_urlsafe(24),
                                                                 "authenticator"),
                 }
             try:
@@ -191,7 +196,7 @@ class Projects:
             raise FluxError("could not find a free project hash; try again")
         try:
             if mode == POOLED:
-                await self.fleet.run(db_agent, "tenant.create", self._tenant(project), timeout=TENANT_JOB_TIMEOUT_S)
+                await self.fleet.run(db_agent, "tenant.create", self.tenant_params(project), timeout=TENANT_JOB_TIMEOUT_S)
             else:
                 await self._provision(project)
             await self.catalog.set_lifecycle(project.id, "active")
@@ -204,7 +209,7 @@ class Projects:
         return await self.catalog.project(project.id), secret
 
     @staticmethod
-    def _tenant(project: Project) -> dict:
+    def tenant_params(project: Project) -> dict:
         return {"project_id": project.id, "short_id": project.short_id}
 
     @staticmethod
@@ -216,21 +221,21 @@ class Projects:
         password = urllib.parse.quote(self.postgres_password(project), safe="")
         return f"postgresql://postgres:{password}@{project.db_host}:{project.db_port}/postgres"
 
-    def _stack(self, project: Project, with_secrets: bool = False) -> dict:
+    def stack_params(self, project: Project, with_secrets: bool = False) -> dict:
         params = {"project_id": project.id, "slug": project.slug, "hash": project.hash,
                   "api_schema": project.api_schema,
                   "app_role": f"t_{project.short_id}_role" if self.migrated(project) else None}
         if with_secrets:
             params.update(
                 jwt_secret=self.jwt_secret(project),
-                postgres_password=self._open(project, project.postgres_password_sealed, "postgres"),
-                authenticator_password=self._open(project, project.authenticator_password_sealed, "authenticator"),
+                postgres_password=self.unseal(project, project.postgres_password_sealed, "postgres"),
+                authenticator_password=self.unseal(project, project.authenticator_password_sealed, "authenticator"),
                 api_port=project.api_port, db_port=project.db_port)
         return params
 
     async def _provision(self, project: Project) -> dict:
         """Converges the dedicated stack; keeps its ports, volume, secret and API schema."""
-        out = await self.fleet.run(project.docker_agent, "stack.provision", self._stack(project, True),
+        out = await self.fleet.run(project.docker_agent, "stack.provision", self.stack_params(project, True),
                                    timeout=STACK_JOB_TIMEOUT_S)
         await self.catalog.set_stack(project.id, out["api_upstream"], out["api_port"], out["db_host"], out["db_port"])
         await self.catalog.set_observed_status(project.id, "running")
@@ -241,9 +246,9 @@ class Projects:
         await self.catalog.set_lifecycle(project.id, "deleting")
         # A migrated project may have both: its stack and what is left of its pooled copy.
         if project.db_agent:
-            await self.fleet.run(project.db_agent, "tenant.drop", self._tenant(project), timeout=TENANT_JOB_TIMEOUT_S)
+            await self.fleet.run(project.db_agent, "tenant.drop", self.tenant_params(project), timeout=TENANT_JOB_TIMEOUT_S)
         if project.docker_agent:
-            await self.fleet.run(project.docker_agent, "stack.remove", self._stack(project),
+            await self.fleet.run(project.docker_agent, "stack.remove", self.stack_params(project),
                                  timeout=STACK_JOB_TIMEOUT_S)
         await self.catalog.delete_project(project.id)
         try:
@@ -290,10 +295,10 @@ class Projects:
 
         async def work():
             if action == "stop":
-                await self.fleet.run(project.docker_agent, "stack.stop", self._stack(project),
+                await self.fleet.run(project.docker_agent, "stack.stop", self.stack_params(project),
                                      timeout=STACK_JOB_TIMEOUT_S)
             else:
-                await self.fleet.run(project.docker_agent, "stack.start", self._stack(project, True),
+                await self.fleet.run(project.docker_agent, "stack.start", self.stack_params(project, True),
                                      timeout=STACK_JOB_TIMEOUT_S)
             return await self.observe(await self.catalog.project(project.id))
 
@@ -303,7 +308,7 @@ class Projects:
     async def probe(self, project: Project) -> dict:
         """A service_role request to the project's PostgREST: ok, or PostgREST's exact complaint."""
         self._dedicated(project, "probe")
-        out = await self.fleet.run(project.docker_agent, "stack.probe", self._stack(project, True),
+        out = await self.fleet.run(project.docker_agent, "stack.probe", self.stack_params(project, True),
                                    timeout=STACK_JOB_TIMEOUT_S)
         return {"ok": True, **out}
 
@@ -337,19 +342,19 @@ class Projects:
             item.setdefault("checksum", hashlib.sha256(item.get("sql", "").encode()).hexdigest())
         if project.mode == POOLED:
             output = await self.fleet.run(project.db_agent, "tenant.push",
-                                          {**self._tenant(project), "files": files, "dry_run": dry_run},
+                                          {**self.tenant_params(project), "files": files, "dry_run": dry_run},
                                           timeout=PUSH_TIMEOUT_S)
         else:
             output = await self.fleet.run(project.docker_agent, "stack.push",
-                                          {**self._stack(project, True), "files": files, "dry_run": dry_run},
+                                          {**self.stack_params(project, True), "files": files, "dry_run": dry_run},
                                           timeout=PUSH_TIMEOUT_S)
         return {"ok": True, **output}
 
     async def migrations(self, project: Project) -> dict:
         if project.mode == POOLED:
-            return await self.fleet.run(project.db_agent, "tenant.migrations", self._tenant(project),
+            return await self.fleet.run(project.db_agent, "tenant.migrations", self.tenant_params(project),
                                         timeout=TENANT_JOB_TIMEOUT_S)
-        return await self.fleet.run(project.docker_agent, "stack.migrations", self._stack(project, True),
+        return await self.fleet.run(project.docker_agent, "stack.migrations", self.stack_params(project, True),
                                     timeout=TENANT_JOB_TIMEOUT_S)
 
     async def set_maintenance(self, project: Project, enabled: bool) -> dict:

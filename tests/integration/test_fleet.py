@@ -9,7 +9,8 @@ import grpc
 import psycopg
 import pytest
 
-from controller.pki import SERVER_NAME, CertificateAuthority, create_ca, make_csr, new_key, key_pem
+from agent.identity import new_key_and_csr
+from controller.pki import SERVER_NAME, CertificateAuthority, create_ca
 from proto import fleet_pb2 as pb
 from proto import fleet_pb2_grpc
 from tests.support import AgentProc, CuttableProxy, run, script, wait_until
@@ -74,11 +75,11 @@ def test_client_without_certificate_is_refused(controller, agents):
 
 def test_client_with_certificate_from_another_ca_is_refused(controller):
     other = CertificateAuthority(*create_ca())
-    key = new_key()
-    cert = other.sign_agent_csr(make_csr(key, "intruder"), "intruder").cert_pem
+    key, csr = new_key_and_csr("intruder")
+    cert = other.sign_agent_csr(csr, "intruder").cert_pem
     ca_pem = (controller.state_dir / "ca.pem").read_bytes()
     with pytest.raises(grpc.RpcError) as refused:
-        _connect_with(controller, ca_pem, key_pem(key), cert)
+        _connect_with(controller, ca_pem, key, cert)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -160,8 +160,8 @@ def test_refusals_change_nothing(fleet):
     for flags, message in cases:
         target = flags.pop("project", project)
         if "slug" in flags:
-            response = fleet.api("POST", "migrate", {**json.loads(json.dumps({
-                "slug": flags.pop("slug"), "hash": target["summary"]["hash"], "yes": True}))})
+            response = fleet.api("POST", "migrate", {"slug": flags.pop("slug"), "hash": target["summary"]["hash"],
+                                                     "yes": True})
         else:
             response = fleet.migrate(target, **flags)
         assert response.status_code == 400, (flags, response.text)
@@ -171,21 +171,12 @@ def test_refusals_change_nothing(fleet):
     assert missing.status_code == 404 and missing.json()["error"] == "Project not found for this API key"
 
     # A second migrate while one runs is refused.
-    first = {}
-    thread = threading.Thread(target=lambda: first.setdefault("r", fleet.migrate(project, staged=True)))
-    thread.start()
-    wait_until(lambda: fleet.api("GET", f"projects/{project['summary']['hash']}").json() and
-               fleet.migrate(project, dryRun=True, yes=False).status_code == 200, 10, "dry run")
-    second = None
-    deadline = time.monotonic() + 20
-    while thread.is_alive() and time.monotonic() < deadline:
-        second = fleet.migrate(project, staged=True)
-        if second.status_code == 400:
-            break
-        time.sleep(0.05)
+    migration_id, thread, box = _start_streaming(fleet, project, staged=True)
+    assert migration_id
+    second = fleet.migrate(project, staged=True)
     thread.join(300)
     assert second is not None and second.status_code == 400 and "already migrating" in second.json()["error"]
-    assert first["r"].status_code == 200
+    assert box["events"][-1]["event"] == "result" and box["events"][-1]["ok"] is True
 
 
 def test_writes_during_a_full_migrate_are_never_lost(fleet):
