@@ -20,7 +20,6 @@ from psycopg import conninfo, sql
 
 from .errors import AgentError
 from .facts import parse_pg_tool_version
-from .settings import DbSettings
 from .tenants import Tenant
 
 PROGRESS_EVERY_BYTES = 4 * 1024 * 1024
@@ -160,13 +159,16 @@ def _tables(conn, schema: str) -> list[str]:
         " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1", (schema,))]
 
 
-def lock(settings: DbSettings, tenant: Tenant) -> dict:
-    """Holds writes to every tenant table at the database, whatever path they take."""
+def lock(source_url: str, tenant: Tenant) -> dict:
+    """Holds writes to every tenant table at the database, whatever path they take.
+
+    `source_url` logs in as the tenant's owner role, as every url named so here does.
+    """
     with _GUARDS_LOCK:
         existing = _GUARDS.get(tenant.schema)
         if existing is not None and not existing.closed:
             return {"locked": True, "changed": False}
-        conn = psycopg.connect(settings.shared_cluster_url, connect_timeout=10)
+        conn = psycopg.connect(source_url, connect_timeout=10)
         try:
             conn.execute("SET lock_timeout = '15s'")
             tables = _tables(conn, tenant.schema)
@@ -184,7 +186,7 @@ def guard_held(tenant: Tenant) -> bool:
     return conn is not None and not conn.closed
 
 
-def unlock(settings: DbSettings, tenant: Tenant, revoke_writes: bool) -> dict:
+def unlock(source_url: str | None, tenant: Tenant, revoke_writes: bool) -> dict:
     """Releases the guard; with `revoke_writes` the source stays read-only for the tenant from then on.
 
     The revoke commits in the guard's own transaction, so no write slips in between.
@@ -193,7 +195,7 @@ def unlock(settings: DbSettings, tenant: Tenant, revoke_writes: bool) -> dict:
         conn = _GUARDS.pop(tenant.schema, None)
     held = conn is not None and not conn.closed
     if revoke_writes:
-        target = conn if held else psycopg.connect(settings.shared_cluster_url, connect_timeout=10)
+        target = conn if held else psycopg.connect(source_url, connect_timeout=10)
         try:
             exists = target.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (tenant.schema,)).fetchone()
             if exists:
@@ -255,7 +257,7 @@ def copy_ledger(source, target_url: str, tenant: Tenant) -> int:
     return len(rows)
 
 
-def dump(settings: DbSettings, tenant: Tenant, spool: pathlib.Path, name: str, target_url: str | None = None,
+def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target_url: str | None = None,
          target_major: int = 15, expected_bytes: int = 0, table_count: int = 0, progress=None) -> dict:
     """pg_dump of the tenant schema into the spool, streamed into `target_url` too when given."""
     pg_dump = require_tool("pg_dump")
@@ -265,12 +267,12 @@ def dump(settings: DbSettings, tenant: Tenant, spool: pathlib.Path, name: str, t
     partial = path.with_suffix(".sql.partial")
     say = progress or (lambda *a: None)
     if target_url:
-        with psycopg.connect(settings.shared_cluster_url, connect_timeout=10) as source:
+        with psycopg.connect(source_url, connect_timeout=10) as source:
             roles = referenced_roles(source, tenant.schema)
         prepare_target(target_url, tenant, roles)
     dumper = subprocess.Popen(
         [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(settings.shared_cluster_url))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(source_url))
     restorer = None
     if target_url:
         restorer = subprocess.Popen(
@@ -324,7 +326,7 @@ def dump(settings: DbSettings, tenant: Tenant, spool: pathlib.Path, name: str, t
     os.replace(partial, path)
     ledger_rows = 0
     if target_url:
-        with psycopg.connect(settings.shared_cluster_url) as source:
+        with psycopg.connect(source_url) as source:
             ledger_rows = copy_ledger(source, target_url, tenant)
     say(phase, size, size, "bytes", "done")
     return {"path": str(path), "bytes": size, "sha256": digest.hexdigest(), "tables": tables,
@@ -352,8 +354,8 @@ def _fingerprint(conn, schema: str) -> dict:
     return {"tables": tables, "sequences": sequences, "ledger": ledger}
 
 
-def verify(settings: DbSettings, tenant: Tenant, target_url: str) -> dict:
-    with psycopg.connect(settings.shared_cluster_url) as source, psycopg.connect(target_url) as target:
+def verify(source_url: str, tenant: Tenant, target_url: str) -> dict:
+    with psycopg.connect(source_url) as source, psycopg.connect(target_url) as target:
         before, after = _fingerprint(source, tenant.schema), _fingerprint(target, tenant.schema)
     problems = []
     for name, expected in before["tables"].items():

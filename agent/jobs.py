@@ -69,6 +69,31 @@ async def _on_shared_cluster(ctx: JobContext, work) -> dict:
     return await asyncio.to_thread(run)
 
 
+def _tenant_login(ctx: JobContext) -> tuple[tenants.Tenant, str]:
+    """The tenant of the job and a connection string that logs in as its owner role."""
+    db = _db_settings(ctx)
+    tenant = tenants.Tenant.from_params(ctx.params)
+    with tenants.connect(db) as conn:
+        tenants.bootstrap(conn, db)
+        return tenant, tenants.tenant_login(conn, db, tenant)
+
+
+async def _as_tenant(ctx: JobContext, work) -> dict:
+    """Runs `work(conn, tenant, db)` in a session logged in as the tenant, never the superuser."""
+    db = _db_settings(ctx)
+
+    def run() -> dict:
+        tenant, url = _tenant_login(ctx)
+        try:
+            with tenants.connect_as_tenant(url) as conn:
+                return work(conn, tenant, db)
+        finally:
+            with tenants.connect(db) as admin, admin.transaction():
+                tenants.revoke_self_grants(admin, tenant)
+
+    return await asyncio.to_thread(run)
+
+
 async def tenant_create(ctx: JobContext) -> dict:
     return await _on_shared_cluster(ctx, lambda conn, t, db: tenants.create_tenant(conn, t, db))
 
@@ -78,14 +103,13 @@ async def tenant_drop(ctx: JobContext) -> dict:
 
 
 async def tenant_migrations(ctx: JobContext) -> dict:
-    return await _on_shared_cluster(ctx, lambda conn, t, db: {"applied": ledger.ledger(conn, t.schema)})
+    return await _as_tenant(ctx, lambda conn, t, db: {"applied": ledger.ledger(conn, t.schema)})
 
 
 async def tenant_push(ctx: JobContext) -> dict:
     files = ledger.parse_files(ctx.params.get("files") or [])
     dry_run = bool(ctx.params.get("dry_run"))
-    return await _on_shared_cluster(
-        ctx, lambda conn, t, db: tenants.push(conn, t, files, db, dry_run, ctx.progress))
+    return await _as_tenant(ctx, lambda conn, t, db: tenants.push(conn, t, files, db, dry_run, ctx.progress))
 
 
 async def gateway_sync(ctx: JobContext) -> dict:
@@ -156,7 +180,7 @@ async def stack_push(ctx: JobContext) -> dict:
     files = ledger.parse_files(ctx.params.get("files") or [])
     dry_run = bool(ctx.params.get("dry_run"))
     return await _on_stack_db(ctx, lambda conn, spec: ledger.apply_files(
-        conn, spec.api_schema, files, "60s", dry_run, run_as=None, authenticated_as="authenticated",
+        conn, spec.api_schema, files, "60s", dry_run, authenticated_as="authenticated",
         progress=ctx.progress))
 
 
@@ -166,21 +190,29 @@ async def stack_migrations(ctx: JobContext) -> dict:
 
 async def tenant_preflight(ctx: JobContext) -> dict:
     spool = ctx.state_dir / "spool"
-    return await _on_shared_cluster(ctx, lambda conn, t, db: dumps.preflight(conn, t, spool))
+    return await _as_tenant(ctx, lambda conn, t, db: dumps.preflight(conn, t, spool))
 
 
 async def tenant_lock(ctx: JobContext) -> dict:
-    db = _db_settings(ctx)
-    return await asyncio.to_thread(dumps.lock, db, tenants.Tenant.from_params(ctx.params))
+    def run() -> dict:
+        tenant, url = _tenant_login(ctx)
+        return dumps.lock(url, tenant)
+
+    return await asyncio.to_thread(run)
 
 
 async def tenant_unlock(ctx: JobContext) -> dict:
-    return await asyncio.to_thread(dumps.unlock, _db_settings(ctx), tenants.Tenant.from_params(ctx.params),
-                                   bool(ctx.params.get("revoke_writes")))
+    def run() -> dict:
+        tenant = tenants.Tenant.from_params(ctx.params)
+        if not ctx.params.get("revoke_writes"):
+            return dumps.unlock(None, tenant, False)
+        _, url = _tenant_login(ctx)
+        return dumps.unlock(url, tenant, True)
+
+    return await asyncio.to_thread(run)
 
 
 async def tenant_dump(ctx: JobContext) -> dict:
-    db = _db_settings(ctx)
     tenant = tenants.Tenant.from_params(ctx.params)
     if ctx.params.get("require_guard") and not dumps.guard_held(tenant):
         raise AgentError("the write guard on the source is not held (the agent restarted?); "
@@ -188,16 +220,22 @@ async def tenant_dump(ctx: JobContext) -> dict:
     name = str(ctx.params.get("name") or tenant.schema)
     if not name.replace("-", "").replace("_", "").isalnum():
         raise AgentError(f"invalid dump name {name!r}", code="invalid")
-    return await asyncio.to_thread(
-        dumps.dump, db, tenant, ctx.state_dir / "spool", name, ctx.params.get("target_url"),
-        int(ctx.params.get("target_major", 15)), int(ctx.params.get("expected_bytes", 0)),
-        int(ctx.params.get("table_count", 0)), ctx.progress)
+
+    def run() -> dict:
+        _, url = _tenant_login(ctx)
+        return dumps.dump(url, tenant, ctx.state_dir / "spool", name, ctx.params.get("target_url"),
+                          int(ctx.params.get("target_major", 15)), int(ctx.params.get("expected_bytes", 0)),
+                          int(ctx.params.get("table_count", 0)), ctx.progress)
+
+    return await asyncio.to_thread(run)
 
 
 async def tenant_verify(ctx: JobContext) -> dict:
-    db = _db_settings(ctx)
-    return await asyncio.to_thread(dumps.verify, db, tenants.Tenant.from_params(ctx.params),
-                                   str(ctx.params.get("target_url", "")))
+    def run() -> dict:
+        tenant, url = _tenant_login(ctx)
+        return dumps.verify(url, tenant, str(ctx.params.get("target_url", "")))
+
+    return await asyncio.to_thread(run)
 
 
 HANDLERS: dict[str, Handler] = {

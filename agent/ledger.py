@@ -55,12 +55,12 @@ class PushConflict(AgentError):
 
 
 def apply_files(conn, schema: str, files: list[MigrationFile], statement_timeout: str, dry_run: bool,
-                run_as: str | None, authenticated_as: str, progress=None) -> dict:
+                authenticated_as: str, progress=None) -> dict:
     """Applies files not yet in `schema`'s ledger, in order, in one transaction.
 
-    Each file runs with search_path pinned to `schema`, as `run_as` (the connecting role
-    when None); objects aimed at `public` land in `schema` and grants to `authenticated`
-    go to `authenticated_as`.
+    Each file runs with search_path pinned to `schema`, as the role `conn` logged in as;
+    objects aimed at `public` land in `schema` and grants to `authenticated` go to
+    `authenticated_as`.
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (schema,))
@@ -94,8 +94,6 @@ def apply_files(conn, schema: str, files: list[MigrationFile], statement_timeout
         for index, (f, r) in enumerate(rewritten):
             if progress:
                 progress("push", index, len(rewritten), "files", f.filename)
-            if run_as:
-                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(run_as)))
             conn.execute("SELECT set_config('search_path', %s, true)",
                          (sql.Identifier(schema).as_string(conn) + ", auth",))
             try:
@@ -104,8 +102,6 @@ def apply_files(conn, schema: str, files: list[MigrationFile], statement_timeout
                 raise AgentError(f"{f.filename}: {exc.diag.message_primary or exc}"
                                  + (f" ({exc.diag.sqlstate})" if exc.diag.sqlstate else ""),
                                  code="invalid") from None
-            if run_as:
-                conn.execute("RESET ROLE")
             conn.execute(
                 "INSERT INTO flux.flux_migrations (tenant_schema, version, filename, checksum)"
                 " VALUES (%s, %s, %s, %s)", (schema, f.version, f.filename, f.checksum))

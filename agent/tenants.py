@@ -3,14 +3,24 @@
 Every identifier goes through psycopg.sql. A schema is touched only after its
 comment says it belongs to the tenant at hand; a schema owned by another tenant is
 an error, never reused.
+
+The agent's own connection is the cluster's superuser; it only ever runs fixed SQL.
+Everything scoped to one tenant (push, the ledger, preflight, the write guard, dump,
+verify) runs in a session that *logs in* as the tenant's owner role, so nothing a
+tenant writes (`set_config('role', ...)`, `RESET ROLE`, `SET SESSION AUTHORIZATION`,
+functions with a `SET role` clause) can reach a role beyond that one tenant.
 """
 
+import base64
+import hashlib
+import hmac
 import re
+import secrets
 import uuid
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
+from psycopg import conninfo, sql
 
 from .apiroles import API_ROLES_AND_LEDGER
 from .errors import AgentError
@@ -20,6 +30,8 @@ from .ledger import MigrationFile, apply_files
 _SHORT_ID = re.compile(r"^[0-9a-f]{12}$")
 # One lock for changes to the cluster's tenant list (roles, schemas, exposed schemas).
 _TENANTS_LOCK = 0x666C7874
+# Sessions a tenant's owner role may hold at once: a push, a guard, a dump and a verify.
+OWNER_CONNECTION_LIMIT = 8
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,36 @@ GRANT anon TO authenticator;
 GRANT USAGE ON SCHEMA auth TO PUBLIC;
 GRANT USAGE ON SCHEMA flux TO PUBLIC;
 REVOKE ALL ON flux.flux_migrations FROM PUBLIC;
+-- Tenant roles get nothing on the database or its public schema: no new schemas, no temp tables.
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+-- The pooled PostgREST's login role may only become anon and tenant runtime roles.
+DO $$
+DECLARE
+  granted record;
+BEGIN
+  FOR granted IN SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid
+                 WHERE m.member = 'authenticator'::regrole
+                   AND r.rolname <> 'anon' AND r.rolname !~ '^t_[0-9a-f]{12}_role$' LOOP
+    EXECUTE format('REVOKE %I FROM authenticator', granted.rolname);
+  END LOOP;
+END $$;
+ALTER ROLE anon NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+-- A tenant's owner session sees and adds its own ledger rows only.
+ALTER TABLE flux.flux_migrations ENABLE ROW LEVEL SECURITY;
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = 'flux' AND tablename = 'flux_migrations'
+                 AND policyname = 'own_tenant') THEN
+    CREATE POLICY own_tenant ON flux.flux_migrations
+      USING (tenant_schema = regexp_replace(session_user, '^(t_[0-9a-f]{12})_ddl$', '\\1_api'))
+      WITH CHECK (tenant_schema = regexp_replace(session_user, '^(t_[0-9a-f]{12})_ddl$', '\\1_api'));
+  END IF;
+END $$;
+-- The key tenant login passwords are derived from; only superusers read it.
+CREATE SCHEMA IF NOT EXISTS flux_private;
+REVOKE ALL ON SCHEMA flux_private FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS flux_private.login_key (id int PRIMARY KEY CHECK (id = 1), key bytea NOT NULL);
+REVOKE ALL ON flux_private.login_key FROM PUBLIC;
 -- PostgREST's pre-request hook: a tenant's runtime role only ever sees its own schema.
 CREATE OR REPLACE FUNCTION flux.pre_request() RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
@@ -91,9 +133,89 @@ def bootstrap(conn: psycopg.Connection, settings: DbSettings) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_TENANTS_LOCK,))
         conn.execute(BOOTSTRAP)
+        conn.execute(sql.SQL("REVOKE CREATE, TEMPORARY ON DATABASE {} FROM PUBLIC").format(
+            sql.Identifier(conn.info.dbname)))
+        conn.execute("INSERT INTO flux_private.login_key (id, key) VALUES (1, %s) ON CONFLICT DO NOTHING",
+                     (secrets.token_bytes(32),))
         if settings.authenticator_password:
             conn.execute(sql.SQL("ALTER ROLE authenticator PASSWORD {}").format(
-                sql.Literal(settings.authenticator_password)))
+                sql.Literal(scram_verifier(settings.authenticator_password))))
+
+
+# tenant logins
+
+SCRAM_ITERATIONS = 4096
+
+
+def scram_verifier(password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores, so no password travels to the server in clear."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored_key = hashlib.sha256(hmac.new(salted, b"Client Key", "sha256").digest()).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _verifier_matches(verifier: str | None, password: str) -> bool:
+    match = re.match(r"^SCRAM-SHA-256\$(\d+):([^$]+)\$", verifier or "")
+    if not match:
+        return False
+    expected = scram_verifier(password, base64.b64decode(match.group(2)), int(match.group(1)))
+    return hmac.compare_digest(expected, verifier)
+
+
+def tenant_login(conn, settings: DbSettings, tenant: "Tenant") -> str:
+    """A connection string that logs in as the tenant's owner role, which can reach nothing else.
+
+    The owner role gets LOGIN and a password derived from the cluster's login key (so any
+    db agent of the cluster derives the same one); tenants created before logins existed are
+    converted here, on their first scoped job.
+    """
+    key = conn.execute("SELECT key FROM flux_private.login_key WHERE id = 1").fetchone()
+    if key is None:
+        raise AgentError("the shared cluster is not bootstrapped (no login key)", retryable=True)
+    password = hmac.new(bytes(key[0]), tenant.owner_role.encode(), "sha256").hexdigest()
+    row = conn.execute("SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = %s",
+                       (tenant.owner_role,)).fetchone()
+    if row is None:
+        conn.rollback()
+        raise AgentError(f"role {tenant.owner_role} does not exist on the shared cluster", code="not_found")
+    owner = sql.Identifier(tenant.owner_role)
+    with conn.transaction():
+        revoke_self_grants(conn, tenant)
+        if not row[0] or not _verifier_matches(row[1], password):
+            conn.execute(sql.SQL(
+                "ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+                " CONNECTION LIMIT {} PASSWORD {}").format(
+                    owner, sql.Literal(OWNER_CONNECTION_LIMIT), sql.Literal(scram_verifier(password))))
+        conn.execute(sql.SQL("GRANT SELECT, INSERT ON flux.flux_migrations TO {}").format(owner))
+    return conninfo.make_conninfo(settings.shared_cluster_url, user=tenant.owner_role, password=password,
+                                  connect_timeout=10)
+
+
+def revoke_self_grants(conn, tenant: "Tenant") -> list[str]:
+    """Takes back memberships in the tenant's roles: PostgreSQL before 16 lets a session user grant
+    its own role, and a tenant role must never be reachable from another role."""
+    revoked = []
+    for role in (tenant.owner_role, tenant.runtime_role):
+        members = conn.execute(
+            "SELECT mr.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid"
+            " JOIN pg_roles mr ON mr.oid = m.member WHERE r.rolname = %s", (role,)).fetchall()
+        for (member,) in members:
+            if role == tenant.runtime_role and member == "authenticator":
+                continue
+            conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(role), sql.Identifier(member)))
+            revoked.append(f"{role} from {member}")
+    return revoked
+
+
+def connect_as_tenant(url: str) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url)
+    except psycopg.OperationalError as exc:
+        raise AgentError(f"cannot log in to the shared cluster as the tenant: "
+                         f"{str(exc).strip().splitlines()[0]}", retryable=True) from None
 
 
 def _schema_comment(conn, schema: str) -> tuple[bool, str | None]:
@@ -183,7 +305,10 @@ def drop_tenant(conn, tenant: Tenant) -> dict:
 
 def push(conn, tenant: Tenant, files: list[MigrationFile], settings: DbSettings, dry_run: bool,
          progress=None) -> dict:
-    """Applies files not yet in the ledger, in order, in one transaction, as the owner role."""
+    """Applies files not yet in the ledger, in order, in one transaction.
+
+    `conn` is logged in as the tenant's owner role (`tenant_login`), never a superuser.
+    """
     exists, _ = _schema_comment(conn, tenant.schema)
     if exists:
         _check_owner(conn, tenant)
@@ -191,4 +316,4 @@ def push(conn, tenant: Tenant, files: list[MigrationFile], settings: DbSettings,
         raise AgentError(f"schema {tenant.schema} does not exist on the shared cluster", code="not_found")
     conn.rollback()
     return apply_files(conn, tenant.schema, files, settings.push_statement_timeout, dry_run,
-                       run_as=tenant.owner_role, authenticated_as=tenant.runtime_role, progress=progress)
+                       authenticated_as=tenant.runtime_role, progress=progress)

@@ -70,7 +70,6 @@ def tenant():
 
 def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_path):
     from agent.dumps import dump
-    from agent.settings import DbSettings
     from tests.support import remove_cluster, test_cluster
 
     source = databases[0]
@@ -88,7 +87,7 @@ def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_p
         _tenant_target(target)
         with psycopg.connect(target) as conn:
             assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'auditor'").fetchone() == (0,)
-        result = dump(DbSettings(source), tenant, tmp_path, "roles", target)
+        result = dump(source, tenant, tmp_path, "roles", target)
         assert result["restored"] is True
         with psycopg.connect(target) as conn:
             assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (1,)
@@ -101,7 +100,6 @@ def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_p
 def test_a_failing_restore_ends_the_job_with_psqls_error(databases, tenant, tmp_path):
     from agent.dumps import dump
     from agent.errors import AgentError
-    from agent.settings import DbSettings
 
     source, target = databases
     with psycopg.connect(source, autocommit=True) as conn:
@@ -114,5 +112,5 @@ def test_a_failing_restore_ends_the_job_with_psqls_error(databases, tenant, tmp_
                      f" INSERT INTO {tenant.schema}.feelings SELECT g, 'ok' FROM generate_series(1, 200000) g")
     _tenant_target(target)
     with pytest.raises(AgentError, match='type "public.mood" does not exist'):
-        dump(DbSettings(source), tenant, tmp_path, "fails", target)
+        dump(source, tenant, tmp_path, "fails", target)
     assert list((tmp_path / "dumps").iterdir()) == []
