@@ -1,7 +1,8 @@
 """The gateway role: Caddy at the edge, this agent answering its forward_auth requests.
 
 For each request Caddy asks `GET /verify` here with the original Host, method and
-Authorization. The answer is 404 (unknown host), 401 (missing or bad token), 503
+Authorization. The answer is 404 (unknown host), 401 (missing or bad token: every
+request to every project carries one, the anon key included), 503
 (a write while the project is migrating) or 200 with the headers Caddy copies onto
 the proxied request: a short-lived pool token for the tenant's runtime role and the
 pinned profile. Routes come from the controller (`gateway.sync`), are saved to disk,
@@ -150,15 +151,12 @@ class Gateway:
             "rewrite": {"method": "GET", "uri": "/verify"},
             "headers": {"request": {"set": {"X-Forwarded-Method": ["{http.request.method}"],
                                             "X-Forwarded-Uri": ["{http.request.uri}"]}}},
-            # 200: proxy with the token the gateway returns; 204: proxy anonymously.
+            # 200: proxy with the token the gateway returns; any other answer goes back to the client.
             "handle_response": [
                 {"match": {"status_code": [200]},
                  "routes": [{"handle": [{"handler": "headers", "request": {
                      "set": {"Authorization": ["{http.reverse_proxy.header.X-Flux-Authorization}"], **profile},
                      "delete": SPOOFABLE}}]}]},
-                {"match": {"status_code": [204]},
-                 "routes": [{"handle": [{"handler": "headers", "request": {
-                     "set": profile, "delete": [*SPOOFABLE, "Authorization"]}}]}]},
             ],
         }
         dial = self.settings.pool_upstream if route.upstream == POOL_UPSTREAM else route.upstream
@@ -234,9 +232,8 @@ class Gateway:
         profile = {"X-Flux-Profile": route.schema}
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
+        # Every request to every project carries a token (the anon key is one): no anonymous door.
         if scheme.lower() != "bearer" or not token:
-            if not route.pooled and not route.app_role and not authorization.strip():
-                return 204, profile, None  # PostgREST's own semantics: anonymous is its anon role
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": "missing bearer token"}
         try:
             claims = jwt.decode(token, route.jwt_secret, algorithms=["HS256"],

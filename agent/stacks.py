@@ -173,6 +173,23 @@ API_SCHEMA_GRANTS = [
     "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT ALL ON SEQUENCES TO {r}",
     "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT EXECUTE ON FUNCTIONS TO {r}",
 ]
+# anon (requests with the anon key) may see the schema and nothing in it until the project grants
+# it something: no default privileges, and functions are not executable by PUBLIC by default.
+ANON_DEFAULTS = [
+    "GRANT USAGE ON SCHEMA {s} TO anon",
+    "ALTER DEFAULT PRIVILEGES REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} REVOKE ALL ON TABLES FROM anon",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} REVOKE ALL ON SEQUENCES FROM anon",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} REVOKE ALL ON FUNCTIONS FROM anon",
+]
+# Stacks bootstrapped when anon got everything by default lose those grants once, when they are
+# next bootstrapped; grants a project gives anon after that are its own and stay.
+ANON_CONVERSION = [
+    "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM anon",
+    "REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM anon",
+    "REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {s} FROM anon, PUBLIC",
+]
+ANON_CONVERTED = "flux: anon holds only what the project grants"
 
 
 def bootstrap_roles(url: str, spec: StackSpec) -> str:
@@ -185,10 +202,16 @@ def bootstrap_roles(url: str, spec: StackSpec) -> str:
         conn.execute(BOOTSTRAP)
         conn.execute(sql.SQL("ALTER ROLE authenticator PASSWORD {}").format(sql.Literal(spec.authenticator_password)))
         # A migrated schema keeps the grants it had; only service_role is added.
-        grantees = ["service_role"] if spec.app_role else ["anon", "authenticated", "service_role"]
+        grantees = ["service_role"] if spec.app_role else ["authenticated", "service_role"]
         roles = sql.SQL(", ").join(sql.Identifier(r) for r in grantees)
+        schema = sql.Identifier(spec.api_schema)
         for statement in API_SCHEMA_GRANTS:
-            conn.execute(sql.SQL(statement).format(s=sql.Identifier(spec.api_schema), r=roles))
+            conn.execute(sql.SQL(statement).format(s=schema, r=roles))
+        if not spec.app_role:
+            converted = conn.execute("SELECT shobj_description('anon'::regrole, 'pg_authid')").fetchone()[0]
+            for statement in ANON_DEFAULTS + ([] if converted == ANON_CONVERTED else ANON_CONVERSION):
+                conn.execute(sql.SQL(statement).format(s=schema))
+            conn.execute(sql.SQL("COMMENT ON ROLE anon IS {}").format(sql.Literal(ANON_CONVERTED)))
     return "ok" if before == 4 and schema_existed else "changed"
 
 

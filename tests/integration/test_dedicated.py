@@ -51,6 +51,7 @@ def test_provision_probe_and_rows_through_the_gateway(fleet):
     assert creds["mode"] == "v1_dedicated" and creds["anonKey"] and creds["serviceRoleKey"]
     with psycopg.connect(creds["postgresConnectionString"]) as conn:
         conn.execute("CREATE TABLE api.notes (id serial PRIMARY KEY, body text NOT NULL)")
+        conn.execute("GRANT SELECT ON api.notes TO anon")
         assert conn.execute("SELECT rolbypassrls FROM pg_roles WHERE rolname = 'service_role'").fetchone() == (True,)
         assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'authenticator'").fetchone() == (False,)
 
@@ -65,6 +66,36 @@ def test_provision_probe_and_rows_through_the_gateway(fleet):
     assert read.status_code == 200 and read.json() == [{"body": "hello"}]
     listed = next(p for p in fleet.api("GET", "list").json() if p["hash"] == project["summary"]["hash"])
     assert listed["mode"] == "v1_dedicated" and listed["status"] == "running"
+
+
+def test_no_anonymous_door(fleet):
+    """Without a token nothing passes; the anon key gets only what the project grants anon."""
+    project, creds, _ = _dedicated(fleet, "Closed Door")
+    h = project["summary"]["hash"]
+    pushed = fleet.push(project, {"001_items.sql": "create table items (id serial primary key, v text);"
+                                                   " insert into items (v) values ('private');"})
+    assert pushed.status_code == 200, pushed.text
+    host = fleet.host(project)
+    for method, path, body in (("GET", "/items", None), ("POST", "/items", {"v": "x"}),
+                               ("PATCH", "/items?id=eq.1", {"v": "y"}), ("DELETE", "/items?id=eq.1", None)):
+        anonymous = fleet.gateway(method, host, path, json=body)
+        assert anonymous.status_code == 401, (method, anonymous.text)
+        assert anonymous.json() == {"error": "missing bearer token"}
+        with_anon_key = fleet.gateway(method, host, path, creds["anonKey"], json=body)
+        assert with_anon_key.status_code in (401, 403), (method, with_anon_key.text)
+    assert fleet.gateway("GET", host, "/items?select=v", creds["serviceRoleKey"]).json() == [{"v": "private"}]
+    with psycopg.connect(creds["postgresConnectionString"]) as conn:
+        assert conn.execute("SELECT count(*) FROM information_schema.role_table_grants"
+                            " WHERE grantee = 'anon'").fetchone() == (0,)
+
+    # The project grants anon something explicitly: reads pass, writes still do not.
+    granted = fleet.push(project, {"002_public.sql": "grant select on items to anon;"})
+    assert granted.status_code == 200, granted.text
+    assert fleet.gateway("GET", host, "/items?select=v", creds["anonKey"]).json() == [{"v": "private"}]
+    assert fleet.gateway("POST", host, "/items", creds["anonKey"], json={"v": "x"}).status_code in (401, 403)
+    # A repair re-runs the bootstrap and keeps the project's own grant.
+    assert fleet.api("POST", f"projects/{h}/repair").status_code == 200
+    assert fleet.gateway("GET", host, "/items?select=v", creds["anonKey"]).json() == [{"v": "private"}]
 
 
 def test_probe_reports_a_missing_service_role_exactly(fleet):
@@ -85,7 +116,8 @@ def test_stop_start_and_repair_after_a_removed_container(fleet):
     h = project["summary"]["hash"]
     host = fleet.host(project)
     with psycopg.connect(creds["postgresConnectionString"]) as conn:
-        conn.execute("CREATE TABLE api.kept (v text); INSERT INTO api.kept VALUES ('survives')")
+        conn.execute("CREATE TABLE api.kept (v text); INSERT INTO api.kept VALUES ('survives');"
+                     " GRANT SELECT ON api.kept TO anon")
 
     def status():
         return next(p for p in fleet.api("GET", "list").json() if p["hash"] == h)["status"]
