@@ -147,6 +147,70 @@ def agents_revoke(name, as_json):
     emit(result, as_json, lambda r: click.echo(f"Revoked {r['name']}; it must be enrolled again to reconnect."))
 
 
+@cli.group()
+def tokens():
+    """List, create and revoke API tokens (yours; every user's with --all, for admins)."""
+
+
+@tokens.command("list")
+@click.option("--all", "all_users", is_flag=True, help="every user's tokens (admins only)")
+@click.option("--json", "as_json", is_flag=True)
+def tokens_list(all_users, as_json):
+    """List API tokens: id, user, fingerprint (not the token), created, last used."""
+    result = client().get("tokens", params={"all": "true"} if all_users else None)
+
+    def render(items):
+        rows = [[str(t["id"]) + (" *" if t["current"] else ""), t["user"], t["fingerprint"],
+                 (t["createdAt"] or "")[:19], (t["lastUsedAt"] or "never")[:19]] for t in items]
+        _table(rows, ["ID", "USER", "FINGERPRINT", "CREATED", "LAST USED"])
+        click.echo("* the token this command used")
+
+    emit(result, as_json, render)
+
+
+@tokens.command("create")
+@click.option("--json", "as_json", is_flag=True)
+def tokens_create(as_json):
+    """Create another API token for yourself; it is shown once."""
+    result = client().post("tokens")
+    emit(result, as_json, lambda r: click.echo(f"API token {r['id']} (shown once, store it now): {r['token']}"))
+
+
+@tokens.command("revoke")
+@click.argument("token_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def tokens_revoke(token_id, as_json):
+    """Revoke an API token by its id (see `flux tokens list`); it stops working at once."""
+    result = client().request("DELETE", f"tokens/{token_id}")
+    emit(result, as_json, lambda r: click.echo(f"Revoked API token {r['id']}."))
+
+
+@cli.group()
+def users():
+    """Users of this control plane (admins only): list and add."""
+
+
+@users.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def users_list(as_json):
+    """List users and their roles (admin or operator)."""
+    result = client().get("users")
+    emit(result, as_json, lambda items: _table([[u["name"], u["cliRole"], u["plan"]] for u in items],
+                                              ["NAME", "ROLE", "PLAN"]))
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["admin", "operator"]), default="operator", show_default=True,
+              help="admins manage the fleet and users; operators manage their own projects")
+@click.option("--json", "as_json", is_flag=True)
+def users_add(name, role, as_json):
+    """Add a user and print its first API token (shown once)."""
+    result = client().post("users", {"name": name, "role": role})
+    emit(result, as_json, lambda r: click.echo(
+        f"User {r['user']} ({r['cliRole']}) added. API token (shown once): {r['token']}"))
+
+
 PROJECT_OPTIONS = [
     click.option("-p", "--project", "slug", help="project slug (or flux.json)"),
     click.option("--hash", "hash_", help="project hash, 7 hex characters (or flux.json)"),

@@ -15,14 +15,15 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from . import __version__
-from .catalog import Agent, Catalog, Job, User
+from .access import ADMIN, OPERATOR, ApiGuard, BodyLimits, FailureLimiter, require_admin
+from .catalog import Agent, ApiToken, Catalog, Job, User
 from .errors import BadRequest, FluxError, NotFound, Unauthorized
 from .dashboard import mount as mount_dashboard
 from .fleet import Fleet, check_agent_name, check_roles
 from .gateways import service_url
 from .migrations import Migrations, Options
 from .projects import POOLED_NOTE, Projects, check_hash, list_item
-from .tokens import is_well_formed_api_token, new_join_token, token_hash
+from .tokens import new_api_token, new_join_token, token_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ class LifecycleRequest(BaseModel):
     action: str
 
 
+class UserRequest(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+    role: str = Field(OPERATOR, pattern=f"^({ADMIN}|{OPERATOR})$")
+    plan: str = Field("pro", pattern="^(hobby|pro)$")
+
+
 class JobRequest(BaseModel):
     kind: str = Field(description=f"one of {', '.join(DIAGNOSTIC_JOBS)}")
     params: dict = Field(default_factory=dict)
@@ -86,6 +93,20 @@ def job_view(job: Job) -> dict:
         "output": job.output, "error": job.error, "retryable": job.retryable,
         "progress": job.progress,
     }
+
+
+def token_view(token: ApiToken, current_hash: str | None) -> dict:
+    return {"id": token.id, "user": token.user, "fingerprint": token.token_hash[:12],
+            "createdAt": _iso(token.created_at), "lastUsedAt": _iso(token.last_used_at),
+            "current": token.token_hash == current_hash}
+
+
+def flag(body: dict, key: str, default: bool = False) -> bool:
+    """A JSON boolean, strictly: `"false"`, 0 or null are errors, not truthy or falsy guesses."""
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{key} must be true or false (a JSON boolean), got {json.dumps(value)[:40]}")
+    return value
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -165,15 +186,18 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
         return _error(500, "internal error; the controller's log has the details")
 
     async def current_user(request: Request) -> User:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not is_well_formed_api_token(token):
-            raise Unauthorized()
-        user = await catalog.user_for_token(token_hash(token))
+        # ApiGuard authenticated the request from its headers before anything read its body.
+        user = getattr(request.state, "user", None)
         if user is None:
             raise Unauthorized()
         return user
+
+    async def admin(user: User = Depends(current_user)) -> User:
+        require_admin(user)
+        return user
+
+    def caller_token_hash(request: Request) -> str:
+        return token_hash(request.headers.get("authorization", "").partition(" ")[2].strip())
 
     async def known_agent(name: str) -> Agent:
         check_agent_name(name)
@@ -182,7 +206,10 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
             raise NotFound(f"no agent named {name}")
         return agent
 
-    mount_dashboard(app, catalog, fleet, projects, migrations)
+    limiter = FailureLimiter()
+    mount_dashboard(app, catalog, fleet, projects, migrations, limiter)
+    app.add_middleware(ApiGuard, catalog=catalog, prefix=PREFIX, public_paths={f"{PREFIX}/openapi.json"},
+                       body_limits=BodyLimits({("POST", f"{PREFIX}/push"): MAX_PUSH_BYTES}), limiter=limiter)
 
     @app.get(f"{PREFIX}/auth/verify")
     async def verify(user: User = Depends(current_user)):
@@ -190,7 +217,7 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
                 "defaultMode": "v2_shared", "cliRole": user.cli_role}
 
     @app.post(f"{PREFIX}/agents/tokens", status_code=201)
-    async def create_join_token(body: JoinTokenRequest, user: User = Depends(current_user)):
+    async def create_join_token(body: JoinTokenRequest, user: User = Depends(admin)):
         roles = check_roles(body.roles)
         token = new_join_token()
         expires_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
@@ -200,29 +227,29 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
                 "ca_fingerprint": ca_fingerprint, "enroll_address": enroll_address}
 
     @app.get(f"{PREFIX}/agents")
-    async def list_agents(_: User = Depends(current_user)):
+    async def list_agents(_: User = Depends(admin)):
         return [agent_view(a, fleet.connected(a.name)) for a in await catalog.list_agents()]
 
     @app.get(f"{PREFIX}/agents/{{name}}")
-    async def show_agent(name: str, _: User = Depends(current_user)):
+    async def show_agent(name: str, _: User = Depends(admin)):
         agent = await known_agent(name)
         return agent_view(agent, fleet.connected(agent.name))
 
     @app.post(f"{PREFIX}/agents/{{name}}/revoke")
-    async def revoke_agent(name: str, _: User = Depends(current_user)):
+    async def revoke_agent(name: str, _: User = Depends(admin)):
         agent = await known_agent(name)
         await catalog.revoke_agent(agent.name)
         fleet.revoke(agent.name)
         return {"ok": True, "name": agent.name, "revoked": True}
 
     @app.post(f"{PREFIX}/agents/{{name}}/ping")
-    async def ping_agent(name: str, _: User = Depends(current_user)):
+    async def ping_agent(name: str, _: User = Depends(admin)):
         agent = await known_agent(name)
         rtt_ms = await fleet.ping(agent.name)
         return {"name": agent.name, "rtt_ms": round(rtt_ms, 3)}
 
     @app.post(f"{PREFIX}/agents/{{name}}/jobs", status_code=202)
-    async def run_job(name: str, body: JobRequest, _: User = Depends(current_user)):
+    async def run_job(name: str, body: JobRequest, _: User = Depends(admin)):
         agent = await known_agent(name)
         if body.kind not in DIAGNOSTIC_JOBS:
             raise BadRequest(f"unknown job kind {body.kind!r}; one of {', '.join(DIAGNOSTIC_JOBS)}")
@@ -230,10 +257,43 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
         return job_view(job)
 
     @app.get(f"{PREFIX}/jobs/{{job_id}}")
-    async def get_job(job_id: str, wait: float = 0, _: User = Depends(current_user)):
+    async def get_job(job_id: str, wait: float = 0, _: User = Depends(admin)):
         if not 0 <= wait <= 60:
             raise BadRequest("wait must be between 0 and 60 seconds")
         return job_view(await fleet.wait(job_id, wait))
+
+    # users and API tokens
+
+    @app.get(f"{PREFIX}/users")
+    async def list_users(_: User = Depends(admin)):
+        return [{"name": u.name, "cliRole": u.cli_role, "plan": u.plan} for u in await catalog.list_users()]
+
+    @app.post(f"{PREFIX}/users", status_code=201)
+    async def add_user(body: UserRequest, _: User = Depends(admin)):
+        token = new_api_token()
+        user = await catalog.create_user(body.name, token_hash(token), body.role, body.plan)
+        return {"user": user.name, "cliRole": user.cli_role, "plan": user.plan, "token": token}
+
+    @app.get(f"{PREFIX}/tokens")
+    async def list_tokens(request: Request, all: bool = False, user: User = Depends(current_user)):
+        if all:
+            require_admin(user)
+        tokens = await catalog.api_tokens(None if all else user.id)
+        return [token_view(t, caller_token_hash(request)) for t in tokens]
+
+    @app.post(f"{PREFIX}/tokens", status_code=201)
+    async def create_token(user: User = Depends(current_user)):
+        token = new_api_token()
+        created = await catalog.add_api_token(user.id, token_hash(token))
+        return {**token_view(created, None), "token": token}
+
+    @app.delete(f"{PREFIX}/tokens/{{token_id}}")
+    async def revoke_token(token_id: int, user: User = Depends(current_user)):
+        token = await catalog.api_token(token_id)
+        if token is None or (token.user_id != user.id and user.cli_role != ADMIN):
+            raise NotFound(f"no API token {token_id}")
+        await catalog.delete_api_token(token_id)
+        return {"ok": True, "id": token_id, "revoked": True}
 
     # projects
 
@@ -303,6 +363,10 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
     @app.post(f"{PREFIX}/migrate")
     async def migrate(request: Request, user: User = Depends(current_user)):
         body = await read_limited_json(request, 64 * 1024)
+        for key in ("dryRun", "dumpOnly", "staged", "yes", "newJwtSecret", "lockWrites", "noLockWrites",
+                    "dropSourceAfter", "preserveJwtSecret", "skipBackupCheck"):
+            if key in body:
+                flag(body, key)
         slug, hash_ = body.get("slug"), body.get("hash")
         if not isinstance(slug, str) or not isinstance(hash_, str):
             raise BadRequest("migrate needs slug and hash")
@@ -335,20 +399,21 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
     @app.get(f"{PREFIX}/migrations/{{migration_id}}")
-    async def migration_status(migration_id: str, _: User = Depends(current_user)):
+    async def migration_status(migration_id: str, user: User = Depends(current_user)):
         try:
-            return await migrations.wait_status(migration_id)
+            return await migrations.wait_status(migration_id, None if user.cli_role == ADMIN else user.id)
         except ValueError:
             raise BadRequest("invalid migration id") from None
 
     @app.post(f"{PREFIX}/push")
     async def push(request: Request, user: User = Depends(current_user)):
         body = await read_limited_json(request, MAX_PUSH_BYTES)
+        dry_run = flag(body, "dryRun")
         slug, hash_ = body.get("slug"), body.get("hash")
         if not isinstance(slug, str) or not isinstance(hash_, str):
             raise BadRequest("push needs slug and hash")
         project = await projects.get(user, hash_, slug)
-        result = await projects.push(project, push_files(body), bool(body.get("dryRun")))
+        result = await projects.push(project, push_files(body), dry_run)
         result["skippedFiles"] = result.pop("skipped")
         result["skipped"] = not result["applied"]
         return result

@@ -38,6 +38,16 @@ class User:
 
 
 @dataclass(frozen=True)
+class ApiToken:
+    id: int
+    user_id: int
+    user: str
+    token_hash: str
+    created_at: datetime.datetime
+    last_used_at: datetime.datetime | None
+
+
+@dataclass(frozen=True)
 class Agent:
     name: str
     roles: list[str]
@@ -235,6 +245,30 @@ class Catalog:
             (token_hash,),
         )
         return User(**row) if row else None
+
+    async def list_users(self) -> list[User]:
+        return [User(**r) for r in await self._all("SELECT id, name, plan, cli_role FROM users ORDER BY name")]
+
+    _TOKENS = ("SELECT t.id, t.user_id, u.name AS user, t.token_hash, t.created_at, t.last_used_at"
+               " FROM api_tokens t JOIN users u ON u.id = t.user_id")
+
+    async def api_tokens(self, user_id: int | None) -> list[ApiToken]:
+        """The user's API tokens, or every user's with None."""
+        rows = await self._all(self._TOKENS + " WHERE %s::bigint IS NULL OR t.user_id = %s ORDER BY t.id",
+                               (user_id, user_id))
+        return [ApiToken(**r) for r in rows]
+
+    async def api_token(self, token_id: int) -> ApiToken | None:
+        row = await self._one(self._TOKENS + " WHERE t.id = %s", (token_id,))
+        return ApiToken(**row) if row else None
+
+    async def add_api_token(self, user_id: int, token_hash: str) -> ApiToken:
+        await self._one("INSERT INTO api_tokens (token_hash, user_id) VALUES (%s, %s) RETURNING id",
+                        (token_hash, user_id))
+        return next(t for t in await self.api_tokens(user_id) if t.token_hash == token_hash)
+
+    async def delete_api_token(self, token_id: int) -> bool:
+        return await self._one("DELETE FROM api_tokens WHERE id = %s RETURNING id", (token_id,)) is not None
 
     async def has_users(self) -> bool:
         return await self._one("SELECT 1 FROM users LIMIT 1") is not None

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from .access import FailureLimiter, require_admin
 from .catalog import Catalog, Project, User
 from .errors import FluxError, Forbidden
 from .fleet import Fleet
@@ -49,7 +50,8 @@ def status_label(project: Project, migrating: str | None) -> tuple[str, str]:
             "missing": ("Offline", "off")}.get(project.observed_status or "missing", ("Error", "error"))
 
 
-def mount(app, catalog: Catalog, fleet: Fleet, projects: Projects, migrations: Migrations) -> None:
+def mount(app, catalog: Catalog, fleet: Fleet, projects: Projects, migrations: Migrations,
+          limiter: FailureLimiter) -> None:
     templates = Environment(loader=FileSystemLoader(str(ROOT / "templates")),
                             autoescape=select_autoescape(["html"]))
     router = APIRouter(include_in_schema=False)
@@ -106,9 +108,14 @@ def mount(app, catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
     @router.post("/login")
     async def login(request: Request, token: str = Form("")):
         same_origin(request)
+        source = request.client.host if request.client else "unknown"
+        wait = limiter.retry_after(source)
+        if wait:
+            return render("login.html", status=429, error=f"Too many failed sign-ins; try again in {wait}s.")
         token = token.strip()
         user = await catalog.user_for_token(token_hash(token)) if is_well_formed_api_token(token) else None
         if user is None:
+            limiter.failed(source)
             return render("login.html", status=401, error="That token is not valid for this control plane.")
         value = secrets.token_urlsafe(32)
         await catalog.create_session(hashlib.sha256(value.encode()).hexdigest(), user.id,
@@ -193,6 +200,7 @@ def mount(app, catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
     @router.get("/fleet", response_class=HTMLResponse)
     async def fleet_page(request: Request):
         user, csrf = await session(request)
+        require_admin(user)
         agents = [{"a": a, "connected": fleet.connected(a.name)} for a in await catalog.list_agents()]
         return render("fleet.html", user=user, csrf=csrf, agents=agents, page="fleet")
 

@@ -215,10 +215,12 @@ class Migrations:
             raise NotFound(f"no migration {migration_id}")
         return self._result(row)
 
-    async def wait_status(self, migration_id: str) -> dict:
-        """The migration as it stands, without waiting."""
+    async def wait_status(self, migration_id: str, owner_id: int | None) -> dict:
+        """The migration as it stands, without waiting; only its project's owner (or an admin, with
+        `owner_id` None) sees it."""
         row = await self.catalog.migration(str(uuid.UUID(migration_id)))
-        if row is None:
+        project = await self.catalog.project(row.project_id) if row else None
+        if row is None or (owner_id is not None and (project is None or project.owner_id != owner_id)):
             raise NotFound(f"no migration {migration_id}")
         return self._result(row)
 

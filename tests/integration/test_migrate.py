@@ -319,6 +319,10 @@ def test_db_agent_killed_during_dump_rolls_back_and_keeps_the_source(fleet):
     thread.join(120)
     result = box["events"][-1]
     assert result["event"] == "result" and result["ok"] is False and result["phase"] == "dump"
+    # Only the project's owner (or an admin) reads a migration by its id.
+    stranger = fleet.add_user(f"stranger-{migration_id[:8]}")
+    assert fleet.api("GET", f"migrations/{migration_id}", token=stranger).status_code == 404
+    assert fleet.api("GET", f"migrations/{migration_id}").json()["phase"] == "dump"
     detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
     assert detail["mode"] == "v2_shared" and detail["maintenance"] is False
     assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400002,)]
