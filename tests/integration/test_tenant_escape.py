@@ -134,6 +134,8 @@ def test_pooled_api_login_can_become_only_runtime_roles_and_anon(fleet, victim):
 
 def test_agent_survives_the_attacks_and_serves_other_tenants(fleet, victim):
     fleet.push(fleet.create("One More Attacker"), {"001_x.sql": ESCAPES["set_config"].format(marker=_marker())})
+    db_agent = next(a for a in fleet.api("GET", "agents").json() if "db" in a["roles"])
+    assert db_agent["connected"], db_agent
     project = fleet.create("Honest Tenant")
     response = fleet.push(project, {"001_todos.sql": TODOS})
     assert response.status_code == 200 and response.json()["applied"] == ["001_todos.sql"], response.text
