@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from .errors import AgentError
-from .sqlrewrite import RewriteError, rewrite
+from .sandbox import rewrite_files
 
 _FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,200}\.sql$")
 
@@ -74,12 +74,7 @@ def apply_files(conn, schema: str, files: list[MigrationFile], statement_timeout
                     f"changed since (now {f.checksum[:12]}…); nothing was applied. Add a new migration "
                     "file instead of editing an applied one")
         todo = [f for f in files if f.filename not in applied]
-        rewritten = []
-        for f in todo:
-            try:
-                rewritten.append((f, rewrite(f.sql, schema, authenticated_as, f.filename)))
-            except RewriteError as exc:
-                raise AgentError(str(exc), code="invalid") from None
+        rewritten = list(zip(todo, rewrite_files([(f.filename, f.sql) for f in todo], schema, authenticated_as)))
         result = {
             "applied": [f.filename for f in todo],
             "skipped": sorted(f.filename for f in files if f.filename in applied),

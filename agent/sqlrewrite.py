@@ -7,6 +7,10 @@ the tenant's runtime role. Statements are parsed with PostgreSQL's own parser
 the session's role is refused: a push runs as the tenant's owner role and no other.
 Bodies of functions (`$$ ... $$`) are not rewritten; they run with the tenant's
 search_path pinned, so unqualified names resolve to the tenant schema.
+
+Files are bounded (`Limits`: size, statements, nesting depth) and refused by name past
+them. The parser is C code that can crash on hostile input, so the agent calls this
+module only through `agent.sandbox`, in a child process.
 """
 
 from dataclasses import dataclass, field
@@ -21,6 +25,14 @@ FORBIDDEN_SETTINGS = {"role", "session_authorization"}
 
 class RewriteError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 4 * 1024 * 1024
+    max_statements: int = 50_000
+    # Nodes from a statement down to its deepest leaf; real migrations stay far below.
+    max_depth: int = 500
 
 
 @dataclass
@@ -38,23 +50,25 @@ class _Rewriter:
         self.runtime_role = runtime_role
         self.changed = False
 
-    def visit(self, node) -> None:
-        if isinstance(node, (list, tuple)):
-            for item in node:
-                self.visit(item)
-            return
-        if not isinstance(node, ast.Node):
-            return
-        if isinstance(node, ast.RangeVar) and node.schemaname == "public":
-            node.schemaname = self.schema
-            self.changed = True
-        elif isinstance(node, ast.RoleSpec) and node.rolename == "authenticated":
-            node.rolename = self.runtime_role
-            self.changed = True
-        elif isinstance(node, (ast.CreateFunctionStmt, ast.FuncCall, ast.TypeName, ast.DropStmt)):
-            self._requalify_names(node)
-        for name in node.__slots__:
-            self.visit(getattr(node, name, None))
+    def visit(self, root) -> None:
+        # A loop, not recursion: how deep a tree goes is up to the tenant.
+        pending = [root]
+        while pending:
+            node = pending.pop()
+            if isinstance(node, (list, tuple)):
+                pending.extend(node)
+                continue
+            if not isinstance(node, ast.Node):
+                continue
+            if isinstance(node, ast.RangeVar) and node.schemaname == "public":
+                node.schemaname = self.schema
+                self.changed = True
+            elif isinstance(node, ast.RoleSpec) and node.rolename == "authenticated":
+                node.rolename = self.runtime_role
+                self.changed = True
+            elif isinstance(node, (ast.CreateFunctionStmt, ast.FuncCall, ast.TypeName, ast.DropStmt)):
+                self._requalify_names(node)
+            pending.extend(getattr(node, name, None) for name in node.__slots__)
 
     def _requalify_names(self, node) -> None:
         """`public.name` in a qualified-name list becomes `<tenant schema>.name`."""
@@ -82,11 +96,40 @@ def _search_path_args(stmt: ast.VariableSetStmt, schema: str) -> bool:
     return changed
 
 
-def rewrite(text: str, schema: str, runtime_role: str, filename: str = "<sql>") -> Rewritten:
+def depth(root, stop_after: int) -> int:
+    """How many nodes deep `root` goes, counting no further than `stop_after` + 1."""
+    deepest = 0
+    pending = [(root, 1)]
+    while pending:
+        node, level = pending.pop()
+        if isinstance(node, (list, tuple)):
+            pending.extend((item, level) for item in node)
+        elif isinstance(node, ast.Node):
+            deepest = max(deepest, level)
+            if deepest > stop_after:
+                break
+            pending.extend((getattr(node, name, None), level + 1) for name in node.__slots__)
+    return deepest
+
+
+def rewrite(text: str, schema: str, runtime_role: str, filename: str = "<sql>",
+            limits: Limits = Limits()) -> Rewritten:
+    size = len(text.encode())
+    if size > limits.max_bytes:
+        raise RewriteError(f"{filename}: {size} bytes; a migration file may have at most {limits.max_bytes}. "
+                           "Split it into several files")
     try:
         statements = parse_sql(text)
     except ParseError as exc:
         raise RewriteError(f"{filename}: SQL does not parse: {exc}") from None
+    if len(statements) > limits.max_statements:
+        raise RewriteError(f"{filename}: {len(statements)} statements; a migration file may have at most "
+                           f"{limits.max_statements}. Split it into several files")
+    for raw in statements:
+        if depth(raw.stmt, limits.max_depth) > limits.max_depth:
+            line = text.encode()[:raw.stmt_location or 0].count(b"\n") + 1
+            raise RewriteError(f"{filename}: the statement at line {line} nests deeper than "
+                               f"{limits.max_depth} levels; simplify it")
     encoded = text.encode()
     out = Rewritten(sql="")
     pieces = []

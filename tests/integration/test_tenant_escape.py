@@ -142,3 +142,23 @@ def test_agent_survives_the_attacks_and_serves_other_tenants(fleet, victim):
     token = app_token(project["projectJwtSecret"])
     assert fleet.gateway("POST", fleet.host(project), "/todos", token, json={"title": "ok"}).status_code == 201
     assert fleet.gateway("GET", fleet.host(project), "/todos?select=title", token).json() == [{"title": "ok"}]
+
+
+def test_sql_that_crashes_the_parser_is_refused_and_the_agent_keeps_serving(fleet):
+    from tests.support import pid_alive
+
+    pid = fleet.fleet.state["pids"]["dev-db"]
+    project = fleet.create("Parser Crasher")
+    crasher = "SELECT " + "+".join(["1"] * 100_000) + ";"
+    assert len(crasher) > 190_000
+    response = fleet.push(project, {"001_ok.sql": "create table public.a (x int);", "002_deep.sql": crasher})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("002_deep.sql: SQL is too large or too deeply nested")
+    # The db agent is the same process, still connected, and serves another tenant.
+    assert pid_alive(pid) and fleet.fleet.state["pids"]["dev-db"] == pid
+    agents = {a["name"]: a for a in fleet.api("GET", "agents").json()}
+    assert agents["dev-db"]["connected"] is True
+    honest = fleet.create("After The Crasher")
+    pushed = fleet.push(honest, {"001_todos.sql": TODOS})
+    assert pushed.status_code == 200 and pushed.json()["applied"] == ["001_todos.sql"], pushed.text
+    assert fleet.shared_sql("SELECT to_regclass(%s)", (f"{_schema(fleet, project)}.a",)) == [(None,)]

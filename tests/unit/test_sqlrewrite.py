@@ -51,3 +51,19 @@ def test_refusals_name_the_file(text, message):
 def test_identifiers_that_only_look_like_public_are_left_alone():
     out = rewrite('CREATE TABLE "Public".t (id int); SELECT \'public.x\';', SCHEMA, ROLE)
     assert '"Public".t' in out.sql and "'public.x'" in out.sql
+
+
+def test_files_past_the_limits_are_refused_by_name():
+    from agent.sqlrewrite import Limits
+
+    with pytest.raises(RewriteError, match=r"^big.sql: 101 bytes; .* at most 100"):
+        rewrite("-- " + "x" * 98, SCHEMA, ROLE, "big.sql", Limits(max_bytes=100))
+    with pytest.raises(RewriteError, match=r"^many.sql: 4 statements; .* at most 3"):
+        rewrite("select 1; select 2; select 3; select 4;", SCHEMA, ROLE, "many.sql", Limits(max_statements=3))
+
+
+def test_deep_expressions_are_refused_by_name_and_line():
+    deep = "select 1;\nselect " + "+".join(["1"] * 2_000) + ";"
+    with pytest.raises(RewriteError, match=r"^deep.sql: the statement at line 2 nests deeper than 500"):
+        rewrite(deep, SCHEMA, ROLE, "deep.sql")
+
