@@ -29,60 +29,95 @@ _GUARDS: dict[str, psycopg.Connection] = {}
 _GUARDS_LOCK = threading.Lock()
 
 
+_DROPPED = (b"\\restrict", b"\\unrestrict", b"SET transaction_timeout")
+# The line after the last row of a COPY block is exactly "\.".
+_END_OF_DATA = b"\n\\.\n"
+# Lines outside COPY are read whole up to this length. pg_dump never writes a COPY header
+# this long (1,600 columns of 63-byte names); a longer line passes (or is dropped) as it streams.
+MAX_LINE = 1 << 20
+
+
 def _dropped(line: bytes, target_major: int) -> bool:
-    return target_major < 17 and (line.startswith((b"\\restrict", b"\\unrestrict"))
-                                  or line.startswith(b"SET transaction_timeout"))
+    return target_major < 17 and line.startswith(_DROPPED)
 
 
 def sanitize(read, target_major: int, chunk_size: int = 1 << 20, on_copy=None) -> Iterator[bytes]:
     """Yields a plain-format dump read with `read(n)`, minus the lines a server before 17 rejects.
 
     Outside COPY blocks the dump is read line by line; inside them (nearly all of its bytes)
-    whole chunks pass through untouched up to the `\\.` line that ends the block.
-    `on_copy(line)` hears each COPY statement as it starts.
+    data passes through as it comes up to the `\\.` line that ends the block, whatever the
+    length of its lines. Time is linear in the dump's size and memory is bounded by
+    `chunk_size` and `MAX_LINE`. `on_copy(line)` hears each COPY statement as it starts.
     """
-    buf = b""
+    line_parts: list[bytes] = []  # outside COPY: the line read so far (at most MAX_LINE bytes)
+    line_size = 0
+    long_line = None  # outside COPY, past MAX_LINE: "pass" or "drop" up to its newline
     in_copy = False
-    eof = False
-    while not eof:
+    # In COPY: the last bytes read that may begin the end-of-data line; the first `synthetic`
+    # of them stand for the newline before the block, which was already yielded.
+    carry, synthetic = b"", 0
+    while True:
         data = read(chunk_size)
-        eof = not data
-        buf += data
+        if not data:
+            break
         out = []
-        while buf:
+        pos, size = 0, len(data)
+        while pos < size:
             if in_copy:
-                # buf starts at a line start here; the block ends at a line that is exactly "\.".
-                end = 0 if buf.startswith(b"\\.\n") else buf.find(b"\n\\.\n") + 1
-                if end > 0 or buf.startswith(b"\\.\n"):
-                    out.append(buf[:end + 3])
-                    buf = buf[end + 3:]
-                    in_copy = False
+                seg = carry + data[pos:] if carry else data[pos:]
+                end = seg.find(_END_OF_DATA)
+                if end >= 0:
+                    out.append(seg[synthetic:end + 4])
+                    pos += end + 4 - len(carry)
+                    carry, synthetic, in_copy = b"", 0, False
                     continue
-                if eof:
-                    out.append(buf)
-                    buf = b""
-                    break
-                last = buf.rfind(b"\n")
-                if last >= 0:
-                    out.append(buf[:last + 1])
-                    buf = buf[last + 1:]
-                break
-            newline = buf.find(b"\n")
-            if newline < 0:
-                if eof:
-                    out.append(buf)
-                    buf = b""
-                break
-            line, buf = buf[:newline + 1], buf[newline + 1:]
-            if line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
-                in_copy = True
-                if on_copy is not None:
-                    on_copy(line)
-            elif _dropped(line, target_major):
-                continue
-            out.append(line)
+                keep = next((k for k in (3, 2, 1) if seg.endswith(_END_OF_DATA[:k])), 0)
+                cut = len(seg) - keep
+                if cut >= synthetic:
+                    out.append(seg[synthetic:cut])
+                    carry, synthetic = seg[cut:], 0
+                else:
+                    carry = seg
+                pos = size
+            elif long_line is not None:
+                newline = data.find(b"\n", pos)
+                end = size if newline < 0 else newline + 1
+                if long_line == "pass":
+                    out.append(data[pos:end])
+                pos = end
+                if newline >= 0:
+                    long_line = None
+            else:
+                newline = data.find(b"\n", pos)
+                if newline < 0:
+                    line_parts.append(data[pos:])
+                    line_size += size - pos
+                    pos = size
+                    if line_size > MAX_LINE:
+                        line = b"".join(line_parts)
+                        line_parts, line_size = [], 0
+                        long_line = "drop" if _dropped(line, target_major) else "pass"
+                        if long_line == "pass":
+                            out.append(line)
+                    continue
+                line = data[pos:newline + 1]
+                if line_parts:
+                    line = b"".join(line_parts) + line
+                    line_parts, line_size = [], 0
+                pos = newline + 1
+                if line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
+                    in_copy = True
+                    carry, synthetic = b"\n", 1
+                    if on_copy is not None:
+                        on_copy(line)
+                elif _dropped(line, target_major):
+                    continue
+                out.append(line)
         if out:
             yield b"".join(out)
+    rest = carry[synthetic:] if in_copy else b"".join(line_parts)
+    if rest:
+        yield rest
 
 
 def libpq_env(url: str) -> dict:

@@ -50,3 +50,57 @@ def test_targets_from_17_get_the_dump_as_it_is():
 
 def test_a_dump_without_a_final_newline_loses_nothing():
     assert run(b"SELECT 1;", 15, 2)[0] == b"SELECT 1;"
+
+
+def reference(data: bytes, major: int) -> bytes:
+    """The semantics, read off whole lines: what sanitize must yield at any chunk size."""
+    out, in_copy = [], False
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            out.append(line)
+        elif in_copy:
+            out.append(line)
+            in_copy = line != b"\\.\n"
+        elif line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
+            out.append(line)
+            in_copy = True
+        elif not (major < 17 and line.startswith((b"\\restrict", b"\\unrestrict", b"SET transaction_timeout"))):
+            out.append(line)
+    return b"".join(out)
+
+
+PIECES = [b"\\restrict k\n", b"\\unrestrict k\n", b"SET transaction_timeout = 0;\n", b"SET x = 1;\n",
+          b"COPY t (a) FROM stdin;\n", b"\\.\n", b"1\tx\n", b"\\.", b"\n", b"\\", b".", b"a\\.\n", b"\\.\\.\n",
+          b"COPY t FROM stdin;  \n", b"COPY not a copy\n", b"\\restrict", b"x" * 5]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_any_dump_at_any_chunk_size_matches_the_line_by_line_semantics(seed):
+    import random
+
+    rng = random.Random(seed)
+    data = b"".join(rng.choice(PIECES) for _ in range(rng.randint(0, 40)))
+    chunk = rng.choice([1, 2, 3, 4, 5, 8, 13, 64])
+    for major in (15, 17):
+        assert run(data, major, chunk)[0] == reference(data, major), (data, chunk)
+
+
+def test_a_huge_copy_value_streams_through_in_chunk_sized_pieces():
+    value = b"v" * (16 * 1024 * 1024)
+    data = (b"SET transaction_timeout = 0;\nCOPY t_x_api.blobs (id, body) FROM stdin;\n1\t" + value
+            + b"\n2\t\\\\.\n\\.\n\\unrestrict k\n")
+    chunk = 64 * 1024
+    pieces = list(sanitize(io.BytesIO(data).read, 15, chunk_size=chunk))
+    assert b"".join(pieces) == data[len(b"SET transaction_timeout = 0;\n"):-len(b"\\unrestrict k\n")]
+    # Nothing accumulates: memory stays bounded by the chunk size, whatever the line length.
+    assert max(len(p) for p in pieces) <= chunk + 3
+
+
+def test_a_huge_line_outside_copy_streams_too():
+    from agent.dumps import MAX_LINE
+
+    long = b"COMMENT ON TABLE t IS '" + b"c" * (3 * MAX_LINE) + b"';\n"
+    data = b"\\restrict " + b"k" * (2 * MAX_LINE) + b"\n" + long + b"SET transaction_timeout = 0;\nSELECT 1;\n"
+    pieces = list(sanitize(io.BytesIO(data).read, 15, chunk_size=64 * 1024))
+    assert b"".join(pieces) == long + b"SELECT 1;\n"
+    assert max(len(p) for p in pieces) <= MAX_LINE + 128 * 1024
