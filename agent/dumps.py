@@ -2,8 +2,9 @@
 
 The dump is plain SQL from pg_dump, written to a file in the agent's spool and, when a
 target is given, streamed at the same time into the dedicated database with psql, so
-the data moves once. Lines a server older than 17 rejects (`\\restrict`, `\\unrestrict`,
-`SET transaction_timeout`) are dropped on the way, never inside COPY data.
+the data moves once. Lines the restore cannot take are dropped on the way, never inside COPY
+data: `\\restrict`/`\\unrestrict` when the psql that restores predates them, `SET
+transaction_timeout` when the target server is older than 17.
 """
 
 import hashlib
@@ -29,7 +30,11 @@ _GUARDS: dict[str, psycopg.Connection] = {}
 _GUARDS_LOCK = threading.Lock()
 
 
-_DROPPED = (b"\\restrict", b"\\unrestrict", b"SET transaction_timeout")
+RESTRICT_LINES = (b"\\restrict", b"\\unrestrict")
+TRANSACTION_TIMEOUT_LINES = (b"SET transaction_timeout",)
+# psql releases that understand `\restrict`/`\unrestrict` (added with the pg_dump that
+# writes them, in these minor releases of each supported major, and from 18 on).
+_RESTRICT_SINCE = {17: 6, 16: 10, 15: 14, 14: 19, 13: 22}
 # The line after the last row of a COPY block is exactly "\.".
 _END_OF_DATA = b"\n\\.\n"
 # Lines outside COPY are read whole up to this length. pg_dump never writes a COPY header
@@ -37,12 +42,25 @@ _END_OF_DATA = b"\n\\.\n"
 MAX_LINE = 1 << 20
 
 
-def _dropped(line: bytes, target_major: int) -> bool:
-    return target_major < 17 and line.startswith(_DROPPED)
+def psql_understands_restrict(psql_version: str | None) -> bool:
+    parts = [int(p) for p in (psql_version or "").split(".") if p.isdigit()]
+    if not parts:
+        return False
+    major, minor = parts[0], (parts[1] if len(parts) > 1 else 0)
+    return major >= 18 or (major in _RESTRICT_SINCE and minor >= _RESTRICT_SINCE[major])
 
 
-def sanitize(read, target_major: int, chunk_size: int = 1 << 20, on_copy=None) -> Iterator[bytes]:
-    """Yields a plain-format dump read with `read(n)`, minus the lines a server before 17 rejects.
+def dropped_lines(psql_version: str | None, server_major: int) -> tuple[bytes, ...]:
+    """Starts of dump lines the restore cannot take: meta-commands the psql that runs it does not
+    know, and settings the target server does not have. Without a psql (a dump kept in the spool
+    for later) the file is made for any."""
+    dropped = () if psql_understands_restrict(psql_version) else RESTRICT_LINES
+    return dropped + (TRANSACTION_TIMEOUT_LINES if server_major < 17 else ())
+
+
+def sanitize(read, dropped: tuple[bytes, ...], chunk_size: int = 1 << 20, on_copy=None) -> Iterator[bytes]:
+    """Yields a plain-format dump read with `read(n)`, minus the lines that start with `dropped`
+    (see `dropped_lines`), never inside COPY data.
 
     Outside COPY blocks the dump is read line by line; inside them (nearly all of its bytes)
     data passes through as it comes up to the `\\.` line that ends the block, whatever the
@@ -96,7 +114,7 @@ def sanitize(read, target_major: int, chunk_size: int = 1 << 20, on_copy=None) -
                     if line_size > MAX_LINE:
                         line = b"".join(line_parts)
                         line_parts, line_size = [], 0
-                        long_line = "drop" if _dropped(line, target_major) else "pass"
+                        long_line = "drop" if line.startswith(dropped) else "pass"
                         if long_line == "pass":
                             out.append(line)
                     continue
@@ -110,7 +128,7 @@ def sanitize(read, target_major: int, chunk_size: int = 1 << 20, on_copy=None) -
                     carry, synthetic = b"\n", 1
                     if on_copy is not None:
                         on_copy(line)
-                elif _dropped(line, target_major):
+                elif line.startswith(dropped):
                     continue
                 out.append(line)
         if out:
@@ -305,6 +323,7 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
         with psycopg.connect(source_url, connect_timeout=10) as source:
             roles = referenced_roles(source, tenant.schema)
         prepare_target(target_url, tenant, roles)
+    dropped = dropped_lines(tool_version("psql") if target_url else None, target_major)
     dumper = subprocess.Popen(
         [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(source_url))
@@ -326,7 +345,7 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
-            for chunk in sanitize(dumper.stdout.read1, target_major, on_copy=copying):
+            for chunk in sanitize(dumper.stdout.read1, dropped, on_copy=copying):
                 out.write(chunk)
                 digest.update(chunk)
                 if restorer is not None:

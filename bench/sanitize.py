@@ -17,7 +17,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.dumps import sanitize  # noqa: E402
+from agent.dumps import dropped_lines, sanitize  # noqa: E402
 
 HEAD = b"\\restrict k\nSET transaction_timeout = 0;\nCOPY t_x_api.t (id, body) FROM stdin;\n"
 TAIL = b"\\.\n\\unrestrict k\n"
@@ -27,7 +27,7 @@ def measure(data: bytes, read_size: int) -> dict:
     source = io.BytesIO(data)
     started = time.perf_counter()
     total = largest = 0
-    for piece in sanitize(lambda n: source.read(min(n, read_size)), 15):
+    for piece in sanitize(lambda n: source.read(min(n, read_size)), dropped_lines(None, 15)):
         total += len(piece)
         largest = max(largest, len(piece))
     seconds = time.perf_counter() - started

@@ -1,6 +1,7 @@
 """Sanitizing real pg_dump output (15.18 emits \\restrict) and restoring it with the sanitized stream."""
 
 import io
+import pathlib
 import shutil
 import subprocess
 
@@ -8,7 +9,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from agent.dumps import libpq_env, sanitize
+from agent.dumps import dropped_lines, libpq_env, sanitize
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ def test_real_pg_dump_output_is_sanitized_and_restores(databases):
                      " VALUES (E'\\\\restrict in data'), ('plain')")
     dump = subprocess.run(["pg_dump", "--schema", "t_0123456789ab_api"], capture_output=True, check=True,
                           env=libpq_env(source)).stdout
-    clean = b"".join(sanitize(io.BytesIO(dump).read, 15))
+    clean = b"".join(sanitize(io.BytesIO(dump).read, dropped_lines("15.13", 15)))
     assert not any(line.startswith((b"\\restrict", b"\\unrestrict")) for line in clean.splitlines())
     restore = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"], input=clean,
                              capture_output=True, env=libpq_env(target))
@@ -56,7 +57,10 @@ def test_pg_dump_15_18_emits_restrict(databases):
 
 def _tenant_target(target: str) -> None:
     with psycopg.connect(target) as conn:
-        conn.execute("CREATE ROLE authenticator; CREATE ROLE authenticated; CREATE SCHEMA flux;"
+        for role in ("authenticator", "authenticated"):  # roles are per cluster; tests may share one
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+                conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        conn.execute("CREATE SCHEMA flux;"
                      " CREATE TABLE flux.flux_migrations (tenant_schema text, version text, filename text,"
                      " checksum text, applied_at timestamptz DEFAULT now(), PRIMARY KEY (tenant_schema, filename))")
 
@@ -114,3 +118,28 @@ def test_a_failing_restore_ends_the_job_with_psqls_error(databases, tenant, tmp_
     with pytest.raises(AgentError, match='type "public.mood" does not exist'):
         dump(source, tenant, tmp_path, "fails", target)
     assert list((tmp_path / "dumps").iterdir()) == []
+
+
+def _tenant_source(source: str, tenant, extra: str) -> None:
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA flux; CREATE TABLE flux.flux_migrations (tenant_schema text, version text,"
+                     " filename text, checksum text, applied_at timestamptz DEFAULT now(),"
+                     " PRIMARY KEY (tenant_schema, filename))")
+        conn.execute(f"CREATE SCHEMA {tenant.schema}; SET search_path = {tenant.schema}; " + extra)
+
+
+def test_the_psql_that_restores_decides_on_restrict(databases, tenant, tmp_path):
+    from agent.dumps import dump, psql_understands_restrict, tool_version
+
+    if not psql_understands_restrict(tool_version("psql")):
+        pytest.skip(f"this check needs a psql that knows \\restrict; installed: {tool_version('psql')}")
+    source, target = databases
+    _tenant_source(source, tenant, "CREATE TABLE notes (id int); INSERT INTO notes VALUES (1)")
+    _tenant_target(target)
+    result = dump(source, tenant, tmp_path, "restrict", target, target_major=15)
+    lines = pathlib.Path(result["path"]).read_bytes().splitlines()
+    # The target server is 15, yet psql keeps the dump's protection; the 17-only setting goes.
+    assert any(line.startswith(b"\\restrict ") for line in lines)
+    assert not any(line.startswith(b"SET transaction_timeout") for line in lines)
+    with psycopg.connect(target) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (1,)

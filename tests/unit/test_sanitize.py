@@ -1,10 +1,11 @@
-"""Dump lines a Postgres older than 17 rejects are dropped, never inside COPY data."""
+"""Dump lines the restore cannot take are dropped, never inside COPY data: `\\restrict` when the
+psql that restores predates it, `SET transaction_timeout` when the target server is older than 17."""
 
 import io
 
 import pytest
 
-from agent.dumps import sanitize
+from agent.dumps import dropped_lines, psql_understands_restrict, sanitize
 
 DUMP = b"".join([
     b"--\n",
@@ -26,8 +27,10 @@ EXPECTED = b"".join(line for line in DUMP.splitlines(keepends=True)
 
 
 def run(data: bytes, major: int, chunk: int) -> tuple[bytes, list[bytes]]:
+    """A restore into a server of `major` by a psql of the same release line, before or after `\\restrict`."""
     copies = []
-    out = b"".join(sanitize(io.BytesIO(data).read, major, chunk_size=chunk, on_copy=copies.append))
+    dropped = dropped_lines("15.13" if major < 17 else "17.6", major)
+    out = b"".join(sanitize(io.BytesIO(data).read, dropped, chunk_size=chunk, on_copy=copies.append))
     return out, copies
 
 
@@ -90,7 +93,7 @@ def test_a_huge_copy_value_streams_through_in_chunk_sized_pieces():
     data = (b"SET transaction_timeout = 0;\nCOPY t_x_api.blobs (id, body) FROM stdin;\n1\t" + value
             + b"\n2\t\\\\.\n\\.\n\\unrestrict k\n")
     chunk = 64 * 1024
-    pieces = list(sanitize(io.BytesIO(data).read, 15, chunk_size=chunk))
+    pieces = list(sanitize(io.BytesIO(data).read, dropped_lines(None, 15), chunk_size=chunk))
     assert b"".join(pieces) == data[len(b"SET transaction_timeout = 0;\n"):-len(b"\\unrestrict k\n")]
     # Nothing accumulates: memory stays bounded by the chunk size, whatever the line length.
     assert max(len(p) for p in pieces) <= chunk + 3
@@ -101,6 +104,25 @@ def test_a_huge_line_outside_copy_streams_too():
 
     long = b"COMMENT ON TABLE t IS '" + b"c" * (3 * MAX_LINE) + b"';\n"
     data = b"\\restrict " + b"k" * (2 * MAX_LINE) + b"\n" + long + b"SET transaction_timeout = 0;\nSELECT 1;\n"
-    pieces = list(sanitize(io.BytesIO(data).read, 15, chunk_size=64 * 1024))
+    pieces = list(sanitize(io.BytesIO(data).read, dropped_lines(None, 15), chunk_size=64 * 1024))
     assert b"".join(pieces) == long + b"SELECT 1;\n"
     assert max(len(p) for p in pieces) <= MAX_LINE + 128 * 1024
+
+
+@pytest.mark.parametrize("version, understands", [
+    ("15.13", False), ("15.14", True), ("15.18", True), ("16.9", False), ("16.10", True), ("17.5", False),
+    ("17.6", True), ("18.0", True), ("18", True), ("14.19", True), ("13.21", False), ("12.22", False),
+    (None, False), ("", False),
+])
+def test_restrict_is_kept_for_a_psql_that_understands_it(version, understands):
+    assert psql_understands_restrict(version) is understands
+
+
+def test_what_is_dropped_follows_the_psql_for_restrict_and_the_server_for_settings():
+    # psql 15.18 (Debian bookworm) restoring into a 15 server: \restrict stays, transaction_timeout goes.
+    assert dropped_lines("15.18", 15) == (b"SET transaction_timeout",)
+    # An old psql restoring into a 17 server: the server knows transaction_timeout, psql not \restrict.
+    assert dropped_lines("16.4", 17) == (b"\\restrict", b"\\unrestrict")
+    assert dropped_lines("17.6", 17) == ()
+    out = b"".join(sanitize(io.BytesIO(DUMP).read, dropped_lines("15.18", 15)))
+    assert out == b"".join(line for line in DUMP.splitlines(keepends=True) if line != b"SET transaction_timeout = 0;\n")
