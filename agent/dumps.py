@@ -11,6 +11,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -310,38 +311,93 @@ def copy_ledger(source, target_url: str, tenant: Tenant) -> int:
     return len(rows)
 
 
+# Each dump and restore may take this long, plus a second per MIN_BYTES_PER_S of the data;
+# past that it is stuck (a lock on the target, a wedged pipe), and it fails its step.
+BASE_SECONDS = 300
+MIN_BYTES_PER_S = 1024 * 1024
+STDERR_TAIL_BYTES = 64 * 1024
+
+
+def time_limit(expected_bytes: int) -> float:
+    return BASE_SECONDS + max(expected_bytes, 0) / MIN_BYTES_PER_S
+
+
+class _Tail:
+    """Drains a pipe in its own thread and keeps its last bytes, so a chatty process (psql
+    printing a warning per row) never blocks on a full pipe and never fills the agent's memory."""
+
+    def __init__(self, pipe, keep: int = STDERR_TAIL_BYTES):
+        self.keep = keep
+        self.data = bytearray()
+        self.thread = threading.Thread(target=self._drain, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _drain(self, pipe) -> None:
+        with pipe:
+            for chunk in iter(lambda: pipe.read1(65536), b""):
+                self.data += chunk
+                if len(self.data) > 2 * self.keep:
+                    del self.data[:-self.keep]
+
+    def text(self, limit: int = 800) -> str:
+        self.thread.join(timeout=10)
+        return bytes(self.data[-self.keep:]).decode(errors="replace").strip()[-limit:]
+
+
 def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target_url: str | None = None,
-         target_major: int = 15, expected_bytes: int = 0, table_count: int = 0, progress=None) -> dict:
-    """pg_dump of the tenant schema into the spool, streamed into `target_url` too when given."""
+         target_major: int = 15, expected_bytes: int = 0, table_count: int = 0, progress=None,
+         time_limit_s: float | None = None) -> dict:
+    """pg_dump of the tenant schema into the spool, streamed into `target_url` too when given.
+
+    `target_major` is the target server's major version. The whole step is stopped after
+    `time_limit_s` (by default scaled to `expected_bytes`).
+    """
     pg_dump = require_tool("pg_dump")
     dumps = spool / "dumps"
     dumps.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = dumps / f"{name}.sql"
     partial = path.with_suffix(".sql.partial")
     say = progress or (lambda *a: None)
+    limit = time_limit(expected_bytes) if time_limit_s is None else time_limit_s
+    started = time.monotonic()
     if target_url:
         with psycopg.connect(source_url, connect_timeout=10) as source:
             roles = referenced_roles(source, tenant.schema)
         prepare_target(target_url, tenant, roles)
     dropped = dropped_lines(tool_version("psql") if target_url else None, target_major)
-    dumper = subprocess.Popen(
-        [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(source_url))
     restorer = None
     if target_url:
         restorer = subprocess.Popen(
             [require_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=libpq_env(target_url))
+    dumper = subprocess.Popen(
+        [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(source_url))
+    # psql first: a restore that sees its input end commits what it has.
+    processes = [p for p in (restorer, dumper) if p is not None]
+    tails = {p.pid: _Tail(p.stderr) for p in processes}
+    stopped = threading.Event()
+
+    def stop() -> None:
+        stopped.set()
+        for proc in processes:
+            if proc.poll() is None:
+                proc.kill()
+
+    watchdog = threading.Timer(max(limit - (time.monotonic() - started), 0), stop)
+    watchdog.daemon = True
+    watchdog.start()
     digest = hashlib.sha256()
     size = tables = 0
     next_report = 0
-    started = time.monotonic()
     phase = "dump+restore" if restorer else "dump"
+
     def copying(line: bytes) -> None:
         nonlocal tables
         say(phase, tables, table_count, "tables", line[5:].split(b" ", 1)[0].decode())
         tables += 1
 
+    complete = False
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
@@ -356,27 +412,38 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
                     next_report = size + PROGRESS_EVERY_BYTES
             out.flush()
             os.fsync(out.fileno())
+        complete = dumper.wait() == 0
     except BrokenPipeError:
-        # psql gave up (its error is read below); stop pg_dump, which would block on a full pipe.
-        dumper.kill()
+        pass  # psql gave up; its error is read below
     finally:
-        if restorer is not None and restorer.stdin and not restorer.stdin.closed:
+        if not complete:
+            # psql commits what it has once its input ends: half a dump must never reach it.
+            # pg_dump would block on a pipe nobody reads.
+            for proc in processes:
+                if proc.poll() is None:
+                    proc.kill()
+        if restorer is not None and not restorer.stdin.closed:
             try:
                 restorer.stdin.close()
             except BrokenPipeError:
                 pass
-    # A restore that failed says why first: pg_dump may only have been stopped because of it.
-    if restorer is not None:
-        restore_err = restorer.stderr.read().decode(errors="replace").strip()
-        if restorer.wait() != 0:
-            dumper.kill()
-            dumper.wait()
-            partial.unlink(missing_ok=True)
-            raise AgentError(f"restore into the dedicated database failed: {restore_err[-800:]}")
-    dump_err = dumper.stderr.read().decode(errors="replace").strip()
-    if dumper.wait() != 0:
+        for proc in processes:
+            proc.wait()
+        watchdog.cancel()
+        dumper.stdout.close()
+    if stopped.is_set():
         partial.unlink(missing_ok=True)
-        raise AgentError(f"pg_dump of {tenant.schema} failed: {dump_err[-800:]}", retryable=True)
+        raise AgentError(f"dump{' and restore' if restorer else ''} of {tenant.schema} did not finish within "
+                         f"{limit:.0f}s (for about {expected_bytes} bytes of data) and was stopped"
+                         + "".join(f"; {what}: {tails[p.pid].text(400)}" for what, p in
+                                   (("psql", restorer), ("pg_dump", dumper)) if p is not None and tails[p.pid].text()))
+    # A restore that failed says why first: pg_dump may only have been stopped because of it.
+    if restorer is not None and restorer.returncode != 0 and dumper.returncode in (0, -signal.SIGKILL):
+        partial.unlink(missing_ok=True)
+        raise AgentError(f"restore into the dedicated database failed: {tails[restorer.pid].text()}")
+    if dumper.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise AgentError(f"pg_dump of {tenant.schema} failed: {tails[dumper.pid].text()}", retryable=True)
     os.replace(partial, path)
     ledger_rows = 0
     if target_url:

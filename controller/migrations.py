@@ -33,8 +33,14 @@ MESSAGES = {
     "staged": "Staged migration complete (catalog mode unchanged; target DB populated).",
     "dump_only": "Dump complete (catalog mode unchanged; no containers were touched).",
 }
-DATA_TIMEOUT_S = 6 * 3600
 ASSUMED_BYTES_PER_S = 40 * 1024 * 1024
+
+
+def data_timeout(total_bytes: int) -> float:
+    """How long a step that moves or reads the tenant's data may take. The db agent stops a dump
+    and restore past its own, shorter limit (300 s + 1 s per MiB), so its error is what the step
+    reports."""
+    return 600 + max(total_bytes, 0) / (512 * 1024)
 
 
 @dataclass(frozen=True)
@@ -284,7 +290,8 @@ class Migrations:
 
         if row.kind == "dump_only":
             dumped = await self._step(row, "dump", lambda: self.fleet.run(
-                project.db_agent, "tenant.dump", dump_params, timeout=DATA_TIMEOUT_S, on_progress=self._progress(row)))
+                project.db_agent, "tenant.dump", dump_params, timeout=data_timeout(preflight["total_bytes"]),
+                on_progress=self._progress(row)))
             await self._phase(row, "done")
             return {"message": MESSAGES["dump_only"],
                     "dump": {"host": project.db_agent, "path": dumped["path"], "bytes": dumped["bytes"],
@@ -328,11 +335,12 @@ class Migrations:
             project.db_agent, "tenant.dump",
             {**dump_params, "target_url": target_url, "target_major": image["postgres_major"],
              "require_guard": options.lock_writes},
-            timeout=DATA_TIMEOUT_S, on_progress=self._progress(row)))
+            timeout=data_timeout(preflight["total_bytes"]), on_progress=self._progress(row)))
         await self._step(row, "bootstrap", lambda: self.fleet.run(
             project.docker_agent, "stack.bootstrap", stack, timeout=STACK_JOB_TIMEOUT_S))
         verified = await self._step(row, "verify", lambda: self.fleet.run(
-            project.db_agent, "tenant.verify", {**tenant, "target_url": target_url}, timeout=DATA_TIMEOUT_S))
+            project.db_agent, "tenant.verify", {**tenant, "target_url": target_url},
+            timeout=data_timeout(preflight["total_bytes"])))
         await self._step(row, "probe", lambda: self.fleet.run(
             project.docker_agent, "stack.probe", stack, timeout=STACK_JOB_TIMEOUT_S))
         summary = {"dump": {"host": project.db_agent, "path": dumped["path"], "bytes": dumped["bytes"],

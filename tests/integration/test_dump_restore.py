@@ -4,6 +4,7 @@ import io
 import pathlib
 import shutil
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -126,6 +127,69 @@ def _tenant_source(source: str, tenant, extra: str) -> None:
                      " filename text, checksum text, applied_at timestamptz DEFAULT now(),"
                      " PRIMARY KEY (tenant_schema, filename))")
         conn.execute(f"CREATE SCHEMA {tenant.schema}; SET search_path = {tenant.schema}; " + extra)
+
+
+def _in_thread(work, seconds: float):
+    """Runs `work` with a bound: a hang fails the test instead of hanging the suite."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = work()
+        except BaseException as exc:  # handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds}s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def test_a_restore_printing_megabytes_of_warnings_does_not_deadlock(databases, tenant, tmp_path):
+    from agent.dumps import dump
+
+    source, target = databases
+    # The CHECK runs for each restored row of a_noisy, and psql prints the ~1 MB of warnings once
+    # that table's COPY ends, while the 5 MB of b_bulk are still to be written to its stdin.
+    _tenant_source(source, tenant,
+                   "CREATE FUNCTION noisy(n int) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN"
+                   "  RAISE WARNING 'row % %', n, repeat('w', 200); RETURN true; END $$;"
+                   " SET client_min_messages = error;"
+                   " CREATE TABLE a_noisy (id int CHECK (noisy(id)));"
+                   " INSERT INTO a_noisy SELECT generate_series(1, 5000);"
+                   " CREATE TABLE b_bulk (id int, body text);"
+                   " INSERT INTO b_bulk SELECT g, repeat('b', 1000) FROM generate_series(1, 5000) g")
+    _tenant_target(target)
+    result = _in_thread(lambda: dump(source, tenant, tmp_path, "noisy", target, expected_bytes=1 << 20), 120)
+    assert result["restored"] is True
+    with psycopg.connect(target) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.a_noisy").fetchone() == (5000,)
+        assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.b_bulk").fetchone() == (5000,)
+
+
+def test_a_stuck_restore_fails_within_its_time_limit(databases, tenant, tmp_path):
+    from agent.dumps import dump
+    from agent.errors import AgentError
+
+    source, target = databases
+    _tenant_source(source, tenant, "CREATE TABLE notes (id int); INSERT INTO notes VALUES (1)")
+    _tenant_target(target)
+    # Another session creating the same schema, uncommitted: the restore's CREATE SCHEMA waits on it.
+    with psycopg.connect(target) as blocker:
+        blocker.execute(f"CREATE SCHEMA {tenant.schema}")
+        started = time.monotonic()
+        with pytest.raises(AgentError, match=r"did not finish within 3s"):
+            _in_thread(lambda: dump(source, tenant, tmp_path, "stuck", target, time_limit_s=3), 60)
+        assert time.monotonic() - started < 30
+        blocker.rollback()
+    assert list((tmp_path / "dumps").iterdir()) == []
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT to_regclass(%s)", (f"{tenant.schema}.notes",)).fetchone() == (None,)
 
 
 def test_the_psql_that_restores_decides_on_restrict(databases, tenant, tmp_path):
