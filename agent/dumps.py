@@ -189,6 +189,11 @@ def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
         "SELECT roles FROM pg_policies WHERE schemaname = %s", (schema,)).fetchall() for role in roles})
     roles = referenced_roles(conn, schema)
     views = [r[0] for r in conn.execute("SELECT viewname FROM pg_views WHERE schemaname = %s ORDER BY 1", (schema,))]
+    # Large objects belong to no schema: `pg_dump --schema` leaves them out without a word.
+    lo_owners = [tenant.owner_role, tenant.runtime_role]
+    large_objects = conn.execute(
+        "SELECT count(*) FROM pg_largeobject_metadata m JOIN pg_roles r ON r.oid = m.lomowner"
+        " WHERE r.rolname = ANY(%s)", (lo_owners,)).fetchone()[0]
     conn.rollback()
     return {
         "schema": schema,
@@ -199,6 +204,7 @@ def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
         "ledger": ledger,
         "policy_roles": policy_roles,
         "roles": roles,
+        "large_objects": {"owners": lo_owners, "count": large_objects},
         "total_bytes": sum(t["bytes"] for t in rows),
         "tools": {"pg_dump": tool_version("pg_dump"), "psql": tool_version("psql")},
         "spool_free_bytes": shutil.disk_usage(spool).free,

@@ -89,6 +89,18 @@ def check(options: Options, project: Project, running: MigrationRow | None) -> N
                          "wait for it to finish")
 
 
+def large_object_refusal(preflight: dict) -> str | None:
+    """Large objects live outside every schema, so the schema dump would silently leave them behind."""
+    found = preflight.get("large_objects") or {}
+    count = int(found.get("count") or 0)
+    if not count:
+        return None
+    owners = " or ".join(found.get("owners") or ["the tenant"])
+    return (f"{count} large object{'s' if count != 1 else ''} owned by {owners} cannot be migrated: the dump of "
+            "the tenant schema does not carry large objects, so they would be lost. Move their contents into "
+            "bytea columns (or export them) and remove them with lo_unlink(), then migrate again")
+
+
 class MigrationFailed(FluxError):
     status = 400
 
@@ -152,6 +164,9 @@ class Migrations:
         except FluxError as exc:
             docker_name, docker_agent, image = None, None, {}
             errors.append(f"no docker host for the dedicated stack: {exc.message}")
+        refusal = large_object_refusal(preflight)
+        if refusal:
+            errors.append(refusal)
         size = preflight["total_bytes"]
         if size * 2 > preflight["spool_free_bytes"]:
             errors.append(f"db agent {project.db_agent} has {preflight['spool_free_bytes']} bytes free for the "
@@ -188,6 +203,7 @@ class Migrations:
             "preflight": {
                 **{k: preflight[k] for k in ("schema", "tables", "views", "sequences", "extensions", "ledger",
                                              "policy_roles", "roles", "total_bytes", "spool_free_bytes")},
+                "large_objects": preflight.get("large_objects"),
                 "db_host": project.db_agent,
                 "tools": {project.db_agent: preflight["tools"],
                           **({docker_name: {"docker": docker_agent.facts.get("tools", {}).get("docker")}}
@@ -285,6 +301,10 @@ class Migrations:
             await self._fail(row, "preflight", "pg_dump missing")
             raise MigrationFailed("preflight", f"pg_dump not found on db agent {project.db_agent}: install the "
                                   "PostgreSQL client binaries on that host, then retry")
+        refusal = large_object_refusal(preflight)
+        if refusal:
+            await self._fail(row, "preflight", refusal)
+            raise MigrationFailed("preflight", refusal)
         dump_params = {**tenant, "name": f"{project.slug}-{project.hash}-{row.id[:8]}",
                        "expected_bytes": preflight["total_bytes"], "table_count": len(preflight["tables"])}
 

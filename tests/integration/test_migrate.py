@@ -353,3 +353,26 @@ def test_missing_pg_dump_on_the_db_host_is_reported_by_the_dry_run_and_refused(f
     finally:
         terminate(pid)
         fleet.restart()
+
+
+def test_large_objects_are_reported_by_the_dry_run_and_refused(fleet):
+    project, _ = _tenant(fleet, "Large Objects", rows=1)
+    pushed = fleet.push(project, {"003_blobs.sql": "select lo_from_bytea(0, 'one'::bytea);"
+                                                   " select lo_from_bytea(0, 'two'::bytea);"})
+    assert pushed.status_code == 200, pushed.text
+    short = _schema(fleet, project).removeprefix("t_").removesuffix("_api")
+    dry = fleet.migrate(project, dryRun=True, yes=False)
+    assert dry.status_code == 200 and dry.json()["ok"] is False
+    assert dry.json()["preflight"]["large_objects"]["count"] == 2
+    errors = dry.json()["preflight"]["errors"]
+    assert any(e.startswith(f"2 large objects owned by t_{short}_ddl") for e in errors), errors
+    refused = fleet.migrate(project)
+    assert refused.status_code == 400
+    assert refused.json()["phase"] == "preflight" and "2 large objects" in refused.json()["error"]
+    assert _containers(project) == [] and _mode(fleet, project) == "v2_shared"
+    # Once they are gone, nothing stands in the way.
+    fleet.shared_sql("SELECT lo_unlink(m.oid) FROM pg_largeobject_metadata m"
+                     " WHERE m.lomowner = %s::regrole", (f"t_{short}_ddl",))
+    again = fleet.migrate(project, dryRun=True, yes=False).json()
+    assert again["preflight"]["large_objects"]["count"] == 0
+    assert not any("large object" in e for e in again["preflight"]["errors"])
