@@ -3,7 +3,8 @@
 
 class AgentError(Exception):
     """`code` tells the controller what kind of failure this is: invalid, conflict,
-    not_found, unavailable, or empty."""
+    not_found, unavailable, foreign (a Docker object under the project's name belongs to
+    another project), or empty."""
 
     code = ""
 

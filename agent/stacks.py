@@ -4,6 +4,10 @@ Everything a stack has is named from the project and labelled `flux.managed=true
 network `flux-<hash>-<slug>-net`, volume `...-db-data`, containers `...-db` and `...-api`.
 Provisioning is idempotent and reports each step as ok or changed; observing reads
 only what the Docker engine shows.
+
+Names are global on a Docker host, so an object found under one of the project's names is
+used, started, stopped or removed only if its `flux.project` label is the project's id;
+any other object there fails the step with an error naming it, and is left as it is.
 """
 
 import re
@@ -103,6 +107,36 @@ def _get(collection, name: str):
         return collection.get(name)
     except NotFound:
         return None
+
+
+def _labels(item) -> dict:
+    """Labels of a container (under Config), a volume or a network (top level)."""
+    attrs = item.attrs or {}
+    return (attrs.get("Config") or {}).get("Labels") or attrs.get("Labels") or {}
+
+
+def _foreign(item, kind: str, name: str, spec: StackSpec) -> str | None:
+    """Why `item` is not this project's to touch, or None if it is."""
+    owner = _labels(item).get("flux.project")
+    if owner == spec.project_id:
+        return None
+    held = f"flux.project label {owner[:80]!r}" if owner else "no flux.project label"
+    return f"{kind} {name} has {held}, not this project's ({spec.project_id})"
+
+
+def _refuse(reasons: list[str]) -> AgentError:
+    return AgentError(f"not touching Docker objects that belong to another project: {'; '.join(reasons)}",
+                      code="foreign")
+
+
+def _own(collection, kind: str, name: str, spec: StackSpec):
+    """The project's object under `name`, None if there is none; fails if another owns the name."""
+    item = _get(collection, name)
+    if item is not None:
+        reason = _foreign(item, kind, name, spec)
+        if reason:
+            raise _refuse([reason])
+    return item
 
 
 def _published_port(container, port: int) -> int | None:
@@ -249,21 +283,21 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
     say = progress or (lambda *a: None)
     try:
         say("network", 0, 6, "steps", spec.network)
-        if _get(engine.networks, spec.network) is None:
+        if _own(engine.networks, "network", spec.network, spec) is None:
             engine.networks.create(spec.network, driver="bridge", labels=spec.labels("network"))
             steps["network"] = "changed"
         else:
             steps["network"] = "ok"
 
         say("volume", 1, 6, "steps", spec.volume)
-        if _get(engine.volumes, spec.volume) is None:
+        if _own(engine.volumes, "volume", spec.volume, spec) is None:
             engine.volumes.create(spec.volume, labels=spec.labels("volume"))
             steps["volume"] = "changed"
         else:
             steps["volume"] = "ok"
 
         say("database", 2, 6, "steps", spec.db)
-        db = _get(engine.containers, spec.db)
+        db = _own(engine.containers, "container", spec.db, spec)
         if db is None:
             db_port = spec.db_port or _free_port(settings.publish_host)
             db = _run(engine, settings, settings.postgres_image, name=spec.db, network=spec.network,
@@ -284,7 +318,7 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
         steps["role bootstrap"] = bootstrap_roles(admin_url, spec)
 
         say("api", 4, 6, "steps", spec.api)
-        api = _get(engine.containers, spec.api)
+        api = _own(engine.containers, "container", spec.api, spec)
         if api is None:
             api_port = spec.api_port or _free_port(settings.publish_host)
             password = urllib.parse.quote(spec.authenticator_password, safe="")
@@ -327,6 +361,10 @@ def observe(spec: StackSpec) -> dict:
     """Running, Stopped, Partial, Missing or Drift, from the containers the engine shows."""
     engine = client()
     present = _containers(engine, spec)
+    for name in (spec.db, spec.api):
+        holder = None if name in present else _get(engine.containers, name)
+        if holder is not None:
+            present[name] = holder
     states = {name: present[name].status if name in present else "missing" for name in (spec.db, spec.api)}
     foreign = [c.name for c in present.values() if c.labels.get("flux.project") != spec.project_id]
     unexpected = [name for name in present if name not in (spec.db, spec.api)]
@@ -346,8 +384,8 @@ def observe(spec: StackSpec) -> dict:
 def stop(spec: StackSpec) -> dict:
     engine = client()
     changed = []
-    for name in (spec.api, spec.db):
-        container = _get(engine.containers, name)
+    containers = [(name, _own(engine.containers, "container", name, spec)) for name in (spec.api, spec.db)]
+    for name, container in containers:
         if container is not None and container.status != "exited":
             container.stop(timeout=15)
             changed.append(name)
@@ -356,13 +394,12 @@ def stop(spec: StackSpec) -> dict:
 
 def start(spec: StackSpec, settings: DockerSettings) -> dict:
     engine = client()
-    missing = [n for n in (spec.db, spec.api) if _get(engine.containers, n) is None]
+    db, api = (_own(engine.containers, "container", n, spec) for n in (spec.db, spec.api))
+    missing = [n for n, c in ((spec.db, db), (spec.api, api)) if c is None]
     if missing:
         raise AgentError(f"cannot start {spec.prefix}: {', '.join(missing)} missing; run repair", code="conflict")
-    db = engine.containers.get(spec.db)
     _ensure_running(db)
     wait_for_db(_db_url(spec, settings, _published_port(db, DB_PORT)))
-    api = engine.containers.get(spec.api)
     _ensure_running(api)
     api_port = _published_port(api, API_PORT)
     probe(settings, spec, api_port)
@@ -370,24 +407,33 @@ def start(spec: StackSpec, settings: DockerSettings) -> dict:
 
 
 def remove(spec: StackSpec) -> dict:
+    """Removes the project's own objects; fails afterwards, naming them, if others hold its names."""
     engine = client()
-    removed = []
-    for name in (spec.api, spec.db):
-        container = _get(engine.containers, name)
-        if container is not None:
-            container.remove(force=True)
-            removed.append(name)
-    for collection, name in ((engine.volumes, spec.volume), (engine.networks, spec.network)):
+    removed, refused = [], []
+    for kind, collection, name in (("container", engine.containers, spec.api),
+                                   ("container", engine.containers, spec.db),
+                                   ("volume", engine.volumes, spec.volume),
+                                   ("network", engine.networks, spec.network)):
         item = _get(collection, name)
-        if item is not None:
-            item.remove()
-            removed.append(name)
+        if item is None:
+            continue
+        reason = _foreign(item, kind, name, spec)
+        if reason:
+            refused.append(reason)
+            continue
+        try:
+            item.remove(force=True) if kind == "container" else item.remove()
+        except APIError as exc:
+            raise AgentError(f"Docker refused to remove {kind} {name}: {exc.explanation or exc}") from None
+        removed.append(name)
+    if refused:
+        raise _refuse(refused)
     return {"removed": removed}
 
 
 def probe_only(spec: StackSpec, settings: DockerSettings) -> dict:
     engine = client()
-    api = _get(engine.containers, spec.api)
+    api = _own(engine.containers, "container", spec.api, spec)
     if api is None:
         raise AgentError(f"{spec.api} does not exist", code="not_found")
     return probe(settings, spec, _published_port(api, API_PORT), timeout=15)
@@ -395,7 +441,7 @@ def probe_only(spec: StackSpec, settings: DockerSettings) -> dict:
 
 def admin_url(spec: StackSpec, settings: DockerSettings) -> str:
     engine = client()
-    db = _get(engine.containers, spec.db)
+    db = _own(engine.containers, "container", spec.db, spec)
     if db is None:
         raise AgentError(f"{spec.db} does not exist", code="not_found")
     return _db_url(spec, settings, _published_port(db, DB_PORT))

@@ -298,7 +298,8 @@ def delete(slug, hash_, yes, as_json):
     if not yes:
         raise CliError(f"deleting {slug} removes its data for good; pass --yes to confirm", exit_code=2)
     result = client().request("DELETE", f"projects/{hash_}", params={"slug": slug}, timeout=600)
-    emit(result, as_json, lambda r: click.echo(f"Deleted {r['deleted']} ({r['hash']})."))
+    emit(result, as_json, lambda r: click.echo(f"Deleted {r['deleted']} ({r['hash']})."
+                                               + (f" Left alone: {r['untouched']}" if r.get("untouched") else "")))
 
 
 @cli.group()

@@ -75,8 +75,12 @@ class AgentFailed(FluxError):
     status = 502
 
 
+class ForeignObjects(Conflict):
+    """A docker agent found another project's objects under a project's names and left them alone."""
+
+
 _FAILURE_KINDS = {"invalid": BadRequest, "conflict": Conflict, "not_found": NotFound,
-                  "unavailable": Unavailable}
+                  "unavailable": Unavailable, "foreign": ForeignObjects}
 
 
 class Fleet:

@@ -18,7 +18,7 @@ import jwt
 
 from .catalog import Catalog, HashTaken, Project, User
 from .errors import BadRequest, Conflict, FluxError, NotFound, Unavailable
-from .fleet import Fleet
+from .fleet import Fleet, ForeignObjects
 from .gateways import Gateways, service_url
 from .secretbox import SecretBox
 
@@ -241,21 +241,32 @@ class Projects:
         await self.catalog.set_observed_status(project.id, "running")
         return out
 
-    async def _undo(self, project: Project) -> None:
-        """Removes every trace of a project; raises if a part could not be removed."""
+    async def _undo(self, project: Project) -> str | None:
+        """Removes every trace of a project; raises if a part could not be removed.
+
+        Returns what was left alone: objects under the project's names that belong to another
+        project are not its traces, so the agent keeps them and the undo still completes.
+        """
         await self.catalog.set_lifecycle(project.id, "deleting")
+        untouched = None
         # A migrated project may have both: its stack and what is left of its pooled copy.
         if project.db_agent:
             await self.fleet.run(project.db_agent, "tenant.drop", self.tenant_params(project), timeout=TENANT_JOB_TIMEOUT_S)
         if project.docker_agent:
-            await self.fleet.run(project.docker_agent, "stack.remove", self.stack_params(project),
-                                 timeout=STACK_JOB_TIMEOUT_S)
+            try:
+                await self.fleet.run(project.docker_agent, "stack.remove", self.stack_params(project),
+                                     timeout=STACK_JOB_TIMEOUT_S)
+            except ForeignObjects as exc:
+                log.warning("removed %s (%s) but left alone what is not its own: %s",
+                            project.slug, project.hash, exc.message)
+                untouched = exc.message
         await self.catalog.delete_project(project.id)
         try:
             await self.gateways.sync()
         except Unavailable as exc:
             # The row is gone, so the next successful sync drops the route everywhere.
             log.warning("route of %s not yet removed from every gateway: %s", project.slug, exc.message)
+        return untouched
 
     async def recover(self) -> None:
         """Finishes creates and deletes that a stopped controller left half-done; retries until done."""
@@ -326,8 +337,9 @@ class Projects:
 
     async def delete(self, project: Project) -> dict:
         await self.not_migrating(project)
-        await self._undo(project)
-        return {"ok": True, "deleted": project.slug, "hash": project.hash}
+        untouched = await self._undo(project)
+        return {"ok": True, "deleted": project.slug, "hash": project.hash,
+                **({"untouched": untouched} if untouched else {})}
 
     # push, ledger, maintenance
 

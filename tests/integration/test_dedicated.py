@@ -1,6 +1,7 @@
 """The dedicated engine on a real Docker engine: provision, probe, lifecycle, repair, delete."""
 
 import subprocess
+import uuid
 
 import psycopg
 import pytest
@@ -161,6 +162,40 @@ def test_delete_removes_everything(fleet):
     assert all(p["hash"] != s["hash"] for p in fleet.api("GET", "list").json())
     gone = fleet.gateway("GET", fleet.host(project), "/", creds["anonKey"], sni=False)
     assert gone.status_code == 404
+
+
+def test_another_projects_container_under_its_name_is_left_alone(fleet):
+    """Repair, stop and delete never use, stop or remove a container another project holds."""
+    project, _, prefix = _dedicated(fleet, "Name Holder")
+    h, n = project["summary"]["hash"], names(prefix)
+    image = docker("inspect", "-f", "{{.Config.Image}}", n["db"])
+    other = str(uuid.uuid4())
+    docker("rm", "-f", n["api"])
+    docker("create", "--name", n["api"], "--label", "flux.managed=true", "--label", f"flux.project={other}",
+           "--label", f"flux.hash={h}", "--label", f"flux.slug={project['summary']['slug']}",
+           "--entrypoint", "true", image)
+    try:
+        def held() -> str:
+            return docker("inspect", "-f", '{{.State.Status}} {{index .Config.Labels "flux.project"}}', n["api"])
+
+        repaired = fleet.api("POST", f"projects/{h}/repair")
+        assert repaired.status_code == 409, repaired.text
+        assert n["api"] in repaired.json()["error"] and other in repaired.json()["error"]
+        assert held() == f"created {other}"
+        stopped = fleet.api("POST", f"projects/{h}/lifecycle", {"action": "stop"})
+        assert stopped.status_code == 409 and n["api"] in stopped.json()["error"]
+        assert docker("inspect", "-f", "{{.State.Status}}", n["db"]) == "running"
+        assert next(p for p in fleet.api("GET", "list").json() if p["hash"] == h)["status"] == "corrupted"
+
+        deleted = fleet.api("DELETE", f"projects/{h}", params={"slug": project["summary"]["slug"]})
+        assert deleted.status_code == 200, deleted.text
+        assert n["api"] in deleted.json()["untouched"]
+        assert held() == f"created {other}"
+        assert docker("ps", "-a", "-q", "--filter", f"name=^{n['db']}$") == ""
+        assert docker("volume", "ls", "-q", "--filter", f"name={n['volume']}") == ""
+        assert all(p["hash"] != h for p in fleet.api("GET", "list").json())
+    finally:
+        docker("rm", "-f", n["api"])
 
 
 def test_stacks_cannot_reach_each_other(fleet):
