@@ -98,6 +98,9 @@ class Project:
     db_host: str | None = None
     db_port: int | None = None
     observed_status: str | None = None
+    # Shares its hash with an older project of another owner, from before hashes were unique
+    # across the catalog (schema 0008); it keeps it, since its names are in use.
+    hash_shared: bool = False
 
     @property
     def short_id(self) -> str:
@@ -201,7 +204,7 @@ def _migration(row: dict) -> MigrationRow:
 
 
 class HashTaken(Conflict):
-    """A random project hash collided with one the owner already has; pick another."""
+    """A random project hash collided with one a project in the catalog has; pick another."""
 
 
 class Catalog:
@@ -443,19 +446,30 @@ class Catalog:
                              mode: str, api_schema: str, jwt_secret_sealed: str, db_agent: str | None,
                              docker_agent: str | None = None, postgres_password_sealed: str | None = None,
                              authenticator_password_sealed: str | None = None) -> Project:
+        """A new project whose hash no other project in the catalog has, or HashTaken."""
         try:
+            # The unique index covers all but the projects that kept a shared hash (0008);
+            # the NOT EXISTS keeps new hashes clear of those too.
             row = await self._one(
                 "INSERT INTO projects (id, owner_id, name, slug, hash, mode, api_schema, jwt_secret_sealed,"
                 " db_agent, docker_agent, postgres_password_sealed, authenticator_password_sealed)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *",
+                " SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s"
+                " WHERE NOT EXISTS (SELECT 1 FROM projects WHERE hash = %s) RETURNING *",
                 (project_id, owner_id, name, slug, hash_, mode, api_schema, jwt_secret_sealed, db_agent,
-                 docker_agent, postgres_password_sealed, authenticator_password_sealed))
+                 docker_agent, postgres_password_sealed, authenticator_password_sealed, hash_))
         except psycopg.errors.UniqueViolation as exc:
             constraint = exc.diag.constraint_name or ""
             if "hash" in constraint:
                 raise HashTaken(hash_) from None
             raise Conflict(f"a project named {slug} already exists") from None
+        if row is None:
+            raise HashTaken(hash_)
         return _project(row)
+
+    async def shared_hashes(self) -> list[Project]:
+        """Projects that kept a hash another owner's older project has (from before schema 0008)."""
+        return [_project(r) for r in await self._all(
+            "SELECT * FROM projects WHERE hash_shared ORDER BY hash, created_at")]
 
     async def project_by_hash(self, owner_id: int, hash_: str) -> Project | None:
         row = await self._one("SELECT * FROM projects WHERE owner_id = %s AND hash = %s", (owner_id, hash_))

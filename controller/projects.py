@@ -45,6 +45,11 @@ def slugify(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def new_hash() -> str:
+    """7 random lower-case hex characters; the catalog refuses one any project already has."""
+    return secrets.token_hex(4)[:7]
+
+
 def check_hash(value: str) -> str:
     if not HASH.match(value or ""):
         raise BadRequest(f"invalid project hash {value!r}: expected 7 lower-case hex characters")
@@ -65,11 +70,13 @@ def list_item(project: Project, base_domain: str) -> dict:
 
 
 class Projects:
-    def __init__(self, catalog: Catalog, fleet: Fleet, box: SecretBox, gateways: Gateways):
+    def __init__(self, catalog: Catalog, fleet: Fleet, box: SecretBox, gateways: Gateways,
+                 hashes=new_hash):
         self.catalog = catalog
         self.fleet = fleet
         self.box = box
         self.gateways = gateways
+        self.hashes = hashes
 
     @property
     def base_domain(self) -> str:
@@ -186,7 +193,7 @@ class Projects:
                 }
             try:
                 project = await self.catalog.insert_project(
-                    project_id, user.id, name, slug, secrets.token_hex(4)[:7], mode,
+                    project_id, user.id, name, slug, self.hashes(), mode,
                     f"t_{short_id}_api" if mode == POOLED else "api",
                     self.box.seal(secret.encode(), f"project:{project_id}"), db_agent, **dedicated)
                 break

@@ -69,6 +69,12 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
         await catalog.close()
         raise ConfigError(f"the catalog schema lacks versions {behind}; run `flux-controller init "
                           f"--state-dir {state.path}` to upgrade it")
+    shared = await catalog.shared_hashes()
+    if shared:
+        log.warning("%d project(s) share their hash with an older project of another owner (created before "
+                    "hashes were unique across the catalog); they keep it, and the docker agent refuses "
+                    "objects that are not theirs: %s", len(shared),
+                    ", ".join(f"{p.slug} ({p.hash})" for p in shared[:20]))
     box = SecretBox(state.read("master.key"))
     fleet = Fleet(catalog, box, heartbeat_seconds=heartbeat_seconds)
     gateways = Gateways(catalog, fleet, box, config.base_domain)
