@@ -32,10 +32,17 @@ AGENT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PING_TIMEOUT_S = 5.0
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """Untrusted text as it may appear in a message or a log line: quoted, escaped, bounded."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def check_agent_name(name: str) -> str:
     if not AGENT_NAME.match(name or ""):
         raise BadRequest(
-            f"invalid agent name {name!r}: use 1-63 lower-case letters, digits and hyphens"
+            f"invalid agent name {shown(name or '')}: use 1-63 lower-case letters, digits and hyphens"
         )
     return name
 
@@ -45,7 +52,9 @@ def check_roles(roles: list[str]) -> list[str]:
         raise BadRequest(f"at least one role is required ({', '.join(ROLES)})")
     unknown = sorted(set(roles) - set(ROLES))
     if unknown:
-        raise BadRequest(f"unknown role(s) {', '.join(unknown)}; roles are {', '.join(ROLES)}")
+        listed = ", ".join(role if re.fullmatch(r"[a-z0-9_-]{1,32}", role) else shown(role, 32)
+                           for role in unknown[:4]) + (", ..." if len(unknown) > 4 else "")
+        raise BadRequest(f"unknown role(s) {listed}; roles are {', '.join(ROLES)}")
     return sorted(set(roles))
 
 
@@ -273,7 +282,8 @@ class EnrollmentService(fleet_pb2_grpc.EnrollmentServicer):
 
             await self.catalog.enroll(token_hash(req.token), name, roles, register)
         except FluxError as exc:
-            log.warning("enrollment of %r refused: %s", req.name, exc.message)
+            # Nothing here is authenticated yet: the message shows the input bounded and escaped.
+            log.warning("enrollment refused: %s", exc.message)
             await context.abort(_status(exc), exc.message)
         log.info("agent %s enrolled with roles %s", name, ",".join(roles))
         return wire.encode_enroll_response(
