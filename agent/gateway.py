@@ -38,7 +38,9 @@ MIGRATING = {"error": "project is migrating; try again later"}
 RETRY_AFTER_S = "5"
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # Headers a client could send to steer the upstream; Caddy removes them before proxying.
-SPOOFABLE = ["X-Flux-*", "X-Forwarded-User", "X-Real-Ip", "X-Postgrest-*"]
+# `Connection` goes too: the proxy strips every header it names, the pinned profile included.
+SPOOFABLE = ["X-Flux-*", "X-Forwarded-User", "X-Real-Ip", "X-Postgrest-*", "Connection"]
+ADMIN_SOCKET = "caddy-admin.sock"
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Gateway:
         self._minted_tokens: dict[tuple, tuple[float, str]] = {}
         self.caddy: subprocess.Popen | None = None
         self.auth_server: uvicorn.Server | None = None
+        self.admin_socket = (settings.caddy_admin or str(state_dir / ADMIN_SOCKET)).removeprefix("unix/")
 
     # state
 
@@ -119,7 +122,7 @@ class Gateway:
                                    "headers": {"Content-Type": ["application/json"]},
                                    "body": json.dumps({"error": "no project at this host"})}]})
         return {
-            "admin": {"listen": s.caddy_admin},
+            "admin": {"listen": f"unix/{self.admin_socket}"},
             "logging": {"logs": {"default": {"level": "ERROR"}}},
             "apps": {
                 "http": {"servers": {"flux": {
@@ -160,35 +163,39 @@ class Gateway:
             ],
         }
         dial = self.settings.pool_upstream if route.upstream == POOL_UPSTREAM else route.upstream
-        upstream = {"handler": "reverse_proxy", "upstreams": [{"dial": dial}]}
+        # Set once more by the proxy itself, after it has removed hop-by-hop headers.
+        upstream = {"handler": "reverse_proxy", "upstreams": [{"dial": dial}],
+                    "headers": {"request": {"set": profile}}}
         return {"match": [{"host": route.hosts}],
                 "handle": [{"handler": "subroute", "routes": [{"handle": [auth, upstream]}]}],
                 "terminal": True}
 
-    def _admin(self, path: str) -> str:
-        return f"http://{self.settings.caddy_admin}{path}"
+    def _admin(self, timeout: float) -> httpx.AsyncClient:
+        """A client of Caddy's admin API on its unix socket (which accepts only an empty Host)."""
+        return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=self.admin_socket),
+                                 base_url="http://caddy-admin", headers={"Host": ""}, timeout=timeout)
 
     async def _caddy_up(self) -> bool:
         try:
-            async with httpx.AsyncClient(timeout=2) as http:
-                return (await http.get(self._admin("/config/"))).status_code == 200
+            async with self._admin(2) as http:
+                return (await http.get("/config/")).status_code == 200
         except httpx.HTTPError:
             return False
 
     async def _caddy_has_our_config(self) -> bool:
         try:
-            async with httpx.AsyncClient(timeout=2) as http:
-                response = await http.get(self._admin("/config/apps/http/servers/flux/listen"))
+            async with self._admin(2) as http:
+                response = await http.get("/config/apps/http/servers/flux/listen")
                 return response.status_code == 200 and response.json() == [self.settings.listen]
         except (httpx.HTTPError, ValueError):
             return False
 
     async def load_caddy_config(self) -> None:
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with self._admin(30) as http:
             try:
-                response = await http.post(self._admin("/load"), json=self.caddy_config())
+                response = await http.post("/load", json=self.caddy_config())
             except httpx.HTTPError as exc:
-                raise AgentError(f"Caddy admin API at {self.settings.caddy_admin} unreachable: {exc}",
+                raise AgentError(f"Caddy admin API at {self.admin_socket} unreachable: {exc}",
                                  retryable=True) from None
         if response.status_code != 200:
             raise AgentError(f"Caddy refused the configuration: {response.text.strip()[:500]}")
@@ -196,9 +203,9 @@ class Gateway:
     async def ensure_caddy(self) -> None:
         """Adopts the Caddy answering on the admin address, or starts one."""
         if await self._caddy_up():
-            log.info("gateway: adopting the Caddy at %s", self.settings.caddy_admin)
+            log.info("gateway: adopting the Caddy at %s", self.admin_socket)
         elif not self.settings.manage_caddy:
-            raise AgentError(f"no Caddy answers at {self.settings.caddy_admin} and manage_caddy is off",
+            raise AgentError(f"no Caddy answers at {self.admin_socket} and manage_caddy is off",
                              retryable=True)
         else:
             binary = shutil.which(self.settings.caddy_bin)
@@ -237,7 +244,8 @@ class Gateway:
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": "missing bearer token"}
         try:
             claims = jwt.decode(token, route.jwt_secret, algorithms=["HS256"],
-                                options={"require": ["sub"] if route.pooled else []})
+                                options={"require": ["exp", "sub"] if route.pooled else ["exp"]})
+            self._check_lifetime(claims)
         except jwt.PyJWTError as exc:
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": f"invalid token: {exc}"}
         if route.pooled:
@@ -247,6 +255,16 @@ class Gateway:
         else:
             minted = token
         return 200, {"X-Flux-Authorization": f"Bearer {minted}", **profile}, None
+
+    def _check_lifetime(self, claims: dict) -> None:
+        """Refuses tokens meant to live longer than the gateway allows: a leaked one must run out."""
+        limit = self.settings.max_token_lifetime_s
+        exp = claims["exp"]
+        iat = claims.get("iat")
+        if isinstance(iat, (int, float)) and not isinstance(iat, bool) and exp - iat > limit:
+            raise jwt.InvalidTokenError(f"token lifetime exceeds the gateway's maximum of {limit}s")
+        if exp - time.time() > limit:
+            raise jwt.InvalidTokenError(f"token expires more than {limit}s from now")
 
     def _minted(self, route: Route, claims: dict, secret: str) -> str:
         """A short-lived token for the route's app role, carrying the app token's other claims."""

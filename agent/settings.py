@@ -6,11 +6,17 @@
      "docker":  {"postgres_image": "postgres:15", "postgrest_image": "postgrest/postgrest:v12.2.3",
                  "publish_host": "127.0.0.1", "advertise_host": "127.0.0.1", "memory_limit": "512m",
                  "cpus": 1.0, "restart_policy": "unless-stopped"},
-     "gateway": {"caddy_admin": "127.0.0.1:2019", "listen": "127.0.0.1:8443",
+     "gateway": {"caddy_admin": "/var/lib/flux-agent/caddy-admin.sock", "listen": "127.0.0.1:8443",
                  "auth_listen": "127.0.0.1:8444", "pool_upstream": "127.0.0.1:3000",
-                 "pool_jwt_secret": "...", "manage_caddy": true, "caddy_bin": "caddy"}}
+                 "pool_jwt_secret": "...", "manage_caddy": true, "caddy_bin": "caddy",
+                 "max_token_lifetime_s": 7776000}}
 
 The file holds credentials (0600). The controller never sees these values.
+
+Caddy's admin API has no authentication, so it listens only on a unix socket (by default
+`caddy-admin.sock` in the state directory, whose mode keeps other users out). App tokens
+must carry `exp` and live at most `max_token_lifetime_s`; the anon and service-role keys
+the controller issues last 90 days, so a smaller value refuses them.
 """
 
 import json
@@ -47,15 +53,32 @@ class DockerSettings:
     api_healthcheck: list | None = None
 
 
+DEFAULT_MAX_TOKEN_LIFETIME_S = 90 * 24 * 3600
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
-    caddy_admin: str
     listen: str
     auth_listen: str
     pool_upstream: str
     pool_jwt_secret: str
+    # Path of the unix socket of Caddy's admin API; None: `caddy-admin.sock` in the state directory.
+    caddy_admin: str | None = None
     manage_caddy: bool = True
     caddy_bin: str = "caddy"
+    max_token_lifetime_s: int = DEFAULT_MAX_TOKEN_LIFETIME_S
+
+
+def _check_gateway(gateway: GatewaySettings) -> GatewaySettings:
+    admin = gateway.caddy_admin
+    if admin is not None and not admin.removeprefix("unix/").startswith("/"):
+        raise AgentError(f"{SETTINGS_FILE}: gateway.caddy_admin must be the absolute path of a unix "
+                         f"socket (Caddy's admin API has no authentication), got {admin!r}")
+    lifetime = gateway.max_token_lifetime_s
+    if not isinstance(lifetime, int) or isinstance(lifetime, bool) or lifetime <= 0:
+        raise AgentError(f"{SETTINGS_FILE}: gateway.max_token_lifetime_s must be a positive number of "
+                         f"seconds, got {lifetime!r}")
+    return gateway
 
 
 def _build(cls, raw: dict, role: str):
@@ -85,7 +108,7 @@ def load(state: StateDir) -> dict:
                 raise AgentError(f"{SETTINGS_FILE}: db.{key} must look like 15s, 500ms or 2min")
         settings["db"] = db
     if "gateway" in raw:
-        settings["gateway"] = _build(GatewaySettings, raw["gateway"], "gateway")
+        settings["gateway"] = _check_gateway(_build(GatewaySettings, raw["gateway"], "gateway"))
     if "docker" in raw:
         settings["docker"] = _build(DockerSettings, raw["docker"], "docker")
     return settings

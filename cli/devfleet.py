@@ -187,7 +187,7 @@ class Progress:
 PACKAGING = pathlib.Path(__file__).resolve().parents[1] / "packaging"
 STANDIN = PACKAGING / "images" / "postgrest-standin" / "postgrest_standin.py"
 IMAGE_BUILDER = PACKAGING / "images" / "build.py"
-PORTS = ("http", "grpc", "enroll", "caddy_admin", "gateway", "forward_auth", "pool_api", "pool_admin")
+PORTS = ("http", "grpc", "enroll", "gateway", "forward_auth", "pool_api", "pool_admin")
 AGENTS = {"dev-db": "db", "dev-gateway": "gateway", "dev-docker": "docker"}
 # The stand-in image has Python, not curl: its health check asks PostgREST's port with it.
 STANDIN_HEALTHCHECK = ["CMD", "python3", "-c",
@@ -324,7 +324,8 @@ class DevFleet:
             return {"docker": {"postgres_image": images["postgres"], "postgrest_image": images["postgrest"],
                                "api_healthcheck": STANDIN_HEALTHCHECK, "memory_limit": "256m"}}
         return {"gateway": {
-            "caddy_admin": f"127.0.0.1:{self.ports['caddy_admin']}",
+            # Caddy's admin API has no authentication: a unix socket in the agent's private directory.
+            "caddy_admin": str(self.dir / "agents" / name / "caddy-admin.sock"),
             "listen": f"127.0.0.1:{self.ports['gateway']}",
             "auth_listen": f"127.0.0.1:{self.ports['forward_auth']}",
             "pool_upstream": f"127.0.0.1:{self.ports['pool_api']}",

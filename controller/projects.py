@@ -11,6 +11,7 @@ import hashlib
 import logging
 import re
 import secrets
+import time
 import urllib.parse
 import uuid
 
@@ -33,7 +34,11 @@ TENANT_JOB_TIMEOUT_S = 60
 STACK_JOB_TIMEOUT_S = 300
 OBSERVE_TIMEOUT_S = 10
 PUSH_TIMEOUT_S = 300
-KEY_LIFETIME_S = 10 * 365 * 24 * 3600
+# The anon and service-role keys: a key is reissued every KEY_PERIOD_S and lives KEY_LIFETIME_S,
+# so the one shown has at least two months left and stays within the gateways' default
+# maximum token lifetime (agent/settings.py).
+KEY_PERIOD_S = 30 * 24 * 3600
+KEY_LIFETIME_S = 90 * 24 * 3600
 POOLED_NOTE = "Pooled project: the database lives in a tenant schema of the shared cluster."
 # What the docker agent observes, in the words existing clients accept.
 STATUS = {"Running": "running", "Stopped": "stopped", "Partial": "partial", "Missing": "missing",
@@ -126,8 +131,9 @@ class Projects:
     def jwt_secret(self, project: Project) -> str:
         return self.gateways.jwt_secret(project)
 
-    def api_key(self, project: Project, role: str) -> str:
-        issued = int(project.created_at.timestamp())
+    def api_key(self, project: Project, role: str, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        issued = max(int(project.created_at.timestamp()), int(now) // KEY_PERIOD_S * KEY_PERIOD_S)
         return jwt.encode({"role": role, "iss": "flux", "ref": project.slug, "iat": issued,
                            "exp": issued + KEY_LIFETIME_S}, self.jwt_secret(project), algorithm="HS256")
 

@@ -337,6 +337,8 @@ class LocalFleet:
 
 
 def app_token(secret: str, **claims) -> str:
+    """An app's token as its own sign-in would issue it: a `sub` and an hour to live."""
     import jwt
 
-    return jwt.encode({"sub": "alice", **claims}, secret, algorithm="HS256")
+    now = int(time.time())
+    return jwt.encode({"sub": "alice", "iat": now, "exp": now + 3600, **claims}, secret, algorithm="HS256")

@@ -1,5 +1,7 @@
 """The pooled engine end to end: projects, push, the gateway (Caddy + forward_auth), maintenance."""
 
+import json
+import os
 
 import pytest
 
@@ -210,3 +212,54 @@ def test_duplicate_names_conflict_and_credentials_show_the_secret(fleet):
     assert listed["apiUrl"] == f"https://api--twin--{project['summary']['hash']}.{fleet.base_domain}"
     # The secret is sealed at rest, never stored in the clear.
     assert project["projectJwtSecret"] not in str(fleet.api("GET", "list").json())
+
+
+def test_a_connection_header_cannot_unpin_the_profile(fleet):
+    project, secret = _tenant(fleet, "Hop By Hop")
+    token = app_token(secret)
+    assert _write(fleet, project, token, "mine").status_code == 201
+    # Caddy drops the headers a client's Connection names; the pinned profile must not be one.
+    for named in ("Accept-Profile", "Accept-Profile, Content-Profile", "X-Flux-Profile"):
+        read = fleet.gateway("GET", fleet.host(project), "/todos?select=title", token,
+                             headers={"Connection": named})
+        assert read.status_code == 200 and read.json() == [{"title": "mine"}], (named, read.text)
+    written = fleet.gateway("POST", fleet.host(project), "/todos", token, json={"title": "via connection"},
+                            headers={"Connection": "Content-Profile", "Prefer": "return=representation"})
+    assert written.status_code == 201, written.text
+    schema = fleet.api("GET", f"projects/{project['summary']['hash']}").json()["apiSchema"]
+    assert ("via connection",) in fleet.shared_sql(f'SELECT title FROM "{schema}".todos')
+
+
+def test_tokens_must_expire_within_the_gateways_maximum(fleet):
+    import time
+
+    import jwt
+
+    project, secret = _tenant(fleet, "Token Lifetimes")
+    never = jwt.encode({"sub": "alice"}, secret, algorithm="HS256")
+    refused = fleet.gateway("GET", fleet.host(project), "/todos", never)
+    assert refused.status_code == 401 and "exp" in refused.json()["error"]
+    now = int(time.time())
+    ten_years = jwt.encode({"sub": "alice", "iat": now, "exp": now + 10 * 365 * 24 * 3600}, secret, algorithm="HS256")
+    assert fleet.gateway("GET", fleet.host(project), "/todos", ten_years).status_code == 401
+    assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 200
+
+
+def test_caddys_admin_api_is_on_a_private_unix_socket(fleet):
+    import socket
+    import stat
+
+    settings = json.loads((fleet.fleet.dir / "agents" / "dev-gateway" / "settings.json").read_text())
+    path = settings["gateway"]["caddy_admin"]
+    mode = os.stat(path).st_mode
+    assert stat.S_ISSOCK(mode) and not mode & 0o002
+    assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(path)
+        sock.sendall(b"GET /config/admin HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert b" 200 " in answer.split(b"\r\n", 1)[0] and f"unix/{path}".encode() in answer
+    # Nothing answers Caddy's admin API on the old TCP port.
+    assert "caddy_admin" not in fleet.fleet.ports
