@@ -215,7 +215,10 @@ def test_duplicate_names_conflict_and_credentials_show_the_secret(fleet):
 
 
 def test_a_connection_header_cannot_unpin_the_profile(fleet):
+    # Another tenant first, so the API's default schema (used when no profile arrives) is not ours.
+    _tenant(fleet, "Hop Decoy")
     project, secret = _tenant(fleet, "Hop By Hop")
+    schema = fleet.api("GET", f"projects/{project['summary']['hash']}").json()["apiSchema"]
     token = app_token(secret)
     assert _write(fleet, project, token, "mine").status_code == 201
     # Caddy drops the headers a client's Connection names; the pinned profile must not be one.
@@ -223,10 +226,11 @@ def test_a_connection_header_cannot_unpin_the_profile(fleet):
         read = fleet.gateway("GET", fleet.host(project), "/todos?select=title", token,
                              headers={"Connection": named})
         assert read.status_code == 200 and read.json() == [{"title": "mine"}], (named, read.text)
+        assert read.headers["Content-Profile"] == schema
     written = fleet.gateway("POST", fleet.host(project), "/todos", token, json={"title": "via connection"},
                             headers={"Connection": "Content-Profile", "Prefer": "return=representation"})
     assert written.status_code == 201, written.text
-    schema = fleet.api("GET", f"projects/{project['summary']['hash']}").json()["apiSchema"]
+    assert written.headers["Content-Profile"] == schema
     assert ("via connection",) in fleet.shared_sql(f'SELECT title FROM "{schema}".todos')
 
 
