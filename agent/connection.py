@@ -2,7 +2,7 @@
 
 The agent dials; it reconnects by itself with capped, jittered backoff. Results are
 written to the spool before they are sent and sent again after every reconnect until
-the controller acknowledges them.
+the controller acknowledges them, a bounded number of times (see spool.py).
 """
 
 import asyncio
@@ -62,6 +62,8 @@ class Agent:
         self.gateway = (Gateway(state.path, self.settings["gateway"])
                         if "gateway" in self.config.roles and "gateway" in self.settings else None)
         self.outbox: asyncio.Queue | None = None
+        # Results sent on the current stream: each goes once per connection.
+        self.sent_on_stream: set[str] = set()
         self.running: dict[str, asyncio.Task] = {}
         self.heartbeat_seconds = 10
 
@@ -119,8 +121,29 @@ class Agent:
         self._send_result(record)
 
     def _send_result(self, record: JobRecord) -> None:
-        self.send(wire.result(record.id, record.ok, record.output, record.error, record.retryable,
-                              record.error_code))
+        """Sends a spooled result, unless it was tried too often; a result too large goes as a failure."""
+        if self.outbox is None or record.id in self.sent_on_stream:
+            return
+        self.sent_on_stream.add(record.id)
+        if not record.dropped and not self.spool.attempt(record):
+            log.error("job %s (%s): result dropped from the spool after %d delivery attempts without "
+                      "an acknowledgement", record.id, record.kind, record.attempts)
+        if record.dropped:
+            # Small enough to go through whatever stopped the result itself.
+            self.send(wire.result(record.id, False, None, f"the agent dropped this job's result after "
+                                  f"{record.attempts} delivery attempts", False))
+            return
+        message = wire.result(record.id, record.ok, record.output, record.error, record.retryable,
+                              record.error_code)
+        size = wire.size(message)
+        if size > wire.MAX_MESSAGE_BYTES:
+            log.error("job %s (%s): result of %d bytes is over the message limit; reporting a failure",
+                      record.id, record.kind, size)
+            self.spool.replace_result(record, f"the job's result is {size} bytes, over the "
+                                      f"{wire.MAX_MESSAGE_BYTES}-byte limit of a message to the controller",
+                                      "invalid")
+            message = wire.result(record.id, False, None, record.error, False, record.error_code)
+        self.send(message)
 
     async def _renew(self, channel) -> None:
         key_pem, csr_pem = new_key_and_csr(self.config.name)
@@ -144,9 +167,6 @@ class Agent:
 
     async def _requests(self, outbox: asyncio.Queue):
         yield wire.hello(self.facts())
-        for record in self.spool.unacked_results():
-            yield wire.result(record.id, record.ok, record.output, record.error, record.retryable,
-                              record.error_code)
         while True:
             yield await outbox.get()
 
@@ -167,6 +187,7 @@ class Agent:
         try:
             call = wire.open_stream(channel, self._requests(outbox))
             self.outbox = outbox
+            self.sent_on_stream = set()
             async for message in call:
                 event = wire.decode(message)
                 if isinstance(event, wire.Welcome):
@@ -176,6 +197,9 @@ class Agent:
                         await self._renew(channel)
                         raise AgentError("certificate renewed; reconnecting with it", retryable=True)
                     self.heartbeat_seconds = event.heartbeat_seconds
+                    # Once the stream is up, so that an attempt counts only when one was possible.
+                    for record in self.spool.unacked_results():
+                        self._send_result(record)
                     if heartbeats is None:
                         heartbeats = asyncio.create_task(self._heartbeats())
                 elif isinstance(event, wire.JobRequest):

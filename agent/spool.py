@@ -4,6 +4,9 @@ A job is recorded as `running` before it starts and `done` with its result when 
 ends; the file stays after the controller acknowledges the result, so a job sent
 twice runs once. A `running` record left by an earlier process is a job that was
 interrupted: it is closed as failed (retryable) when the agent starts.
+
+A result is sent again after every reconnect until acknowledged, but not forever: after
+MAX_DELIVERY_ATTEMPTS the record is dropped (its output discarded) and the agent reports it.
 """
 
 import hashlib
@@ -16,6 +19,7 @@ from dataclasses import asdict, dataclass
 from .config import write_atomic
 
 KEEP_ACKED_S = 7 * 24 * 3600
+MAX_DELIVERY_ATTEMPTS = 10
 
 
 @dataclass
@@ -32,6 +36,8 @@ class JobRecord:
     error_code: str = ""
     acked: bool = False
     finished_at: float | None = None
+    attempts: int = 0
+    dropped: bool = False
 
 
 class Spool:
@@ -82,7 +88,24 @@ class Spool:
             self._save(record)
 
     def unacked_results(self) -> list[JobRecord]:
-        return [r for r in self.records() if r.state == "done" and not r.acked]
+        return [r for r in self.records() if r.state == "done" and not r.acked and not r.dropped]
+
+    def attempt(self, record: JobRecord) -> bool:
+        """Counts one delivery attempt of a result; False (and the record dropped) past the bound."""
+        if record.dropped or record.attempts >= MAX_DELIVERY_ATTEMPTS:
+            record.dropped, record.output, record.ok = True, None, False
+            self._save(record)
+            return False
+        record.attempts += 1
+        self._save(record)
+        return True
+
+    def replace_result(self, record: JobRecord, error: str, error_code: str = "") -> JobRecord:
+        """Turns a result that cannot be delivered into a failure that can."""
+        record.ok, record.output, record.error, record.retryable = False, None, error, False
+        record.error_code = error_code
+        self._save(record)
+        return record
 
     def recover(self) -> list[JobRecord]:
         """Closes jobs an earlier process left running and forgets old acknowledged ones."""

@@ -14,6 +14,9 @@ from proto import fleet_pb2_grpc
 from .errors import AgentError, Revoked
 from .identity import CONTROLLER_TLS_NAME
 
+# The largest message either side of the Fleet stream sends or accepts (controller/wire.py agrees).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Facts:
@@ -81,8 +84,13 @@ def progress(job_id: str, phase: str, done: int, total: int, unit: str, message:
 
 def result(job_id: str, ok: bool, output: dict | None, error: str, retryable: bool, error_code: str = ""):
     return pb.AgentMessage(job_event=pb.JobEvent(job_id=job_id, result=pb.JobResult(
-        ok=ok, output_json=json.dumps(output) if output is not None else "",
+        ok=ok, output_json=json.dumps(output, ensure_ascii=False) if output is not None else "",
         error=error, retryable=retryable, error_code=error_code)))
+
+
+def size(message) -> int:
+    """Bytes `message` takes on the wire."""
+    return message.ByteSize()
 
 
 def decode(msg: pb.ControllerMessage) -> ControllerEvent | None:
@@ -150,5 +158,7 @@ def mtls_channel(address: str, ca_pem: bytes, key_pem: bytes, cert_pem: bytes, s
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
     return grpc.aio.secure_channel(address, credentials, options=options)

@@ -7,6 +7,7 @@ and adds the headers that keep pages with secrets out of frames and caches.
 """
 
 import json
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -68,17 +69,16 @@ class FailureLimiter:
 
 @dataclass(frozen=True)
 class BodyLimits:
-    """Per-route body limits: (method, path prefix) to bytes, the longest matching prefix wins."""
+    """Per-route body limits: (method, path pattern) to bytes; the first full match wins."""
 
     limits: dict[tuple[str, str], int]
     default: int = DEFAULT_BODY_LIMIT
 
     def limit(self, method: str, path: str) -> int:
-        best, length = self.default, -1
-        for (m, prefix), value in self.limits.items():
-            if m == method and path.startswith(prefix) and len(prefix) > length:
-                best, length = value, len(prefix)
-        return best
+        for (m, pattern), value in self.limits.items():
+            if m == method and re.fullmatch(pattern, path):
+                return value
+        return self.default
 
 
 def _headers(scope) -> dict[str, str]:

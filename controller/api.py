@@ -32,6 +32,7 @@ PREFIX = "/api/cli/v1"
 DIAGNOSTIC_JOBS = ("facts.collect", "diag.wait")
 MAX_JOIN_TOKEN_TTL = 30 * 24 * 3600
 MAX_PUSH_BYTES = 4 * 1024 * 1024
+MAX_JOB_REQUEST_BYTES = 32 * 1024 * 1024
 
 
 class PayloadTooLarge(FluxError):
@@ -209,7 +210,10 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
     limiter = FailureLimiter()
     mount_dashboard(app, catalog, fleet, projects, migrations, limiter)
     app.add_middleware(ApiGuard, catalog=catalog, prefix=PREFIX, public_paths={f"{PREFIX}/openapi.json"},
-                       body_limits=BodyLimits({("POST", f"{PREFIX}/push"): MAX_PUSH_BYTES}), limiter=limiter)
+                       body_limits=BodyLimits({("POST", f"{PREFIX}/push"): MAX_PUSH_BYTES,
+                                               # Diagnostic jobs (admins only) may probe the fleet's own limit.
+                                               ("POST", f"{PREFIX}/agents/[^/]+/jobs"): MAX_JOB_REQUEST_BYTES}),
+                       limiter=limiter)
 
     @app.get(f"{PREFIX}/auth/verify")
     async def verify(user: User = Depends(current_user)):

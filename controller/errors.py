@@ -39,6 +39,12 @@ class Conflict(FluxError):
     status = 409
 
 
+class TooLarge(FluxError):
+    """Something to send is over a size limit; sending it again cannot help."""
+
+    status = 413
+
+
 class Unavailable(FluxError):
     """A dependency (an agent, the catalog) cannot be reached right now."""
 

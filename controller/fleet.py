@@ -20,7 +20,7 @@ from proto import fleet_pb2_grpc
 
 from . import wire
 from .catalog import Catalog, Job
-from .errors import BadRequest, Conflict, FluxError, NotFound, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, FluxError, NotFound, TooLarge, Unauthorized, Unavailable
 from .pki import CertificateAuthority, PKIError, cert_serial
 from .secretbox import SecretBox
 from .tokens import is_well_formed_join_token, token_hash
@@ -88,6 +88,13 @@ class ForeignObjects(Conflict):
     """A docker agent found another project's objects under a project's names and left them alone."""
 
 
+def _check_size(message, agent: str, kind: str) -> None:
+    size = wire.size(message)
+    if size > wire.MAX_MESSAGE_BYTES:
+        raise TooLarge(f"job {kind} for agent {agent} is {size} bytes, over the "
+                       f"{wire.MAX_MESSAGE_BYTES}-byte limit of a message to an agent; it was not sent")
+
+
 _FAILURE_KINDS = {"invalid": BadRequest, "conflict": Conflict, "not_found": NotFound,
                   "unavailable": Unavailable, "foreign": ForeignObjects}
 
@@ -128,8 +135,7 @@ class Fleet:
         if isinstance(event, wire.Hello):
             await self.catalog.agent_seen(session.name, event.facts.as_dict())
             for job in await self.catalog.open_jobs(session.name):
-                self._send_job(session, job)
-                await self.catalog.job_sent(job.id)
+                await self._send_job(session, job)
         elif isinstance(event, wire.Heartbeat):
             await self.catalog.agent_seen(
                 session.name, event.facts.as_dict() if event.facts else None
@@ -160,17 +166,29 @@ class Fleet:
             raise NotFound(f"no agent named {agent}")
         if known.revoked_at is not None:
             raise Conflict(f"agent {agent} is revoked")
+        # Refused here, before it is recorded: an agent could never take it, and it would be
+        # sent again on every reconnect.
+        _check_size(wire.job_request(job_id, kind, params), agent, kind)
         sealed = self.box.seal(json.dumps(params).encode(), f"job:{job_id}")
         job, created = await self.catalog.create_job(job_id, agent, kind, sealed)
         session = self.sessions.get(agent)
         if created and session is not None:
-            self._send_job(session, job)
-            await self.catalog.job_sent(job.id)
+            await self._send_job(session, job)
         return job
 
-    def _send_job(self, session: Session, job: Job) -> None:
+    async def _send_job(self, session: Session, job: Job) -> None:
         params = json.loads(self.box.open(job.params_sealed, f"job:{job.id}"))
-        session.send(wire.job_request(job.id, job.kind, params))
+        message = wire.job_request(job.id, job.kind, params)
+        try:
+            _check_size(message, session.name, job.kind)
+        except TooLarge as exc:
+            # A job recorded before the limit was checked: failed once, never sent.
+            log.warning("job %s not sent: %s", job.id, exc.message)
+            await self.catalog.job_finished(job.id, session.name, False, None, exc.message, False, "invalid")
+            self._wake(job.id)
+            return
+        session.send(message)
+        await self.catalog.job_sent(job.id)
 
     async def run(self, agent: str, kind: str, params: dict, timeout: float = 60, on_progress=None) -> dict:
         """Runs a job to its end and returns its output; a failure raises the matching error.

@@ -12,6 +12,7 @@ import uvicorn
 
 from proto import fleet_pb2_grpc
 
+from . import wire
 from .api import create_app
 from .catalog import Catalog
 from .config import ConfigError, StateDir
@@ -35,13 +36,17 @@ GRPC_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_concurrent_streams", 100_000),
 ]
+FLEET_OPTIONS = GRPC_OPTIONS + [
+    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+]
 
 # The enrollment port answers before any token is checked, so everything it holds for a
 # caller is bounded: the TLS and HTTP/2 handshake, an idle or long-lived connection, the size
 # of a request (an EnrollRequest is a token, a name, roles and a CSR: a few KiB), the streams
 # per connection, and (in the Doorway) the connections per source address.
 ENROLL_HANDSHAKE_TIMEOUT_S = 5
-ENROLL_MAX_MESSAGE_BYTES = 64 * 1024
+ENROLL_MAX_MESSAGE_BYTES = wire.MAX_ENROLL_MESSAGE_BYTES
 ENROLL_MAX_PER_SOURCE = 8
 ENROLL_MAX_CONNECTIONS = 256
 ENROLL_OPTIONS = [
@@ -105,7 +110,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     projects = Projects(catalog, fleet, box, gateways)
     migrations = Migrations(catalog, fleet, projects, gateways)
 
-    fleet_server = grpc.aio.server(options=GRPC_OPTIONS)
+    fleet_server = grpc.aio.server(options=FLEET_OPTIONS)
     fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(fleet, ca), fleet_server)
     fleet_port = fleet_server.add_secure_port(
         fleet_listen.grpc_address(), _server_credentials(state, require_client_cert=True))

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 
 from proto import fleet_pb2 as pb
 
+# The largest message either side of the Fleet stream sends or accepts (agent/wire.py agrees).
+# Jobs and results over it fail at the sender; the route table goes out in chunks under it.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Enrollment carries a token, a name and a CSR: nothing near this.
+MAX_ENROLL_MESSAGE_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class Facts:
@@ -138,9 +144,15 @@ def welcome(heartbeat_seconds: int) -> pb.ControllerMessage:
 
 
 def job_request(job_id: str, kind: str, params: dict) -> pb.ControllerMessage:
+    # Not ASCII-escaped: a non-ASCII character would take six bytes instead of two or three.
     return pb.ControllerMessage(
-        job=pb.JobRequest(job_id=job_id, kind=kind, params_json=json.dumps(params))
+        job=pb.JobRequest(job_id=job_id, kind=kind, params_json=json.dumps(params, ensure_ascii=False))
     )
+
+
+def size(message) -> int:
+    """Bytes `message` takes on the wire."""
+    return message.ByteSize()
 
 
 def ping(nonce: str) -> pb.ControllerMessage:

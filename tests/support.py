@@ -106,8 +106,8 @@ class Controller:
         headers = kwargs.pop("headers", {})
         if token:
             headers["Authorization"] = f"Bearer {self.token if token == 'admin' else token}"
-        return httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, headers=headers,
-                             timeout=30, **kwargs)
+        kwargs.setdefault("timeout", 30)
+        return httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, headers=headers, **kwargs)
 
     def join_token(self, roles: list[str], ttl: int = 600) -> dict:
         response = self.api("POST", "agents/tokens", {"roles": roles, "ttl_seconds": ttl})

@@ -247,3 +247,25 @@ def test_an_agent_renews_its_certificate_before_it_runs_out(controller, agents):
     with pytest.raises(grpc.RpcError) as refused:
         _connect_with(controller, agent.read("ca.pem"), old_key, old.public_bytes(serialization.Encoding.PEM))
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_job_too_large_for_an_agent_fails_at_once_and_the_agent_keeps_working(controller, agents):
+    agent = agents("big-1")
+    wait_until(lambda: controller.connected("big-1"), 15, "big-1 connected")
+    padding = "x" * (17 * 1024 * 1024)
+    refused = controller.api("POST", "agents/big-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0, "pad": padding}},
+                             timeout=60)
+    assert refused.status_code == 413, refused.text[:300]
+    assert "limit of a message to an agent" in refused.json()["error"]
+    # Nothing was recorded to be sent again on the next reconnect.
+    with psycopg.connect(controller.catalog_url) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs WHERE agent = 'big-1'").fetchone()[0] == 0
+
+    # Non-ASCII text is not inflated six-fold: 6 MB of it goes through.
+    wide = controller.api("POST", "agents/big-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0, "pad": "é" * (3 * 1024 * 1024)}},
+                          timeout=60)
+    assert wide.status_code == 202, wide.text[:300]
+    done = controller.api("GET", f"jobs/{wide.json()['id']}", params={"wait": 20}).json()
+    assert done["state"] == "succeeded", done
+    assert controller.connected("big-1")
+    assert agent.log.read_text().count("connected to the controller") == 1

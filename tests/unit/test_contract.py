@@ -27,3 +27,14 @@ def test_every_rpc_has_a_controller_handler_and_an_agent_caller():
             assert implemented is not getattr(base, method.name), f"{name}.{method.name} has no handler"
             assert f"{name}Stub(" in caller_source and f".{method.name}(" in caller_source, \
                 f"{name}.{method.name} has no caller in agent/wire.py"
+
+
+def test_both_sides_agree_on_the_message_limit():
+    from controller import server
+    from controller import wire as controller_wire
+
+    assert agent_wire.MAX_MESSAGE_BYTES == controller_wire.MAX_MESSAGE_BYTES
+    options = dict(server.FLEET_OPTIONS)
+    assert options["grpc.max_send_message_length"] == controller_wire.MAX_MESSAGE_BYTES
+    assert options["grpc.max_receive_message_length"] == controller_wire.MAX_MESSAGE_BYTES
+    assert dict(server.ENROLL_OPTIONS)["grpc.max_receive_message_length"] <= 64 * 1024

@@ -3,7 +3,7 @@
 import json
 import os
 
-from agent.spool import Spool
+from agent.spool import MAX_DELIVERY_ATTEMPTS, Spool
 
 
 def test_result_is_kept_until_acknowledged_and_the_record_after(tmp_path):
@@ -39,3 +39,62 @@ def test_a_corrupt_record_is_set_aside(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     assert spool.records() == []
     assert (tmp_path / "broken.corrupt").exists()
+
+
+def test_a_result_never_acknowledged_is_dropped_after_a_bounded_number_of_tries(tmp_path):
+    spool = Spool(tmp_path)
+    record = spool.finish(spool.start("job-1", "tenant.migrations"), True, {"applied": ["x"]}, "", False)
+    tries = 0
+    # Every restart reads the spool again: the count survives them.
+    while Spool(tmp_path).attempt(Spool(tmp_path).get("job-1")):
+        tries += 1
+        assert tries <= MAX_DELIVERY_ATTEMPTS
+    assert tries == MAX_DELIVERY_ATTEMPTS
+    dropped = spool.get("job-1")
+    assert dropped.dropped and dropped.output is None and not dropped.ok
+    assert spool.unacked_results() == []
+    # Still known, so the job is not run again if the controller sends it once more.
+    assert dropped.state == "done" and record.id == dropped.id
+
+
+class _Outbox:
+    def __init__(self):
+        self.sent = []
+
+    def put_nowait(self, message):
+        self.sent.append(message)
+
+
+def _agent(tmp_path):
+    from agent.config import AgentConfig, StateDir
+    from agent.connection import Agent
+
+    state = StateDir(tmp_path / "agent")
+    state.save(AgentConfig(name="db-1", roles=["db"], controller="127.0.0.1:1", server_name="x"))
+    agent = Agent(state, tools={})
+    agent.outbox = _Outbox()
+    return agent
+
+
+def test_a_result_over_the_message_limit_goes_as_a_failure(tmp_path):
+    from agent import wire
+
+    agent = _agent(tmp_path)
+    files = [{"filename": f"{i:06d}_{'é' * 200}.sql", "checksum": "0" * 64} for i in range(40_000)]
+    record = agent.spool.finish(agent.spool.start("big-1", "tenant.migrations"), True, {"applied": files}, "", False)
+    agent._send_result(record)
+    [message] = agent.outbox.sent
+    assert wire.size(message) < 4096
+    result = message.job_event.result
+    assert not result.ok and "over the" in result.error and "limit" in result.error
+    assert result.error_code == "invalid"
+    # The spool holds the failure now, so a reconnect sends the same small answer.
+    assert agent.spool.get("big-1").output is None and not agent.spool.get("big-1").ok
+
+
+def test_a_result_is_sent_once_per_connection(tmp_path):
+    agent = _agent(tmp_path)
+    record = agent.spool.finish(agent.spool.start("j-1", "diag.wait"), True, {"waited_s": 1}, "", False)
+    agent._send_result(record)
+    agent._send_result(record)
+    assert len(agent.outbox.sent) == 1 and agent.spool.get("j-1").attempts == 1
