@@ -9,7 +9,9 @@ import asyncio
 import logging
 import os
 import random
+import secrets
 import signal
+import time
 
 import grpc
 import psycopg
@@ -62,6 +64,8 @@ class Agent:
         self.gateway = (Gateway(state.path, self.settings["gateway"])
                         if "gateway" in self.config.roles and "gateway" in self.settings else None)
         self.outbox: asyncio.Queue | None = None
+        # Lease requests not answered yet: nonce to when it was sent (monotonic).
+        self.lease_requests: dict[str, float] = {}
         # Results sent on the current stream: each goes once per connection.
         self.sent_on_stream: set[str] = set()
         self.running: dict[str, asyncio.Task] = {}
@@ -119,6 +123,8 @@ class Agent:
             self.running.pop(record.id, None)
         log.info("job %s (%s) finished: %s", record.id, record.kind, "ok" if record.ok else record.error)
         self._send_result(record)
+        if request.kind == "gateway.sync" and record.ok:
+            self.request_lease()
 
     def _send_result(self, record: JobRecord) -> None:
         """Sends a spooled result, unless it was tried too often; a result too large goes as a failure."""
@@ -170,6 +176,22 @@ class Agent:
         while True:
             yield await outbox.get()
 
+    async def _leases(self) -> None:
+        """A gateway asks for its lease again a few times per lease, and every second while it has none."""
+        while True:
+            self.request_lease()
+            await asyncio.sleep(self.gateway.renew_interval())
+
+    def request_lease(self) -> None:
+        if self.gateway is None or self.outbox is None:
+            return
+        nonce = secrets.token_hex(8)
+        # Only the latest few requests can still be answered usefully.
+        if len(self.lease_requests) > 16:
+            self.lease_requests.clear()
+        self.lease_requests[nonce] = time.monotonic()
+        self.send(wire.lease_request(nonce))
+
     async def _heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
@@ -183,7 +205,7 @@ class Agent:
             self.state.read("cert.pem"), self.config.server_name,
         )
         outbox: asyncio.Queue = asyncio.Queue()
-        heartbeats = None
+        heartbeats = leases = None
         try:
             call = wire.open_stream(channel, self._requests(outbox))
             self.outbox = outbox
@@ -202,19 +224,26 @@ class Agent:
                         self._send_result(record)
                     if heartbeats is None:
                         heartbeats = asyncio.create_task(self._heartbeats())
+                    if leases is None and self.gateway is not None:
+                        leases = asyncio.create_task(self._leases())
                 elif isinstance(event, wire.JobRequest):
                     self.on_job(event)
                 elif isinstance(event, wire.Ping):
                     self.send(wire.pong(event.nonce))
                 elif isinstance(event, wire.Ack):
                     self.spool.ack(event.job_id)
+                elif isinstance(event, wire.LeaseGrant):
+                    asked = self.lease_requests.pop(event.nonce, None)
+                    if asked is not None and self.gateway is not None:
+                        self.gateway.lease(asked, event.seconds)
             raise AgentError("the controller closed the stream", retryable=True)
         except grpc.RpcError as exc:
             raise wire.translate(exc, f"connection to {host_port}") from None
         finally:
             self.outbox = None
-            if heartbeats is not None:
-                heartbeats.cancel()
+            for task in (heartbeats, leases):
+                if task is not None:
+                    task.cancel()
             await channel.close()
 
     async def run(self) -> None:

@@ -5,8 +5,12 @@ Authorization. The answer is 404 (unknown host), 401 (missing or bad token: ever
 request to every project carries one, the anon key included), 503
 (a write while the project is migrating) or 200 with the headers Caddy copies onto
 the proxied request: a short-lived pool token for the tenant's runtime role and the
-pinned profile. Routes come from the controller (`gateway.sync`), are saved to disk,
-and are served from there when the controller is down.
+pinned profile. Routes come from the controller (`gateway.sync`, a whole table or a
+delta against the version held here, in one or more parts applied together), are saved
+to disk, and are served from there when the controller is down, for as long as the
+gateway's lease lasts: it asks the controller to renew the lease a few times per lease,
+and answers every request with 503 once it has run out (the controller may have marked
+this gateway unhealthy and moved on without it; see controller/gateways.py).
 """
 
 import asyncio
@@ -35,6 +39,7 @@ POOL_TOKEN_TTL_S = 60
 # A route's upstream naming the pooled PostgREST, whose address only the gateway knows.
 POOL_UPSTREAM = "pool"
 MIGRATING = {"error": "project is migrating; try again later"}
+NO_LEASE = {"error": "this gateway's lease on its routes has run out; try again later"}
 RETRY_AFTER_S = "5"
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # Headers a client could send to steer the upstream; Caddy removes them before proxying.
@@ -66,6 +71,15 @@ def _route(raw: dict) -> Route:
         raise AgentError(f"malformed route: {exc}") from None
 
 
+@dataclass
+class Staging:
+    """A route table being received in parts."""
+
+    version: int
+    routes: dict[str, Route]
+    next_part: int = 0
+
+
 class RouteTable:
     def __init__(self, routes: list[Route], version: int):
         self.version = version
@@ -81,6 +95,10 @@ class Gateway:
         self._minted_tokens: dict[tuple, tuple[float, str]] = {}
         self.caddy: subprocess.Popen | None = None
         self.auth_server: uvicorn.Server | None = None
+        self._staging: Staging | None = None
+        # Monotonic time until which this gateway may serve, and the length of its last grant.
+        self.lease_until = 0.0
+        self.lease_seconds = 0
         self.admin_socket = (settings.caddy_admin or str(state_dir / ADMIN_SOCKET)).removeprefix("unix/")
 
     # state
@@ -96,11 +114,35 @@ class Gateway:
         body = {"version": self.table.version, "routes": [asdict(r) for r in self.table.routes]}
         write_atomic(self.state_dir / STATE_FILE, json.dumps(body).encode(), secret=True)
 
-    async def sync(self, routes: list[dict], version: int) -> dict:
-        """Replaces the route table; returns once Caddy and the auth answers use it."""
-        if version < self.table.version:
+    async def sync(self, version: int, base_version: int | None, part: int, parts: int,
+                   upsert: list[dict], remove: list[str]) -> dict:
+        """Applies one part of a route change; the last part replaces the table Caddy and the answers use.
+
+        `base_version` None starts from an empty table; otherwise from the table held here, which
+        must be that version (else a `conflict`, and the controller sends the whole table).
+        """
+        if version <= self.table.version and (self._staging is None or self._staging.version != version):
             return {"applied_version": self.table.version, "routes": len(self.table.routes), "stale": True}
-        new = RouteTable([_route(r) for r in routes], version)
+        if part == 0:
+            if base_version is not None and base_version != self.table.version:
+                raise AgentError(f"this gateway holds routes version {self.table.version}, not {base_version}",
+                                 code="conflict")
+            start = {} if base_version is None else {r.project_id: r for r in self.table.routes}
+            self._staging = Staging(version, start)
+        staging = self._staging
+        if staging is None or staging.version != version or staging.next_part != part:
+            self._staging = None
+            raise AgentError(f"routes version {version} part {part} arrived out of order", code="conflict")
+        for raw in upsert:
+            route = _route(raw)
+            staging.routes[route.project_id] = route
+        for project_id in remove:
+            staging.routes.pop(project_id, None)
+        staging.next_part += 1
+        if staging.next_part < parts:
+            return {"version": version, "received_parts": staging.next_part, "parts": parts}
+        self._staging = None
+        new = RouteTable(list(staging.routes.values()), version)
         reload_caddy = self._caddy_shape(new) != self._caddy_shape(self.table) or not await self._caddy_has_our_config()
         self.table = new
         self._minted_tokens.clear()
@@ -108,6 +150,26 @@ class Gateway:
         if reload_caddy:
             await self.load_caddy_config()
         return {"applied_version": version, "routes": len(new.routes), "caddy_reloaded": reload_caddy}
+
+    # the lease
+
+    def lease(self, asked_at: float, seconds: int) -> None:
+        """A grant for the request sent at `asked_at` (monotonic). A refusal leaves the lease to run out."""
+        if seconds <= 0:
+            log.warning("gateway: the controller did not renew this gateway's lease")
+            return
+        if self.lease_until <= time.monotonic():
+            log.info("gateway: lease granted for %ds; serving", seconds)
+        self.lease_seconds = seconds
+        self.lease_until = max(self.lease_until, asked_at + seconds)
+
+    def serving(self) -> bool:
+        return time.monotonic() < self.lease_until
+
+    def renew_interval(self) -> float:
+        if not self.serving() or not self.lease_seconds:
+            return 1.0
+        return max(1.0, self.lease_seconds / 3)
 
     # Caddy
 
@@ -117,7 +179,11 @@ class Gateway:
 
     def caddy_config(self) -> dict:
         s = self.settings
-        routes = [self._caddy_route(r) for r in sorted(self.table.routes, key=lambda r: r.project_id)]
+        # One Caddy route per upstream, not per project: every pooled project shares one.
+        hosts_by_upstream: dict[str, list[str]] = {}
+        for route in self.table.routes:
+            hosts_by_upstream.setdefault(route.upstream, []).extend(route.hosts)
+        routes = [self._caddy_route(sorted(hosts), upstream) for upstream, hosts in sorted(hosts_by_upstream.items())]
         routes.append({"handle": [{"handler": "static_response", "status_code": 404,
                                    "headers": {"Content-Type": ["application/json"]},
                                    "body": json.dumps({"error": "no project at this host"})}]})
@@ -145,7 +211,7 @@ class Gateway:
             },
         }
 
-    def _caddy_route(self, route: Route) -> dict:
+    def _caddy_route(self, hosts: list[str], upstream: str) -> dict:
         profile = {"Accept-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"],
                    "Content-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"]}
         auth = {
@@ -162,11 +228,11 @@ class Gateway:
                      "delete": SPOOFABLE}}]}]},
             ],
         }
-        dial = self.settings.pool_upstream if route.upstream == POOL_UPSTREAM else route.upstream
+        dial = self.settings.pool_upstream if upstream == POOL_UPSTREAM else upstream
         # Set once more by the proxy itself, after it has removed hop-by-hop headers.
         upstream = {"handler": "reverse_proxy", "upstreams": [{"dial": dial}],
                     "headers": {"request": {"set": profile}}}
-        return {"match": [{"host": route.hosts}],
+        return {"match": [{"host": hosts}],
                 "handle": [{"handler": "subroute", "routes": [{"handle": [auth, upstream]}]}],
                 "terminal": True}
 
@@ -231,6 +297,8 @@ class Gateway:
 
     def verify(self, host: str, method: str, authorization: str) -> tuple[int, dict, dict | None]:
         """(status, headers, JSON body) for one request Caddy asks about."""
+        if not self.serving():
+            return 503, {"Retry-After": RETRY_AFTER_S}, NO_LEASE
         route = self.table.by_host.get(host.split(":")[0].lower())
         if route is None:
             return 404, {}, {"error": "no project at this host"}

@@ -115,10 +115,20 @@ async def tenant_push(ctx: JobContext) -> dict:
 async def gateway_sync(ctx: JobContext) -> dict:
     if ctx.gateway is None:
         raise AgentError("this agent has no gateway role configured (settings.json: gateway)")
-    version = ctx.params.get("version")
-    if not isinstance(version, int):
-        raise AgentError("gateway.sync needs an integer version")
-    return await ctx.gateway.sync(ctx.params.get("routes") or [], version)
+    p = ctx.params
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    version, base, part, parts = p.get("version"), p.get("base_version"), p.get("part", 0), p.get("parts", 1)
+    if not (integer(version) and integer(part) and integer(parts) and 0 <= part < parts
+            and (base is None or integer(base))):
+        raise AgentError("gateway.sync needs integers version, part < parts and base_version (or null)",
+                         code="invalid")
+    upsert, remove = p.get("upsert") or [], p.get("remove") or []
+    if not isinstance(upsert, list) or not isinstance(remove, list):
+        raise AgentError("gateway.sync: upsert and remove must be lists", code="invalid")
+    return await ctx.gateway.sync(version, base, part, parts, upsert, [str(r) for r in remove])
 
 
 def _stack(ctx: JobContext) -> tuple[stacks.StackSpec, DockerSettings]:

@@ -50,6 +50,12 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class LeaseGrant:
+    nonce: str
+    seconds: int
+
+
+@dataclass(frozen=True)
 class Enrolled:
     certificate_pem: bytes
     ca_pem: bytes
@@ -57,7 +63,7 @@ class Enrolled:
     server_name: str
 
 
-ControllerEvent = Welcome | JobRequest | Ping | Ack
+ControllerEvent = Welcome | JobRequest | Ping | Ack | LeaseGrant
 
 
 def _facts(facts: Facts) -> pb.Facts:
@@ -75,6 +81,10 @@ def heartbeat(facts: Facts) -> pb.AgentMessage:
 
 def pong(nonce: str) -> pb.AgentMessage:
     return pb.AgentMessage(pong=pb.Pong(nonce=nonce))
+
+
+def lease_request(nonce: str) -> pb.AgentMessage:
+    return pb.AgentMessage(lease_request=pb.LeaseRequest(nonce=nonce))
 
 
 def progress(job_id: str, phase: str, done: int, total: int, unit: str, message: str):
@@ -108,6 +118,8 @@ def decode(msg: pb.ControllerMessage) -> ControllerEvent | None:
         return Ping(msg.ping.nonce)
     if kind == "ack":
         return Ack(msg.ack.job_id)
+    if kind == "lease":
+        return LeaseGrant(msg.lease.nonce, msg.lease.seconds)
     return None
 
 

@@ -417,6 +417,12 @@ class DevFleet:
             return all(listed.get(name) for name in AGENTS)
 
         wait_for(agents_connected, 60, "the agents", self._log("dev-gateway"))
+
+        def gateway_serving():
+            gateway = next(a for a in self._api("GET", "agents") if a["name"] == "dev-gateway")["gateway"]
+            return gateway["state"] == "healthy" and gateway["lease_seconds_left"] > 0
+
+        wait_for(gateway_serving, 60, "the gateway to get its routes and lease", self._log("dev-gateway"))
         wait_for(self._pool_ready, 30, "the pooled PostgREST stand-in", self._log("pooled-postgrest"))
         return self.describe(reused)
 

@@ -110,7 +110,7 @@ def agents_token(roles, ttl, as_json):
 @agents.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def agents_list(as_json):
-    """List agents: roles, connection, last contact, tool versions, certificate expiry."""
+    """List agents: roles, connection (and a gateway's health), last contact, tool versions, certificate expiry."""
     result = client().get("agents")
 
     def render(items):
@@ -121,6 +121,8 @@ def agents_list(as_json):
         for a in items:
             tools = a.get("facts", {}).get("tools", {})
             state = "revoked" if a.get("revoked") else ("connected" if a["connected"] else "offline")
+            if a.get("gateway") and not a.get("revoked"):
+                state += f", {a['gateway']['state']}"
             rows.append([a["name"], ",".join(a["roles"]), state, a.get("last_seen") or "never",
                          " ".join(f"{k}={v}" for k, v in sorted(tools.items())) or "-",
                          (a.get("cert_expires_at") or "")[:10]])

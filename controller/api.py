@@ -76,8 +76,8 @@ def _iso(value: datetime.datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def agent_view(agent: Agent, connected: bool) -> dict:
-    return {
+def agent_view(agent: Agent, connected: bool, gateway: dict | None = None) -> dict:
+    view = {
         "name": agent.name,
         "roles": agent.roles,
         "connected": connected,
@@ -86,6 +86,10 @@ def agent_view(agent: Agent, connected: bool) -> dict:
         "cert_expires_at": _iso(agent.cert_expires_at),
         "facts": agent.facts,
     }
+    if gateway is not None:
+        # healthy | unhealthy (stops serving when its lease runs out) | unknown (not synced yet)
+        view["gateway"] = gateway
+    return view
 
 
 def job_view(job: Job) -> dict:
@@ -200,6 +204,9 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
     def caller_token_hash(request: Request) -> str:
         return token_hash(request.headers.get("authorization", "").partition(" ")[2].strip())
 
+    def gateway_view(agent: Agent) -> dict | None:
+        return projects.gateways.view(agent.name) if "gateway" in agent.roles else None
+
     async def known_agent(name: str) -> Agent:
         check_agent_name(name)
         agent = await catalog.get_agent(name)
@@ -232,12 +239,12 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
 
     @app.get(f"{PREFIX}/agents")
     async def list_agents(_: User = Depends(admin)):
-        return [agent_view(a, fleet.connected(a.name)) for a in await catalog.list_agents()]
+        return [agent_view(a, fleet.connected(a.name), gateway_view(a)) for a in await catalog.list_agents()]
 
     @app.get(f"{PREFIX}/agents/{{name}}")
     async def show_agent(name: str, _: User = Depends(admin)):
         agent = await known_agent(name)
-        return agent_view(agent, fleet.connected(agent.name))
+        return agent_view(agent, fleet.connected(agent.name), gateway_view(agent))
 
     @app.post(f"{PREFIX}/agents/{{name}}/revoke")
     async def revoke_agent(name: str, _: User = Depends(admin)):

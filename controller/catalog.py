@@ -418,6 +418,16 @@ class Catalog:
             (job_id,),
         )
 
+    async def abandon_jobs(self, agent: str, kind: str, error: str) -> list[str]:
+        """Closes an agent's open jobs of one kind as failed, so no reconnect sends them again."""
+        rows = await self._all(
+            "UPDATE jobs SET state = 'failed', error = %s, retryable = true, error_code = 'unavailable',"
+            " updated_at = now(), finished_at = now()"
+            " WHERE agent = %s AND kind = %s AND state IN ('pending', 'sent') RETURNING id",
+            (error, agent, kind),
+        )
+        return [r["id"] for r in rows]
+
     async def job_progress(self, job_id: str, progress: dict) -> None:
         await self._one(
             "UPDATE jobs SET progress = %s, updated_at = now()"

@@ -107,6 +107,10 @@ class Fleet:
         self.sessions: dict[str, Session] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._progress_listeners: dict[str, list] = {}
+        # Told the name of every agent that says hello (a new connection).
+        self.hello_listeners: list = []
+        # Seconds of lease for a gateway that asks for one; 0 refuses (see gateways.py).
+        self.lease_granter = lambda name: 0
 
     def connected(self, name: str) -> bool:
         return name in self.sessions
@@ -136,6 +140,10 @@ class Fleet:
             await self.catalog.agent_seen(session.name, event.facts.as_dict())
             for job in await self.catalog.open_jobs(session.name):
                 await self._send_job(session, job)
+            for listener in self.hello_listeners:
+                listener(session.name)
+        elif isinstance(event, wire.LeaseRequest):
+            session.send(wire.lease_grant(event.nonce, self.lease_granter(session.name)))
         elif isinstance(event, wire.Heartbeat):
             await self.catalog.agent_seen(
                 session.name, event.facts.as_dict() if event.facts else None

@@ -12,6 +12,7 @@ from . import __version__, catalog as catalog_mod
 from .catalog import Catalog
 from .config import CONFIG_FILE, ConfigError, ControllerConfig, StateDir
 from .errors import FluxError
+from .gateways import LEASE_S
 from .pki import CertificateAuthority, create_ca
 from .secretbox import new_master_key
 from .server import Listen, serve
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--advertise-host", help="host name agents use to reach this controller, "
                      "shown with join tokens")
     run.add_argument("--heartbeat-seconds", type=int, default=10, help="agent heartbeat interval")
+    run.add_argument("--gateway-lease-seconds", type=int, default=LEASE_S,
+                     help=f"how long a gateway serves without hearing from this controller (default {LEASE_S}); "
+                     "also the longest a route change waits for a gateway that stopped answering")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -177,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if not 1 <= args.heartbeat_seconds <= 300:
             raise ConfigError("--heartbeat-seconds must be between 1 and 300")
+        if not 3 <= args.gateway_lease_seconds <= 3600:
+            raise ConfigError("--gateway-lease-seconds must be between 3 and 3600")
         asyncio.run(serve(
             state,
             Listen.parse(args.http_listen, "--http-listen"),
             Listen.parse(args.grpc_listen, "--grpc-listen"),
             Listen.parse(args.enroll_listen, "--enroll-listen"),
             heartbeat_seconds=args.heartbeat_seconds,
+            gateway_lease_seconds=args.gateway_lease_seconds,
             advertise_host=args.advertise_host,
         ))
         return 0

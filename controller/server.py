@@ -18,7 +18,7 @@ from .catalog import Catalog
 from .config import ConfigError, StateDir
 from .doorway import Doorway
 from .fleet import EnrollmentService, Fleet, FleetService
-from .gateways import Gateways
+from .gateways import LEASE_S, Gateways
 from .pki import SERVER_NAME, CertificateAuthority
 from .migrations import Migrations
 from .projects import Projects
@@ -88,7 +88,8 @@ def _server_credentials(state: StateDir, require_client_cert: bool):
 
 
 async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_listen: Listen,
-                heartbeat_seconds: int = 10, advertise_host: str | None = None) -> None:
+                heartbeat_seconds: int = 10, advertise_host: str | None = None,
+                gateway_lease_seconds: int = LEASE_S) -> None:
     config = state.load_config()
     ca = CertificateAuthority(state.read("ca.pem"), state.read("ca.key"))
     catalog = Catalog(config.catalog_url)
@@ -106,7 +107,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
                     ", ".join(f"{p.slug} ({p.hash})" for p in shared[:20]))
     box = SecretBox(state.read("master.key"))
     fleet = Fleet(catalog, box, heartbeat_seconds=heartbeat_seconds)
-    gateways = Gateways(catalog, fleet, box, config.base_domain)
+    gateways = Gateways(catalog, fleet, box, config.base_domain, lease_seconds=gateway_lease_seconds)
     projects = Projects(catalog, fleet, box, gateways)
     migrations = Migrations(catalog, fleet, projects, gateways)
 
@@ -162,9 +163,11 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
           f"enroll={enroll_port}", flush=True)
     notify("READY=1\nSTATUS=serving")
     recovery = asyncio.gather(projects.recover(), migrations.recover())
+    gateways.start()
 
     await stop.wait()
     recovery.cancel()
+    gateways.stop()
     notify("STOPPING=1")
     log.info("stopping")
     for session in list(fleet.sessions.values()):

@@ -73,6 +73,11 @@ class Pong:
 
 
 @dataclass(frozen=True)
+class LeaseRequest:
+    nonce: str
+
+
+@dataclass(frozen=True)
 class EnrollRequest:
     token: str
     name: str
@@ -80,7 +85,7 @@ class EnrollRequest:
     csr_pem: bytes = b""
 
 
-AgentEvent = Hello | Heartbeat | JobProgress | JobResult | Pong
+AgentEvent = Hello | Heartbeat | JobProgress | JobResult | Pong | LeaseRequest
 
 
 def _facts(msg: pb.Facts) -> Facts:
@@ -109,6 +114,8 @@ def decode_agent_message(msg: pb.AgentMessage) -> AgentEvent | None:
         return Heartbeat(_facts(msg.heartbeat.facts) if msg.heartbeat.HasField("facts") else None)
     if kind == "pong":
         return Pong(msg.pong.nonce)
+    if kind == "lease_request":
+        return LeaseRequest(msg.lease_request.nonce)
     if kind == "job_event":
         event = msg.job_event
         which = event.WhichOneof("event")
@@ -157,6 +164,10 @@ def size(message) -> int:
 
 def ping(nonce: str) -> pb.ControllerMessage:
     return pb.ControllerMessage(ping=pb.Ping(nonce=nonce))
+
+
+def lease_grant(nonce: str, seconds: int) -> pb.ControllerMessage:
+    return pb.ControllerMessage(lease=pb.LeaseGrant(nonce=nonce, seconds=seconds))
 
 
 def ack(job_id: str) -> pb.ControllerMessage:

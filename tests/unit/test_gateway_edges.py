@@ -32,6 +32,7 @@ def _gateway(tmp_path: pathlib.Path, **overrides) -> Gateway:
         gateway.table = RouteTable(gateway.table.routes + [_route({
             "project_id": str(uuid.uuid4()), "hosts": [host], "mode": mode, "schema": "t_x_api",
             "jwt_secret": SECRET, "upstream": upstream, "app_role": "t_x_role"})], 1)
+    gateway.lease(time.monotonic(), 60)
     return gateway
 
 
@@ -101,7 +102,7 @@ def test_caddy_admin_listens_on_a_unix_socket_only(tmp_path):
 
 
 def test_the_pinned_profile_survives_a_client_connection_header(tmp_path):
-    route = _gateway(tmp_path)._caddy_route(_gateway(tmp_path).table.routes[0])
+    route = _gateway(tmp_path)._caddy_route([HOST], "pool")
     auth, upstream = route["handle"][0]["routes"][0]["handle"]
     pinned = auth["handle_response"][0]["routes"][0]["handle"][0]["request"]
     # Caddy's proxy strips every header a client's `Connection` names: it is removed first ...

@@ -1,0 +1,143 @@
+"""More than one gateway: a dead one does not block route changes and, cut off, stops serving."""
+
+import json
+import os
+import ssl
+import sys
+
+import httpx
+import pytest
+
+from tests.support import AgentProc, CuttableProxy, LocalFleet, app_token, free_port, run, script, wait_until
+
+pytestmark = pytest.mark.integration
+
+TODOS = """
+create table public.todos (id bigserial primary key, owner text default auth.uid(), title text not null);
+alter table public.todos enable row level security;
+create policy own on public.todos for all to authenticated using (owner = auth.uid()) with check (owner = auth.uid());
+grant select, insert, update, delete on public.todos to authenticated;
+grant usage on sequence public.todos_id_seq to authenticated;
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    fleet = LocalFleet(tmp_path_factory.mktemp("gateways") / "dev")
+    yield fleet
+    fleet.close()
+
+
+class ExtraGateway(AgentProc):
+    """A second gateway agent with its own Caddy, next to the fleet's."""
+
+    def __init__(self, fleet: LocalFleet, name: str, controller: str | None = None):
+        token = fleet.api("POST", "agents/tokens", {"roles": ["gateway"], "ttl_seconds": 600}).json()
+        state = fleet.fleet.dir / "extra" / name
+        run(sys.executable, "-m", "agent.main", "enroll", "--controller", token["enroll_address"],
+            "--token", token["token"], "--name", name, "--roles", "gateway", "--state-dir", str(state),
+            "--ca-fingerprint", token["ca_fingerprint"])
+        super().__init__(state, name)
+        if controller:
+            self.point_at(controller)
+        self.port = free_port()
+        dev = json.loads((fleet.fleet.dir / "agents" / "dev-gateway" / "settings.json").read_text())["gateway"]
+        settings = {"gateway": {**dev, "caddy_admin": str(state / "caddy-admin.sock"),
+                                "listen": f"127.0.0.1:{self.port}", "auth_listen": f"127.0.0.1:{free_port()}"}}
+        fd = os.open(state / "settings.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(settings, handle)
+        self.fleet = fleet
+
+    def stop(self) -> None:
+        super().stop()
+        pid_file = self.state_dir / "caddy.pid"
+        if pid_file.exists():
+            from cli.devfleet import pid_alive, terminate
+
+            pid = int(pid_file.read_text())
+            if pid_alive(pid):
+                terminate(pid)
+
+    def view(self) -> dict:
+        return next(a for a in self.fleet.api("GET", "agents").json() if a["name"] == self.name)["gateway"]
+
+    def request(self, method: str, host: str, path: str, token: str | None = None, **kwargs):
+        context = ssl.create_default_context(
+            cafile=str(self.state_dir / "caddy-data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"))
+        headers = {"Host": host, **({"Authorization": f"Bearer {token}"} if token else {})}
+        with httpx.Client(verify=context, timeout=30) as http:
+            return http.request(method, f"https://127.0.0.1:{self.port}{path}", headers=headers,
+                                extensions={"sni_hostname": host}, **kwargs)
+
+
+def _tenant(fleet, name):
+    project = fleet.create(name)
+    assert fleet.push(project, {"001_todos.sql": TODOS}).status_code == 200
+    return project, app_token(project["projectJwtSecret"])
+
+
+def test_a_stopped_gateway_does_not_block_create_and_is_shown_unhealthy(fleet):
+    gateway = ExtraGateway(fleet, "gw-stopped")
+    try:
+        gateway.start()
+        wait_until(lambda: gateway.view()["state"] == "healthy", 60, "gw-stopped healthy")
+        gateway.stop()
+        wait_until(lambda: not next(a for a in fleet.api("GET", "agents").json()
+                                    if a["name"] == "gw-stopped")["connected"], 30, "gw-stopped offline")
+
+        project = fleet.create("Past A Dead Gateway")
+        view = gateway.view()
+        assert view["state"] == "unhealthy" and "not connected" in view["problem"], view
+        # The fleet's own gateway took the change and serves the new project.
+        token = app_token(project["projectJwtSecret"])
+        assert fleet.gateway("GET", fleet.host(project), "/", token).status_code != 404
+        # And the next change does not wait on the dead one at all.
+        assert fleet.api("POST", "create", {"name": "After The Dead Gateway"}).status_code == 201
+        listed = run(script("flux"), "agents", "list",
+                     env={"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token,
+                          "FLUX_CONFIG_DIR": str(fleet.fleet.dir / "cli")})
+        assert "offline, unhealthy" in next(line for line in listed.stdout.splitlines() if "gw-stopped" in line)
+    finally:
+        gateway.stop()
+        fleet.api("POST", "agents/gw-stopped/revoke")
+
+
+def test_a_gateway_cut_off_from_the_controller_stops_serving_when_its_lease_runs_out(fleet):
+    project, token = _tenant(fleet, "Lease Demo")
+    host = fleet.host(project)
+    proxy = CuttableProxy(int(fleet.fleet.ports["grpc"]))
+    gateway = ExtraGateway(fleet, "gw-cut", controller=f"127.0.0.1:{proxy.port}")
+    try:
+        gateway.start()
+        wait_until(lambda: gateway.view()["state"] == "healthy" and gateway.view()["lease_seconds_left"] > 0,
+                   60, "gw-cut healthy with a lease")
+        wait_until(lambda: gateway.request("GET", host, "/todos", token).status_code == 200, 30, "gw-cut serving")
+        assert gateway.request("POST", host, "/todos", token, json={"title": "through gw-cut"}).status_code == 201
+
+        proxy.cut()
+        # Maintenance goes on without gw-cut's acknowledgement: it returns once gw-cut's lease is over.
+        on = fleet.api("POST", f"projects/{project['summary']['hash']}/maintenance", {"enabled": True})
+        assert on.status_code == 200, on.text
+        assert "gw-cut" not in on.json()["gateways"]
+        # From then on gw-cut serves nothing, writes least of all; the fleet's gateway enforces maintenance.
+        refused = gateway.request("POST", host, "/todos", token, json={"title": "must not land"})
+        assert refused.status_code == 503 and "lease" in refused.json()["error"]
+        assert gateway.request("GET", host, "/todos", token).status_code == 503
+        assert fleet.gateway("POST", host, "/todos", token, json={"title": "nor here"}).status_code == 503
+        assert fleet.gateway("GET", host, "/todos", token).status_code == 200
+        schema = fleet.api("GET", f"projects/{project['summary']['hash']}").json()["apiSchema"]
+        assert [r[0] for r in fleet.shared_sql(f'SELECT title FROM "{schema}".todos')] == ["through gw-cut"]
+        assert gateway.view()["state"] == "unhealthy"
+
+        # Back in touch, it catches up (maintenance included) and serves again.
+        proxy.restore()
+        wait_until(lambda: gateway.view()["state"] == "healthy", 60, "gw-cut caught up")
+        wait_until(lambda: gateway.request("GET", host, "/todos", token).status_code == 200, 30, "gw-cut serving again")
+        again = gateway.request("POST", host, "/todos", token, json={"title": "still locked"})
+        assert again.status_code == 503 and again.json() == {"error": "project is migrating; try again later"}
+    finally:
+        fleet.api("POST", f"projects/{project['summary']['hash']}/maintenance", {"enabled": False})
+        gateway.stop()
+        proxy.close()
+        fleet.api("POST", "agents/gw-cut/revoke")
