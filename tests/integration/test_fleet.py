@@ -235,8 +235,10 @@ def test_an_agent_renews_its_certificate_before_it_runs_out(controller, agents):
 
     old_key = agent.read("key.pem")
     agent.start()
+    # The controller records the new certificate a moment before the agent has written it.
     renewed = wait_until(lambda: (a := controller.agent("renew-1")) and a["connected"]
                          and datetime.datetime.fromisoformat(a["cert_expires_at"]) > now + datetime.timedelta(days=300)
+                         and x509.load_pem_x509_certificate(agent.read("cert.pem")).serial_number != old.serial_number
                          and a, 20, "a renewed certificate")
     new = x509.load_pem_x509_certificate(agent.read("cert.pem"))
     assert new.serial_number != old.serial_number
