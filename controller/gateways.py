@@ -4,7 +4,8 @@ A route change returns once every gateway either applied it or can no longer ser
 gateway that does not acknowledge within ACK_TIMEOUT_S is marked unhealthy and stops
 blocking changes. Gateways serve only under a lease they renew with the controller
 (LeaseRequest/LeaseGrant on the fleet stream); an unhealthy gateway gets no renewal, so
-the change waits at most until its last lease has run out. From then on, the gateway
+a change that alters a route it serves waits at most until its last lease has run out
+(one that only adds projects does not wait). From then on, the gateway
 refuses every request on its own, so maintenance means no write lands through any
 gateway that serves.
 
@@ -30,8 +31,12 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT_S = 10
 # A whole table takes longer to apply than a delta: this much more per chunk.
 CHUNK_TIMEOUT_S = 5
-LEASE_S = 15
+# Long enough that a controller restart (or a short outage) never stops a gateway: leases
+# only make a change wait when a silent gateway serves a route the change alters.
+LEASE_S = 60
 RETRY_UNHEALTHY_S = 15
+# Agents reconnect within seconds of a controller start; until then a gateway is not offline.
+STARTUP_GRACE_S = 15
 CHUNK_BYTES = 1024 * 1024
 ROUTED_LIFECYCLES = ("provisioning", "active", "dormant")
 
@@ -78,6 +83,17 @@ class Acked:
 
     version: int
     digests: dict[str, str]
+
+
+def alters_served_routes(acked: Acked | None, routes: dict[str, dict]) -> bool:
+    """Whether a new table changes or removes a route a gateway last applied (`acked`).
+
+    When it only adds projects the gateway does not know, that gateway serving on under its
+    lease lets nothing through that the new table forbids, so the change need not wait for it.
+    """
+    if acked is None:
+        return True
+    return any(pid not in routes or route_digest(routes[pid]) != digest for pid, digest in acked.digests.items())
 
 
 class Gateways:
@@ -213,7 +229,8 @@ class Gateways:
                 raise Unavailable(f"no gateway agent acknowledged the route change ({names}: {failed[0][1]})")
             self._committed = max(self._committed, version)
             waiting = [g for g in gateways if g not in acked]
-            await self._outlast_leases(waiting, version)
+            await self._outlast_leases([g for g in waiting if alters_served_routes(self._acked.get(g), routes)],
+                                       version)
             return {"version": version, "gateways": acked, "unhealthy": sorted(waiting)}
 
     async def _outlast_leases(self, names: list[str], version: int) -> None:
@@ -240,8 +257,16 @@ class Gateways:
         self._acked[name] = Acked(version, {pid: route_digest(r) for pid, r in routes.items()})
         self._unhealthy.pop(name, None)
 
+    async def _connected_soon(self, name: str) -> bool:
+        """Whether the gateway is connected; right after this controller started, agents are still
+        reconnecting, so it waits for one up to STARTUP_GRACE_S before calling it offline."""
+        deadline = self._started + STARTUP_GRACE_S
+        while not self.fleet.connected(name) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.fleet.connected(name)
+
     async def _send(self, name: str, version: int, routes: dict[str, dict], base: Acked | None) -> None:
-        if not self.fleet.connected(name):
+        if not await self._connected_soon(name):
             raise Unavailable(f"gateway {name} is not connected")
         if base is None:
             chunks = route_chunks(list(routes.values()), [])

@@ -11,7 +11,7 @@ from agent.errors import AgentError
 from agent.gateway import Gateway
 from agent.settings import GatewaySettings
 from controller import wire
-from controller.gateways import CHUNK_BYTES, route_chunks
+from controller.gateways import CHUNK_BYTES, Acked, alters_served_routes, route_chunks, route_digest
 
 
 def _routes(n: int) -> list[dict]:
@@ -115,3 +115,28 @@ def test_without_a_lease_the_gateway_serves_nothing(gateway):
     gateway.lease(time.monotonic() - 31, 30)
     status, headers, body = gateway.verify(host, "GET", "")
     assert status == 503 and headers["Retry-After"] and "lease" in body["error"]
+
+
+@pytest.mark.parametrize("change, waits", [
+    ("add a project", False),
+    ("nothing", False),
+    ("maintenance on", True),
+    ("new secret", True),
+    ("project removed", True),
+])
+def test_a_change_waits_for_a_silent_gateway_only_when_it_alters_a_route_that_gateway_serves(change, waits):
+    served = {"p1": {"hosts": ["a.example"], "maintenance": False, "jwt_secret": "s1"},
+              "p2": {"hosts": ["b.example"], "maintenance": False, "jwt_secret": "s2"}}
+    acked = Acked(7, {pid: route_digest(r) for pid, r in served.items()})
+    new = {pid: dict(r) for pid, r in served.items()}
+    if change == "add a project":
+        new["p3"] = {"hosts": ["c.example"], "maintenance": False, "jwt_secret": "s3"}
+    elif change == "maintenance on":
+        new["p1"]["maintenance"] = True
+    elif change == "new secret":
+        new["p2"]["jwt_secret"] = "rotated"
+    elif change == "project removed":
+        del new["p2"]
+    assert alters_served_routes(acked, new) is waits
+    # A gateway whose table is unknown is always waited for.
+    assert alters_served_routes(None, new) is True
