@@ -319,8 +319,15 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
 
         say("api", 4, 6, "steps", spec.api)
         api = _own(engine.containers, "container", spec.api, spec)
+        kept_port = None
+        if api is not None and _env(api).get("PGRST_JWT_SECRET") != spec.jwt_secret:
+            # A rotated secret (a staged stack cut over with --new-jwt-secret, or a rotation rolled
+            # back): PostgREST reads it at start, so the container is made again on the same port.
+            kept_port = _published_port(api, API_PORT)
+            api.remove(force=True)
+            api = None
         if api is None:
-            api_port = spec.api_port or _free_port(settings.publish_host)
+            api_port = spec.api_port or kept_port or _free_port(settings.publish_host)
             password = urllib.parse.quote(spec.authenticator_password, safe="")
             environment = {
                 "PGRST_DB_URI": f"postgres://authenticator:{password}@{spec.db}:{DB_PORT}/postgres",
@@ -349,6 +356,10 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
     return {"steps": steps, "changed": any(v == "changed" for v in steps.values()),
             "api_upstream": f"{settings.advertise_host}:{api_port}", "api_port": api_port,
             "db_host": settings.advertise_host, "db_port": db_port}
+
+
+def _env(container) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in container.attrs.get("Config", {}).get("Env") or [] if "=" in item)
 
 
 def _containers(engine, spec: StackSpec) -> dict:

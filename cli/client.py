@@ -45,11 +45,11 @@ class ApiClient:
     def post(self, path: str, body: dict | None = None, **kwargs):
         return self.request("POST", path, json_body=body or {}, **kwargs)
 
-    def stream(self, path: str, body: dict, timeout: float = 6 * 3600):
-        """POSTs and yields the NDJSON objects of a streamed answer as they arrive."""
+    def stream(self, path: str, body: dict | None, timeout: float = 6 * 3600):
+        """POSTs `body` (GETs when None) and yields the NDJSON objects of the answer as they arrive."""
         headers = {"Accept": "application/x-ndjson", "Content-Type": "application/json"}
         try:
-            with self._http.stream("POST", path, json=body, headers=headers,
+            with self._http.stream("GET" if body is None else "POST", path, json=body, headers=headers,
                                    timeout=httpx.Timeout(30, read=timeout)) as response:
                 if response.status_code >= 400:
                     response.read()

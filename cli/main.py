@@ -18,7 +18,7 @@ from . import config as config_mod
 from .client import ApiClient
 from .devfleet import DevFleet, Progress
 from .errors import CliError
-from .progress import MigrateProgress, render_dry_run, size
+from .progress import MigrateProgress, render_dry_run, render_migration_status, size
 from .projectref import migration_files, resolve
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -377,9 +377,9 @@ def push(path, slug, hash_, dry_run, as_json):
     emit(result, as_json, render)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @project_options
-@click.option("--to", "target", required=True, help="target engine: v1_dedicated")
+@click.option("--to", "target", help="target engine: v1_dedicated (required to start a migration)")
 @click.option("--dry-run", is_flag=True, help="print the plan and a preflight; change nothing")
 @click.option("--dump-only", is_flag=True, help="only write a consistent dump on the db host (path, size, SHA-256)")
 @click.option("--staged", is_flag=True, help="provision and fill the dedicated stack; keep the catalog v2_shared")
@@ -389,14 +389,21 @@ def push(path, slug, hash_, dry_run, as_json):
 @click.option("--drop-source-after", is_flag=True,
               help="after a verified full cutover, remove the tenant from the shared cluster")
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per line, ending with the result object")
-def migrate(slug, hash_, target, dry_run, dump_only, staged, yes, new_jwt_secret, no_lock_writes,
+@click.pass_context
+def migrate(ctx, slug, hash_, target, dry_run, dump_only, staged, yes, new_jwt_secret, no_lock_writes,
             drop_source_after, as_json):
     """Move a v2_shared project to its own dedicated stack (v1_dedicated), losing nothing.
 
     Safe order: --dry-run, then optionally --dump-only --yes, then --staged --yes or the full
     migrate with --yes. Writes are held (gateway maintenance and a database guard) while the
     data moves; a failure before cutover rolls back by itself and the pooled copy keeps serving.
+    A failure after cutover ends as failed_after_cutover: the project serves from its dedicated
+    stack, the pooled copy takes no writes, and `flux migrate resume ID` finishes the rest.
     """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not target:
+        raise click.UsageError("--to is required: the target engine, v1_dedicated")
     slug, hash_ = resolve(slug, hash_)
     if no_lock_writes and not dry_run and not as_json:
         click.secho("warning: --no-lock-writes: writes during the move are not held and may be lost", fg="yellow",
@@ -412,9 +419,48 @@ def migrate(slug, hash_, target, dry_run, dump_only, staged, yes, new_jwt_secret
         if not result["ok"]:
             sys.exit(1)
         return
+    _follow_migration(api, "migrate", body, as_json)
+
+
+@migrate.command("resume")
+@click.argument("migration_id")
+@click.option("--json", "as_json", is_flag=True, help="one JSON event per line, ending with the result object")
+def migrate_resume(migration_id, as_json):
+    """Finish a migration that failed after cutover (its result names the ID).
+
+    Only the steps left run, forward: unlocking (the pooled copy turns read-only) and, with
+    --drop-source-after, the source drop. Nothing is rolled back after cutover.
+    """
+    _follow_migration(client(), f"migrations/{migration_id}/resume", {}, as_json)
+
+
+@migrate.command("status")
+@click.argument("migration_id", required=False)
+@project_options
+@click.option("--follow", is_flag=True, help="stay attached to a running migration: live progress until it ends")
+@click.option("--json", "as_json", is_flag=True)
+def migrate_status(migration_id, slug, hash_, follow, as_json):
+    """Show a migration's plan: each step done, running, failed or left.
+
+    Without an ID, the project's newest migration (-p/--hash, or flux.json). With --follow,
+    re-attaches to a running migration's progress (after a dropped connection, say) and ends
+    with its result.
+    """
+    api = client()
+    if migration_id is None:
+        slug, hash_ = resolve(slug, hash_)
+        migration_id = api.get(f"projects/{hash_}/migration")["migrationId"]
+    if follow:
+        _follow_migration(api, f"migrations/{migration_id}/events", None, as_json)
+        return
+    result = api.get(f"migrations/{migration_id}")
+    emit(result, as_json, render_migration_status)
+
+
+def _follow_migration(api, path: str, body: dict | None, as_json: bool) -> None:
     show = MigrateProgress()
     result = None
-    for event in api.stream("migrate", body):
+    for event in api.stream(path, body):
         if as_json:
             click.echo(json.dumps({k: v for k, v in event.items() if k != "event"} if event.get("event") == "result"
                                   else event))
@@ -424,6 +470,8 @@ def migrate(slug, hash_, target, dry_run, dump_only, staged, yes, new_jwt_secret
             result = event
     if result is None:
         raise CliError("the control plane ended the stream without a result")
+    if not result["ok"] and result.get("state") == "failed_after_cutover":
+        raise CliError(f"migration failed after cutover in phase {result.get('phase')}: {result.get('error')}")
     if not result["ok"]:
         raise CliError(f"migration failed in phase {result.get('phase')}: {result.get('error')} "
                        "(rolled back: the pooled project keeps serving)")

@@ -36,6 +36,19 @@ def render_dry_run(r: dict) -> None:
         click.secho(f"  error: {error}", fg="red")
 
 
+STEP_MARKS = {"done": "done", "current": "running", "failed": "FAILED", "left": "-"}
+
+
+def render_migration_status(r: dict) -> None:
+    """A migration's plan with each step done, running, failed or left."""
+    click.echo(f"Migration {r['migrationId']} ({r['kind']}): {r['state']}, started {r['startedAt'][:19]}"
+               + (f", finished {r['finishedAt'][:19]}" if r.get("finishedAt") else ""))
+    for step in r["steps"]:
+        click.echo(f"  {step['name']:<12} {STEP_MARKS[step['status']]}")
+    if r.get("error"):
+        click.echo(f"  error: {r['error']}")
+
+
 class MigrateProgress:
     """One line per phase; on a terminal, a live bar for the data move."""
 
@@ -45,7 +58,9 @@ class MigrateProgress:
 
     def __call__(self, event: dict) -> None:
         kind = event.get("event")
-        if kind == "phase":
+        if kind == "status":
+            render_migration_status(event)
+        elif kind == "phase":
             self._end_bar()
             self.phase = event["phase"]
             click.echo(f"• {self.phase}", err=True)

@@ -3,6 +3,7 @@
 Every response is JSON, errors included: `{"error": "<message>"}`.
 """
 
+import asyncio
 import datetime
 import hashlib
 import json
@@ -390,7 +391,10 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
         options = Options.from_request(body)
         if options.dry_run:
             return await migrations.dry_run(project, options)
-        row = await migrations.start(project, options)
+        return await follow(request, await migrations.start(project, options))
+
+    async def follow(request: Request, row):
+        """The migration's result, or with Accept: application/x-ndjson its events as they happen."""
         if "application/x-ndjson" not in request.headers.get("accept", ""):
             result = await migrations.wait(row.id)
             return JSONResponse(result, status_code=200 if result["ok"] else 400)
@@ -415,6 +419,50 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
             return await migrations.wait_status(migration_id, None if user.cli_role == ADMIN else user.id)
         except ValueError:
             raise BadRequest("invalid migration id") from None
+
+    @app.get(f"{PREFIX}/projects/{{hash_}}/migration")
+    async def project_latest_migration(hash_: str, user: User = Depends(current_user)):
+        return await migrations.latest(await projects.get(user, hash_))
+
+    @app.get(f"{PREFIX}/migrations/{{migration_id}}/events")
+    async def migration_events(migration_id: str, user: User = Depends(current_user)):
+        """The migration as it stands, then its events as they happen (NDJSON), ending with its result."""
+        try:
+            status = await migrations.wait_status(migration_id, None if user.cli_role == ADMIN else user.id)
+        except ValueError:
+            raise BadRequest("invalid migration id") from None
+        queue = migrations.subscribe(status["migrationId"])
+
+        async def events():
+            try:
+                yield json.dumps({"event": "status", **status}) + "\n"
+                if not status.get("running"):
+                    yield json.dumps({"event": "result", **status}) + "\n"
+                    return
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), 15)
+                    except asyncio.TimeoutError:
+                        # The run may have ended between the status read and the subscription.
+                        now = await migrations.wait_status(status["migrationId"], None)
+                        if now.get("running"):
+                            continue
+                        event = {"event": "result", **now}
+                    yield json.dumps(event) + "\n"
+                    if event.get("event") == "result":
+                        return
+            finally:
+                migrations.unsubscribe(status["migrationId"], queue)
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    @app.post(f"{PREFIX}/migrations/{{migration_id}}/resume")
+    async def migration_resume(migration_id: str, request: Request, user: User = Depends(current_user)):
+        try:
+            row = await migrations.resume(migration_id, None if user.cli_role == ADMIN else user.id)
+        except ValueError:
+            raise BadRequest("invalid migration id") from None
+        return await follow(request, row)
 
     @app.post(f"{PREFIX}/push")
     async def push(request: Request, user: User = Depends(current_user)):

@@ -556,6 +556,13 @@ class Catalog:
     async def running_migrations(self) -> list[MigrationRow]:
         return [_migration(r) for r in await self._all("SELECT * FROM migrations WHERE state = 'running'")]
 
+    async def resume_migration(self, migration_id: str) -> bool:
+        """A failed_after_cutover migration runs again; False when it is not in that state."""
+        row = await self._one("UPDATE migrations SET state = 'running', error = NULL, finished_at = NULL,"
+                              " updated_at = now() WHERE id = %s AND state = 'failed_after_cutover' RETURNING 1",
+                              (migration_id,))
+        return row is not None
+
     async def migration_phase(self, migration_id: str, phase: str) -> None:
         await self._one("UPDATE migrations SET phase = %s, updated_at = now() WHERE id = %s RETURNING 1",
                         (phase, migration_id))

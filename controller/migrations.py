@@ -68,6 +68,32 @@ class Options:
         return "dump_only" if self.dump_only else "staged" if self.staged else "full"
 
 
+def plan(options: Options) -> list[str]:
+    """The steps a migration runs, in order, named as the phases the runner records: the dry
+    run shows this list and `flux migrate status` marks it done, current and left."""
+    if options.kind == "dump_only":
+        return ["preflight", "dump"]
+    steps = ["preflight", "provision", *(["lock"] if options.lock_writes else []), "dump", "bootstrap", "verify",
+             "probe"]
+    if options.kind == "staged":
+        return steps + (["unlock"] if options.lock_writes else [])
+    return steps + ["flip", "unlock"] + (["drop_source"] if options.drop_source_after else [])
+
+
+def step_states(row: MigrationRow) -> list[dict]:
+    """Each planned step of a migration as done, current, failed or left."""
+    steps = plan(Options(**row.options))
+    phase = "flip" if row.phase == "flipped" else row.phase
+    if row.state == "succeeded" or phase == "done":
+        return [{"name": name, "status": "done"} for name in steps]
+    at = steps.index(phase) if phase in steps else 0
+    if row.phase == "flipped":
+        at += 1  # the flip itself committed; what follows has not started
+    here = {"running": "current", "failed_after_cutover": "failed", "rolled_back": "failed", "failed": "failed"}
+    return [{"name": name, "status": "done" if i < at else here.get(row.state, "current") if i == at else "left"}
+            for i, name in enumerate(steps)]
+
+
 def check(options: Options, project: Project, running: MigrationRow | None) -> None:
     """Every refusal, before anything changes."""
     if options.to != DEDICATED:
@@ -104,9 +130,18 @@ def large_object_refusal(preflight: dict) -> str | None:
 class MigrationFailed(FluxError):
     status = 400
 
-    def __init__(self, phase: str, message: str):
+    def __init__(self, phase: str, message: str, state: str = "rolled_back"):
         super().__init__(message)
         self.phase = phase
+        self.state = state
+
+
+# Phases a full migration records once the catalog says v1_dedicated: from there it only goes forward.
+AFTER_CUTOVER = ("flipped", "unlock", "drop_source", "done")
+
+
+def cut_over(row: MigrationRow) -> bool:
+    return row.kind == "full" and row.phase in AFTER_CUTOVER
 
 
 class Migrations:
@@ -186,14 +221,7 @@ class Migrations:
         extensions = [e for e in preflight["extensions"] if e not in ("plpgsql",)]
         if extensions:
             warnings.append("extensions in use must exist in the dedicated image: " + ", ".join(extensions))
-        steps = {"dump_only": ["lease", "preflight", "dump"],
-                 "staged": ["lease", "preflight", "provision", "lock writes", "dump+restore", "bootstrap", "verify",
-                            "probe", "unlock"],
-                 "full": ["lease", "preflight", "provision", "lock writes", "dump+restore", "bootstrap", "verify",
-                          "probe", "flip catalog and route", "unlock", *(["drop source"] if options.drop_source_after
-                                                                          else [])]}[options.kind]
-        if not options.lock_writes:
-            steps = [s for s in steps if s not in ("lock writes", "unlock")]
+        steps = plan(options)
         estimate = 15 + size / ASSUMED_BYTES_PER_S
         return {
             "ok": not errors,
@@ -247,25 +275,59 @@ class Migrations:
         return self._result(row)
 
     def _result(self, row: MigrationRow) -> dict:
+        shared = {"migrationId": row.id, "state": row.state, "kind": row.kind, "steps": step_states(row),
+                  "startedAt": row.started_at.isoformat(),
+                  "finishedAt": row.finished_at.isoformat() if row.finished_at else None}
         if row.state == "succeeded":
-            return {"ok": True, "migrationId": row.id, **(row.result or {})}
+            return {"ok": True, **shared, **(row.result or {})}
         if row.state == "running":
-            return {"ok": True, "migrationId": row.id, "running": True, "phase": row.phase}
-        return {"ok": False, "migrationId": row.id, "phase": row.phase, "error": row.error}
+            return {"ok": True, **shared, "running": True, "phase": row.phase}
+        return {"ok": False, **shared, "phase": row.phase, "error": row.error}
 
-    async def _drive(self, row: MigrationRow) -> dict:
+    async def latest(self, project: Project) -> dict:
+        """The project's newest migration, as `wait_status` shows it."""
+        rows = await self.catalog.migrations_of(project.id, limit=1)
+        if not rows:
+            raise NotFound(f"{project.slug} ({project.hash}) has never been migrated")
+        return self._result(rows[0])
+
+    async def resume(self, migration_id: str, owner_id: int | None) -> MigrationRow:
+        """Finishes a migration that failed after cutover (the steps left, forward only)."""
+        row = await self.catalog.migration(str(uuid.UUID(migration_id)))
+        project = await self.catalog.project(row.project_id) if row else None
+        if row is None or (owner_id is not None and (project is None or project.owner_id != owner_id)):
+            raise NotFound(f"no migration {migration_id}")
+        if row.state != "failed_after_cutover" or not await self.catalog.resume_migration(row.id):
+            raise BadRequest(f"migration {row.id} is {row.state}: only a migration that failed after cutover "
+                             "can be resumed")
+        self._project_of[row.id] = project.id
+        self._tasks[row.id] = asyncio.create_task(self._drive(row, self._finish_after_flip))
+        return row
+
+    async def _finish_after_flip(self, row: MigrationRow) -> dict:
+        project = await self.catalog.project(row.project_id)
+        await self.gateways.sync()
+        return await self._after_flip(row, {"serviceUrl": service_url(project, self.gateways.base_domain),
+                                            "resumed": True})
+
+    async def _drive(self, row: MigrationRow, work=None) -> dict:
         try:
-            result = await self._run(row)
+            result = await (work or self._run)(row)
             await self.catalog.finish_migration(row.id, "succeeded", None, result)
-            final = {"ok": True, "migrationId": row.id, **result}
+            final = {"ok": True, "migrationId": row.id, "state": "succeeded", **result}
         except MigrationFailed as exc:
-            final = {"ok": False, "migrationId": row.id, "phase": exc.phase, "error": exc.message}
+            final = {"ok": False, "migrationId": row.id, "phase": exc.phase, "state": exc.state,
+                     "error": exc.message}
         except Exception as exc:  # the migration must end in a recorded state, whatever happened
             log.exception("migration %s failed unexpectedly", row.id)
-            current = await self.catalog.migration(row.id)
-            await self._fail(current or row, current.phase if current else "unknown", f"internal error: {exc}")
-            final = {"ok": False, "migrationId": row.id, "phase": current.phase if current else "unknown",
-                     "error": f"internal error: {exc}"}
+            current = await self.catalog.migration(row.id) or row
+            if cut_over(current):
+                state, message = "failed_after_cutover", await self._failed_after_cutover(
+                    current, current.phase, f"internal error: {exc}", [current.phase])
+            else:
+                await self._fail(current, current.phase, f"internal error: {exc}")
+                state, message = "rolled_back", f"internal error: {exc}"
+            final = {"ok": False, "migrationId": row.id, "phase": current.phase, "state": state, "error": message}
         finally:
             self._tasks.pop(row.id, None)
         self._emit(row.id, {"event": "result", **final})
@@ -368,6 +430,8 @@ class Migrations:
                    "verified": verified, "dockerHost": project.docker_agent,
                    "serviceUrl": service_url(project, self.gateways.base_domain)}
         if row.kind == "staged":
+            if options.lock_writes:
+                await self._phase(row, "unlock")
             await self._unlock(row, project, options, after_flip=False)
             await self._phase(row, "done")
             return {"message": MESSAGES["staged"], **summary}
@@ -383,17 +447,33 @@ class Migrations:
         return await self._after_flip(row, summary)
 
     async def _after_flip(self, row: MigrationRow, summary: dict) -> dict:
-        """Steps after cutover: they finish forward, never roll back."""
+        """Steps after cutover: they finish forward, never roll back. A failure ends the migration
+        as failed_after_cutover, with what is left and the command that finishes it."""
         project = await self.catalog.project(row.project_id)
         options = Options(**row.options)
-        await self._phase(row, "unlock")
-        await self._unlock(row, project, options, after_flip=True)
+        steps = [("unlock", lambda: self._unlock(row, project, options, after_flip=True))]
         if options.drop_source_after:
-            await self._phase(row, "drop_source")
-            await self.fleet.run(project.db_agent, "tenant.drop", self.projects.tenant_params(project), timeout=120)
+            steps.append(("drop_source", lambda: self.fleet.run(
+                project.db_agent, "tenant.drop", self.projects.tenant_params(project), timeout=120)))
+        for index, (phase, work) in enumerate(steps):
+            await self._phase(row, phase)
+            try:
+                await work()
+            except FluxError as exc:
+                message = await self._failed_after_cutover(row, phase, exc.message, [p for p, _ in steps[index:]])
+                raise MigrationFailed(phase, message, state="failed_after_cutover") from None
+        if options.drop_source_after:
             summary["sourceDropped"] = True
         await self._phase(row, "done")
         return {"message": MESSAGES["full"], **summary}
+
+    async def _failed_after_cutover(self, row: MigrationRow, phase: str, message: str, left: list[str]) -> str:
+        text = (f"{phase} failed after cutover: {message}. The project serves from its dedicated stack and the "
+                f"pooled copy takes no writes; left to do: {', '.join(left)}. "
+                f"Finish with: flux migrate resume {row.id}")
+        await self.catalog.finish_migration(row.id, "failed_after_cutover", text, None)
+        log.warning("migration %s: %s", row.id, text)
+        return text
 
     async def _unlock(self, row: MigrationRow, project: Project, options: Options, after_flip: bool) -> None:
         if not options.lock_writes and not after_flip:
@@ -420,6 +500,14 @@ class Migrations:
                 await self.projects.set_maintenance(current, False)
             except FluxError as exc:
                 problems.append(f"gateway maintenance: {exc.message}")
+        if row.new_jwt_secret_sealed and current.docker_agent and current.mode == POOLED:
+            # A rotating run may have given the stack the new secret: the old one stays in force everywhere.
+            try:
+                await self.fleet.run(current.docker_agent, "stack.provision",
+                                     self.projects.stack_params(current, with_secrets=True),
+                                     timeout=STACK_JOB_TIMEOUT_S)
+            except FluxError as exc:
+                problems.append(f"stack secret: {exc.message}")
         note = f" (rollback incomplete: {'; '.join(problems)})" if problems else ""
         await self.catalog.finish_migration(row.id, "rolled_back", f"{phase}: {message}{note}", None)
 
@@ -427,11 +515,8 @@ class Migrations:
         """Settles migrations a stopped controller left running: finish after the flip, roll back before."""
         for row in await self.catalog.running_migrations():
             try:
-                if row.phase in ("flipped", "unlock", "drop_source", "done"):
-                    project = await self.catalog.project(row.project_id)
-                    await self.gateways.sync()
-                    result = await self._after_flip(row, {"serviceUrl": service_url(project, self.gateways.base_domain),
-                                                          "resumed": True})
+                if cut_over(row):
+                    result = await self._finish_after_flip(row)
                     await self.catalog.finish_migration(row.id, "succeeded", None, result)
                 else:
                     await self._fail(row, row.phase, "the controller stopped during this phase; rolled back")

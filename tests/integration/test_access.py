@@ -42,6 +42,9 @@ ROUTES = {
     ("POST", f"{P}/projects/{{hash_}}/maintenance"): "any",
     ("POST", f"{P}/migrate"): "any",
     ("GET", f"{P}/migrations/{{migration_id}}"): "any",
+    ("POST", f"{P}/migrations/{{migration_id}}/resume"): "any",
+    ("GET", f"{P}/migrations/{{migration_id}}/events"): "any",
+    ("GET", f"{P}/projects/{{hash_}}/migration"): "any",
     ("POST", f"{P}/push"): "any",
 }
 PARAMS = {"name": "no-such-agent", "job_id": "job-00000000", "hash_": "abcdef0", "token_id": "987654",

@@ -1,8 +1,9 @@
 """flux migrate end to end: pooled to dedicated on real Postgres, Docker, Caddy and agents."""
 
 import hashlib
-import sys
 import json
+import os
+import sys
 import subprocess
 import threading
 import time
@@ -230,7 +231,7 @@ def test_no_lock_writes_is_honoured_and_drop_source_after_removes_the_source(fle
     project, _ = _tenant(fleet, "Unlocked Drop", rows=1)
     schema = _schema(fleet, project)
     dry = fleet.migrate(project, dryRun=True, yes=False, lockWrites=False, dropSourceAfter=True).json()
-    assert "lock writes" not in dry["plan"]["steps"] and "drop source" in dry["plan"]["steps"]
+    assert "lock" not in dry["plan"]["steps"] and "drop_source" in dry["plan"]["steps"]
     assert any("--no-lock-writes" in w for w in dry["preflight"]["warnings"])
     cli = run(script("flux"), "migrate", "-p", project["summary"]["slug"], "--hash", project["summary"]["hash"],
               "--to", "v1_dedicated", "--yes", "--no-lock-writes", "--drop-source-after", timeout=600,
@@ -376,3 +377,111 @@ def test_large_objects_are_reported_by_the_dry_run_and_refused(fleet):
     again = fleet.migrate(project, dryRun=True, yes=False).json()
     assert again["preflight"]["large_objects"]["count"] == 0
     assert not any("large object" in e for e in again["preflight"]["errors"])
+
+
+def _api_secret(project) -> str:
+    s = project["summary"]
+    env = subprocess.run(["docker", "inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}",
+                          f"flux-{s['hash']}-{s['slug']}-api"], capture_output=True, text=True, check=True).stdout
+    return next(line.split("=", 1)[1] for line in env.splitlines() if line.startswith("PGRST_JWT_SECRET="))
+
+
+def test_staged_then_a_rotating_cutover_works(fleet):
+    """The product page's order: --staged, then the full migrate with --new-jwt-secret."""
+    project, secret = _tenant(fleet, "Staged Then Rotated", rows=1)
+    staged = fleet.migrate(project, staged=True)
+    assert staged.status_code == 200, staged.text
+    assert _api_secret(project) == secret
+    rotated = fleet.migrate(project, newJwtSecret=True)
+    assert rotated.status_code == 200, rotated.text
+    creds = fleet.api("GET", f"projects/{project['summary']['hash']}/credentials").json()
+    assert creds["projectJwtSecret"] != secret and _api_secret(project) == creds["projectJwtSecret"]
+    assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 401
+    new = fleet.gateway("GET", fleet.host(project), "/todos?select=title", app_token(creds["projectJwtSecret"]))
+    assert new.status_code == 200 and new.json() == [{"title": "alice 0"}]
+
+
+def test_a_rotating_run_that_fails_leaves_the_old_secret_in_force_everywhere(fleet):
+    import psycopg
+
+    project, secret = _tenant(fleet, "Rotation Rolled Back", rows=1)
+    assert fleet.migrate(project, staged=True).status_code == 200
+    schema = _schema(fleet, project)
+    # A session holding a lock on a tenant table makes the write guard give up: the run fails after provision.
+    with psycopg.connect(fleet.fleet.cluster("shared").url("flux_shared")) as blocker:
+        blocker.execute(f"LOCK TABLE {schema}.todos IN ROW EXCLUSIVE MODE")  # as an open INSERT does
+        failed = fleet.migrate(project, newJwtSecret=True)
+    assert failed.status_code == 400 and failed.json()["state"] == "rolled_back", failed.text
+    assert failed.json()["phase"] == "lock"
+    creds = fleet.api("GET", f"projects/{project['summary']['hash']}/credentials").json()
+    assert creds["projectJwtSecret"] == secret and _api_secret(project) == secret
+    assert _mode(fleet, project) == "v2_shared"
+    assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 200
+
+
+def test_a_failure_after_cutover_is_not_a_rollback_and_resume_finishes_it(fleet):
+    import psycopg
+
+    project, secret = _tenant(fleet, "Fails After Cutover", rows=1)
+    schema = _schema(fleet, project)
+    short = schema.removeprefix("t_").removesuffix("_api")
+    env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token}
+    s = project["summary"]
+    # A session reading a tenant table holds a lock the source drop needs: the drop fails after the flip.
+    with psycopg.connect(fleet.fleet.cluster("shared").url("flux_shared")) as reader:
+        reader.execute(f"SELECT count(*) FROM {schema}.todos")
+        out = run(script("flux"), "migrate", "-p", s["slug"], "--hash", s["hash"], "--to", "v1_dedicated", "--yes",
+                  "--drop-source-after", check=False, env=env, timeout=300)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "failed after cutover in phase drop_source" in out.stderr and "rolled back" not in out.stderr
+        migration_id = out.stderr.split("flux migrate resume ")[1].split()[0].rstrip(".")
+        status = fleet.api("GET", f"migrations/{migration_id}").json()
+        assert status["state"] == "failed_after_cutover" and status["ok"] is False
+        assert "left to do: drop_source" in status["error"]
+        shown = run(script("flux"), "migrate", "status", "-p", s["slug"], "--hash", s["hash"], env=env).stdout
+        assert "failed_after_cutover" in shown and "drop_source  FAILED" in shown and "flip         done" in shown
+        # Cutover stands: the dedicated stack serves, the pooled copy takes no writes and is not locked.
+        assert _mode(fleet, project) == "v1_dedicated"
+        detail = fleet.api("GET", f"projects/{s['hash']}").json()
+        assert detail["maintenance"] is False
+        write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "after"})
+        assert write.status_code == 201, write.text
+        assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "3"
+        reader.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            reader.execute(f"SET ROLE t_{short}_role; INSERT INTO {schema}.todos (owner, title) VALUES ('x', 'y')")
+        reader.rollback()
+        reader.execute(f"SELECT count(*) FROM {schema}.todos")
+        # Resuming while the lock is still held fails the same way, and stays resumable.
+        again = run(script("flux"), "migrate", "resume", migration_id, check=False, env=env, timeout=300)
+        assert again.returncode == 1 and "failed after cutover" in again.stderr
+    resumed = run(script("flux"), "migrate", "resume", migration_id, env=env, timeout=300)
+    assert "Migration complete" in resumed.stdout
+    assert fleet.api("GET", f"migrations/{migration_id}").json()["state"] == "succeeded"
+    assert fleet.shared_sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
+    # A finished migration cannot be resumed again.
+    refused = fleet.api("POST", f"migrations/{migration_id}/resume")
+    assert refused.status_code == 400 and "only a migration that failed after cutover" in refused.json()["error"]
+
+
+def test_status_shows_the_plan_and_follow_reattaches_to_a_running_migration(fleet):
+    project, secret, schema = _big_tenant(fleet, "Reattached")
+    env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token}
+    dry = fleet.migrate(project, dryRun=True).json()
+    migration_id, thread, box = _start_streaming(fleet, project)
+    assert migration_id
+    _wait_phase(fleet, migration_id, ("dump",))
+    # A second client attaches to the running migration, as one would after its connection dropped.
+    follow = subprocess.run([script("flux"), "migrate", "status", migration_id, "--follow", "--json"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert follow.returncode == 0, follow.stderr
+    events = [json.loads(line) for line in follow.stdout.splitlines()]
+    assert events[0]["event"] == "status" and events[0]["running"] is True
+    assert any(e.get("event") == "phase" for e in events[1:])
+    assert events[-1]["ok"] is True and events[-1]["state"] == "succeeded"
+    thread.join(60)
+    status = json.loads(run(script("flux"), "migrate", "status", "-p", project["summary"]["slug"], "--hash",
+                            project["summary"]["hash"], "--json", env=env).stdout)
+    # The dry run's plan is the list of steps the run recorded, all done.
+    assert [step["name"] for step in status["steps"]] == dry["plan"]["steps"]
+    assert {step["status"] for step in status["steps"]} == {"done"}
