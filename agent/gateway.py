@@ -318,7 +318,9 @@ class Gateway:
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": f"invalid token: {exc}"}
         if route.pooled:
             minted = self._minted(route, claims, self.settings.pool_jwt_secret)
-        elif "role" not in claims and route.app_role:
+        elif route.app_role and ("sub" in claims or "role" not in claims):
+            # A migrated project: every token its pooled past accepted (a `sub`, whatever its role
+            # claim says) keeps the rights it had there, those of the tenant's runtime role.
             minted = self._minted(route, claims, route.jwt_secret)
         else:
             minted = token

@@ -485,3 +485,19 @@ def test_status_shows_the_plan_and_follow_reattaches_to_a_running_migration(flee
     # The dry run's plan is the list of steps the run recorded, all done.
     assert [step["name"] for step in status["steps"]] == dry["plan"]["steps"]
     assert {step["status"] for step in status["steps"]} == {"done"}
+
+
+def test_every_token_the_pooled_project_accepted_keeps_its_rights_after_cutover(fleet):
+    project, secret = _tenant(fleet, "Same Tokens", rows=1)
+    tokens = {claims: app_token(secret, sub="alice", **dict(claims)) for claims in
+              ((), (("role", "authenticated"),), (("role", "anon"),), (("role", "service_role"),))}
+
+    def answers():
+        return {claims: (r.status_code, sorted(t["title"] for t in r.json()) if r.status_code == 200 else None)
+                for claims, token in tokens.items()
+                for r in [fleet.gateway("GET", fleet.host(project), "/todos?select=title", token)]}
+
+    before = answers()
+    assert all(status == 200 and titles == ["alice 0"] for status, titles in before.values()), before
+    assert fleet.migrate(project).status_code == 200
+    assert answers() == before
