@@ -249,7 +249,8 @@ def guard_held(tenant: Tenant) -> bool:
 def unlock(source_url: str | None, tenant: Tenant, revoke_writes: bool) -> dict:
     """Releases the guard; with `revoke_writes` the source stays read-only for the tenant from then on.
 
-    The revoke commits in the guard's own transaction, so no write slips in between.
+    The revoke commits in the guard's own transaction, so no write slips in between; without a
+    held guard it runs on a new session of `source_url` (fixed SQL: the cluster's own login will do).
     """
     with _GUARDS_LOCK:
         conn = _GUARDS.pop(tenant.schema, None)

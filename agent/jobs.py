@@ -212,12 +212,16 @@ async def tenant_lock(ctx: JobContext) -> dict:
 
 
 async def tenant_unlock(ctx: JobContext) -> dict:
+    """Releases the write guard; with `revoke_writes` (after cutover) the pooled copy turns read-only
+    for every tenant role, in the guard's own transaction when it is held."""
     def run() -> dict:
         tenant = tenants.Tenant.from_params(ctx.params)
         if not ctx.params.get("revoke_writes"):
             return dumps.unlock(None, tenant, False)
-        _, url = _tenant_login(ctx)
-        return dumps.unlock(url, tenant, True)
+        db = _db_settings(ctx)
+        result = dumps.unlock(db.shared_cluster_url, tenant, True)
+        with tenants.connect(db) as conn:
+            return {**result, **tenants.freeze(conn, tenant)}
 
     return await asyncio.to_thread(run)
 

@@ -176,11 +176,15 @@ def tenant_login(conn, settings: DbSettings, tenant: "Tenant") -> str:
     if key is None:
         raise AgentError("the shared cluster is not bootstrapped (no login key)", retryable=True)
     password = hmac.new(bytes(key[0]), tenant.owner_role.encode(), "sha256").hexdigest()
-    row = conn.execute("SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = %s",
-                       (tenant.owner_role,)).fetchone()
+    row = conn.execute("SELECT rolcanlogin, rolpassword, shobj_description(oid, 'pg_authid') FROM pg_authid"
+                       " WHERE rolname = %s", (tenant.owner_role,)).fetchone()
     if row is None:
         conn.rollback()
         raise AgentError(f"role {tenant.owner_role} does not exist on the shared cluster", code="not_found")
+    if row[2] == FROZEN:
+        conn.rollback()
+        raise AgentError(f"{tenant.schema} is the kept read-only copy of a migrated project: nothing logs in as "
+                         "its owner any more; `flux migrate cleanup` drops it", code="conflict")
     owner = sql.Identifier(tenant.owner_role)
     with conn.transaction():
         revoke_self_grants(conn, tenant)
@@ -208,6 +212,35 @@ def revoke_self_grants(conn, tenant: "Tenant") -> list[str]:
             conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(role), sql.Identifier(member)))
             revoked.append(f"{role} from {member}")
     return revoked
+
+
+FROZEN = "flux: kept read-only copy of a migrated project"
+
+
+def is_frozen(conn, tenant: "Tenant") -> bool:
+    row = conn.execute("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s",
+                       (tenant.owner_role,)).fetchone()
+    conn.rollback()
+    return row is not None and row[0] == FROZEN
+
+
+def freeze(conn, tenant: "Tenant") -> dict:
+    """After cutover: no tenant role writes the pooled copy again, its owner included (it can no
+    longer log in, so it cannot grant itself back what is revoked here). Returns the copy's size."""
+    with conn.transaction():
+        if _check_owner(conn, tenant):
+            conn.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} FROM {}, {}")
+                         .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.runtime_role),
+                                 sql.Identifier(tenant.owner_role)))
+        if _role_exists(conn, tenant.owner_role):
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(tenant.owner_role)))
+            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(sql.Identifier(tenant.owner_role),
+                                                                    sql.Literal(FROZEN)))
+        size = conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'm')",
+            (tenant.schema,)).fetchone()[0]
+    return {"frozen": True, "bytes": int(size)}
 
 
 def connect_as_tenant(url: str) -> psycopg.Connection:

@@ -260,6 +260,11 @@ def list_projects(as_json):
             return
         _table([[p["slug"], p["hash"], p.get("mode", "?"), p.get("lifecycleState", "?"), p["status"], p["apiUrl"]]
                 for p in items], ["PROJECT", "HASH", "MODE", "LIFECYCLE", "STATUS", "API URL"])
+        for p in items:
+            if p.get("pooledCopy"):
+                click.echo(f"{p['slug']} ({p['hash']}) keeps its pooled copy, read-only "
+                           f"({size(p['pooledCopy']['bytes'] or 0)}): `flux migrate cleanup -p {p['slug']} "
+                           f"--hash {p['hash']} --yes` drops it")
 
     emit(result, as_json, render)
 
@@ -432,6 +437,20 @@ def migrate_resume(migration_id, as_json):
     --drop-source-after, the source drop. Nothing is rolled back after cutover.
     """
     _follow_migration(client(), f"migrations/{migration_id}/resume", {}, as_json)
+
+
+@migrate.command("cleanup")
+@project_options
+@click.option("--yes", is_flag=True, help="confirm: the pooled copy's data is deleted for good")
+@click.option("--json", "as_json", is_flag=True)
+def migrate_cleanup(slug, hash_, yes, as_json):
+    """Drop the read-only pooled copy a migrated project kept after cutover."""
+    slug, hash_ = resolve(slug, hash_)
+    if not yes:
+        raise click.UsageError("cleanup deletes the pooled copy for good: add --yes")
+    result = client().request("DELETE", f"projects/{hash_}/pooled-copy", params={"slug": slug})
+    emit(result, as_json, lambda r: click.echo(f"Dropped the pooled copy of {r['slug']} ({r['dropped']}, "
+                                               f"{size(r['bytes'] or 0)})."))
 
 
 @migrate.command("status")

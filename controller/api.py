@@ -23,7 +23,7 @@ from .dashboard import mount as mount_dashboard
 from .fleet import Fleet, check_agent_name, check_roles
 from .gateways import service_url
 from .migrations import Migrations, Options
-from .projects import POOLED_NOTE, Projects, check_hash, list_item
+from .projects import POOLED_NOTE, Projects, check_hash, kept_copy, list_item
 from .tokens import new_api_token, new_join_token, token_hash
 
 log = logging.getLogger(__name__)
@@ -337,6 +337,7 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
         return {"slug": project.slug, "hash": project.hash, "mode": project.mode, "name": project.name,
                 "apiSchema": project.api_schema, "lifecycleState": project.lifecycle,
                 "maintenance": project.maintenance, "createdAt": project.created_at.isoformat(),
+                **({"pooledCopy": kept_copy(project)} if project.kept_copy_bytes is not None else {}),
                 "serviceUrl": service_url(project, projects.base_domain)}
 
     @app.get(f"{PREFIX}/projects/{{hash_}}/credentials")
@@ -419,6 +420,10 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
             return await migrations.wait_status(migration_id, None if user.cli_role == ADMIN else user.id)
         except ValueError:
             raise BadRequest("invalid migration id") from None
+
+    @app.delete(f"{PREFIX}/projects/{{hash_}}/pooled-copy")
+    async def drop_pooled_copy(hash_: str, slug: str, user: User = Depends(current_user)):
+        return await projects.drop_kept_copy(await projects.get(user, hash_, slug))
 
     @app.get(f"{PREFIX}/projects/{{hash_}}/migration")
     async def project_latest_migration(hash_: str, user: User = Depends(current_user)):

@@ -101,6 +101,8 @@ class Project:
     # Shares its hash with an older project of another owner, from before hashes were unique
     # across the catalog (schema 0008); it keeps it, since its names are in use.
     hash_shared: bool = False
+    # A migrated project's pooled copy, kept read-only until dropped: its size at cutover.
+    kept_copy_bytes: int | None = None
 
     @property
     def short_id(self) -> str:
@@ -555,6 +557,9 @@ class Catalog:
 
     async def running_migrations(self) -> list[MigrationRow]:
         return [_migration(r) for r in await self._all("SELECT * FROM migrations WHERE state = 'running'")]
+
+    async def set_kept_copy(self, project_id: str, size: int | None) -> None:
+        await self._one("UPDATE projects SET kept_copy_bytes = %s WHERE id = %s RETURNING 1", (size, project_id))
 
     async def resume_migration(self, migration_id: str) -> bool:
         """A failed_after_cutover migration runs again; False when it is not in that state."""

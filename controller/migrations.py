@@ -452,9 +452,12 @@ class Migrations:
         project = await self.catalog.project(row.project_id)
         options = Options(**row.options)
         steps = [("unlock", lambda: self._unlock(row, project, options, after_flip=True))]
+        async def drop_source():
+            await self.fleet.run(project.db_agent, "tenant.drop", self.projects.tenant_params(project), timeout=120)
+            await self.catalog.set_kept_copy(project.id, None)
+
         if options.drop_source_after:
-            steps.append(("drop_source", lambda: self.fleet.run(
-                project.db_agent, "tenant.drop", self.projects.tenant_params(project), timeout=120)))
+            steps.append(("drop_source", drop_source))
         for index, (phase, work) in enumerate(steps):
             await self._phase(row, phase)
             try:
@@ -481,9 +484,11 @@ class Migrations:
         current = await self.catalog.project(project.id)
         if current.maintenance:
             await self.projects.set_maintenance(current, False)
-        # After cutover the pooled copy must never take another write.
-        await self.fleet.run(project.db_agent, "tenant.unlock",
-                             {**self.projects.tenant_params(project), "revoke_writes": after_flip}, timeout=60)
+        # After cutover the pooled copy must never take another write; it is kept, read-only, until dropped.
+        out = await self.fleet.run(project.db_agent, "tenant.unlock",
+                                   {**self.projects.tenant_params(project), "revoke_writes": after_flip}, timeout=60)
+        if after_flip:
+            await self.catalog.set_kept_copy(project.id, out.get("bytes", 0))
 
     async def _fail(self, row: MigrationRow, phase: str, message: str) -> None:
         """Rolls back a migration that has not flipped: lock released, pooled copy serving."""

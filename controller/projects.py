@@ -71,7 +71,14 @@ def list_item(project: Project, base_domain: str) -> dict:
         "status": status,
         "lifecycleState": project.lifecycle,
         "apiUrl": service_url(project, base_domain),
+        **({"pooledCopy": kept_copy(project)} if project.kept_copy_bytes is not None else {}),
     }
+
+
+def kept_copy(project: Project) -> dict:
+    """A migrated project's pooled copy, kept read-only after cutover until `flux migrate cleanup`."""
+    return {"readOnly": True, "bytes": project.kept_copy_bytes, "dbHost": project.db_agent,
+            "schema": project.api_schema}
 
 
 class Projects:
@@ -374,6 +381,18 @@ class Projects:
                                           {**self.stack_params(project, True), "files": files, "dry_run": dry_run},
                                           timeout=PUSH_TIMEOUT_S)
         return {"ok": True, **output}
+
+    async def drop_kept_copy(self, project: Project) -> dict:
+        """Drops a migrated project's read-only pooled copy."""
+        await self.not_migrating(project)
+        if project.mode != DEDICATED or project.kept_copy_bytes is None:
+            raise BadRequest(f"{project.slug} has no kept pooled copy to drop")
+        await self.fleet.run(project.db_agent, "tenant.drop", self.tenant_params(project),
+                             timeout=TENANT_JOB_TIMEOUT_S)
+        await self.catalog.set_kept_copy(project.id, None)
+        await self.catalog.record_operation(project.id, "cleanup", "succeeded", "pooled copy dropped")
+        return {"ok": True, "slug": project.slug, "hash": project.hash, "dropped": project.api_schema,
+                "bytes": project.kept_copy_bytes}
 
     async def migrations(self, project: Project) -> dict:
         if project.mode == POOLED:

@@ -45,6 +45,7 @@ ROUTES = {
     ("POST", f"{P}/migrations/{{migration_id}}/resume"): "any",
     ("GET", f"{P}/migrations/{{migration_id}}/events"): "any",
     ("GET", f"{P}/projects/{{hash_}}/migration"): "any",
+    ("DELETE", f"{P}/projects/{{hash_}}/pooled-copy"): "any",
     ("POST", f"{P}/push"): "any",
 }
 PARAMS = {"name": "no-such-agent", "job_id": "job-00000000", "hash_": "abcdef0", "token_id": "987654",

@@ -501,3 +501,39 @@ def test_every_token_the_pooled_project_accepted_keeps_its_rights_after_cutover(
     assert all(status == 200 and titles == ["alice 0"] for status, titles in before.values()), before
     assert fleet.migrate(project).status_code == 200
     assert answers() == before
+
+
+def test_the_kept_pooled_copy_is_read_only_for_every_tenant_role_shown_and_dropped_by_cleanup(fleet):
+    import psycopg
+
+    project, secret = _tenant(fleet, "Kept Copy", rows=1)
+    s = project["summary"]
+    schema = _schema(fleet, project)
+    short = schema.removeprefix("t_").removesuffix("_api")
+    assert fleet.migrate(project).status_code == 200
+    with psycopg.connect(fleet.fleet.cluster("shared").url("flux_shared")) as conn:
+        for role in (f"t_{short}_role", f"t_{short}_ddl"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"SET ROLE {role}; INSERT INTO {schema}.todos (owner, title) VALUES ('x', 'y')")
+            conn.rollback()
+        assert conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s",
+                            (f"t_{short}_ddl",)).fetchone() == (False,)
+        assert conn.execute(f"SELECT count(*) FROM {schema}.todos").fetchone() == (2,)
+    listed = next(p for p in fleet.api("GET", "list").json() if p["hash"] == s["hash"])
+    assert listed["mode"] == "v1_dedicated" and listed["pooledCopy"]["readOnly"] is True
+    assert listed["pooledCopy"]["bytes"] > 0
+    assert fleet.api("GET", f"projects/{s['hash']}").json()["pooledCopy"]["schema"] == schema
+    env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token}
+    assert "keeps its pooled copy, read-only" in run(script("flux"), "list", env=env).stdout
+
+    refused = run(script("flux"), "migrate", "cleanup", "-p", s["slug"], "--hash", s["hash"], check=False, env=env)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert fleet.shared_sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(1,)]
+    cleaned = run(script("flux"), "migrate", "cleanup", "-p", s["slug"], "--hash", s["hash"], "--yes", env=env)
+    assert f"Dropped the pooled copy of {s['slug']}" in cleaned.stdout
+    assert fleet.shared_sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
+    assert "pooledCopy" not in next(p for p in fleet.api("GET", "list").json() if p["hash"] == s["hash"])
+    # The dedicated project serves on, untouched.
+    assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 200
+    again = fleet.api("DELETE", f"projects/{s['hash']}/pooled-copy", params={"slug": s["slug"]})
+    assert again.status_code == 400 and "no kept pooled copy" in again.json()["error"]
