@@ -270,6 +270,41 @@ def unlock(source_url: str | None, tenant: Tenant, revoke_writes: bool) -> dict:
     return {"locked": False, "held": held, "source_read_only": revoke_writes}
 
 
+# dump files
+
+def _discard(partial: pathlib.Path) -> None:
+    """Removes a dump that did not finish, and its tenant's directory when nothing else is in it."""
+    partial.unlink(missing_ok=True)
+    try:
+        partial.parent.rmdir()
+    except OSError:
+        pass
+
+
+def tenant_dumps(spool: pathlib.Path, tenant: Tenant) -> pathlib.Path:
+    """Where a tenant's dump files live: one directory each, so they go with the tenant."""
+    return spool / "dumps" / tenant.schema
+
+
+def remove_dumps(spool: pathlib.Path, tenant: Tenant) -> int:
+    """Removes every dump file of the tenant; returns how many there were."""
+    directory = tenant_dumps(spool, tenant)
+    count = len(list(directory.glob("*.sql"))) if directory.exists() else 0
+    shutil.rmtree(directory, ignore_errors=True)
+    return count
+
+
+def prune_dumps(spool: pathlib.Path, keep_seconds: float, now: float | None = None) -> list[str]:
+    """Removes dump files older than `keep_seconds`, and partial ones left by a stopped dump."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in sorted((spool / "dumps").glob("*/*.sql*")):
+        if now - path.stat().st_mtime > keep_seconds:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 # dump and restore
 
 REFERENCED_ROLES = """
@@ -360,7 +395,7 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
     `time_limit_s` (by default scaled to `expected_bytes`).
     """
     pg_dump = require_tool("pg_dump")
-    dumps = spool / "dumps"
+    dumps = tenant_dumps(spool, tenant)
     dumps.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = dumps / f"{name}.sql"
     partial = path.with_suffix(".sql.partial")
@@ -439,17 +474,17 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
         watchdog.cancel()
         dumper.stdout.close()
     if stopped.is_set():
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise AgentError(f"dump{' and restore' if restorer else ''} of {tenant.schema} did not finish within "
                          f"{limit:.0f}s (for about {expected_bytes} bytes of data) and was stopped"
                          + "".join(f"; {what}: {tails[p.pid].text(400)}" for what, p in
                                    (("psql", restorer), ("pg_dump", dumper)) if p is not None and tails[p.pid].text()))
     # A restore that failed says why first: pg_dump may only have been stopped because of it.
     if restorer is not None and restorer.returncode != 0 and dumper.returncode in (0, -signal.SIGKILL):
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise AgentError(f"restore into the dedicated database failed: {tails[restorer.pid].text()}")
     if dumper.returncode != 0:
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise AgentError(f"pg_dump of {tenant.schema} failed: {tails[dumper.pid].text()}", retryable=True)
     os.replace(partial, path)
     ledger_rows = 0

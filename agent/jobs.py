@@ -99,7 +99,12 @@ async def tenant_create(ctx: JobContext) -> dict:
 
 
 async def tenant_drop(ctx: JobContext) -> dict:
-    return await _on_shared_cluster(ctx, lambda conn, t, db: tenants.drop_tenant(conn, t))
+    """Drops the tenant from the shared cluster, then its dump files from the spool."""
+    def drop(conn, tenant, db) -> dict:
+        result = tenants.drop_tenant(conn, tenant)
+        return {**result, "dumps_removed": dumps.remove_dumps(ctx.state_dir / "spool", tenant)}
+
+    return await _on_shared_cluster(ctx, drop)
 
 
 async def tenant_migrations(ctx: JobContext) -> dict:
@@ -237,6 +242,7 @@ async def tenant_dump(ctx: JobContext) -> dict:
 
     def run() -> dict:
         _, url = _tenant_login(ctx)
+        dumps.prune_dumps(ctx.state_dir / "spool", _db_settings(ctx).dump_retention_days * 86400)
         return dumps.dump(url, tenant, ctx.state_dir / "spool", name, ctx.params.get("target_url"),
                           int(ctx.params.get("target_major", 15)), int(ctx.params.get("expected_bytes", 0)),
                           int(ctx.params.get("table_count", 0)), ctx.progress)

@@ -2,7 +2,7 @@
 
     {"db":      {"shared_cluster_url": "postgresql://...", "authenticator_password": "...",
                  "runtime_connection_limit": 20, "runtime_statement_timeout": "15s",
-                 "push_statement_timeout": "60s"},
+                 "push_statement_timeout": "60s", "dump_retention_days": 7},
      "docker":  {"postgres_image": "postgres:15", "postgrest_image": "postgrest/postgrest:v12.2.3",
                  "publish_host": "127.0.0.1", "advertise_host": "127.0.0.1", "memory_limit": "512m",
                  "cpus": 1.0, "restart_policy": "unless-stopped"},
@@ -37,6 +37,8 @@ class DbSettings:
     runtime_connection_limit: int = 20
     runtime_statement_timeout: str = "15s"
     push_statement_timeout: str = "60s"
+    # Dump files a migrate writes are removed this many days after, and with their tenant.
+    dump_retention_days: float = 7
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,10 @@ def load(state: StateDir) -> dict:
         for key in ("runtime_statement_timeout", "push_statement_timeout"):
             if not _DURATION.match(getattr(db, key)):
                 raise AgentError(f"{SETTINGS_FILE}: db.{key} must look like 15s, 500ms or 2min")
+        retention = db.dump_retention_days
+        if isinstance(retention, bool) or not isinstance(retention, (int, float)) or retention < 0:
+            raise AgentError(f"{SETTINGS_FILE}: db.dump_retention_days must be a number of days, 0 or more "
+                             f"(got {retention!r})")
         settings["db"] = db
     if "gateway" in raw:
         settings["gateway"] = _check_gateway(_build(GatewaySettings, raw["gateway"], "gateway"))

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import pathlib
 import sys
 import subprocess
 import threading
@@ -242,6 +243,9 @@ def test_no_lock_writes_is_honoured_and_drop_source_after_removes_the_source(fle
     assert fleet.shared_sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
     assert fleet.shared_sql("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s",
                             (schema.replace("_api", "") + "%",)) == [(0,)]
+    # Its dump files went with it.
+    dumps = fleet.fleet.dir / "agents" / "dev-db" / "spool" / "dumps" / schema
+    assert dumps.parent.is_dir() and not dumps.exists()
 
 
 def _wait_phase(fleet, migration_id: str, phases: tuple[str, ...], timeout: float = 60) -> None:
@@ -510,7 +514,10 @@ def test_the_kept_pooled_copy_is_read_only_for_every_tenant_role_shown_and_dropp
     s = project["summary"]
     schema = _schema(fleet, project)
     short = schema.removeprefix("t_").removesuffix("_api")
-    assert fleet.migrate(project).status_code == 200
+    migrated = fleet.migrate(project)
+    assert migrated.status_code == 200, migrated.text
+    dump = pathlib.Path(migrated.json()["dump"]["path"])
+    assert dump.exists() and dump.parent.name == schema and (dump.parent.stat().st_mode & 0o077) == 0
     with psycopg.connect(fleet.fleet.cluster("shared").url("flux_shared")) as conn:
         for role in (f"t_{short}_role", f"t_{short}_ddl"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -532,6 +539,7 @@ def test_the_kept_pooled_copy_is_read_only_for_every_tenant_role_shown_and_dropp
     cleaned = run(script("flux"), "migrate", "cleanup", "-p", s["slug"], "--hash", s["hash"], "--yes", env=env)
     assert f"Dropped the pooled copy of {s['slug']}" in cleaned.stdout
     assert fleet.shared_sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
+    assert not dump.exists() and not dump.parent.exists()
     assert "pooledCopy" not in next(p for p in fleet.api("GET", "list").json() if p["hash"] == s["hash"])
     # The dedicated project serves on, untouched.
     assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 200
