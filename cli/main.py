@@ -334,6 +334,9 @@ def project_credentials(slug_arg, slug, hash_, as_json):
                           ("serviceRoleKey", "FLUX_SERVICE_ROLE_KEY")):
             if r.get(key):
                 click.echo(f"{name}={r[key]}")
+        if r.get("stagedStack"):
+            click.echo(f"# staged dedicated stack on {r['stagedStack']['dockerHost']}, not serving until cutover:")
+            click.echo(f"STAGED_DATABASE_URL={r['stagedStack']['postgresConnectionString']}")
 
     emit(result, as_json, render)
 
@@ -437,6 +440,20 @@ def migrate_resume(migration_id, as_json):
     --drop-source-after, the source drop. Nothing is rolled back after cutover.
     """
     _follow_migration(client(), f"migrations/{migration_id}/resume", {}, as_json)
+
+
+@migrate.command("discard")
+@project_options
+@click.option("--yes", is_flag=True, help="confirm: the staged stack's containers and data are deleted for good")
+@click.option("--json", "as_json", is_flag=True)
+def migrate_discard(slug, hash_, yes, as_json):
+    """Remove the dedicated stack a --staged migration filled; the pooled project serves on."""
+    slug, hash_ = resolve(slug, hash_)
+    if not yes:
+        raise click.UsageError("discard deletes the staged stack and its data for good: add --yes")
+    result = client().request("DELETE", f"projects/{hash_}/staged-stack", params={"slug": slug})
+    emit(result, as_json, lambda r: click.echo(f"Discarded the staged stack of {r['slug']} on {r['discarded']}."
+                                               + (f" Left alone: {r['untouched']}" if r.get("untouched") else "")))
 
 
 @migrate.command("cleanup")

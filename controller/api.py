@@ -421,6 +421,10 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
         except ValueError:
             raise BadRequest("invalid migration id") from None
 
+    @app.delete(f"{PREFIX}/projects/{{hash_}}/staged-stack")
+    async def discard_staged_stack(hash_: str, slug: str, user: User = Depends(current_user)):
+        return await projects.discard_staged_stack(await projects.get(user, hash_, slug))
+
     @app.delete(f"{PREFIX}/projects/{{hash_}}/pooled-copy")
     async def drop_pooled_copy(hash_: str, slug: str, user: User = Depends(current_user)):
         return await projects.drop_kept_copy(await projects.get(user, hash_, slug))

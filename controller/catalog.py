@@ -523,6 +523,13 @@ class Catalog:
         await self._one("UPDATE projects SET api_upstream = %s, api_port = %s, db_host = %s, db_port = %s"
                         " WHERE id = %s RETURNING 1", (api_upstream, api_port, db_host, db_port, project_id))
 
+    async def clear_stack(self, project_id: str) -> None:
+        """Forgets a pooled project's staged stack (placement, ports, its passwords)."""
+        await self._one("UPDATE projects SET docker_agent = NULL, postgres_password_sealed = NULL,"
+                        " authenticator_password_sealed = NULL, api_upstream = NULL, api_port = NULL,"
+                        " db_host = NULL, db_port = NULL WHERE id = %s AND mode = 'v2_shared' RETURNING 1",
+                        (project_id,))
+
     async def set_observed_status(self, project_id: str, status: str) -> None:
         await self._one("UPDATE projects SET observed_status = %s WHERE id = %s RETURNING 1", (status, project_id))
 

@@ -151,7 +151,11 @@ class Projects:
         base = {"mode": project.mode, "slug": project.slug, "hash": project.hash,
                 "projectJwtSecret": self.jwt_secret(project), "serviceUrl": service_url(project, self.base_domain)}
         if project.mode == POOLED:
-            return {**base, "note": POOLED_NOTE}
+            staged = {"stagedStack": {"dockerHost": project.docker_agent,
+                                      "postgresConnectionString": self.admin_url(project),
+                                      "note": "A staged migration's dedicated stack: not serving until cutover; "
+                                              "`flux migrate discard` removes it."}} if project.api_upstream else {}
+            return {**base, "note": POOLED_NOTE, **staged}
         return {**base,
                 "postgresConnectionString": self.admin_url(project),
                 "anonKey": self.api_key(project, "anon"),
@@ -381,6 +385,22 @@ class Projects:
                                           {**self.stack_params(project, True), "files": files, "dry_run": dry_run},
                                           timeout=PUSH_TIMEOUT_S)
         return {"ok": True, **output}
+
+    async def discard_staged_stack(self, project: Project) -> dict:
+        """Removes a pooled project's staged stack and its data; the pooled project serves on."""
+        await self.not_migrating(project)
+        if project.mode != POOLED or not project.docker_agent:
+            raise BadRequest(f"{project.slug} has no staged stack to discard")
+        untouched = None
+        try:
+            await self.fleet.run(project.docker_agent, "stack.remove", self.stack_params(project),
+                                 timeout=STACK_JOB_TIMEOUT_S)
+        except ForeignObjects as exc:
+            untouched = exc.message
+        await self.catalog.clear_stack(project.id)
+        await self.catalog.record_operation(project.id, "discard", "succeeded", "staged stack removed")
+        return {"ok": True, "slug": project.slug, "hash": project.hash, "discarded": project.docker_agent,
+                **({"untouched": untouched} if untouched else {})}
 
     async def drop_kept_copy(self, project: Project) -> dict:
         """Drops a migrated project's read-only pooled copy."""

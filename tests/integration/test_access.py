@@ -46,6 +46,7 @@ ROUTES = {
     ("GET", f"{P}/migrations/{{migration_id}}/events"): "any",
     ("GET", f"{P}/projects/{{hash_}}/migration"): "any",
     ("DELETE", f"{P}/projects/{{hash_}}/pooled-copy"): "any",
+    ("DELETE", f"{P}/projects/{{hash_}}/staged-stack"): "any",
     ("POST", f"{P}/push"): "any",
 }
 PARAMS = {"name": "no-such-agent", "job_id": "job-00000000", "hash_": "abcdef0", "token_id": "987654",

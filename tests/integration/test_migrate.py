@@ -545,3 +545,32 @@ def test_the_kept_pooled_copy_is_read_only_for_every_tenant_role_shown_and_dropp
     assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 200
     again = fleet.api("DELETE", f"projects/{s['hash']}/pooled-copy", params={"slug": s["slug"]})
     assert again.status_code == 400 and "no kept pooled copy" in again.json()["error"]
+
+
+def test_a_staged_stack_can_be_inspected_and_discarded(fleet):
+    project, secret = _tenant(fleet, "Staged Discard", rows=1)
+    s = project["summary"]
+    schema = _schema(fleet, project)
+    env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token}
+    assert fleet.migrate(project, staged=True).status_code == 200
+    creds = fleet.api("GET", f"projects/{s['hash']}/credentials").json()
+    assert creds["mode"] == "v2_shared"
+    import psycopg
+    with psycopg.connect(creds["stagedStack"]["postgresConnectionString"]) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {schema}.todos").fetchone() == (2,)
+    shown = run(script("flux"), "project", "credentials", "-p", s["slug"], "--hash", s["hash"], env=env).stdout
+    assert "STAGED_DATABASE_URL=postgresql://" in shown
+
+    refused = run(script("flux"), "migrate", "discard", "-p", s["slug"], "--hash", s["hash"], check=False, env=env)
+    assert refused.returncode == 2 and "--yes" in refused.stderr and len(_containers(project)) == 2
+    discarded = run(script("flux"), "migrate", "discard", "-p", s["slug"], "--hash", s["hash"], "--yes", env=env)
+    assert "Discarded the staged stack" in discarded.stdout
+    assert _containers(project) == []
+    assert "stagedStack" not in fleet.api("GET", f"projects/{s['hash']}/credentials").json()
+    # The pooled project serves on, and a later migrate starts from nothing and succeeds.
+    assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 200
+    again = fleet.api("DELETE", f"projects/{s['hash']}/staged-stack", params={"slug": s["slug"]})
+    assert again.status_code == 400 and "no staged stack" in again.json()["error"]
+    migrated = fleet.migrate(project)
+    assert migrated.status_code == 200, migrated.text
+    assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "2"
