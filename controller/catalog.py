@@ -198,6 +198,7 @@ class MigrationRow:
     new_jwt_secret_sealed: str | None
     started_at: datetime.datetime
     finished_at: datetime.datetime | None = None
+    created_stack: bool = False
 
 
 def _migration(row: dict) -> MigrationRow:
@@ -567,6 +568,9 @@ class Catalog:
 
     async def set_kept_copy(self, project_id: str, size: int | None) -> None:
         await self._one("UPDATE projects SET kept_copy_bytes = %s WHERE id = %s RETURNING 1", (size, project_id))
+
+    async def mark_created_stack(self, migration_id: str) -> None:
+        await self._one("UPDATE migrations SET created_stack = true WHERE id = %s RETURNING 1", (migration_id,))
 
     async def resume_migration(self, migration_id: str) -> bool:
         """A failed_after_cutover migration runs again; False when it is not in that state."""

@@ -383,6 +383,9 @@ class Migrations:
                       if row.new_jwt_secret_sealed else None)
 
         async def provision():
+            if not project.docker_agent:
+                # No staged stack: this run makes one, and a rollback removes it again.
+                await self.catalog.mark_created_stack(row.id)
             docker_agent = await self._target_agent(project)
             await self.catalog.prepare_dedicated(
                 project.id, docker_agent,
@@ -505,8 +508,15 @@ class Migrations:
                 await self.projects.set_maintenance(current, False)
             except FluxError as exc:
                 problems.append(f"gateway maintenance: {exc.message}")
-        if row.new_jwt_secret_sealed and current.docker_agent and current.mode == POOLED:
-            # A rotating run may have given the stack the new secret: the old one stays in force everywhere.
+        row = await self.catalog.migration(row.id) or row
+        if row.created_stack and current.docker_agent and current.mode == POOLED:
+            # The stack this run made goes with it: nothing is left running for a migration that did not happen.
+            try:
+                await self.projects.discard_staged_stack(current, during_migration=True)
+            except FluxError as exc:
+                problems.append(f"stack removal: {exc.message}")
+        elif row.new_jwt_secret_sealed and current.docker_agent and current.mode == POOLED:
+            # A rotating run may have given a staged stack the new secret: the old one stays in force everywhere.
             try:
                 await self.fleet.run(current.docker_agent, "stack.provision",
                                      self.projects.stack_params(current, with_secrets=True),

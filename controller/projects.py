@@ -386,9 +386,10 @@ class Projects:
                                           timeout=PUSH_TIMEOUT_S)
         return {"ok": True, **output}
 
-    async def discard_staged_stack(self, project: Project) -> dict:
+    async def discard_staged_stack(self, project: Project, during_migration: bool = False) -> dict:
         """Removes a pooled project's staged stack and its data; the pooled project serves on."""
-        await self.not_migrating(project)
+        if not during_migration:
+            await self.not_migrating(project)
         if project.mode != POOLED or not project.docker_agent:
             raise BadRequest(f"{project.slug} has no staged stack to discard")
         untouched = None

@@ -574,3 +574,18 @@ def test_a_staged_stack_can_be_inspected_and_discarded(fleet):
     migrated = fleet.migrate(project)
     assert migrated.status_code == 200, migrated.text
     assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "2"
+
+
+def test_a_failed_migrate_removes_the_stack_it_made(fleet):
+    import psycopg
+
+    project, secret = _tenant(fleet, "Failed Leaves Nothing", rows=1)
+    schema = _schema(fleet, project)
+    with psycopg.connect(fleet.fleet.cluster("shared").url("flux_shared")) as blocker:
+        blocker.execute(f"LOCK TABLE {schema}.todos IN ROW EXCLUSIVE MODE")  # as an open INSERT does
+        failed = fleet.migrate(project)
+    assert failed.status_code == 400 and failed.json()["state"] == "rolled_back", failed.text
+    assert failed.json()["phase"] == "lock" and "rollback incomplete" not in failed.json()["error"]
+    assert _containers(project) == []
+    assert "stagedStack" not in fleet.api("GET", f"projects/{project['summary']['hash']}/credentials").json()
+    assert fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "x"}).status_code == 201
