@@ -115,6 +115,19 @@ def check(options: Options, project: Project, running: MigrationRow | None) -> N
                          "wait for it to finish")
 
 
+def preflight_refusals(preflight: dict, db_agent: str, db_host: str) -> list[str]:
+    """What in a preflight stops a migration, one clear sentence each: the dry run lists them and a
+    run refuses with them, from this one place."""
+    refusals = []
+    if not preflight["tools"].get("pg_dump"):
+        refusals.append(f"pg_dump not found on db agent {db_agent} (host {db_host}): migrate runs pg_dump there, "
+                        "against the shared cluster; install the PostgreSQL client binaries on that host")
+    refusal = large_object_refusal(preflight)
+    if refusal:
+        refusals.append(refusal)
+    return refusals
+
+
 def large_object_refusal(preflight: dict) -> str | None:
     """Large objects live outside every schema, so the schema dump would silently leave them behind."""
     found = preflight.get("large_objects") or {}
@@ -187,11 +200,8 @@ class Migrations:
         preflight = await self.fleet.run(project.db_agent, "tenant.preflight", self.projects.tenant_params(project),
                                          timeout=120)
         db_agent = await self.catalog.get_agent(project.db_agent)
-        errors, warnings = [], []
-        if not preflight["tools"].get("pg_dump"):
-            errors.append(f"pg_dump not found on db agent {project.db_agent} (host "
-                          f"{db_agent.facts.get('hostname', '?')}): migrate runs pg_dump there, against the shared "
-                          "cluster; install the PostgreSQL client binaries on that host")
+        errors = preflight_refusals(preflight, project.db_agent, db_agent.facts.get("hostname", "?"))
+        warnings = []
         try:
             docker_name = await self._target_agent(project)
             docker_agent = await self.catalog.get_agent(docker_name)
@@ -199,9 +209,6 @@ class Migrations:
         except FluxError as exc:
             docker_name, docker_agent, image = None, None, {}
             errors.append(f"no docker host for the dedicated stack: {exc.message}")
-        refusal = large_object_refusal(preflight)
-        if refusal:
-            errors.append(refusal)
         size = preflight["total_bytes"]
         if size * 2 > preflight["spool_free_bytes"]:
             errors.append(f"db agent {project.db_agent} has {preflight['spool_free_bytes']} bytes free for the "
@@ -359,14 +366,11 @@ class Migrations:
         tenant = self.projects.tenant_params(project)
         preflight = await self._step(row, "preflight", lambda: self.fleet.run(
             project.db_agent, "tenant.preflight", tenant, timeout=120))
-        if not preflight["tools"].get("pg_dump"):
-            await self._fail(row, "preflight", "pg_dump missing")
-            raise MigrationFailed("preflight", f"pg_dump not found on db agent {project.db_agent}: install the "
-                                  "PostgreSQL client binaries on that host, then retry")
-        refusal = large_object_refusal(preflight)
-        if refusal:
-            await self._fail(row, "preflight", refusal)
-            raise MigrationFailed("preflight", refusal)
+        db_agent = await self.catalog.get_agent(project.db_agent)
+        refusals = preflight_refusals(preflight, project.db_agent, db_agent.facts.get("hostname", "?"))
+        if refusals:
+            await self._fail(row, "preflight", "; ".join(refusals))
+            raise MigrationFailed("preflight", "; ".join(refusals))
         dump_params = {**tenant, "name": f"{project.slug}-{project.hash}-{row.id[:8]}",
                        "expected_bytes": preflight["total_bytes"], "table_count": len(preflight["tables"])}
 
