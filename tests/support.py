@@ -59,6 +59,10 @@ def run(*command: str, check: bool = True, env: dict | None = None, timeout: flo
     return proc
 
 
+class PortTaken(Exception):
+    pass
+
+
 class Controller:
     """`flux-controller` as a separate process, on fixed ports so it can be restarted."""
 
@@ -72,6 +76,7 @@ class Controller:
         self.ca_fingerprint = self.init_result["ca_fingerprint"]
         self.ports = {"http": free_port(), "grpc": free_port(), "enroll": free_port()}
         self.proc: subprocess.Popen | None = None
+        self.started_once = False
         self.log = state_dir / "controller.log"
 
     @property
@@ -79,6 +84,20 @@ class Controller:
         return f"http://127.0.0.1:{self.ports['http']}/api"
 
     def start(self, env: dict | None = None, heartbeat_seconds: int = 2) -> "Controller":
+        # A free port can be taken by another process's outgoing connection before the controller
+        # binds it: a first start picks new ones and tries again; a restart keeps its ports.
+        tries = 1 if self.started_once else 3
+        while True:
+            tries -= 1
+            try:
+                return self._start(env, heartbeat_seconds)
+            except PortTaken:
+                if tries == 0:
+                    raise AssertionError(f"the controller's ports {self.ports} were taken: "
+                                         f"{self.log.read_text()[-500:]}") from None
+                self.ports = {"http": free_port(), "grpc": free_port(), "enroll": free_port()}
+
+    def _start(self, env: dict | None, heartbeat_seconds: int) -> "Controller":
         offset = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controller.main", "run", "--state-dir", str(self.state_dir),
@@ -90,7 +109,11 @@ class Controller:
         wait_until(lambda: self.proc.poll() is not None
                    or READY.search(self.log.read_bytes()[offset:].decode(errors="replace")),
                    30, "controller ready line")
+        if self.proc.poll() is not None and "address already in use" in self.log.read_bytes()[offset:].decode(
+                errors="replace"):
+            raise PortTaken()
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        self.started_once = True
         return self
 
     def stop(self, sig=signal.SIGTERM) -> int:
