@@ -448,10 +448,7 @@ def migrate_resume(migration_id, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def migrate_discard(slug, hash_, yes, as_json):
     """Remove the dedicated stack a --staged migration filled; the pooled project serves on."""
-    slug, hash_ = resolve(slug, hash_)
-    if not yes:
-        raise click.UsageError("discard deletes the staged stack and its data for good: add --yes")
-    result = client().request("DELETE", f"projects/{hash_}/staged-stack", params={"slug": slug})
+    result = _delete_for_good(slug, hash_, yes, "staged-stack", "discard deletes the staged stack and its data")
     emit(result, as_json, lambda r: click.echo(f"Discarded the staged stack of {r['slug']} on {r['discarded']}."
                                                + (f" Left alone: {r['untouched']}" if r.get("untouched") else "")))
 
@@ -462,12 +459,17 @@ def migrate_discard(slug, hash_, yes, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def migrate_cleanup(slug, hash_, yes, as_json):
     """Drop the read-only pooled copy a migrated project kept after cutover."""
-    slug, hash_ = resolve(slug, hash_)
-    if not yes:
-        raise click.UsageError("cleanup deletes the pooled copy for good: add --yes")
-    result = client().request("DELETE", f"projects/{hash_}/pooled-copy", params={"slug": slug})
+    result = _delete_for_good(slug, hash_, yes, "pooled-copy", "cleanup deletes the pooled copy")
     emit(result, as_json, lambda r: click.echo(f"Dropped the pooled copy of {r['slug']} ({r['dropped']}, "
                                                f"{size(r['bytes'] or 0)})."))
+
+
+def _delete_for_good(slug, hash_, yes, part: str, what: str) -> dict:
+    """DELETE of a part of a project (`projects/HASH/PART`), only with --yes."""
+    slug, hash_ = resolve(slug, hash_)
+    if not yes:
+        raise click.UsageError(f"{what} for good: add --yes")
+    return client().request("DELETE", f"projects/{hash_}/{part}", params={"slug": slug})
 
 
 @migrate.command("status")

@@ -36,10 +36,6 @@ MAX_PUSH_BYTES = 4 * 1024 * 1024
 MAX_JOB_REQUEST_BYTES = 32 * 1024 * 1024
 
 
-class PayloadTooLarge(FluxError):
-    status = 413
-
-
 class JoinTokenRequest(BaseModel):
     roles: list[str] = Field(description="roles the enrolling agent may take: db, docker, gateway")
     ttl_seconds: int = Field(3600, ge=60, le=MAX_JOIN_TOKEN_TTL)
@@ -127,20 +123,14 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-async def read_limited_json(request: Request, limit: int) -> dict:
-    """The request's JSON object, refusing bodies over `limit` bytes before reading them whole."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is over {limit // (1024 * 1024)} MiB")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body is over {limit // (1024 * 1024)} MiB")
+async def read_json(request: Request) -> dict:
+    """The request's JSON object (ApiGuard has already held its body to the route's limit)."""
     try:
-        value = json.loads(body or b"{}")
+        value = json.loads(await request.body() or b"{}")
     except ValueError:
         raise BadRequest("request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply to be a request") from None
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object")
     return value
@@ -375,7 +365,7 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
 
     @app.post(f"{PREFIX}/migrate")
     async def migrate(request: Request, user: User = Depends(current_user)):
-        body = await read_limited_json(request, 64 * 1024)
+        body = await read_json(request)
         for key in ("dryRun", "dumpOnly", "staged", "yes", "newJwtSecret", "lockWrites", "noLockWrites",
                     "dropSourceAfter", "preserveJwtSecret", "skipBackupCheck"):
             if key in body:
@@ -475,7 +465,7 @@ def create_app(catalog: Catalog, fleet: Fleet, projects: Projects, migrations: M
 
     @app.post(f"{PREFIX}/push")
     async def push(request: Request, user: User = Depends(current_user)):
-        body = await read_limited_json(request, MAX_PUSH_BYTES)
+        body = await read_json(request)
         dry_run = flag(body, "dryRun")
         slug, hash_ = body.get("slug"), body.get("hash")
         if not isinstance(slug, str) or not isinstance(hash_, str):

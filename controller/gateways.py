@@ -164,8 +164,8 @@ class Gateways:
     def _mark_unhealthy(self, name: str, reason: str) -> None:
         if name not in self._unhealthy:
             log.warning("gateway %s marked unhealthy; it stops serving when its lease runs out: %s", name, reason)
+        # What it last acknowledged stays known: a change that only adds to it need not wait for it.
         self._unhealthy[name] = reason
-        self._acked.pop(name, None)
 
     def _on_hello(self, name: str) -> None:
         # A new connection: whatever the gateway held may be stale, so it gets the whole table.

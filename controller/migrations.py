@@ -275,11 +275,16 @@ class Migrations:
     async def wait_status(self, migration_id: str, owner_id: int | None) -> dict:
         """The migration as it stands, without waiting; only its project's owner (or an admin, with
         `owner_id` None) sees it."""
+        row, _ = await self._visible(migration_id, owner_id)
+        return self._result(row)
+
+    async def _visible(self, migration_id: str, owner_id: int | None) -> tuple[MigrationRow, Project]:
+        """The migration and its project, when `owner_id` owns it (None: an admin, who sees all)."""
         row = await self.catalog.migration(str(uuid.UUID(migration_id)))
         project = await self.catalog.project(row.project_id) if row else None
-        if row is None or (owner_id is not None and (project is None or project.owner_id != owner_id)):
+        if row is None or project is None or (owner_id is not None and project.owner_id != owner_id):
             raise NotFound(f"no migration {migration_id}")
-        return self._result(row)
+        return row, project
 
     def _result(self, row: MigrationRow) -> dict:
         shared = {"migrationId": row.id, "state": row.state, "kind": row.kind, "steps": step_states(row),
@@ -300,10 +305,7 @@ class Migrations:
 
     async def resume(self, migration_id: str, owner_id: int | None) -> MigrationRow:
         """Finishes a migration that failed after cutover (the steps left, forward only)."""
-        row = await self.catalog.migration(str(uuid.UUID(migration_id)))
-        project = await self.catalog.project(row.project_id) if row else None
-        if row is None or (owner_id is not None and (project is None or project.owner_id != owner_id)):
-            raise NotFound(f"no migration {migration_id}")
+        row, project = await self._visible(migration_id, owner_id)
         if row.state != "failed_after_cutover" or not await self.catalog.resume_migration(row.id):
             raise BadRequest(f"migration {row.id} is {row.state}: only a migration that failed after cutover "
                              "can be resumed")
@@ -312,8 +314,15 @@ class Migrations:
         return row
 
     async def _finish_after_flip(self, row: MigrationRow) -> dict:
+        """The steps after cutover, from where a stopped controller or a failure left them."""
         project = await self.catalog.project(row.project_id)
-        await self.gateways.sync()
+        try:
+            await self.gateways.sync()
+        except FluxError as exc:
+            steps = plan(Options(**row.options))
+            left = ["route switch", *steps[steps.index("flip") + 1:]]
+            message = await self._failed_after_cutover(row, "flipped", f"route switch: {exc.message}", left)
+            raise MigrationFailed("flipped", message, state="failed_after_cutover") from None
         return await self._after_flip(row, {"serviceUrl": service_url(project, self.gateways.base_domain),
                                             "resumed": True})
 

@@ -180,3 +180,13 @@ def test_the_fleet_page_is_for_admins(controller):
         fleet = browser.get("/fleet")
         assert fleet.status_code == 403 and "needs an admin" in fleet.text
         assert 'href="/fleet"' not in browser.get("/projects").text
+
+
+def test_deeply_nested_or_malformed_json_is_a_bad_request(controller):
+    deep = "[" * 30000 + "]" * 30000
+    for path in ("migrate", "push", "create"):
+        response = controller.api("POST", path, content=deep, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, (path, response.text)
+        assert "error" in response.json()
+    broken = controller.api("POST", "push", content=b'{"slug": "\xff', headers={"Content-Type": "application/json"})
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]

@@ -71,6 +71,10 @@ class ExtraGateway(AgentProc):
                                 extensions={"sni_hostname": host}, **kwargs)
 
 
+def _controller_log(fleet) -> str:
+    return (fleet.fleet.dir / "logs" / "controller.log").read_text(errors="replace")
+
+
 def _tenant(fleet, name):
     project = fleet.create(name)
     assert fleet.push(project, {"001_todos.sql": TODOS}).status_code == 200
@@ -92,8 +96,9 @@ def test_a_stopped_gateway_does_not_block_create_and_is_shown_unhealthy(fleet):
         # The fleet's own gateway took the change and serves the new project.
         token = app_token(project["projectJwtSecret"])
         assert fleet.gateway("GET", fleet.host(project), "/", token).status_code != 404
-        # And the next change does not wait on the dead one at all.
+        # And the next change does not wait on the dead one at all: adding projects alters nothing it served.
         assert fleet.api("POST", "create", {"name": "After The Dead Gateway"}).status_code == 201
+        assert "for the lease of gw-stopped" not in _controller_log(fleet)
         listed = run(script("flux"), "agents", "list",
                      env={"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token,
                           "FLUX_CONFIG_DIR": str(fleet.fleet.dir / "cli")})
@@ -120,6 +125,8 @@ def test_a_gateway_cut_off_from_the_controller_stops_serving_when_its_lease_runs
         on = fleet.api("POST", f"projects/{project['summary']['hash']}/maintenance", {"enabled": True})
         assert on.status_code == 200, on.text
         assert "gw-cut" not in on.json()["gateways"]
+        # It altered a route gw-cut served, so it waited for gw-cut's lease.
+        assert "for the lease of gw-cut" in _controller_log(fleet)
         # From then on gw-cut serves nothing, writes least of all; the fleet's gateway enforces maintenance.
         refused = gateway.request("POST", host, "/todos", token, json={"title": "must not land"})
         assert refused.status_code == 503 and "lease" in refused.json()["error"]

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+import httpx
 import pytest
 
 from tests.support import LocalFleet, app_token, run, script, wait_until
@@ -257,8 +258,6 @@ def _wait_phase(fleet, migration_id: str, phases: tuple[str, ...], timeout: floa
 
 def _start_streaming(fleet, project, **flags) -> tuple[str, threading.Thread, dict]:
     """Starts a migration and returns its id while it runs."""
-    import httpx
-
     body = {"slug": project["summary"]["slug"], "hash": project["summary"]["hash"], "to": "v1_dedicated",
             "yes": True, **flags}
     box: dict = {}
@@ -305,8 +304,11 @@ def test_controller_killed_during_restore_rolls_back(fleet):
                "the migration to settle")
     status = fleet.api("GET", f"migrations/{migration_id}").json()
     assert status["ok"] is False and "controller stopped" in status["error"]
+    assert status["state"] == "rolled_back" and "rollback incomplete" not in status["error"]
     detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
     assert detail["mode"] == "v2_shared" and detail["maintenance"] is False
+    # The stack this run made went with the rollback, though the controller died mid-run.
+    assert _containers(project) == []
     # The pooled copy serves, writes included, and a re-run succeeds.
     write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "after crash"})
     assert write.status_code == 201
@@ -589,3 +591,36 @@ def test_a_failed_migrate_removes_the_stack_it_made(fleet):
     assert _containers(project) == []
     assert "stagedStack" not in fleet.api("GET", f"projects/{project['summary']['hash']}/credentials").json()
     assert fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "x"}).status_code == 201
+
+
+def test_a_controller_killed_while_finishing_after_cutover_finishes_forward_when_back(fleet):
+    import psycopg
+
+    project, secret = _tenant(fleet, "Killed After Cutover", rows=1)
+    schema = _schema(fleet, project)
+    with psycopg.connect(fleet.fleet.cluster("shared").url("flux_shared")) as reader:
+        reader.execute(f"SELECT count(*) FROM {schema}.todos")  # holds a lock the source drop needs
+        failed = fleet.migrate(project, dropSourceAfter=True)
+        assert failed.json()["state"] == "failed_after_cutover", failed.text
+        migration_id = failed.json()["migrationId"]
+        # Resume runs the drop, which waits on the lock; the controller dies meanwhile.
+        def resume_until_killed():
+            try:
+                fleet.api("POST", f"migrations/{migration_id}/resume")
+            except httpx.HTTPError:
+                pass  # the controller dies under it
+
+        resume = threading.Thread(target=resume_until_killed)
+        resume.start()
+        wait_until(lambda: fleet.api("GET", f"migrations/{migration_id}").json().get("running") is True
+                   and fleet.api("GET", f"migrations/{migration_id}").json().get("phase") == "drop_source",
+                   30, "the resumed migration to be dropping the source")
+        fleet.kill_process("controller")
+        resume.join(30)
+        reader.rollback()
+    fleet.restart()
+    wait_until(lambda: fleet.api("GET", f"migrations/{migration_id}").json().get("state") == "succeeded", 60,
+               "the restarted controller to finish the migration forward")
+    assert _mode(fleet, project) == "v1_dedicated"
+    assert fleet.shared_sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
+    assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 200

@@ -20,7 +20,7 @@ def engine():
         client = docker.from_env(timeout=60)
         client.ping()
     except docker.errors.DockerException as exc:
-        pytest.skip(f"no Docker engine: {exc}")
+        pytest.fail(f"these tests need a Docker engine (.ci/run starts one): {exc}")
     yield client
     client.close()
 
@@ -29,7 +29,7 @@ def engine():
 def image(engine) -> str:
     found = [tag for i in engine.images.list("flux-local/postgres") for tag in i.tags]
     if not found:
-        pytest.skip("the local postgres image is not built (python packaging/images/build.py)")
+        pytest.fail("the local postgres image is not built: run python packaging/images/build.py")
     return found[0]
 
 

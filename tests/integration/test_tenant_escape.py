@@ -53,15 +53,18 @@ ESCAPES = {
                              "COPY (SELECT 1) TO PROGRAM 'touch {marker}';",
     "function_set_role": "CREATE FUNCTION public.up() RETURNS void LANGUAGE sql SET role = 'flux'\n"
                          "  AS $f$ COPY (SELECT 1) TO PROGRAM 'touch {marker}' $f$;\nSELECT public.up();",
-    "security_definer": "CREATE FUNCTION public.up() RETURNS void LANGUAGE plpgsql SECURITY DEFINER AS $f$\n"
-                        "BEGIN EXECUTE 'RESET ROLE'; EXECUTE $c$COPY (SELECT 1) TO PROGRAM 'touch {marker}'$c$;"
-                        " END $f$;\nSELECT public.up();",
-    "event_trigger": "CREATE FUNCTION public.evt() RETURNS event_trigger LANGUAGE plpgsql AS $f$\n"
+    "function_set_config": "CREATE FUNCTION public.up() RETURNS void LANGUAGE plpgsql AS $f$\n"
+                           "BEGIN PERFORM set_config('role', 'none', true);"
+                           " EXECUTE $c$COPY (SELECT 1) TO PROGRAM 'touch {marker}'$c$; END $f$;\nSELECT public.up();",
+    "event_trigger": "DO $$ BEGIN EXECUTE 'RESET ROLE'; END $$;\n"
+                     "CREATE FUNCTION public.evt() RETURNS event_trigger LANGUAGE plpgsql AS $f$\n"
                      "BEGIN EXECUTE $c$COPY (SELECT 1) TO PROGRAM 'touch {marker}'$c$; END $f$;\n"
-                     "CREATE EVENT TRIGGER evt ON ddl_command_end EXECUTE FUNCTION public.evt();",
-    "default_privileges": "ALTER DEFAULT PRIVILEGES FOR ROLE flux GRANT ALL ON TABLES TO PUBLIC;\n"
-                          "COPY (SELECT 1) TO PROGRAM 'touch {marker}';",
-    "server_file": "CREATE TABLE public.f (x text);\nCOPY public.f FROM '/etc/passwd';\n"
+                     "CREATE EVENT TRIGGER evt ON ddl_command_end EXECUTE FUNCTION public.evt();\n"
+                     "CREATE TABLE public.fires (x int);",
+    "default_privileges": "DO $$ BEGIN EXECUTE 'RESET ROLE';"
+                          " EXECUTE 'ALTER DEFAULT PRIVILEGES FOR ROLE flux GRANT ALL ON TABLES TO PUBLIC'; END $$;",
+    "server_file": "DO $$ BEGIN EXECUTE 'RESET ROLE'; END $$;\n"
+                   "CREATE TABLE public.f AS SELECT pg_read_file('/etc/hostname') AS x;\n"
                    "COPY (SELECT 1) TO '{marker}';",
 }
 
@@ -80,6 +83,7 @@ def test_pushed_sql_cannot_leave_the_tenant(fleet, attack):
                             " WHERE n.nspname = %s", (schema,)) == [(0,)]
     assert fleet.shared_sql("SELECT rolname FROM pg_roles WHERE rolsuper ORDER BY 1") == [("flux",)]
     assert fleet.shared_sql("SELECT count(*) FROM pg_event_trigger") == [(0,)]
+    assert fleet.shared_sql("SELECT count(*) FROM pg_default_acl WHERE defaclrole = 'flux'::regrole") == [(0,)]
 
 
 def test_push_session_is_the_tenant_and_reaches_nothing_else(fleet, victim):
