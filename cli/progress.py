@@ -15,6 +15,11 @@ def size(n: int) -> str:
 def render_dry_run(r: dict) -> None:
     plan, pre = r["plan"], r["preflight"]
     click.echo(f"Plan ({plan['kind']}): {' → '.join(plan['steps'])}")
+    for number, step in enumerate(plan.get("detail") or [], 1):
+        where = " (cutover)" if step["cutover"] else " (after cutover: forward only)" if step["afterCutover"] else ""
+        click.echo(f"  {number:>2}. {step['name']}{where}: {step['guarantee']}")
+        if step["undo"]:
+            click.echo(f"      on failure: {step['undo']}")
     click.echo(f"  target: {plan['target']} on docker host {plan['docker_host'] or '?'}, "
                f"Postgres {pre.get('target_postgres_major') or '?'}; Service URL stays {plan['service_url']}")
     click.echo(f"Preflight of {pre['schema']} (db host {pre['db_host']}):")
@@ -36,7 +41,7 @@ def render_dry_run(r: dict) -> None:
         click.secho(f"  error: {error}", fg="red")
 
 
-STEP_MARKS = {"done": "done", "current": "running", "failed": "FAILED", "left": "-"}
+STEP_MARKS = {"done": "done", "current": "running", "failed": "FAILED", "undone": "undone", "left": "-"}
 
 
 def render_migration_status(r: dict) -> None:

@@ -22,7 +22,7 @@ from .errors import BadRequest, FluxError, NotFound, Unauthorized
 from .dashboard import mount as mount_dashboard
 from .fleet import Fleet, check_agent_name, check_roles
 from .gateways import service_url
-from .migrations import Migrations, Options
+from .migrate import Migrations, Options
 from .projects import POOLED_NOTE, Projects, check_hash, kept_copy, list_item
 from .tokens import new_api_token, new_join_token, token_hash
 

@@ -201,6 +201,17 @@ class MigrationRow:
     created_stack: bool = False
 
 
+@dataclass
+class StepRow:
+    """One step of a migration as last recorded."""
+
+    step: str
+    position: int
+    state: str
+    output: dict | None
+    error: str | None
+
+
 def _migration(row: dict) -> MigrationRow:
     return MigrationRow(**{k: (str(v) if k in ("id", "project_id") else v) for k, v in row.items()
                            if k in MigrationRow.__dataclass_fields__})
@@ -608,9 +619,31 @@ class Catalog:
             await conn.execute("UPDATE migrations SET phase = 'flipped', updated_at = now() WHERE id = %s",
                                (migration_id,))
 
-    async def unflip(self, project_id: str, jwt_secret_sealed: str) -> None:
-        await self._one("UPDATE projects SET mode = 'v2_shared', jwt_secret_sealed = %s WHERE id = %s RETURNING 1",
-                        (jwt_secret_sealed, project_id))
+    async def unflip(self, project_id: str, migration_id: str, jwt_secret_sealed: str) -> None:
+        """Undoes a flip whose route switch failed: the migration is before cutover again."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("UPDATE projects SET mode = 'v2_shared', jwt_secret_sealed = %s WHERE id = %s",
+                               (jwt_secret_sealed, project_id))
+            await conn.execute("UPDATE migrations SET phase = 'flip', updated_at = now() WHERE id = %s",
+                               (migration_id,))
+
+    async def step_started(self, migration_id: str, step: str, position: int) -> None:
+        await self._one(
+            "INSERT INTO migration_steps (migration_id, step, position, state) VALUES (%s, %s, %s, 'running')"
+            " ON CONFLICT (migration_id, step) DO UPDATE SET state = 'running', error = NULL,"
+            " started_at = now(), finished_at = NULL RETURNING 1", (migration_id, step, position))
+
+    async def step_finished(self, migration_id: str, step: str, state: str, output: dict | None = None,
+                            error: str | None = None) -> None:
+        await self._one(
+            "UPDATE migration_steps SET state = %s, output = coalesce(%s, output), error = %s, finished_at = now()"
+            " WHERE migration_id = %s AND step = %s RETURNING 1",
+            (state, json.dumps(output) if output is not None else None, error, migration_id, step))
+
+    async def migration_steps(self, migration_id: str) -> list[StepRow]:
+        rows = await self._all("SELECT step, position, state, output, error FROM migration_steps"
+                               " WHERE migration_id = %s ORDER BY position", (migration_id,))
+        return [StepRow(**r) for r in rows]
 
     # dashboard sessions
 

@@ -24,7 +24,7 @@ from .catalog import Catalog, Project, User
 from .errors import FluxError, Forbidden
 from .fleet import Fleet
 from .gateways import service_url
-from .migrations import Migrations, Options
+from .migrate import Migrations, Options
 from .projects import DEDICATED, Projects
 from .tokens import is_well_formed_api_token, token_hash
 

@@ -20,7 +20,7 @@ from .doorway import Doorway
 from .fleet import EnrollmentService, Fleet, FleetService
 from .gateways import LEASE_S, Gateways
 from .pki import SERVER_NAME, CertificateAuthority
-from .migrations import Migrations
+from .migrate import Migrations
 from .projects import Projects
 from .secretbox import SecretBox
 from .systemd import notify

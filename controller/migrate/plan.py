@@ -1,0 +1,386 @@
+"""A migration's plan: its steps in order, each with an action, an undo (before cutover) and the
+guarantee it leaves behind. The dry run renders this plan; the runner executes the same one.
+
+Steps act through a `Run`, which holds the migration, its options, the outputs of the steps done
+so far and the services they call (catalog, agent jobs, projects, gateways). Every action and
+undo is idempotent: a restarted controller may run either again.
+"""
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from ..catalog import Catalog, MigrationRow, Project
+from ..errors import BadRequest, FluxError
+from ..gateways import Gateways, service_url
+from ..projects import DEDICATED, POOLED, STACK_JOB_TIMEOUT_S, Projects
+
+log = logging.getLogger(__name__)
+
+MESSAGES = {
+    "full": "Migration complete. Project is now v1_dedicated.",
+    "staged": "Staged migration complete (catalog mode unchanged; target DB populated).",
+    "dump_only": "Dump complete (catalog mode unchanged; no containers were touched).",
+}
+ASSUMED_BYTES_PER_S = 40 * 1024 * 1024
+# Phases a full migration records once the catalog says v1_dedicated: from there it only goes forward.
+AFTER_CUTOVER = ("flipped", "unlock", "drop_source", "done")
+
+
+def data_timeout(total_bytes: int) -> float:
+    """How long a step that moves or reads the tenant's data may take. The db agent stops a dump
+    and restore past its own, shorter limit (300 s + 1 s per MiB), so its error is what the step
+    reports."""
+    return 600 + max(total_bytes, 0) / (512 * 1024)
+
+
+def cut_over(row: MigrationRow) -> bool:
+    """Whether the catalog flip of this migration has committed."""
+    return row.kind == "full" and row.phase in AFTER_CUTOVER
+
+
+@dataclass(frozen=True)
+class Options:
+    to: str = DEDICATED
+    dry_run: bool = False
+    dump_only: bool = False
+    staged: bool = False
+    yes: bool = False
+    new_jwt_secret: bool = False
+    lock_writes: bool = True
+    drop_source_after: bool = False
+
+    @classmethod
+    def from_request(cls, body: dict) -> "Options":
+        """The contract's keys; `lockWrites: false` and `noLockWrites: true` both mean don't lock."""
+        lock = bool(body.get("lockWrites", True)) and not bool(body.get("noLockWrites", False))
+        return cls(to=str(body.get("to") or DEDICATED), dry_run=bool(body.get("dryRun")),
+                   dump_only=bool(body.get("dumpOnly")), staged=bool(body.get("staged")), yes=bool(body.get("yes")),
+                   new_jwt_secret=bool(body.get("newJwtSecret")), lock_writes=lock,
+                   drop_source_after=bool(body.get("dropSourceAfter")))
+
+    @property
+    def kind(self) -> str:
+        return "dump_only" if self.dump_only else "staged" if self.staged else "full"
+
+
+def check(options: Options, project: Project, running: MigrationRow | None) -> None:
+    """Every refusal, before anything changes."""
+    if options.to != DEDICATED:
+        raise BadRequest(f"cannot migrate to {options.to!r}: the only target is v1_dedicated")
+    if project.mode != POOLED:
+        raise BadRequest(f"{project.slug} is {project.mode}; flux migrate moves v2_shared projects only")
+    if options.staged and options.new_jwt_secret:
+        raise BadRequest("--staged cannot be combined with --new-jwt-secret: the catalog secret would no "
+                         "longer match the new stack")
+    if options.staged and options.drop_source_after:
+        raise BadRequest("--drop-source-after needs a full migrate; --staged keeps the pooled copy authoritative")
+    if options.dump_only and (options.staged or options.new_jwt_secret or options.drop_source_after):
+        raise BadRequest("--dump-only only dumps; it cannot be combined with --staged, --new-jwt-secret "
+                         "or --drop-source-after")
+    if not options.dry_run and not options.yes:
+        raise BadRequest("migrate changes the project; pass --yes to go ahead (or --dry-run to see the plan)")
+    if running is not None and not options.dry_run:
+        raise BadRequest(f"{project.slug} is already migrating (migration {running.id}, phase {running.phase}); "
+                         "wait for it to finish")
+
+
+def preflight_refusals(preflight: dict, db_agent: str, db_host: str) -> list[str]:
+    """What in a preflight stops a migration, one clear sentence each: the dry run lists them and a
+    run refuses with them, from this one place."""
+    refusals = []
+    if not preflight["tools"].get("pg_dump"):
+        refusals.append(f"pg_dump not found on db agent {db_agent} (host {db_host}): migrate runs pg_dump there, "
+                        "against the shared cluster; install the PostgreSQL client binaries on that host")
+    refusal = large_object_refusal(preflight)
+    if refusal:
+        refusals.append(refusal)
+    return refusals
+
+
+def large_object_refusal(preflight: dict) -> str | None:
+    """Large objects live outside every schema, so the schema dump would silently leave them behind."""
+    found = preflight.get("large_objects") or {}
+    count = int(found.get("count") or 0)
+    if not count:
+        return None
+    owners = " or ".join(found.get("owners") or ["the tenant"])
+    return (f"{count} large object{'s' if count != 1 else ''} owned by {owners} cannot be migrated: the dump of "
+            "the tenant schema does not carry large objects, so they would be lost. Move their contents into "
+            "bytea columns (or export them) and remove them with lo_unlink(), then migrate again")
+
+
+class Refused(FluxError):
+    """A preflight found something the migration cannot carry; nothing has changed."""
+
+    status = 400
+
+
+# the run
+
+
+@dataclass
+class Run:
+    """One execution of a migration's plan: what its steps read and call."""
+
+    row: MigrationRow
+    options: Options
+    catalog: Catalog
+    jobs: object  # the agent-jobs interface: run(agent, kind, params, timeout, on_progress), connected(agent)
+    projects: Projects
+    gateways: Gateways
+    progress: Callable[[dict], None] = lambda event: None
+    outputs: dict[str, dict] = field(default_factory=dict)
+
+    async def project(self) -> Project:
+        return await self.catalog.project(self.row.project_id)
+
+    async def migration(self) -> MigrationRow:
+        return await self.catalog.migration(self.row.id)
+
+    def tenant(self, project: Project) -> dict:
+        return self.projects.tenant_params(project)
+
+    def new_secret(self, project: Project) -> str | None:
+        sealed = self.row.new_jwt_secret_sealed
+        return self.projects.box.open(sealed, f"project:{project.id}").decode() if sealed else None
+
+    def stack(self, project: Project) -> dict:
+        """The stack's parameters with its secrets; a rotating run's stack carries the new JWT secret."""
+        params = self.projects.stack_params(project, with_secrets=True)
+        secret = self.new_secret(project)
+        if secret and project.mode == POOLED:
+            params["jwt_secret"] = secret
+        return params
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    guarantee: str
+    action: Callable[[Run], Awaitable[dict | None]]
+    undo: Callable[[Run], Awaitable[None]] | None = None
+    undo_text: str | None = None
+    # The step whose commit is the cutover: its own failure restores what it changed; once it has
+    # committed, the steps after it only go forward.
+    cutover: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str
+    steps: tuple[Step, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+    def after_cutover(self, name: str) -> bool:
+        """Whether `name` comes after the cutover step (forward only)."""
+        cut = next((i for i, s in enumerate(self.steps) if s.cutover), None)
+        return cut is not None and self.names.index(name) > cut
+
+    def render(self) -> list[dict]:
+        return [{"name": s.name, "guarantee": s.guarantee, "undo": s.undo_text if s.undo else None,
+                 "cutover": s.cutover, "afterCutover": self.after_cutover(s.name)} for s in self.steps]
+
+
+# actions and undos
+
+
+async def preflight(run: Run) -> dict:
+    project = await run.project()
+    found = await run.jobs.run(project.db_agent, "tenant.preflight", run.tenant(project), timeout=120)
+    db_agent = await run.catalog.get_agent(project.db_agent)
+    refusals = preflight_refusals(found, project.db_agent, db_agent.facts.get("hostname", "?"))
+    if refusals:
+        raise Refused("; ".join(refusals))
+    return {"total_bytes": found["total_bytes"], "table_count": len(found["tables"])}
+
+
+async def target_agent(run_jobs, projects: Projects, project: Project) -> str:
+    """The docker host of the dedicated stack: the staged one's, or the least loaded."""
+    if project.docker_agent and run_jobs.connected(project.docker_agent):
+        return project.docker_agent
+    return await projects.place("docker", "docker_agent")
+
+
+async def provision(run: Run) -> dict:
+    project = await run.project()
+    if not project.docker_agent:
+        # No staged stack: this run makes one, and a rollback removes it again.
+        await run.catalog.mark_created_stack(run.row.id)
+    docker_agent = await target_agent(run.jobs, run.projects, project)
+    await run.catalog.prepare_dedicated(
+        project.id, docker_agent,
+        run.projects.seal(project.id, secrets.token_urlsafe(24), "postgres"),
+        run.projects.seal(project.id, secrets.token_urlsafe(24), "authenticator"))
+    placed = await run.project()
+    out = await run.jobs.run(docker_agent, "stack.provision", run.stack(placed), timeout=STACK_JOB_TIMEOUT_S,
+                             on_progress=run.progress)
+    await run.catalog.set_stack(project.id, out["api_upstream"], out["api_port"], out["db_host"], out["db_port"])
+    image = await run.jobs.run(docker_agent, "stack.image_info", {}, timeout=60)
+    return {"docker_host": docker_agent, "postgres_major": image["postgres_major"]}
+
+
+async def unprovision(run: Run) -> None:
+    """The stack this run made is removed; a staged stack it rotated gets the old secret back."""
+    row, project = await run.migration(), await run.project()
+    if project.mode != POOLED or not project.docker_agent:
+        return
+    if row.created_stack:
+        await run.projects.discard_staged_stack(project, during_migration=True)
+    elif row.new_jwt_secret_sealed:
+        await run.jobs.run(project.docker_agent, "stack.provision",
+                           run.projects.stack_params(project, with_secrets=True), timeout=STACK_JOB_TIMEOUT_S)
+
+
+async def lock(run: Run) -> None:
+    project = await run.project()
+    await run.projects.set_maintenance(project, True)
+    await run.jobs.run(project.db_agent, "tenant.lock", run.tenant(project), timeout=60)
+
+
+async def release(run: Run) -> None:
+    """Releases the database guard and lifts maintenance: the pooled copy takes writes again."""
+    project = await run.project()
+    problems = []
+    try:
+        await run.jobs.run(project.db_agent, "tenant.unlock", {**run.tenant(project), "revoke_writes": False},
+                           timeout=60)
+    except FluxError as exc:
+        problems.append(f"db guard: {exc.message}")
+    current = await run.project()
+    if current.maintenance:
+        try:
+            await run.projects.set_maintenance(current, False)
+        except FluxError as exc:
+            problems.append(f"gateway maintenance: {exc.message}")
+    if problems:
+        raise FluxError("; ".join(problems))
+
+
+async def dump(run: Run) -> dict:
+    project = await run.project()
+    before = run.outputs["preflight"]
+    params = {**run.tenant(project), "name": f"{project.slug}-{project.hash}-{run.row.id[:8]}",
+              "expected_bytes": before["total_bytes"], "table_count": before["table_count"]}
+    if run.row.kind != "dump_only":
+        params.update(target_url=run.projects.admin_url(project),
+                      target_major=run.outputs["provision"]["postgres_major"],
+                      require_guard=run.options.lock_writes)
+    out = await run.jobs.run(project.db_agent, "tenant.dump", params, timeout=data_timeout(before["total_bytes"]),
+                             on_progress=run.progress)
+    return {"host": project.db_agent, "path": out["path"], "bytes": out["bytes"], "sha256": out["sha256"],
+            "seconds": out.get("seconds")}
+
+
+async def bootstrap(run: Run) -> None:
+    project = await run.project()
+    await run.jobs.run(project.docker_agent, "stack.bootstrap", run.stack(project), timeout=STACK_JOB_TIMEOUT_S)
+
+
+async def verify(run: Run) -> dict:
+    project = await run.project()
+    return await run.jobs.run(project.db_agent, "tenant.verify",
+                              {**run.tenant(project), "target_url": run.projects.admin_url(project)},
+                              timeout=data_timeout(run.outputs["preflight"]["total_bytes"]))
+
+
+async def probe(run: Run) -> None:
+    project = await run.project()
+    await run.jobs.run(project.docker_agent, "stack.probe", run.stack(project), timeout=STACK_JOB_TIMEOUT_S)
+
+
+async def flip(run: Run) -> None:
+    """The cutover: the catalog says v1_dedicated, then every gateway routes to the stack. When no
+    gateway takes the new routes, the catalog flip is undone and the migration is before cutover
+    again; once the flip has committed in an earlier attempt, only the route switch is retried."""
+    project, row = await run.project(), await run.migration()
+    committed = row.phase == "flipped"
+    if not committed:
+        await run.catalog.flip(project.id, row.id, row.new_jwt_secret_sealed)
+    try:
+        await run.gateways.sync()
+    except FluxError as exc:
+        if committed:
+            raise FluxError(f"route switch: {exc.message}") from None
+        await run.catalog.unflip(project.id, row.id, project.jwt_secret_sealed)
+        raise FluxError(f"route switch failed, cutover undone: {exc.message}") from None
+
+
+async def unlock_after_cutover(run: Run) -> None:
+    """Writes resume on the dedicated stack; the pooled copy turns read-only for every tenant role,
+    in the guard's own transaction when the guard is held."""
+    project = await run.project()
+    if project.maintenance:
+        await run.projects.set_maintenance(project, False)
+    out = await run.jobs.run(project.db_agent, "tenant.unlock", {**run.tenant(project), "revoke_writes": True},
+                             timeout=60)
+    await run.catalog.set_kept_copy(project.id, out.get("bytes", 0))
+
+
+async def drop_source(run: Run) -> None:
+    project = await run.project()
+    await run.jobs.run(project.db_agent, "tenant.drop", run.tenant(project), timeout=120)
+    await run.catalog.set_kept_copy(project.id, None)
+
+
+PREFLIGHT = Step("preflight", "the tenant can be carried: pg_dump is on the db host and nothing would be left "
+                 "behind", preflight)
+PROVISION = Step("provision", "the dedicated stack runs on its docker host with the secret the project will "
+                 "use", provision, unprovision, "remove the stack this run made (a staged stack gets its old "
+                 "secret back)")
+LOCK = Step("lock", "writes are paused at every serving gateway and held by a guard on the pooled copy", lock,
+            release, "release the guard and lift maintenance")
+BOOTSTRAP = Step("bootstrap", "the stack's roles and grants match the pooled project's", bootstrap)
+VERIFY = Step("verify", "every table's rows match the pooled copy", verify)
+PROBE = Step("probe", "the dedicated API answers with the project's secret", probe)
+FLIP = Step("flip", "the catalog says v1_dedicated and every serving gateway routes to the stack (writes still "
+            "paused)", flip, cutover=True)
+UNLOCK_AFTER = Step("unlock", "writes resume on the dedicated stack; the pooled copy refuses writes from every "
+                    "tenant role", unlock_after_cutover)
+DROP_SOURCE = Step("drop_source", "the pooled copy is gone", drop_source)
+
+
+def build(options: Options) -> Plan:
+    """The plan of a migration with these options."""
+    if options.kind == "dump_only":
+        return Plan("dump_only", (PREFLIGHT, Step("dump", "a dump of the tenant schema is in the db agent's "
+                                                         "spool", dump)))
+    steps = [PREFLIGHT, PROVISION, *([LOCK] if options.lock_writes else []),
+             Step("dump", "the stack holds the tenant's schema and rows as of the lock" if options.lock_writes
+                  else "the stack holds the tenant's schema and rows as of the dump", dump),
+             BOOTSTRAP, VERIFY, PROBE]
+    if options.kind == "staged":
+        if options.lock_writes:
+            steps.append(Step("unlock", "the pooled project takes writes again; the stack is kept, staged", release))
+        return Plan("staged", tuple(steps))
+    steps += [FLIP, UNLOCK_AFTER] + ([DROP_SOURCE] if options.drop_source_after else [])
+    return Plan("full", tuple(steps))
+
+
+def plan(options: Options) -> list[str]:
+    """The names of the steps, in order."""
+    return build(options).names
+
+
+def summary(run: Run, project: Project, base_domain: str) -> dict:
+    """What a finished migration reports, from the outputs its steps recorded."""
+    if run.row.kind == "dump_only":
+        dumped = run.outputs.get("dump") or {}
+        return {"message": MESSAGES["dump_only"], "dump": {k: dumped.get(k) for k in ("host", "path", "bytes",
+                                                                                       "sha256")}}
+    result = {"message": MESSAGES[run.row.kind], "dockerHost": project.docker_agent,
+              "serviceUrl": service_url(project, base_domain)}
+    if "dump" in run.outputs:
+        result["dump"] = run.outputs["dump"]
+    if "verify" in run.outputs:
+        result["verified"] = run.outputs["verify"]
+    if run.options.drop_source_after and run.row.kind == "full":
+        result["sourceDropped"] = True
+    return result

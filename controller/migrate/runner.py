@@ -1,0 +1,345 @@
+"""`flux migrate`: a pooled project moved to its own dedicated stack, with nothing lost.
+
+The runner executes a migration's plan (plan.py) durably: the catalog records each step as
+it starts and ends, with its output. Before the cutover (the catalog flip) a failure undoes
+the steps that ran, in reverse: write lock released, the pooled copy serving and untouched,
+nothing left running (`rolled_back`). After it, the steps only go forward; a failure there
+ends `failed_after_cutover`, with what is left and the command that finishes it. A controller
+that restarts does the same for every migration it finds running: undo before cutover,
+finish after it. There are never two writable copies.
+"""
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import asdict
+
+from ..catalog import Catalog, MigrationRow, Project, StepRow
+from ..errors import BadRequest, FluxError, NotFound
+from ..fleet import Fleet
+from ..gateways import Gateways, service_url
+from ..projects import DEDICATED, JWT_SECRET_BYTES, Projects
+from . import plan as plans
+from .plan import (ASSUMED_BYTES_PER_S, Options, Run, check, cut_over, preflight_refusals,
+                   target_agent)
+
+log = logging.getLogger(__name__)
+
+
+def step_states(row: MigrationRow, recorded: list[StepRow]) -> list[dict]:
+    """Each planned step of a migration as done, current, failed, undone or left."""
+    steps = plans.plan(Options(**row.options))
+    if not recorded:
+        return _states_from_phase(row, steps)
+    by_name = {r.step: r for r in recorded}
+    shown = {"done": "done", "failed": "failed", "undone": "undone", "undo_failed": "failed"}
+    states = []
+    for name in steps:
+        found = by_name.get(name)
+        if found is None:
+            status = "left"
+        elif found.state == "running":
+            status = "current" if row.state == "running" else "failed"
+        else:
+            status = shown[found.state]
+        states.append({"name": name, "status": status, **({"error": found.error} if found and found.error else {})})
+    return states
+
+
+def _states_from_phase(row: MigrationRow, steps: list[str]) -> list[dict]:
+    """Steps of a migration recorded before steps had rows of their own: known by its phase only."""
+    phase = "flip" if row.phase == "flipped" else row.phase
+    if row.state == "succeeded" or phase == "done":
+        return [{"name": name, "status": "done"} for name in steps]
+    at = steps.index(phase) if phase in steps else 0
+    if row.phase == "flipped":
+        at += 1  # the flip itself committed; what follows has not started
+    here = "current" if row.state == "running" else "failed"
+    return [{"name": name, "status": "done" if i < at else here if i == at else "left"}
+            for i, name in enumerate(steps)]
+
+
+class MigrationFailed(FluxError):
+    status = 400
+
+    def __init__(self, phase: str, message: str, state: str = "rolled_back"):
+        super().__init__(message)
+        self.phase = phase
+        self.state = state
+
+
+class Migrations:
+    def __init__(self, catalog: Catalog, fleet: Fleet, projects: Projects, gateways: Gateways):
+        self.catalog = catalog
+        self.fleet = fleet
+        self.projects = projects
+        self.gateways = gateways
+        self._listeners: dict[str, list[asyncio.Queue]] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._project_of: dict[str, str] = {}
+        # Hear every migration's events with the project they concern (the dashboard's live cards).
+        self.watchers: list = []
+
+    # events
+
+    def subscribe(self, migration_id: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._listeners.setdefault(migration_id, []).append(queue)
+        return queue
+
+    def unsubscribe(self, migration_id: str, queue: asyncio.Queue) -> None:
+        listeners = self._listeners.get(migration_id, [])
+        if queue in listeners:
+            listeners.remove(queue)
+
+    def _emit(self, migration_id: str, event: dict) -> None:
+        for queue in self._listeners.get(migration_id, []):
+            queue.put_nowait(event)
+        project_id = self._project_of.get(migration_id)
+        for watcher in list(self.watchers):
+            watcher(project_id, event)
+
+    # plan and preflight
+
+    async def dry_run(self, project: Project, options: Options) -> dict:
+        check(options, project, await self.catalog.running_migration(project.id))
+        preflight = await self.fleet.run(project.db_agent, "tenant.preflight", self.projects.tenant_params(project),
+                                         timeout=120)
+        db_agent = await self.catalog.get_agent(project.db_agent)
+        errors = preflight_refusals(preflight, project.db_agent, db_agent.facts.get("hostname", "?"))
+        warnings = []
+        try:
+            docker_name = await target_agent(self.fleet, self.projects, project)
+            docker_agent = await self.catalog.get_agent(docker_name)
+            image = await self.fleet.run(docker_name, "stack.image_info", {}, timeout=60)
+        except FluxError as exc:
+            docker_name, docker_agent, image = None, None, {}
+            errors.append(f"no docker host for the dedicated stack: {exc.message}")
+        size = preflight["total_bytes"]
+        if size * 2 > preflight["spool_free_bytes"]:
+            errors.append(f"db agent {project.db_agent} has {preflight['spool_free_bytes']} bytes free for the "
+                          f"dump; about {size * 2} are needed")
+        if not options.lock_writes:
+            warnings.append("--no-lock-writes: writes during the move are not held back; any that land on the "
+                            "pooled copy after the dump starts are lost at cutover")
+        if options.new_jwt_secret:
+            warnings.append("--new-jwt-secret: tokens signed with the current secret stop working at cutover; "
+                            "update every client that mints JWTs")
+        without_rls = [t["name"] for t in preflight["tables"] if not t["rls"]]
+        if without_rls:
+            warnings.append("tables without row-level security (" + ", ".join(without_rls) + "): after cutover "
+                            "the service-role key reads and writes them in full, as on any dedicated project")
+        warnings.append("the runtime role's connection limit and statement timeout on the shared cluster do not "
+                        "carry over; the dedicated stack's limits apply")
+        extensions = [e for e in preflight["extensions"] if e not in ("plpgsql",)]
+        if extensions:
+            warnings.append("extensions in use must exist in the dedicated image: " + ", ".join(extensions))
+        steps = plans.build(options)
+        estimate = 15 + size / ASSUMED_BYTES_PER_S
+        return {
+            "ok": not errors,
+            "dryRun": True,
+            "plan": {"kind": options.kind, "steps": steps.names, "detail": steps.render(), "target": DEDICATED,
+                     "docker_host": docker_name, "service_url": service_url(project, self.gateways.base_domain)},
+            "preflight": {
+                **{k: preflight[k] for k in ("schema", "tables", "views", "sequences", "extensions", "ledger",
+                                             "policy_roles", "roles", "total_bytes", "spool_free_bytes")},
+                "large_objects": preflight.get("large_objects"),
+                "db_host": project.db_agent,
+                "tools": {project.db_agent: preflight["tools"],
+                          **({docker_name: {"docker": docker_agent.facts.get("tools", {}).get("docker")}}
+                             if docker_agent else {})},
+                "target_postgres_major": image.get("postgres_major"),
+                "target_images": {k: image[k] for k in ("postgres_image", "postgrest_image") if k in image},
+                "estimated_seconds": round(estimate, 1),
+                "errors": errors,
+                "warnings": warnings,
+            },
+        }
+
+    # run
+
+    async def start(self, project: Project, options: Options) -> MigrationRow:
+        check(options, project, await self.catalog.running_migration(project.id))
+        sealed = None
+        if options.new_jwt_secret:
+            sealed = self.projects.box.seal(secrets.token_urlsafe(JWT_SECRET_BYTES).encode(), f"project:{project.id}")
+        row = await self.catalog.insert_migration(str(uuid.uuid4()), project.id, options.kind, asdict(options), sealed)
+        self._project_of[row.id] = project.id
+        self._tasks[row.id] = asyncio.create_task(self._drive(row))
+        return row
+
+    async def wait(self, migration_id: str) -> dict:
+        task = self._tasks.get(migration_id)
+        if task is not None:
+            return await asyncio.shield(task)
+        row = await self.catalog.migration(migration_id)
+        if row is None:
+            raise NotFound(f"no migration {migration_id}")
+        return await self._result(row)
+
+    async def wait_status(self, migration_id: str, owner_id: int | None) -> dict:
+        """The migration as it stands, without waiting; only its project's owner (or an admin, with
+        `owner_id` None) sees it."""
+        row, _ = await self._visible(migration_id, owner_id)
+        return await self._result(row)
+
+    async def _visible(self, migration_id: str, owner_id: int | None) -> tuple[MigrationRow, Project]:
+        """The migration and its project, when `owner_id` owns it (None: an admin, who sees all)."""
+        row = await self.catalog.migration(str(uuid.UUID(migration_id)))
+        project = await self.catalog.project(row.project_id) if row else None
+        if row is None or project is None or (owner_id is not None and project.owner_id != owner_id):
+            raise NotFound(f"no migration {migration_id}")
+        return row, project
+
+    async def _result(self, row: MigrationRow) -> dict:
+        recorded = await self.catalog.migration_steps(row.id)
+        shared = {"migrationId": row.id, "state": row.state, "kind": row.kind,
+                  "steps": step_states(row, recorded), "startedAt": row.started_at.isoformat(),
+                  "finishedAt": row.finished_at.isoformat() if row.finished_at else None}
+        if row.state == "succeeded":
+            return {"ok": True, **shared, **(row.result or {})}
+        if row.state == "running":
+            return {"ok": True, **shared, "running": True, "phase": row.phase}
+        return {"ok": False, **shared, "phase": row.phase, "error": row.error}
+
+    async def latest(self, project: Project) -> dict:
+        """The project's newest migration, as `wait_status` shows it."""
+        rows = await self.catalog.migrations_of(project.id, limit=1)
+        if not rows:
+            raise NotFound(f"{project.slug} ({project.hash}) has never been migrated")
+        return await self._result(rows[0])
+
+    async def resume(self, migration_id: str, owner_id: int | None) -> MigrationRow:
+        """Finishes a migration that failed after cutover (the steps left, forward only)."""
+        row, project = await self._visible(migration_id, owner_id)
+        if row.state != "failed_after_cutover" or not await self.catalog.resume_migration(row.id):
+            raise BadRequest(f"migration {row.id} is {row.state}: only a migration that failed after cutover "
+                             "can be resumed")
+        self._project_of[row.id] = project.id
+        self._tasks[row.id] = asyncio.create_task(self._drive(row))
+        return row
+
+    async def _drive(self, row: MigrationRow) -> dict:
+        """Runs the plan to one of its end states, records it and tells the listeners."""
+        try:
+            result = await self._execute(row)
+            await self.catalog.finish_migration(row.id, "succeeded", None, result)
+            final = {"ok": True, "migrationId": row.id, "state": "succeeded", **result}
+        except MigrationFailed as exc:
+            final = {"ok": False, "migrationId": row.id, "phase": exc.phase, "state": exc.state,
+                     "error": exc.message}
+        except Exception as exc:  # the migration must end in a recorded state, whatever happened
+            log.exception("migration %s failed unexpectedly", row.id)
+            current = await self.catalog.migration(row.id) or row
+            state, message = await self._settle_failure(current, current.phase, f"internal error: {exc}")
+            final = {"ok": False, "migrationId": row.id, "phase": current.phase, "state": state, "error": message}
+        finally:
+            self._tasks.pop(row.id, None)
+        self._emit(row.id, {"event": "result", **final})
+        self._project_of.pop(row.id, None)
+        return final
+
+    def _run_of(self, row: MigrationRow) -> Run:
+        def forward(progress: dict) -> None:
+            self._emit(row.id, {"event": "progress", **progress})
+
+        return Run(row, Options(**row.options), self.catalog, self.fleet, self.projects, self.gateways, forward)
+
+    async def _execute(self, row: MigrationRow) -> dict:
+        """Runs the plan's steps from the first one not done; a failure settles the migration
+        (rolled back, or failed after cutover) and raises MigrationFailed."""
+        run = self._run_of(row)
+        plan = plans.build(run.options)
+        resumed = cut_over(row)
+        recorded = {r.step: r for r in await self.catalog.migration_steps(row.id)}
+        for name, found in recorded.items():
+            if found.state == "done" and found.output is not None:
+                run.outputs[name] = found.output
+        for position, step in enumerate(plan.steps):
+            if recorded.get(step.name) and recorded[step.name].state == "done":
+                continue
+            current = await self.catalog.migration(row.id)
+            if not (step.cutover and current.phase == "flipped"):
+                await self.catalog.migration_phase(row.id, step.name)
+            await self.catalog.step_started(row.id, step.name, position)
+            self._emit(row.id, {"event": "phase", "phase": step.name, "at": time.time()})
+            log.info("migration %s: %s", row.id, step.name)
+            try:
+                output = await step.action(run) or {}
+            except FluxError as exc:
+                await self.catalog.step_finished(row.id, step.name, "failed", error=exc.message)
+                state, message = await self._settle_failure(row, step.name, exc.message)
+                raise MigrationFailed(step.name, message, state) from None
+            run.outputs[step.name] = output
+            await self.catalog.step_finished(row.id, step.name, "done", output=output)
+        await self.catalog.migration_phase(row.id, "done")
+        self._emit(row.id, {"event": "phase", "phase": "done", "at": time.time()})
+        result = plans.summary(run, await run.project(), self.gateways.base_domain)
+        return {**result, **({"resumed": True} if resumed else {})}
+
+    async def _settle_failure(self, row: MigrationRow, step: str, message: str) -> tuple[str, str]:
+        """Ends a migration whose step failed: forward-only after cutover, undone before it.
+        Returns the end state and its message."""
+        current = await self.catalog.migration(row.id) or row
+        plan = plans.build(Options(**current.options))
+        if cut_over(current):
+            at = plan.names.index(step) if step in plan.names else plan.names.index("flip")
+            text = (f"{step} failed after cutover: {message}. The project serves from its dedicated stack and the "
+                    f"pooled copy takes no writes; left to do: {', '.join(plan.names[at:])}. "
+                    f"Finish with: flux migrate resume {row.id}")
+            await self.catalog.finish_migration(row.id, "failed_after_cutover", text, None)
+            log.warning("migration %s: %s", row.id, text)
+            return "failed_after_cutover", text
+        note = await self._undo(current)
+        await self.catalog.finish_migration(row.id, "rolled_back", f"{step}: {message}{note}", None)
+        return "rolled_back", f"{step} failed: {message}{note}"
+
+    async def _undo(self, row: MigrationRow) -> str:
+        """Undoes, in reverse, every step that ran (or started); returns a note of what could not be undone."""
+        run = self._run_of(row)
+        plan = plans.build(run.options)
+        recorded = {r.step: r for r in await self.catalog.migration_steps(row.id)}
+        if recorded:
+            touched = {name for name, r in recorded.items() if r.state != "undone"}
+        else:
+            # Recorded before steps had rows: every step up to the phase may have run.
+            phase = "flip" if row.phase == "flipped" else row.phase
+            touched = set(plan.names[:plan.names.index(phase) + 1] if phase in plan.names else plan.names)
+        problems = []
+        for step in reversed(plan.steps):
+            if step.name not in touched or step.undo is None:
+                continue
+            try:
+                await step.undo(run)
+            except FluxError as exc:
+                problems.append(f"{step.name}: {exc.message}")
+                if step.name in recorded:
+                    await self.catalog.step_finished(row.id, step.name, "undo_failed", error=exc.message)
+                continue
+            if step.name in recorded:
+                await self.catalog.step_finished(row.id, step.name, "undone")
+        return f" (rollback incomplete: {'; '.join(problems)})" if problems else ""
+
+    async def recover(self) -> None:
+        """Settles migrations a stopped controller left running: finish after the flip, undo before."""
+        for row in await self.catalog.running_migrations():
+            project = await self.catalog.project(row.project_id)
+            if project is not None:
+                self._project_of[row.id] = project.id
+            try:
+                if cut_over(row):
+                    task = asyncio.create_task(self._drive(row))
+                    self._tasks[row.id] = task
+                    await task
+                else:
+                    note = await self._undo(row)
+                    await self.catalog.finish_migration(
+                        row.id, "rolled_back", f"{row.phase}: the controller stopped during this step; "
+                        f"rolled back{note}", None)
+                    self._project_of.pop(row.id, None)
+                log.info("settled migration %s left in phase %s", row.id, row.phase)
+            except FluxError as exc:
+                log.warning("cannot settle migration %s yet: %s", row.id, exc.message)
