@@ -19,7 +19,7 @@ import grpc
 from proto import fleet_pb2_grpc
 
 from . import wire
-from .catalog import Catalog, Job
+from .store import Catalog, Job
 from .errors import BadRequest, Conflict, FluxError, NotFound, TooLarge, Unauthorized, Unavailable
 from .pki import CertificateAuthority, PKIError, cert_serial
 from .secretbox import SecretBox

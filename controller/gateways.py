@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .catalog import Catalog, Project
+from .store import Catalog, Project
 from .errors import Conflict, FluxError, Unavailable
 from .fleet import Fleet
 from .secretbox import SecretBox

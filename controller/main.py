@@ -8,8 +8,8 @@ import re
 import sys
 from urllib.parse import urlsplit
 
-from . import __version__, catalog as catalog_mod
-from .catalog import Catalog
+from . import __version__, store as catalog_mod
+from .store import Catalog
 from .config import CONFIG_FILE, ConfigError, ControllerConfig, StateDir
 from .errors import FluxError
 from .gateways import LEASE_S

@@ -17,7 +17,7 @@ import uuid
 
 import jwt
 
-from .catalog import Catalog, HashTaken, Project, User
+from .store import Catalog, HashTaken, Project, User
 from .errors import BadRequest, Conflict, FluxError, NotFound, Unavailable
 from .fleet import Fleet, ForeignObjects
 from .gateways import Gateways, service_url

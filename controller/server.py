@@ -13,8 +13,8 @@ import uvicorn
 from proto import fleet_pb2_grpc
 
 from . import wire
-from .api import create_app
-from .catalog import Catalog
+from .http import create_app
+from .store import Catalog
 from .config import ConfigError, StateDir
 from .doorway import Doorway
 from .fleet import EnrollmentService, Fleet, FleetService

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ..catalog import Catalog, MigrationRow, Project
+from ..store import Catalog, MigrationRow, Project
 from ..errors import BadRequest, FluxError
 from ..gateways import Gateways, service_url
 from ..projects import DEDICATED, POOLED, STACK_JOB_TIMEOUT_S, Projects

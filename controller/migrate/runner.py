@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import asdict
 
-from ..catalog import Catalog, MigrationRow, Project, StepRow
+from ..store import Catalog, MigrationRow, Project, StepRow
 from ..errors import BadRequest, FluxError, NotFound
 from ..fleet import Fleet
 from ..gateways import Gateways, service_url

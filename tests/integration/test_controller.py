@@ -7,7 +7,7 @@ import sys
 import psycopg
 import pytest
 
-from controller.catalog import available_migrations
+from controller.store import available_migrations
 from tests.support import Controller, run
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import psycopg
 import pytest
 
-from controller import catalog as catalog_module
-from controller.catalog import Catalog
+from controller import store as catalog_module
+from controller.store import Catalog
 from controller.fleet import AgentFailed
 from controller.gateways import Gateways
 from controller.migrate import Migrations, Options

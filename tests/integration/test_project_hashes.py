@@ -8,8 +8,8 @@ import uuid
 import psycopg
 import pytest
 
-from controller import catalog as catalog_mod
-from controller.catalog import Catalog, HashTaken, available_migrations
+from controller import store as catalog_mod
+from controller.store import Catalog, HashTaken, available_migrations
 from controller.projects import Projects
 from controller.secretbox import SecretBox, new_master_key
 from controller.tokens import new_api_token, token_hash

@@ -14,7 +14,7 @@ from agent.config import StateDir
 from agent.errors import AgentError
 from agent.gateway import Gateway, RouteTable, _route
 from agent.settings import DEFAULT_MAX_TOKEN_LIFETIME_S, GatewaySettings
-from controller.catalog import Project
+from controller.store import Project
 from controller.gateways import Gateways
 from controller.projects import Projects
 from controller.secretbox import SecretBox, new_master_key

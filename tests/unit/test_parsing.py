@@ -10,7 +10,7 @@ from agent.main import parse_roles
 from cli.config import normalise_api_base
 from cli.errors import CliError
 from cli.main import parse_duration
-from controller.catalog import Migration, available_migrations, pending_migrations
+from controller.store import Migration, available_migrations, pending_migrations
 from controller.errors import BadRequest, FluxError
 from controller.fleet import check_agent_name, check_roles
 from controller.main import redact_url

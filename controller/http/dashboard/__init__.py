@@ -19,14 +19,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from .access import FailureLimiter, require_admin
-from .catalog import Catalog, Project, User
-from .errors import FluxError, Forbidden
-from .fleet import Fleet
-from .gateways import service_url
-from .migrate import Migrations, Options
-from .projects import DEDICATED, Projects
-from .tokens import is_well_formed_api_token, token_hash
+from ..access import FailureLimiter, require_admin
+from ...store import Catalog, Project, User
+from ...errors import FluxError, Forbidden
+from ...fleet import Fleet
+from ...gateways import service_url
+from ...migrate import Migrations, Options
+from ...projects import DEDICATED, Projects
+from ...tokens import is_well_formed_api_token, token_hash
 
 COOKIE = "flux_session"
 SESSION_TTL = datetime.timedelta(hours=12)

@@ -12,8 +12,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .errors import Forbidden
-from .tokens import is_well_formed_api_token, token_hash
+from ..errors import Forbidden
+from ..tokens import is_well_formed_api_token, token_hash
 
 ADMIN = "admin"
 OPERATOR = "operator"

@@ -1,0 +1,134 @@
+"""Projects: create, list, show, credentials, lifecycle, maintenance, push and what a migration leaves."""
+
+import hashlib
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from ..errors import BadRequest
+from ..gateways import service_url
+from ..projects import POOLED_NOTE, kept_copy, list_item
+from ..store import User
+from .common import PREFIX, Services, current_user, flag, read_json, services
+
+router = APIRouter(prefix=PREFIX)
+MAX_PUSH_BYTES = 4 * 1024 * 1024
+
+
+class CreateRequest(BaseModel):
+    name: str
+    mode: str = "v2_shared"
+    host: str | None = Field(None, description="docker agent to place a dedicated project on")
+    stripSupabaseRestPrefix: bool | None = None
+
+
+class MaintenanceRequest(BaseModel):
+    enabled: bool
+
+
+class LifecycleRequest(BaseModel):
+    action: str
+
+
+def push_files(body: dict) -> list[dict]:
+    """The files of a push: `files`, or one `sql` with its optional `migration` (existing clients)."""
+    if "files" in body:
+        files = body["files"]
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            raise BadRequest("files must be a list of {filename, sql, version?, checksum?}")
+        return [{k: f[k] for k in ("filename", "sql", "version", "checksum") if k in f} for f in files]
+    sql_text = body.get("sql")
+    if not isinstance(sql_text, str):
+        raise BadRequest("push needs sql (a string) or files")
+    migration = body.get("migration") or {}
+    if migration:
+        return [{"filename": str(migration.get("filename", "")), "version": str(migration.get("version", "")),
+                 "checksum": str(migration.get("checksum", "")), "sql": sql_text}]
+    digest = hashlib.sha256(sql_text.encode()).hexdigest()
+    return [{"filename": f"adhoc-{digest[:12]}.sql", "sql": sql_text}]
+
+
+@router.post("/create", status_code=201)
+async def create_project(body: CreateRequest, user: User = Depends(current_user), s: Services = Depends(services)):
+    project, secret = await s.projects.create(user, body.name, body.mode, body.host)
+    if project.mode == "v2_shared":
+        stored = {"postgresPassword": "n/a-v2-shared", "postgresContainerHost": "shared-cluster",
+                  "note": POOLED_NOTE}
+    else:
+        stored = {"postgresPassword": s.projects.postgres_password(project),
+                  "postgresContainerHost": f"{project.db_host}:{project.db_port}",
+                  "note": "Dedicated project: its own Postgres and PostgREST containers."}
+    return {
+        "summary": list_item(project, s.projects.base_domain),
+        "mode": project.mode,
+        "serviceUrl": service_url(project, s.projects.base_domain),
+        "projectJwtSecret": secret,
+        "secrets": {"pgrstJwtSecret": secret, **stored},
+    }
+
+@router.get("/list")
+async def list_projects(user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.listing(user)
+
+@router.get("/projects/{hash_}")
+async def show_project(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    project = await s.projects.get(user, hash_)
+    return {"slug": project.slug, "hash": project.hash, "mode": project.mode, "name": project.name,
+            "apiSchema": project.api_schema, "lifecycleState": project.lifecycle,
+            "maintenance": project.maintenance, "createdAt": project.created_at.isoformat(),
+            **({"pooledCopy": kept_copy(project)} if project.kept_copy_bytes is not None else {}),
+            "serviceUrl": service_url(project, s.projects.base_domain)}
+
+@router.get("/projects/{hash_}/credentials")
+async def project_credentials(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    return s.projects.credentials(await s.projects.get(user, hash_))
+
+@router.get("/projects/{hash_}/migrations")
+async def project_migrations(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.migrations(await s.projects.get(user, hash_))
+
+@router.get("/projects/{hash_}/backups")
+async def project_backups(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    await s.projects.get(user, hash_)
+    return {"backups": []}
+
+@router.post("/projects/{hash_}/lifecycle")
+async def project_lifecycle(hash_: str, body: LifecycleRequest, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.lifecycle(await s.projects.get(user, hash_), body.action)
+
+@router.post("/projects/{hash_}/probe")
+async def project_probe(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.probe(await s.projects.get(user, hash_))
+
+@router.post("/projects/{hash_}/repair")
+async def project_repair(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.repair(await s.projects.get(user, hash_))
+
+@router.delete("/projects/{hash_}")
+async def project_delete(hash_: str, slug: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.delete(await s.projects.get(user, hash_, slug))
+
+@router.post("/projects/{hash_}/maintenance")
+async def project_maintenance(hash_: str, body: MaintenanceRequest, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.set_maintenance(await s.projects.get(user, hash_), body.enabled)
+
+@router.delete("/projects/{hash_}/staged-stack")
+async def discard_staged_stack(hash_: str, slug: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.discard_staged_stack(await s.projects.get(user, hash_, slug))
+
+@router.delete("/projects/{hash_}/pooled-copy")
+async def drop_pooled_copy(hash_: str, slug: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.drop_kept_copy(await s.projects.get(user, hash_, slug))
+
+@router.post("/push")
+async def push(request: Request, user: User = Depends(current_user), s: Services = Depends(services)):
+    body = await read_json(request)
+    dry_run = flag(body, "dryRun")
+    slug, hash_ = body.get("slug"), body.get("hash")
+    if not isinstance(slug, str) or not isinstance(hash_, str):
+        raise BadRequest("push needs slug and hash")
+    project = await s.projects.get(user, hash_, slug)
+    result = await s.projects.push(project, push_files(body), dry_run)
+    result["skippedFiles"] = result.pop("skipped")
+    result["skipped"] = not result["applied"]
+    return result

@@ -1,0 +1,118 @@
+"""Agents, join tokens and enrollment."""
+
+import datetime
+import json
+from dataclasses import dataclass
+
+from ..errors import Conflict, NotFound
+from .base import Store
+
+
+@dataclass(frozen=True)
+class Agent:
+    name: str
+    roles: list[str]
+    cert_serial: str
+    cert_expires_at: datetime.datetime
+    revoked_at: datetime.datetime | None
+    last_seen: datetime.datetime | None
+    facts: dict
+
+def _agent(row: dict) -> Agent:
+    return Agent(
+        name=row["name"], roles=list(row["roles"]), cert_serial=row["cert_serial"],
+        cert_expires_at=row["cert_expires_at"], revoked_at=row["revoked_at"],
+        last_seen=row["last_seen"], facts=row["facts"] or {},
+    )
+
+
+class AgentStore(Store):
+    async def create_join_token(
+        self, token_hash: str, roles: list[str], expires_at: datetime.datetime, user_id: int
+    ) -> None:
+        await self._one(
+            "INSERT INTO join_tokens (token_hash, roles, expires_at, created_by)"
+            " VALUES (%s, %s, %s, %s) RETURNING 1",
+            (token_hash, roles, expires_at, user_id),
+        )
+
+    async def enroll(
+        self, token_hash: str, name: str, roles: list[str], register
+    ) -> Agent:
+        """Consumes a join token and records the agent, in one transaction.
+
+        `register()` signs the certificate and returns (serial, not_after); it runs
+        only once the token and the name have been checked.
+        """
+        async with self._pool.connection() as conn, conn.transaction():
+            token = await (await conn.execute(
+                "SELECT roles, expires_at, used_at, expires_at < now() AS expired"
+                " FROM join_tokens WHERE token_hash = %s FOR UPDATE",
+                (token_hash,),
+            )).fetchone()
+            if token is None:
+                raise NotFound("join token is not known to this controller")
+            if token["used_at"] is not None:
+                raise Conflict("join token was already used")
+            if token["expired"]:
+                raise Conflict("join token has expired")
+            extra = sorted(set(roles) - set(token["roles"]))
+            if extra:
+                raise Conflict(
+                    f"join token does not grant role(s) {', '.join(extra)}"
+                    f" (it grants {', '.join(token['roles'])})"
+                )
+            existing = await (await conn.execute(
+                "SELECT revoked_at FROM agents WHERE name = %s FOR UPDATE", (name,)
+            )).fetchone()
+            if existing is not None and existing["revoked_at"] is None:
+                raise Conflict(f"an agent named {name} is already enrolled; revoke it first")
+            serial, not_after = register()
+            row = await (await conn.execute(
+                "INSERT INTO agents (name, roles, cert_serial, cert_expires_at)"
+                " VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET roles = EXCLUDED.roles,"
+                "  cert_serial = EXCLUDED.cert_serial, cert_expires_at = EXCLUDED.cert_expires_at,"
+                "  enrolled_at = now(), revoked_at = NULL, facts = '{}'"
+                " RETURNING *",
+                (name, sorted(set(roles)), str(serial), not_after),
+            )).fetchone()
+            await conn.execute(
+                "UPDATE join_tokens SET used_at = now(), used_by = %s WHERE token_hash = %s",
+                (name, token_hash),
+            )
+        return _agent(row)
+
+    async def get_agent(self, name: str) -> Agent | None:
+        row = await self._one("SELECT * FROM agents WHERE name = %s", (name,))
+        return _agent(row) if row else None
+
+    async def list_agents(self) -> list[Agent]:
+        return [_agent(r) for r in await self._all("SELECT * FROM agents ORDER BY name")]
+
+    async def renew_agent(self, name: str, old_serial: str, new_serial: str,
+                          not_after: datetime.datetime) -> bool:
+        """Swaps an agent's certificate; False if the presented one is no longer its current one."""
+        row = await self._one(
+            "UPDATE agents SET cert_serial = %s, cert_expires_at = %s"
+            " WHERE name = %s AND cert_serial = %s AND revoked_at IS NULL RETURNING 1",
+            (new_serial, not_after, name, old_serial))
+        return row is not None
+
+    async def revoke_agent(self, name: str) -> bool:
+        row = await self._one(
+            "UPDATE agents SET revoked_at = coalesce(revoked_at, now()) WHERE name = %s RETURNING 1",
+            (name,),
+        )
+        return row is not None
+
+    async def agent_seen(self, name: str, facts: dict | None) -> None:
+        if facts is None:
+            await self._one(
+                "UPDATE agents SET last_seen = now() WHERE name = %s RETURNING 1", (name,)
+            )
+        else:
+            await self._one(
+                "UPDATE agents SET last_seen = now(), facts = %s WHERE name = %s RETURNING 1",
+                (json.dumps(facts), name),
+            )
