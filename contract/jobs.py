@@ -1,0 +1,73 @@
+"""Every job kind: its parameters, its result, and whether it is safe to send again.
+
+A kind is safe to send again (`idempotent`) when a new job with the same parameters, sent
+after one that failed, can only finish what the first started: the controller re-sends
+those after a failure the agent marks retryable, and no other.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import diagnostics, gateways, stacks, tenants
+from .messages import ContractError, Params, Result
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    params: type[Params]
+    result: type[Result]
+    idempotent: bool
+
+    def parse_params(self, raw: Any) -> Params:
+        return self.params.from_wire(raw)
+
+    def parse_result(self, raw: Any) -> Result:
+        return self.result.from_wire(raw)
+
+
+def _kind(params: type[Params], result: type[Result], idempotent: bool) -> JobKind:
+    if not params.KIND or params.KIND != result.KIND:
+        raise TypeError(f"{params.__name__} and {result.__name__} name different kinds")
+    return JobKind(params.KIND, params, result, idempotent)
+
+
+_ALL = [
+    _kind(diagnostics.FactsCollectParams, diagnostics.Facts, True),
+    _kind(diagnostics.DiagWaitParams, diagnostics.DiagWaited, True),
+    _kind(tenants.TenantCreateParams, tenants.TenantCreated, True),
+    _kind(tenants.TenantDropParams, tenants.TenantDropped, True),
+    _kind(tenants.TenantMigrationsParams, tenants.TenantLedger, True),
+    # One transaction against the ledger: files applied by a first attempt are skipped by the next.
+    _kind(tenants.TenantPushParams, tenants.TenantPushed, True),
+    # Parts build on each other and on the table the gateway holds: controller/gateways.py
+    # decides what to send next (the whole table after a conflict).
+    _kind(gateways.GatewaySyncParams, gateways.GatewaySynced, False),
+    _kind(stacks.StackProvisionParams, stacks.StackProvisioned, True),
+    _kind(stacks.StackObserveParams, stacks.StackObserved, True),
+    _kind(stacks.StackStartParams, stacks.StackStarted, True),
+    _kind(stacks.StackStopParams, stacks.StackStopped, True),
+    _kind(stacks.StackRemoveParams, stacks.StackRemoved, True),
+    _kind(stacks.StackProbeParams, stacks.StackProbed, True),
+    _kind(stacks.StackBootstrapParams, stacks.StackBootstrapped, True),
+    _kind(stacks.StackImageInfoParams, stacks.StackImage, True),
+    _kind(stacks.StackPushParams, stacks.StackPushed, True),
+    _kind(stacks.StackMigrationsParams, stacks.StackLedger, True),
+    _kind(tenants.TenantPreflightParams, tenants.Preflight, True),
+    # Taking a guard already held changes nothing.
+    _kind(tenants.TenantLockParams, tenants.TenantLocked, True),
+    _kind(tenants.TenantUnlockParams, tenants.TenantUnlocked, True),
+    # The target is emptied before each restore, and the spool file written anew.
+    _kind(tenants.TenantDumpParams, tenants.TenantDumped, True),
+    _kind(tenants.TenantVerifyParams, tenants.TenantVerified, True),
+]
+
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in _ALL}
+
+
+def job_kind(name: str) -> JobKind:
+    """The kind named `name`; a ContractError for one the contract does not have."""
+    kind = KINDS.get(name)
+    if kind is None:
+        raise ContractError(f"job kind {name!r}" if len(name) <= 64 else "job kind", None, "unknown job kind")
+    return kind

@@ -1,0 +1,181 @@
+"""Jobs on a dedicated stack (docker agents): a project's own Postgres and PostgREST containers."""
+
+from .ledger import Ledger, MigrationFile, Pushed
+from .messages import Params, Result, message, wire_field
+
+
+@message
+class StackRef(Params):
+    """The stack a job is about; enough to find, stop or remove its objects."""
+
+    project_id: str
+    slug: str
+    hash: str
+    # `api` for a project created dedicated; a migrated one keeps its tenant schema.
+    api_schema: str
+    # A migrated project's runtime role (its app tokens act as it); null for one created dedicated.
+    app_role: str | None
+
+
+@message
+class StackWithSecrets(StackRef):
+    """A stack with what it takes to run it: its secrets and the ports it keeps (null: pick free ones)."""
+
+    jwt_secret: str
+    postgres_password: str
+    authenticator_password: str
+    api_port: int | None
+    db_port: int | None
+
+
+# stack.provision
+
+
+@message
+class StackProvisionParams(StackWithSecrets):
+    KIND = "stack.provision"
+
+
+@message
+class StackProvisioned(Result):
+    KIND = "stack.provision"
+    # Step name to ok or changed.
+    steps: dict[str, str]
+    changed: bool
+    api_upstream: str
+    api_port: int
+    db_host: str
+    db_port: int
+
+
+# stack.observe
+
+
+@message
+class StackObserveParams(StackRef):
+    KIND = "stack.observe"
+
+
+@message
+class StackObserved(Result):
+    KIND = "stack.observe"
+    # Running, Stopped, Partial, Missing or Drift.
+    state: str
+    # Container name to its Docker status, or missing.
+    containers: dict[str, str]
+    foreign: list[str]
+
+
+# stack.start
+
+
+@message
+class StackStartParams(StackWithSecrets):
+    KIND = "stack.start"
+
+
+@message
+class StackStarted(Result):
+    KIND = "stack.start"
+    api_upstream: str
+
+
+# stack.stop
+
+
+@message
+class StackStopParams(StackRef):
+    KIND = "stack.stop"
+
+
+@message
+class StackStopped(Result):
+    KIND = "stack.stop"
+    stopped: list[str]
+
+
+# stack.remove
+
+
+@message
+class StackRemoveParams(StackRef):
+    KIND = "stack.remove"
+
+
+@message
+class StackRemoved(Result):
+    KIND = "stack.remove"
+    removed: list[str]
+
+
+# stack.probe
+
+
+@message
+class StackProbeParams(StackWithSecrets):
+    KIND = "stack.probe"
+
+
+@message
+class StackProbed(Result):
+    KIND = "stack.probe"
+    status: int
+
+
+# stack.bootstrap
+
+
+@message
+class StackBootstrapParams(StackWithSecrets):
+    KIND = "stack.bootstrap"
+
+
+@message
+class StackBootstrapped(Result):
+    KIND = "stack.bootstrap"
+    # ok or changed
+    role_bootstrap: str = wire_field("role bootstrap")
+
+
+# stack.image_info
+
+
+@message
+class StackImageInfoParams(Params):
+    KIND = "stack.image_info"
+
+
+@message
+class StackImage(Result):
+    KIND = "stack.image_info"
+    postgres_major: int
+    postgres_image: str
+    postgrest_image: str
+
+
+# stack.push
+
+
+@message
+class StackPushParams(StackWithSecrets):
+    KIND = "stack.push"
+    files: list[MigrationFile]
+    dry_run: bool
+
+
+@message
+class StackPushed(Pushed):
+    KIND = "stack.push"
+
+
+# stack.migrations
+
+
+@message
+class StackMigrationsParams(StackWithSecrets):
+    KIND = "stack.migrations"
+
+
+@message
+class StackLedger(Ledger):
+    KIND = "stack.migrations"

@@ -1,0 +1,230 @@
+"""Jobs on a pooled tenant (db agents): its schema and roles on the shared cluster, pushes, and
+the steps of a migration's source side (preflight, write guard, dump, verify)."""
+
+from .ledger import Ledger, MigrationFile, Pushed
+from .messages import Message, Params, Result, message
+
+
+@message
+class TenantRef(Params):
+    """The tenant a job is about: its project's id and short id (the id's first 12 hex digits)."""
+
+    project_id: str
+    short_id: str
+
+
+# tenant.create
+
+
+@message
+class TenantCreateParams(TenantRef):
+    KIND = "tenant.create"
+
+
+@message
+class TenantCreated(Result):
+    KIND = "tenant.create"
+    schema: str
+    runtime_role: str
+    owner_role: str
+    # "role <name>" and "schema <name>" to ok or changed.
+    steps: dict[str, str]
+
+
+# tenant.drop
+
+
+@message
+class TenantDropParams(TenantRef):
+    KIND = "tenant.drop"
+
+
+@message
+class TenantDropped(Result):
+    KIND = "tenant.drop"
+    schema_dropped: bool
+    roles_dropped: list[str]
+    dumps_removed: int
+
+
+# tenant.migrations
+
+
+@message
+class TenantMigrationsParams(TenantRef):
+    KIND = "tenant.migrations"
+
+
+@message
+class TenantLedger(Ledger):
+    KIND = "tenant.migrations"
+
+
+# tenant.push
+
+
+@message
+class TenantPushParams(TenantRef):
+    KIND = "tenant.push"
+    files: list[MigrationFile]
+    dry_run: bool
+
+
+@message
+class TenantPushed(Pushed):
+    KIND = "tenant.push"
+
+
+# tenant.preflight
+
+
+@message
+class PreflightTable(Message):
+    name: str
+    rows: int
+    bytes: int
+    rls: bool
+
+
+@message
+class PreflightSequence(Message):
+    name: str
+    # Null for a sequence never used.
+    last_value: int | None
+
+
+@message
+class PreflightLedgerRow(Message):
+    version: str
+    filename: str
+    checksum: str
+
+
+@message
+class LargeObjects(Message):
+    owners: list[str]
+    count: int
+
+
+@message
+class PgTools(Message):
+    """Versions of the PostgreSQL client tools on the db agent's host; null when absent."""
+
+    pg_dump: str | None
+    psql: str | None
+
+
+@message
+class TenantPreflightParams(TenantRef):
+    KIND = "tenant.preflight"
+
+
+@message
+class Preflight(Result):
+    KIND = "tenant.preflight"
+    schema: str
+    tables: list[PreflightTable]
+    views: list[str]
+    sequences: list[PreflightSequence]
+    extensions: list[str]
+    ledger: list[PreflightLedgerRow]
+    policy_roles: list[str]
+    roles: list[str]
+    large_objects: LargeObjects
+    total_bytes: int
+    tools: PgTools
+    spool_free_bytes: int
+
+
+# tenant.lock
+
+
+@message
+class TenantLockParams(TenantRef):
+    KIND = "tenant.lock"
+
+
+@message
+class TenantLocked(Result):
+    KIND = "tenant.lock"
+    locked: bool
+    # False when the guard was already held; `tables` is given when it was taken now.
+    changed: bool
+    tables: int | None = None
+
+
+# tenant.unlock
+
+
+@message
+class TenantUnlockParams(TenantRef):
+    KIND = "tenant.unlock"
+    # After cutover: the pooled copy turns read-only for every tenant role.
+    revoke_writes: bool
+
+
+@message
+class TenantUnlocked(Result):
+    KIND = "tenant.unlock"
+    locked: bool
+    held: bool
+    source_read_only: bool
+    # With revoke_writes: the copy is frozen, and its size in bytes.
+    frozen: bool | None = None
+    bytes: int | None = None
+
+
+# tenant.dump
+
+
+@message
+class TenantDumpParams(TenantRef):
+    KIND = "tenant.dump"
+    expected_bytes: int
+    table_count: int
+    # The dump file's name in the spool; the tenant schema's name by default.
+    name: str | None = None
+    # Restores into this database as the dump streams; none keeps the dump in the spool only.
+    target_url: str | None = None
+    # The target server's major version: required with target_url.
+    target_major: int | None = None
+    # Refuse to dump unless the write guard (tenant.lock) is held on this agent.
+    require_guard: bool = False
+
+    def check(self) -> None:
+        if self.target_url is not None and self.target_major is None:
+            self.refuse("target_major", "required with target_url")
+        for key in ("expected_bytes", "table_count"):
+            if getattr(self, key) < 0:
+                self.refuse(key, "must not be negative")
+
+
+@message
+class TenantDumped(Result):
+    KIND = "tenant.dump"
+    path: str
+    bytes: int
+    sha256: str
+    tables: int
+    restored: bool
+    ledger_rows: int
+    seconds: float
+
+
+# tenant.verify
+
+
+@message
+class TenantVerifyParams(TenantRef):
+    KIND = "tenant.verify"
+    target_url: str
+
+
+@message
+class TenantVerified(Result):
+    KIND = "tenant.verify"
+    # Rows per table, the same on both sides.
+    tables: dict[str, int]
+    sequences: int
+    ledger_rows: int
+    ok: bool
