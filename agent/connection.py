@@ -16,6 +16,8 @@ import time
 import grpc
 import psycopg
 
+from contract.failures import FailureKind
+
 from . import facts as facts_mod
 from . import wire
 from .config import AgentConfig, StateDir
@@ -24,7 +26,7 @@ from . import tenants
 from .errors import AgentError, Revoked
 from .gateway import Gateway
 from .identity import certificate_expiry, needs_renewal, new_key_and_csr
-from .jobs import HANDLERS, JobContext
+from . import jobs
 from .spool import JobRecord, Spool
 from .systemd import notify
 
@@ -107,18 +109,16 @@ class Agent:
         def progress(phase: str, done: int, total: int, unit: str, message: str) -> None:
             self.send(wire.progress(record.id, phase, done, total, unit, message))
 
-        handler = HANDLERS.get(request.kind)
         try:
-            if handler is None:
-                raise AgentError(f"this agent does not know job kind {request.kind!r}")
-            output = await handler(JobContext(record.id, request.params, progress, self.collect_facts,
-                                              self.settings, self.gateway, self.state.path))
-            self.spool.finish(record, True, output, "", False)
+            result = await jobs.run(request.kind, request.params, job_id=record.id, progress=progress,
+                                    collect_facts=self.collect_facts, settings=self.settings,
+                                    gateway=self.gateway, state_dir=self.state.path)
+            self.spool.finish(record, True, result.to_wire(), "", False)
         except AgentError as exc:
-            self.spool.finish(record, False, None, exc.message, exc.retryable, exc.code)
+            self.spool.finish(record, False, None, exc.message, exc.retryable, exc.kind)
         except Exception as exc:
             log.exception("job %s (%s) failed unexpectedly", record.id, request.kind)
-            self.spool.finish(record, False, None, f"{type(exc).__name__}: {exc}", False)
+            self.spool.finish(record, False, None, f"{type(exc).__name__}: {exc}", False, FailureKind.INTERNAL)
         finally:
             self.running.pop(record.id, None)
         log.info("job %s (%s) finished: %s", record.id, record.kind, "ok" if record.ok else record.error)
@@ -137,18 +137,18 @@ class Agent:
         if record.dropped:
             # Small enough to go through whatever stopped the result itself.
             self.send(wire.result(record.id, False, None, f"the agent dropped this job's result after "
-                                  f"{record.attempts} delivery attempts", False))
+                                  f"{record.attempts} delivery attempts", False, FailureKind.INTERNAL))
             return
         message = wire.result(record.id, record.ok, record.output, record.error, record.retryable,
-                              record.error_code)
+                              record.failure)
         size = wire.size(message)
         if size > wire.MAX_MESSAGE_BYTES:
             log.error("job %s (%s): result of %d bytes is over the message limit; reporting a failure",
                       record.id, record.kind, size)
             self.spool.replace_result(record, f"the job's result is {size} bytes, over the "
                                       f"{wire.MAX_MESSAGE_BYTES}-byte limit of a message to the controller",
-                                      "invalid")
-            message = wire.result(record.id, False, None, record.error, False, record.error_code)
+                                      FailureKind.INVALID)
+            message = wire.result(record.id, False, None, record.error, False, record.failure)
         self.send(message)
 
     async def _renew(self, channel) -> None:

@@ -20,6 +20,8 @@ from typing import Iterator
 import psycopg
 from psycopg import conninfo, sql
 
+from contract.failures import FailureKind
+
 from .errors import AgentError
 from .facts import parse_pg_tool_version
 from .tenants import Tenant
@@ -51,12 +53,12 @@ def psql_understands_restrict(psql_version: str | None) -> bool:
     return major >= 18 or (major in _RESTRICT_SINCE and minor >= _RESTRICT_SINCE[major])
 
 
-def dropped_lines(psql_version: str | None, server_major: int) -> tuple[bytes, ...]:
+def dropped_lines(psql_version: str | None, server_major: int | None) -> tuple[bytes, ...]:
     """Starts of dump lines the restore cannot take: meta-commands the psql that runs it does not
-    know, and settings the target server does not have. Without a psql (a dump kept in the spool
-    for later) the file is made for any."""
+    know, and settings the target server does not have. Without a psql or a server (a dump kept in
+    the spool for later) the file is made for any."""
     dropped = () if psql_understands_restrict(psql_version) else RESTRICT_LINES
-    return dropped + (TRANSACTION_TIMEOUT_LINES if server_major < 17 else ())
+    return dropped + (TRANSACTION_TIMEOUT_LINES if server_major is None or server_major < 17 else ())
 
 
 def sanitize(read, dropped: tuple[bytes, ...], chunk_size: int = 1 << 20, on_copy=None) -> Iterator[bytes]:
@@ -153,7 +155,7 @@ def require_tool(name: str) -> str:
     if path is None:
         raise AgentError(f"{name} not found on this db agent's host: the migration runs {name} here, against "
                          "the shared cluster; install the PostgreSQL client binaries (postgresql-client)",
-                         code="unavailable")
+                         kind=FailureKind.UNAVAILABLE)
     return path
 
 
@@ -236,7 +238,8 @@ def lock(source_url: str, tenant: Tenant) -> dict:
                 conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(tenant.schema, name)))
         except psycopg.Error as exc:
             conn.close()
-            raise AgentError(f"could not lock the tables of {tenant.schema}: {exc}", retryable=True) from None
+            raise AgentError(f"could not lock the tables of {tenant.schema}: {exc}", retryable=True,
+                             kind=FailureKind.UNAVAILABLE) from None
         _GUARDS[tenant.schema] = conn
         return {"locked": True, "changed": True, "tables": len(tables)}
 
@@ -387,12 +390,12 @@ class _Tail:
 
 
 def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target_url: str | None = None,
-         target_major: int = 15, expected_bytes: int = 0, table_count: int = 0, progress=None,
+         target_major: int | None = None, expected_bytes: int = 0, table_count: int = 0, progress=None,
          time_limit_s: float | None = None) -> dict:
     """pg_dump of the tenant schema into the spool, streamed into `target_url` too when given.
 
-    `target_major` is the target server's major version. The whole step is stopped after
-    `time_limit_s` (by default scaled to `expected_bytes`).
+    `target_major` is the target server's major version (none without a target). The whole
+    step is stopped after `time_limit_s` (by default scaled to `expected_bytes`).
     """
     pg_dump = require_tool("pg_dump")
     dumps = tenant_dumps(spool, tenant)
@@ -478,7 +481,8 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
         raise AgentError(f"dump{' and restore' if restorer else ''} of {tenant.schema} did not finish within "
                          f"{limit:.0f}s (for about {expected_bytes} bytes of data) and was stopped"
                          + "".join(f"; {what}: {tails[p.pid].text(400)}" for what, p in
-                                   (("psql", restorer), ("pg_dump", dumper)) if p is not None and tails[p.pid].text()))
+                                   (("psql", restorer), ("pg_dump", dumper)) if p is not None and tails[p.pid].text()),
+                         kind=FailureKind.TIMEOUT)
     # A restore that failed says why first: pg_dump may only have been stopped because of it.
     if restorer is not None and restorer.returncode != 0 and dumper.returncode in (0, -signal.SIGKILL):
         _discard(partial)

@@ -27,6 +27,8 @@ import httpx
 import jwt
 import uvicorn
 
+from contract.failures import FailureKind
+
 from .config import write_atomic
 from .errors import AgentError
 from .settings import GatewaySettings
@@ -126,13 +128,13 @@ class Gateway:
         if part == 0:
             if base_version is not None and base_version != self.table.version:
                 raise AgentError(f"this gateway holds routes version {self.table.version}, not {base_version}",
-                                 code="conflict")
+                                 kind=FailureKind.CONFLICT)
             start = {} if base_version is None else {r.project_id: r for r in self.table.routes}
             self._staging = Staging(version, start)
         staging = self._staging
         if staging is None or staging.version != version or staging.next_part != part:
             self._staging = None
-            raise AgentError(f"routes version {version} part {part} arrived out of order", code="conflict")
+            raise AgentError(f"routes version {version} part {part} arrived out of order", kind=FailureKind.CONFLICT)
         for raw in upsert:
             route = _route(raw)
             staging.routes[route.project_id] = route
@@ -262,7 +264,7 @@ class Gateway:
                 response = await http.post("/load", json=self.caddy_config())
             except httpx.HTTPError as exc:
                 raise AgentError(f"Caddy admin API at {self.admin_socket} unreachable: {exc}",
-                                 retryable=True) from None
+                                 retryable=True, kind=FailureKind.UNAVAILABLE) from None
         if response.status_code != 200:
             raise AgentError(f"Caddy refused the configuration: {response.text.strip()[:500]}")
 

@@ -1,13 +1,19 @@
-"""Job kinds the agent executes. Each handler gets a `JobContext` and returns a JSON object."""
+"""Job kinds the agent executes. `run` checks a job's params against the contract and hands
+them, typed, to the kind's handler in a `JobContext`; the handler returns its result as a JSON
+object, which `run` checks against the contract before it is sent."""
 
 import asyncio
 import os
 import pathlib
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import psycopg
+
+from contract.failures import FailureKind
+from contract.jobs import KINDS
+from contract.messages import ContractError, Params, Result
 
 from . import dumps, ledger, stacks, tenants
 from .settings import DockerSettings
@@ -19,7 +25,8 @@ ProgressFn = Callable[[str, int, int, str, str], None]
 @dataclass
 class JobContext:
     job_id: str
-    params: dict
+    # The params type of the job's kind (contract/).
+    params: Params
     progress: ProgressFn
     collect_facts: Callable[[], dict]
     settings: dict = field(default_factory=dict)
@@ -37,9 +44,7 @@ async def facts_collect(ctx: JobContext) -> dict:
 
 async def diag_wait(ctx: JobContext) -> dict:
     """Waits `seconds`, reporting progress each second: exercises the job path end to end."""
-    seconds = ctx.params.get("seconds", 1)
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds <= 3600:
-        raise AgentError(f"diag.wait: seconds must be a number from 0 to 3600, got {seconds!r}")
+    seconds = ctx.params.seconds
     started = time.monotonic()
     whole = int(seconds)
     for done in range(whole):
@@ -112,8 +117,8 @@ async def tenant_migrations(ctx: JobContext) -> dict:
 
 
 async def tenant_push(ctx: JobContext) -> dict:
-    files = ledger.parse_files(ctx.params.get("files") or [])
-    dry_run = bool(ctx.params.get("dry_run"))
+    files = ledger.parse_files(ctx.params.files)
+    dry_run = ctx.params.dry_run
     return await _as_tenant(ctx, lambda conn, t, db: tenants.push(conn, t, files, db, dry_run, ctx.progress))
 
 
@@ -121,19 +126,8 @@ async def gateway_sync(ctx: JobContext) -> dict:
     if ctx.gateway is None:
         raise AgentError("this agent has no gateway role configured (settings.json: gateway)")
     p = ctx.params
-
-    def integer(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    version, base, part, parts = p.get("version"), p.get("base_version"), p.get("part", 0), p.get("parts", 1)
-    if not (integer(version) and integer(part) and integer(parts) and 0 <= part < parts
-            and (base is None or integer(base))):
-        raise AgentError("gateway.sync needs integers version, part < parts and base_version (or null)",
-                         code="invalid")
-    upsert, remove = p.get("upsert") or [], p.get("remove") or []
-    if not isinstance(upsert, list) or not isinstance(remove, list):
-        raise AgentError("gateway.sync: upsert and remove must be lists", code="invalid")
-    return await ctx.gateway.sync(version, base, part, parts, upsert, [str(r) for r in remove])
+    return await ctx.gateway.sync(p.version, p.base_version, p.part, p.parts, [r.to_wire() for r in p.upsert],
+                                  p.remove)
 
 
 def _stack(ctx: JobContext) -> tuple[stacks.StackSpec, DockerSettings]:
@@ -192,8 +186,8 @@ def _on_stack_db(ctx: JobContext, work):
 
 
 async def stack_push(ctx: JobContext) -> dict:
-    files = ledger.parse_files(ctx.params.get("files") or [])
-    dry_run = bool(ctx.params.get("dry_run"))
+    files = ledger.parse_files(ctx.params.files)
+    dry_run = ctx.params.dry_run
     return await _on_stack_db(ctx, lambda conn, spec: ledger.apply_files(
         conn, spec.api_schema, files, "60s", dry_run, authenticated_as="authenticated",
         progress=ctx.progress))
@@ -221,7 +215,7 @@ async def tenant_unlock(ctx: JobContext) -> dict:
     for every tenant role, in the guard's own transaction when it is held."""
     def run() -> dict:
         tenant = tenants.Tenant.from_params(ctx.params)
-        if not ctx.params.get("revoke_writes"):
+        if not ctx.params.revoke_writes:
             return dumps.unlock(None, tenant, False)
         db = _db_settings(ctx)
         result = dumps.unlock(db.shared_cluster_url, tenant, True)
@@ -232,20 +226,20 @@ async def tenant_unlock(ctx: JobContext) -> dict:
 
 
 async def tenant_dump(ctx: JobContext) -> dict:
-    tenant = tenants.Tenant.from_params(ctx.params)
-    if ctx.params.get("require_guard") and not dumps.guard_held(tenant):
+    p = ctx.params
+    tenant = tenants.Tenant.from_params(p)
+    if p.require_guard and not dumps.guard_held(tenant):
         raise AgentError("the write guard on the source is not held (the agent restarted?); "
                          "lock again before dumping", retryable=True)
-    name = str(ctx.params.get("name") or tenant.schema)
+    name = p.name or tenant.schema
     if not name.replace("-", "").replace("_", "").isalnum():
-        raise AgentError(f"invalid dump name {name!r}", code="invalid")
+        raise AgentError(f"invalid dump name {name!r}", kind=FailureKind.INVALID)
 
     def run() -> dict:
         _, url = _tenant_login(ctx)
         dumps.prune_dumps(ctx.state_dir / "spool", _db_settings(ctx).dump_retention_days * 86400)
-        return dumps.dump(url, tenant, ctx.state_dir / "spool", name, ctx.params.get("target_url"),
-                          int(ctx.params.get("target_major", 15)), int(ctx.params.get("expected_bytes", 0)),
-                          int(ctx.params.get("table_count", 0)), ctx.progress)
+        return dumps.dump(url, tenant, ctx.state_dir / "spool", name, p.target_url, p.target_major,
+                          p.expected_bytes, p.table_count, ctx.progress)
 
     return await asyncio.to_thread(run)
 
@@ -253,7 +247,7 @@ async def tenant_dump(ctx: JobContext) -> dict:
 async def tenant_verify(ctx: JobContext) -> dict:
     def run() -> dict:
         tenant, url = _tenant_login(ctx)
-        return dumps.verify(url, tenant, str(ctx.params.get("target_url", "")))
+        return dumps.verify(url, tenant, ctx.params.target_url)
 
     return await asyncio.to_thread(run)
 
@@ -282,3 +276,23 @@ HANDLERS: dict[str, Handler] = {
     "tenant.dump": tenant_dump,
     "tenant.verify": tenant_verify,
 }
+
+
+async def run(kind: str, params: Any, **context) -> Result:
+    """Runs a job of `kind` with its params as sent; `context` fills the rest of its JobContext.
+
+    Params off the contract are an `invalid` failure naming the key; a result off it (a bug
+    here) an `internal` one, never sent as it is.
+    """
+    spec, handler = KINDS.get(kind), HANDLERS.get(kind)
+    if spec is None or handler is None:
+        raise AgentError(f"this agent does not know job kind {kind!r}", kind=FailureKind.INVALID)
+    try:
+        typed = spec.parse_params(params)
+    except ContractError as exc:
+        raise AgentError(str(exc), kind=FailureKind.INVALID) from None
+    output = await handler(JobContext(params=typed, **context))
+    try:
+        return spec.parse_result(output)
+    except ContractError as exc:
+        raise AgentError(f"this agent's result does not match the contract: {exc}") from None

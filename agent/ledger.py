@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from contract import ledger as contract_ledger
+from contract.failures import FailureKind
+
 from .errors import AgentError
 from .sandbox import rewrite_files
 
@@ -33,25 +36,25 @@ class MigrationFile:
     sql: str
 
 
-def parse_files(raw: list) -> list[MigrationFile]:
+def parse_files(sent: list[contract_ledger.MigrationFile]) -> list[MigrationFile]:
     files = []
-    for item in raw:
-        filename = str(item.get("filename", ""))
+    for item in sent:
+        filename = item.filename
         if not _FILENAME.match(filename):
-            raise AgentError(f"invalid migration file name {filename!r}", code="invalid")
-        text = str(item.get("sql", ""))
+            raise AgentError(f"invalid migration file name {filename!r}", kind=FailureKind.INVALID)
+        text = item.sql
         digest = hashlib.sha256(text.encode()).hexdigest()
-        if item.get("checksum") and item["checksum"] != digest:
-            raise AgentError(f"{filename}: checksum does not match its content", code="invalid")
-        files.append(MigrationFile(filename, str(item.get("version") or filename.split("_")[0]), digest, text))
+        if item.checksum and item.checksum != digest:
+            raise AgentError(f"{filename}: checksum does not match its content", kind=FailureKind.INVALID)
+        files.append(MigrationFile(filename, item.version or filename.split("_")[0], digest, text))
     names = [f.filename for f in files]
     if len(set(names)) != len(names):
-        raise AgentError("the same migration file name appears twice", code="invalid")
+        raise AgentError("the same migration file name appears twice", kind=FailureKind.INVALID)
     return sorted(files, key=lambda f: f.filename)
 
 
 class PushConflict(AgentError):
-    code = "conflict"
+    kind = FailureKind.CONFLICT
 
 
 def apply_files(conn, schema: str, files: list[MigrationFile], statement_timeout: str, dry_run: bool,
@@ -96,7 +99,7 @@ def apply_files(conn, schema: str, files: list[MigrationFile], statement_timeout
             except psycopg.Error as exc:
                 raise AgentError(f"{f.filename}: {exc.diag.message_primary or exc}"
                                  + (f" ({exc.diag.sqlstate})" if exc.diag.sqlstate else ""),
-                                 code="invalid") from None
+                                 kind=FailureKind.INVALID) from None
             conn.execute(
                 "INSERT INTO flux.flux_migrations (tenant_schema, version, filename, checksum)"
                 " VALUES (%s, %s, %s, %s)", (schema, f.version, f.filename, f.checksum))

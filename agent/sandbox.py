@@ -16,6 +16,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
+from contract.failures import FailureKind
+
 from .errors import AgentError
 from .sqlrewrite import Limits, RewriteError, Rewritten, rewrite
 
@@ -37,7 +39,7 @@ def _refusal(filename: str, reason: str) -> str:
 
 def rewrite_files(files: list[tuple[str, str]], schema: str, runtime_role: str, limits: Limits = Limits(),
                   child: ChildLimits = ChildLimits()) -> list[Rewritten]:
-    """`rewrite` of each (filename, sql) in a child process; refusals are AgentError(code="invalid")."""
+    """`rewrite` of each (filename, sql) in a child process; refusals are AgentError(kind=FailureKind.INVALID)."""
     if not files:
         return []
     payload = json.dumps({"schema": schema, "runtime_role": runtime_role, "limits": asdict(limits),
@@ -64,7 +66,7 @@ def rewrite_files(files: list[tuple[str, str]], schema: str, runtime_role: str, 
     if result is not None and "rewritten" in result:
         return [Rewritten(**r) for r in result["rewritten"]]
     if result is not None and "refused" in result:
-        raise AgentError(result["refused"], code="invalid")
+        raise AgentError(result["refused"], kind=FailureKind.INVALID)
     if current is None:
         # Died before reading any file: a broken installation, not the tenant's input.
         tail = err.decode(errors="replace").strip()[-800:]
@@ -77,7 +79,7 @@ def rewrite_files(files: list[tuple[str, str]], schema: str, runtime_role: str, 
         reason = f"the parser crashed with {signal.Signals(-proc.returncode).name}"
     else:
         reason = f"the parser process exited with {proc.returncode}"
-    raise AgentError(_refusal(current, reason), code="invalid")
+    raise AgentError(_refusal(current, reason), kind=FailureKind.INVALID)
 
 
 def _limit_self(memory_bytes: int, cpu_seconds: int) -> None:

@@ -16,6 +16,8 @@ import pathlib
 import time
 from dataclasses import asdict, dataclass
 
+from contract.failures import FailureKind
+
 from .config import write_atomic
 
 KEEP_ACKED_S = 7 * 24 * 3600
@@ -33,11 +35,16 @@ class JobRecord:
     output: dict | None = None
     error: str = ""
     retryable: bool = False
+    # The FailureKind's value of a failed job.
     error_code: str = ""
     acked: bool = False
     finished_at: float | None = None
     attempts: int = 0
     dropped: bool = False
+
+    @property
+    def failure(self) -> FailureKind | None:
+        return None if self.ok else FailureKind.parse(self.error_code)
 
 
 class Spool:
@@ -73,10 +80,10 @@ class Spool:
         return record
 
     def finish(self, record: JobRecord, ok: bool, output: dict | None, error: str,
-               retryable: bool, error_code: str = "") -> JobRecord:
+               retryable: bool, failure: FailureKind | None = None) -> JobRecord:
         record.state = "done"
         record.ok, record.output, record.error, record.retryable = ok, output, error, retryable
-        record.error_code = error_code
+        record.error_code = failure.value if failure else ""
         record.finished_at = time.time()
         self._save(record)
         return record
@@ -100,10 +107,10 @@ class Spool:
         self._save(record)
         return True
 
-    def replace_result(self, record: JobRecord, error: str, error_code: str = "") -> JobRecord:
+    def replace_result(self, record: JobRecord, error: str, failure: FailureKind) -> JobRecord:
         """Turns a result that cannot be delivered into a failure that can."""
         record.ok, record.output, record.error, record.retryable = False, None, error, False
-        record.error_code = error_code
+        record.error_code = failure.value
         self._save(record)
         return record
 
@@ -116,7 +123,7 @@ class Spool:
                 interrupted.append(self.finish(
                     record, False, None,
                     "the agent stopped while this job was running; it may have been partly done",
-                    True))
+                    True, FailureKind.UNAVAILABLE))
             elif record.acked and record.finished_at and now - record.finished_at > KEEP_ACKED_S:
                 self._path(record.id).unlink(missing_ok=True)
         return interrupted

@@ -23,6 +23,9 @@ import psycopg
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from psycopg import sql
 
+from contract.failures import FailureKind
+from contract.stacks import StackRef
+
 from .apiroles import API_ROLES_AND_LEDGER
 from .errors import AgentError
 from .settings import DockerSettings
@@ -50,16 +53,13 @@ class StackSpec:
     app_role: str | None = None
 
     @classmethod
-    def from_params(cls, params: dict) -> "StackSpec":
-        known = {k: params[k] for k in cls.__dataclass_fields__ if k in params}
-        try:
-            spec = cls(**known)
-        except TypeError as exc:
-            raise AgentError(f"incomplete stack parameters: {exc}", code="invalid") from None
+    def from_params(cls, params: StackRef) -> "StackSpec":
+        """The stack of a job's params; secrets stay empty for a job that is sent none."""
+        spec = cls(**{k: getattr(params, k) for k in cls.__dataclass_fields__ if hasattr(params, k)})
         if not _SLUG.match(spec.slug) or not _HASH.match(spec.hash):
-            raise AgentError(f"invalid slug {spec.slug!r} or hash {spec.hash!r}", code="invalid")
+            raise AgentError(f"invalid slug {spec.slug!r} or hash {spec.hash!r}", kind=FailureKind.INVALID)
         if not _SCHEMA.match(spec.api_schema):
-            raise AgentError(f"invalid API schema {spec.api_schema!r}", code="invalid")
+            raise AgentError(f"invalid API schema {spec.api_schema!r}", kind=FailureKind.INVALID)
         return spec
 
     @property
@@ -93,7 +93,8 @@ def client() -> docker.DockerClient:
         engine.ping()
         return engine
     except DockerException as exc:
-        raise AgentError(f"cannot reach the Docker engine: {exc}", retryable=True, code="unavailable") from None
+        raise AgentError(f"cannot reach the Docker engine: {exc}", retryable=True,
+                         kind=FailureKind.UNAVAILABLE) from None
 
 
 def _free_port(host: str) -> int:
@@ -126,7 +127,7 @@ def _foreign(item, kind: str, name: str, spec: StackSpec) -> str | None:
 
 def _refuse(reasons: list[str]) -> AgentError:
     return AgentError(f"not touching Docker objects that belong to another project: {'; '.join(reasons)}",
-                      code="foreign")
+                      kind=FailureKind.FOREIGN)
 
 
 def _own(collection, kind: str, name: str, spec: StackSpec):
@@ -153,7 +154,7 @@ def _ensure_image(engine, image: str) -> None:
             engine.images.pull(image)
         except DockerException as exc:
             raise AgentError(f"image {image} is not on this host and cannot be pulled: {exc}",
-                             code="unavailable") from None
+                             kind=FailureKind.UNAVAILABLE) from None
 
 
 def _ensure_running(container) -> str:
@@ -188,7 +189,7 @@ def wait_for_db(url: str, timeout: float = READY_TIMEOUT_S) -> None:
             last = str(exc).strip().splitlines()[0] if str(exc).strip() else "not ready"
             time.sleep(0.5)
     raise AgentError(f"the project's Postgres did not accept connections within {timeout:g}s: {last}",
-                     retryable=True)
+                     retryable=True, kind=FailureKind.TIMEOUT)
 
 
 BOOTSTRAP = API_ROLES_AND_LEDGER + """
@@ -266,7 +267,7 @@ def probe(settings: DockerSettings, spec: StackSpec, api_port: int, timeout: flo
         except httpx.TransportError as exc:
             if time.monotonic() > deadline:
                 raise AgentError(f"PostgREST at {url} did not answer within {timeout:g}s: {exc}",
-                                 retryable=True) from None
+                                 retryable=True, kind=FailureKind.TIMEOUT) from None
             time.sleep(0.5)
     if response.status_code == 200:
         return {"status": 200}
@@ -408,7 +409,8 @@ def start(spec: StackSpec, settings: DockerSettings) -> dict:
     db, api = (_own(engine.containers, "container", n, spec) for n in (spec.db, spec.api))
     missing = [n for n, c in ((spec.db, db), (spec.api, api)) if c is None]
     if missing:
-        raise AgentError(f"cannot start {spec.prefix}: {', '.join(missing)} missing; run repair", code="conflict")
+        raise AgentError(f"cannot start {spec.prefix}: {', '.join(missing)} missing; run repair",
+                         kind=FailureKind.CONFLICT)
     _ensure_running(db)
     wait_for_db(_db_url(spec, settings, _published_port(db, DB_PORT)))
     _ensure_running(api)
@@ -446,7 +448,7 @@ def probe_only(spec: StackSpec, settings: DockerSettings) -> dict:
     engine = client()
     api = _own(engine.containers, "container", spec.api, spec)
     if api is None:
-        raise AgentError(f"{spec.api} does not exist", code="not_found")
+        raise AgentError(f"{spec.api} does not exist", kind=FailureKind.NOT_FOUND)
     return probe(settings, spec, _published_port(api, API_PORT), timeout=15)
 
 
@@ -454,7 +456,7 @@ def admin_url(spec: StackSpec, settings: DockerSettings) -> str:
     engine = client()
     db = _own(engine.containers, "container", spec.db, spec)
     if db is None:
-        raise AgentError(f"{spec.db} does not exist", code="not_found")
+        raise AgentError(f"{spec.db} does not exist", kind=FailureKind.NOT_FOUND)
     return _db_url(spec, settings, _published_port(db, DB_PORT))
 
 

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import conninfo, sql
 
+from contract.failures import FailureKind
+from contract.tenants import TenantRef
+
 from .apiroles import API_ROLES_AND_LEDGER
 from .errors import AgentError
 from .settings import DbSettings
@@ -40,14 +43,15 @@ class Tenant:
     short_id: str
 
     @classmethod
-    def from_params(cls, params: dict) -> "Tenant":
-        project_id, short_id = str(params.get("project_id", "")), str(params.get("short_id", ""))
+    def from_params(cls, params: TenantRef) -> "Tenant":
+        project_id, short_id = params.project_id, params.short_id
         try:
             canonical = str(uuid.UUID(project_id))
         except ValueError:
-            raise AgentError(f"invalid project id {project_id!r}", code="invalid") from None
+            raise AgentError(f"invalid project id {project_id!r}", kind=FailureKind.INVALID) from None
         if not _SHORT_ID.match(short_id) or canonical.replace("-", "")[:12] != short_id:
-            raise AgentError(f"short id {short_id!r} does not belong to project {project_id}", code="invalid")
+            raise AgentError(f"short id {short_id!r} does not belong to project {project_id}",
+                             kind=FailureKind.INVALID)
         return cls(canonical, short_id)
 
     @property
@@ -125,7 +129,7 @@ def connect(settings: DbSettings) -> psycopg.Connection:
         return psycopg.connect(settings.shared_cluster_url, connect_timeout=10)
     except psycopg.OperationalError as exc:
         raise AgentError(f"cannot connect to the shared cluster: {str(exc).strip().splitlines()[0]}",
-                         retryable=True) from None
+                         retryable=True, kind=FailureKind.UNAVAILABLE) from None
 
 
 def bootstrap(conn: psycopg.Connection, settings: DbSettings) -> None:
@@ -180,11 +184,11 @@ def tenant_login(conn, settings: DbSettings, tenant: "Tenant") -> str:
                        " WHERE rolname = %s", (tenant.owner_role,)).fetchone()
     if row is None:
         conn.rollback()
-        raise AgentError(f"role {tenant.owner_role} does not exist on the shared cluster", code="not_found")
+        raise AgentError(f"role {tenant.owner_role} does not exist on the shared cluster", kind=FailureKind.NOT_FOUND)
     if row[2] == FROZEN:
         conn.rollback()
         raise AgentError(f"{tenant.schema} is the kept read-only copy of a migrated project: nothing logs in as "
-                         "its owner any more; `flux migrate cleanup` drops it", code="conflict")
+                         "its owner any more; `flux migrate cleanup` drops it", kind=FailureKind.CONFLICT)
     owner = sql.Identifier(tenant.owner_role)
     with conn.transaction():
         revoke_self_grants(conn, tenant)
@@ -248,7 +252,7 @@ def connect_as_tenant(url: str) -> psycopg.Connection:
         return psycopg.connect(url)
     except psycopg.OperationalError as exc:
         raise AgentError(f"cannot log in to the shared cluster as the tenant: "
-                         f"{str(exc).strip().splitlines()[0]}", retryable=True) from None
+                         f"{str(exc).strip().splitlines()[0]}", retryable=True, kind=FailureKind.UNAVAILABLE) from None
 
 
 def _schema_comment(conn, schema: str) -> tuple[bool, str | None]:
@@ -266,7 +270,7 @@ def _check_owner(conn, tenant: Tenant) -> bool:
     exists, comment = _schema_comment(conn, tenant.schema)
     if exists and comment != tenant.comment:
         raise AgentError(f"schema {tenant.schema} exists but belongs to another tenant "
-                         f"(comment {comment!r}); refusing to touch it", code="conflict")
+                         f"(comment {comment!r}); refusing to touch it", kind=FailureKind.CONFLICT)
     return exists
 
 
@@ -351,7 +355,7 @@ def push(conn, tenant: Tenant, files: list[MigrationFile], settings: DbSettings,
     if exists:
         _check_owner(conn, tenant)
     else:
-        raise AgentError(f"schema {tenant.schema} does not exist on the shared cluster", code="not_found")
+        raise AgentError(f"schema {tenant.schema} does not exist on the shared cluster", kind=FailureKind.NOT_FOUND)
     conn.rollback()
     return apply_files(conn, tenant.schema, files, settings.push_statement_timeout, dry_run,
                        authenticated_as=tenant.runtime_role, progress=progress)

@@ -5,9 +5,11 @@ Nothing else in the agent touches `_pb2` types or raw `grpc.RpcError`.
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
+from contract.failures import FailureKind
 from proto import fleet_pb2 as pb
 from proto import fleet_pb2_grpc
 
@@ -16,6 +18,8 @@ from .identity import CONTROLLER_TLS_NAME
 
 # The largest message either side of the Fleet stream sends or accepts (controller/wire.py agrees).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Trailing metadata of a refused call: the FailureKind value saying why (controller/wire.py sets it).
+FAILURE_METADATA_KEY = "flux-failure-kind"
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,8 @@ class Welcome:
 class JobRequest:
     job_id: str
     kind: str
-    params: dict
+    # The params as sent (a JSON value; None when they were no JSON): jobs.run checks them.
+    params: Any
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,13 @@ def progress(job_id: str, phase: str, done: int, total: int, unit: str, message:
         phase=phase, done=done, total=total, unit=unit, message=message)))
 
 
-def result(job_id: str, ok: bool, output: dict | None, error: str, retryable: bool, error_code: str = ""):
+def result(job_id: str, ok: bool, output: dict | None, error: str, retryable: bool,
+           failure: FailureKind | None = None):
+    """A job's result; a failure without a kind goes as `internal`."""
+    kind = 0 if ok else pb.FailureKind.Value((failure or FailureKind.INTERNAL).proto_name)
     return pb.AgentMessage(job_event=pb.JobEvent(job_id=job_id, result=pb.JobResult(
         ok=ok, output_json=json.dumps(output, ensure_ascii=False) if output is not None else "",
-        error=error, retryable=retryable, error_code=error_code)))
+        error=error, retryable=retryable, failure=kind)))
 
 
 def size(message) -> int:
@@ -112,8 +120,8 @@ def decode(msg: pb.ControllerMessage) -> ControllerEvent | None:
         try:
             params = json.loads(msg.job.params_json or "{}")
         except ValueError:
-            params = {"_invalid": msg.job.params_json}
-        return JobRequest(msg.job.job_id, msg.job.kind, params if isinstance(params, dict) else {})
+            params = None
+        return JobRequest(msg.job.job_id, msg.job.kind, params)
     if kind == "ping":
         return Ping(msg.ping.nonce)
     if kind == "ack":
@@ -123,15 +131,29 @@ def decode(msg: pb.ControllerMessage) -> ControllerEvent | None:
     return None
 
 
+def _failure(exc: grpc.RpcError) -> FailureKind | None:
+    """The kind of failure the controller put in a refused call's trailing metadata, if any."""
+    metadata = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in metadata or ():
+        if key == FAILURE_METADATA_KEY:
+            return FailureKind.parse(value if isinstance(value, str) else value.decode(errors="replace"))
+    return None
+
+
+_KINDS_OF_STATUS = {grpc.StatusCode.UNAVAILABLE: FailureKind.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED: FailureKind.TIMEOUT}
+
+
 def translate(exc: grpc.RpcError, where: str) -> AgentError:
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (detail or ""):
+    kind = _failure(exc) or _KINDS_OF_STATUS.get(code, FailureKind.INTERNAL)
+    if kind is FailureKind.REVOKED:
         return Revoked(f"{where}: {detail}")
     retryable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                          grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
                          grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-    return AgentError(f"{where}: {detail or code}", retryable=retryable)
+    return AgentError(f"{where}: {detail or code}", retryable=retryable, kind=kind)
 
 
 def enroll(address: str, ca_pem: bytes, token: str, name: str, roles: list[str],

@@ -50,3 +50,13 @@ class Unavailable(FluxError):
 
     status = 503
     retryable = True
+
+
+class Timeout(Unavailable):
+    """Something did not finish or answer within its time limit."""
+
+    status = 504
+
+
+class Revoked(Conflict):
+    """The agent is revoked: it takes no more jobs."""

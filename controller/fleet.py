@@ -1,9 +1,11 @@
 """The agents' side of the controller: enrollment, live sessions, jobs and pings.
 
 `Fleet` is the registry of connected agents and the one place jobs are sent from.
-Jobs are recorded in the catalog before they are sent, sent again on every
-reconnect until their result arrives, and acknowledged once recorded, so a result
-survives a dropped connection on either side.
+Jobs are checked against the contract (contract/jobs.py), recorded in the catalog
+before they are sent, sent again on every reconnect until their result arrives, and
+acknowledged once recorded, so a result survives a dropped connection on either side.
+A result is checked against the contract when it arrives; a failure raises the error
+of its kind.
 """
 
 import asyncio
@@ -16,11 +18,15 @@ import uuid
 
 import grpc
 
+from contract.failures import FailureKind
+from contract.jobs import job_kind
+from contract.messages import ContractError
 from proto import fleet_pb2_grpc
 
 from . import wire
 from .store import Catalog, Job
-from .errors import BadRequest, Conflict, FluxError, NotFound, TooLarge, Unauthorized, Unavailable
+from .errors import (BadRequest, Conflict, FluxError, NotFound, Revoked, Timeout, TooLarge, Unauthorized,
+                     Unavailable)
 from .pki import CertificateAuthority, PKIError, cert_serial
 from .secretbox import SecretBox
 from .tokens import is_well_formed_join_token, token_hash
@@ -88,6 +94,10 @@ class ForeignObjects(Conflict):
     """A docker agent found another project's objects under a project's names and left them alone."""
 
 
+class InvalidJob(FluxError):
+    """A job off the contract: a bug in the controller, caught before the job is recorded."""
+
+
 def _check_size(message, agent: str, kind: str) -> None:
     size = wire.size(message)
     if size > wire.MAX_MESSAGE_BYTES:
@@ -95,8 +105,22 @@ def _check_size(message, agent: str, kind: str) -> None:
                        f"{wire.MAX_MESSAGE_BYTES}-byte limit of a message to an agent; it was not sent")
 
 
-_FAILURE_KINDS = {"invalid": BadRequest, "conflict": Conflict, "not_found": NotFound,
-                  "unavailable": Unavailable, "foreign": ForeignObjects}
+FAILURES: dict[FailureKind, type[FluxError]] = {
+    FailureKind.REVOKED: Revoked,
+    FailureKind.NOT_FOUND: NotFound,
+    FailureKind.CONFLICT: Conflict,
+    FailureKind.TIMEOUT: Timeout,
+    FailureKind.UNAVAILABLE: Unavailable,
+    FailureKind.INVALID: BadRequest,
+    FailureKind.INTERNAL: AgentFailed,
+    FailureKind.FOREIGN: ForeignObjects,
+}
+
+
+def failure_error(job: Job) -> FluxError:
+    """The error of a failed job, by its kind of failure."""
+    return FAILURES[job.failure or FailureKind.INTERNAL](f"{job.error} (agent {job.agent})",
+                                                         retryable=bool(job.retryable))
 
 
 class Fleet:
@@ -157,23 +181,48 @@ class Fleet:
             for listener in self._progress_listeners.get(event.job_id, []):
                 listener(event.as_dict())
         elif isinstance(event, wire.JobResult):
-            await self.catalog.job_finished(
-                event.job_id, session.name, event.ok, event.output, event.error, event.retryable,
-                event.error_code,
-            )
+            await self._record_result(session, event)
             session.send(wire.ack(event.job_id))
             self._wake(event.job_id)
+
+    async def _record_result(self, session: Session, event: wire.JobResult) -> None:
+        """Records a job's result; output off its kind's result type fails the job as internal."""
+        if not event.ok:
+            await self.catalog.job_finished(event.job_id, session.name, False, None, event.error,
+                                            event.retryable, event.failure)
+            return
+        job = await self.catalog.get_job(event.job_id)
+        if job is None or job.agent != session.name:
+            return
+        try:
+            if event.output_problem:
+                raise ContractError(f"{job.kind} result", None, event.output_problem)
+            output = job_kind(job.kind).parse_result(event.output).to_wire()
+        except ContractError as exc:
+            log.error("agent %s: job %s (%s): malformed result: %s", session.name, job.id, job.kind, exc)
+            await self.catalog.job_finished(job.id, session.name, False, None,
+                                            f"the agent's result does not match the contract: {exc}", False,
+                                            FailureKind.INTERNAL)
+            return
+        await self.catalog.job_finished(job.id, session.name, True, output, "", False)
 
     # jobs
 
     async def submit(self, agent: str, kind: str, params: dict, job_id: str | None = None) -> Job:
-        """Records a job and sends it if the agent is connected; a known id is not sent again."""
+        """Records a job and sends it if the agent is connected; a known id is not sent again.
+
+        `params` must match the contract of `kind`: what is recorded and sent is them as it reads them.
+        """
+        try:
+            params = job_kind(kind).parse_params(params).to_wire()
+        except ContractError as exc:
+            raise InvalidJob(f"job not sent to agent {agent}: {exc}") from None
         job_id = job_id or str(uuid.uuid4())
         known = await self.catalog.get_agent(agent)
         if known is None:
             raise NotFound(f"no agent named {agent}")
         if known.revoked_at is not None:
-            raise Conflict(f"agent {agent} is revoked")
+            raise Revoked(f"agent {agent} is revoked")
         # Refused here, before it is recorded: an agent could never take it, and it would be
         # sent again on every reconnect.
         _check_size(wire.job_request(job_id, kind, params), agent, kind)
@@ -192,14 +241,16 @@ class Fleet:
         except TooLarge as exc:
             # A job recorded before the limit was checked: failed once, never sent.
             log.warning("job %s not sent: %s", job.id, exc.message)
-            await self.catalog.job_finished(job.id, session.name, False, None, exc.message, False, "invalid")
+            await self.catalog.job_finished(job.id, session.name, False, None, exc.message, False,
+                                            FailureKind.INVALID)
             self._wake(job.id)
             return
         session.send(message)
         await self.catalog.job_sent(job.id)
 
     async def run(self, agent: str, kind: str, params: dict, timeout: float = 60, on_progress=None) -> dict:
-        """Runs a job to its end and returns its output; a failure raises the matching error.
+        """Runs a job to its end and returns its output (its kind's result, as a dict); a failure
+        raises the error of its kind.
 
         `on_progress(dict)` hears the job's progress events as the agent streams them.
         """
@@ -212,13 +263,10 @@ class Fleet:
         finally:
             self._progress_listeners.pop(job_id, None)
         if not done.finished:
-            raise Unavailable(f"agent {agent} did not finish {kind} within {timeout:g}s (job {job.id})")
+            raise Timeout(f"agent {agent} did not finish {kind} within {timeout:g}s (job {job.id})")
         if done.state == "failed":
-            kind_of_error = _FAILURE_KINDS.get(done.error_code or "", AgentFailed)
-            error = kind_of_error(f"{done.error} (agent {agent})")
-            error.retryable = bool(done.retryable)
-            raise error
-        return done.output or {}
+            raise failure_error(done)
+        return done.output
 
     async def wait(self, job_id: str, timeout: float) -> Job:
         """The job once finished, or as it stands when `timeout` runs out."""
@@ -354,7 +402,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         if agent is None or agent.cert_serial != serial:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate is not current for this agent")
         if agent.revoked_at is not None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {name} is revoked")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {name} is revoked",
+                                wire.failure_metadata(FailureKind.REVOKED))
 
         session = Session(name)
         self.fleet.attach(session)
@@ -377,8 +426,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             self.fleet.detach(session)
             log.info("agent %s disconnected: %s", name, session.close_reason or "stream ended")
         if session.close_reason:
-            code = grpc.StatusCode.PERMISSION_DENIED if session.revoked else grpc.StatusCode.ABORTED
-            await context.abort(code, session.close_reason)
+            if session.revoked:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, session.close_reason,
+                                    wire.failure_metadata(FailureKind.REVOKED))
+            await context.abort(grpc.StatusCode.ABORTED, session.close_reason)
 
     async def _read(self, session: Session, request_iterator) -> None:
         try:

@@ -5,7 +5,9 @@ Nothing else in the controller touches `_pb2` types.
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
+from contract.failures import FailureKind
 from proto import fleet_pb2 as pb
 
 # The largest message either side of the Fleet stream sends or accepts (agent/wire.py agrees).
@@ -13,6 +15,8 @@ from proto import fleet_pb2 as pb
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # Enrollment carries a token, a name and a CSR: nothing near this.
 MAX_ENROLL_MESSAGE_BYTES = 64 * 1024
+# Trailing metadata of a refused call: the FailureKind value saying why (agent/wire.py reads it).
+FAILURE_METADATA_KEY = "flux-failure-kind"
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,14 @@ class JobProgress:
 class JobResult:
     job_id: str
     ok: bool
-    output: dict | None
+    # The output as a JSON value (None when there is none); the fleet checks it against the contract.
+    output: Any
     error: str
     retryable: bool
-    error_code: str = ""
+    # None when ok.
+    failure: FailureKind | None = None
+    # Why the output could not be read as JSON.
+    output_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,14 +103,21 @@ def _facts(msg: pb.Facts) -> Facts:
     )
 
 
-def _output(text: str) -> dict | None:
+def _output(text: str) -> tuple[Any, str]:
+    """The output as a JSON value, and why it is none when it could not be read."""
     if not text:
-        return None
+        return None, ""
     try:
-        value = json.loads(text)
-    except ValueError:
-        return {"raw": text}
-    return value if isinstance(value, dict) else {"value": value}
+        return json.loads(text), ""
+    except ValueError as exc:
+        return None, f"the output is not JSON ({exc})"
+
+
+def _failure(value: int) -> FailureKind:
+    try:
+        return FailureKind.from_proto_name(pb.FailureKind.Name(value))
+    except ValueError:  # a value a newer agent knows
+        return FailureKind.INTERNAL
 
 
 def decode_agent_message(msg: pb.AgentMessage) -> AgentEvent | None:
@@ -124,7 +139,9 @@ def decode_agent_message(msg: pb.AgentMessage) -> AgentEvent | None:
             return JobProgress(event.job_id, p.phase, p.done, p.total, p.unit, p.message)
         if which == "result":
             r = event.result
-            return JobResult(event.job_id, r.ok, _output(r.output_json), r.error, r.retryable, r.error_code)
+            output, problem = _output(r.output_json)
+            return JobResult(event.job_id, r.ok, output, r.error, r.retryable,
+                             None if r.ok else _failure(r.failure), problem)
     return None
 
 
@@ -172,3 +189,8 @@ def lease_grant(nonce: str, seconds: int) -> pb.ControllerMessage:
 
 def ack(job_id: str) -> pb.ControllerMessage:
     return pb.ControllerMessage(ack=pb.ResultAck(job_id=job_id))
+
+
+def failure_metadata(kind: FailureKind) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that tells a refused agent the kind of its refusal."""
+    return ((FAILURE_METADATA_KEY, kind.value),)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11proto/fleet.proto\x12\rflux.fleet.v1\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"(\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\"L\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\x0c\"b\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x12\n\nfleet_port\x18\x03 \x01(\x05\x12\x13\n\x0bserver_name\x18\x04 \x01(\t\"\xb7\x01\n\x05\x46\x61\x63ts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12.\n\x05tools\x18\x03 \x03(\x0b\x32\x1f.flux.fleet.v1.Facts.ToolsEntry\x12\x18\n\x10spool_free_bytes\x18\x04 \x01(\x03\x12\r\n\x05roles\x18\x05 \x03(\t\x1a,\n\nToolsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf5\x01\n\x0c\x41gentMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.flux.fleet.v1.HelloH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.flux.fleet.v1.HeartbeatH\x00\x12,\n\tjob_event\x18\x03 \x01(\x0b\x32\x17.flux.fleet.v1.JobEventH\x00\x12#\n\x04pong\x18\x04 \x01(\x0b\x32\x13.flux.fleet.v1.PongH\x00\x12\x34\n\rlease_request\x18\x05 \x01(\x0b\x32\x1b.flux.fleet.v1.LeaseRequestH\x00\x42\x06\n\x04\x62ody\"\x1d\n\x0cLeaseRequest\x12\r\n\x05nonce\x18\x01 \x01(\t\",\n\x05Hello\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.flux.fleet.v1.Facts\"0\n\tHeartbeat\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.flux.fleet.v1.Facts\"\x7f\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.flux.fleet.v1.JobProgressH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.flux.fleet.v1.JobResultH\x00\x42\x07\n\x05\x65vent\"X\n\x0bJobProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"b\n\tJobResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x13\n\x0boutput_json\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x12\n\nerror_code\x18\x05 \x01(\t\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\t\"\xea\x01\n\x11\x43ontrollerMessage\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.flux.fleet.v1.WelcomeH\x00\x12(\n\x03job\x18\x02 \x01(\x0b\x32\x19.flux.fleet.v1.JobRequestH\x00\x12#\n\x04ping\x18\x03 \x01(\x0b\x32\x13.flux.fleet.v1.PingH\x00\x12\'\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x18.flux.fleet.v1.ResultAckH\x00\x12*\n\x05lease\x18\x05 \x01(\x0b\x32\x19.flux.fleet.v1.LeaseGrantH\x00\x42\x06\n\x04\x62ody\",\n\nLeaseGrant\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x05\"$\n\x07Welcome\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x05\"?\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\t\"\x1b\n\tResultAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t2S\n\nEnrollment\x12\x45\n\x06\x45nroll\x12\x1c.flux.fleet.v1.EnrollRequest\x1a\x1d.flux.fleet.v1.EnrollResponse2\x99\x01\n\x05\x46leet\x12L\n\x07\x43onnect\x12\x1b.flux.fleet.v1.AgentMessage\x1a .flux.fleet.v1.ControllerMessage(\x01\x30\x01\x12\x42\n\x05Renew\x12\x1b.flux.fleet.v1.RenewRequest\x1a\x1c.flux.fleet.v1.RenewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11proto/fleet.proto\x12\rflux.fleet.v1\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"(\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\"L\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\x0c\"b\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x12\n\nfleet_port\x18\x03 \x01(\x05\x12\x13\n\x0bserver_name\x18\x04 \x01(\t\"\xb7\x01\n\x05\x46\x61\x63ts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12.\n\x05tools\x18\x03 \x03(\x0b\x32\x1f.flux.fleet.v1.Facts.ToolsEntry\x12\x18\n\x10spool_free_bytes\x18\x04 \x01(\x03\x12\r\n\x05roles\x18\x05 \x03(\t\x1a,\n\nToolsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf5\x01\n\x0c\x41gentMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.flux.fleet.v1.HelloH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.flux.fleet.v1.HeartbeatH\x00\x12,\n\tjob_event\x18\x03 \x01(\x0b\x32\x17.flux.fleet.v1.JobEventH\x00\x12#\n\x04pong\x18\x04 \x01(\x0b\x32\x13.flux.fleet.v1.PongH\x00\x12\x34\n\rlease_request\x18\x05 \x01(\x0b\x32\x1b.flux.fleet.v1.LeaseRequestH\x00\x42\x06\n\x04\x62ody\"\x1d\n\x0cLeaseRequest\x12\r\n\x05nonce\x18\x01 \x01(\t\",\n\x05Hello\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.flux.fleet.v1.Facts\"0\n\tHeartbeat\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.flux.fleet.v1.Facts\"\x7f\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.flux.fleet.v1.JobProgressH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.flux.fleet.v1.JobResultH\x00\x42\x07\n\x05\x65vent\"X\n\x0bJobProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"\x8d\x01\n\tJobResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x13\n\x0boutput_json\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12+\n\x07\x66\x61ilure\x18\x06 \x01(\x0e\x32\x1a.flux.fleet.v1.FailureKindJ\x04\x08\x05\x10\x06R\nerror_code\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\t\"\xea\x01\n\x11\x43ontrollerMessage\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.flux.fleet.v1.WelcomeH\x00\x12(\n\x03job\x18\x02 \x01(\x0b\x32\x19.flux.fleet.v1.JobRequestH\x00\x12#\n\x04ping\x18\x03 \x01(\x0b\x32\x13.flux.fleet.v1.PingH\x00\x12\'\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x18.flux.fleet.v1.ResultAckH\x00\x12*\n\x05lease\x18\x05 \x01(\x0b\x32\x19.flux.fleet.v1.LeaseGrantH\x00\x42\x06\n\x04\x62ody\",\n\nLeaseGrant\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x05\"$\n\x07Welcome\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x05\"?\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\t\"\x1b\n\tResultAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x83\x02\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x41ILURE_KIND_REVOKED\x10\x01\x12\x1a\n\x16\x46\x41ILURE_KIND_NOT_FOUND\x10\x02\x12\x19\n\x15\x46\x41ILURE_KIND_CONFLICT\x10\x03\x12\x18\n\x14\x46\x41ILURE_KIND_TIMEOUT\x10\x04\x12\x1c\n\x18\x46\x41ILURE_KIND_UNAVAILABLE\x10\x05\x12\x18\n\x14\x46\x41ILURE_KIND_INVALID\x10\x06\x12\x19\n\x15\x46\x41ILURE_KIND_INTERNAL\x10\x07\x12\x18\n\x14\x46\x41ILURE_KIND_FOREIGN\x10\x08\x32S\n\nEnrollment\x12\x45\n\x06\x45nroll\x12\x1c.flux.fleet.v1.EnrollRequest\x1a\x1d.flux.fleet.v1.EnrollResponse2\x99\x01\n\x05\x46leet\x12L\n\x07\x43onnect\x12\x1b.flux.fleet.v1.AgentMessage\x1a .flux.fleet.v1.ControllerMessage(\x01\x30\x01\x12\x42\n\x05Renew\x12\x1b.flux.fleet.v1.RenewRequest\x1a\x1c.flux.fleet.v1.RenewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FACTS_TOOLSENTRY']._loaded_options = None
   _globals['_FACTS_TOOLSENTRY']._serialized_options = b'8\001'
+  _globals['_FAILUREKIND']._serialized_start=1675
+  _globals['_FAILUREKIND']._serialized_end=1934
   _globals['_RENEWREQUEST']._serialized_start=36
   _globals['_RENEWREQUEST']._serialized_end=67
   _globals['_RENEWRESPONSE']._serialized_start=69
@@ -57,24 +59,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBEVENT']._serialized_end=977
   _globals['_JOBPROGRESS']._serialized_start=979
   _globals['_JOBPROGRESS']._serialized_end=1067
-  _globals['_JOBRESULT']._serialized_start=1069
-  _globals['_JOBRESULT']._serialized_end=1167
-  _globals['_PONG']._serialized_start=1169
-  _globals['_PONG']._serialized_end=1190
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1193
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1427
-  _globals['_LEASEGRANT']._serialized_start=1429
-  _globals['_LEASEGRANT']._serialized_end=1473
-  _globals['_WELCOME']._serialized_start=1475
-  _globals['_WELCOME']._serialized_end=1511
-  _globals['_JOBREQUEST']._serialized_start=1513
-  _globals['_JOBREQUEST']._serialized_end=1576
-  _globals['_PING']._serialized_start=1578
-  _globals['_PING']._serialized_end=1599
-  _globals['_RESULTACK']._serialized_start=1601
-  _globals['_RESULTACK']._serialized_end=1628
-  _globals['_ENROLLMENT']._serialized_start=1630
-  _globals['_ENROLLMENT']._serialized_end=1713
-  _globals['_FLEET']._serialized_start=1716
-  _globals['_FLEET']._serialized_end=1869
+  _globals['_JOBRESULT']._serialized_start=1070
+  _globals['_JOBRESULT']._serialized_end=1211
+  _globals['_PONG']._serialized_start=1213
+  _globals['_PONG']._serialized_end=1234
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1237
+  _globals['_CONTROLLERMESSAGE']._serialized_end=1471
+  _globals['_LEASEGRANT']._serialized_start=1473
+  _globals['_LEASEGRANT']._serialized_end=1517
+  _globals['_WELCOME']._serialized_start=1519
+  _globals['_WELCOME']._serialized_end=1555
+  _globals['_JOBREQUEST']._serialized_start=1557
+  _globals['_JOBREQUEST']._serialized_end=1620
+  _globals['_PING']._serialized_start=1622
+  _globals['_PING']._serialized_end=1643
+  _globals['_RESULTACK']._serialized_start=1645
+  _globals['_RESULTACK']._serialized_end=1672
+  _globals['_ENROLLMENT']._serialized_start=1936
+  _globals['_ENROLLMENT']._serialized_end=2019
+  _globals['_FLEET']._serialized_start=2022
+  _globals['_FLEET']._serialized_end=2175
 # @@protoc_insertion_point(module_scope)

@@ -1,10 +1,32 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_KIND_UNSPECIFIED: _ClassVar[FailureKind]
+    FAILURE_KIND_REVOKED: _ClassVar[FailureKind]
+    FAILURE_KIND_NOT_FOUND: _ClassVar[FailureKind]
+    FAILURE_KIND_CONFLICT: _ClassVar[FailureKind]
+    FAILURE_KIND_TIMEOUT: _ClassVar[FailureKind]
+    FAILURE_KIND_UNAVAILABLE: _ClassVar[FailureKind]
+    FAILURE_KIND_INVALID: _ClassVar[FailureKind]
+    FAILURE_KIND_INTERNAL: _ClassVar[FailureKind]
+    FAILURE_KIND_FOREIGN: _ClassVar[FailureKind]
+FAILURE_KIND_UNSPECIFIED: FailureKind
+FAILURE_KIND_REVOKED: FailureKind
+FAILURE_KIND_NOT_FOUND: FailureKind
+FAILURE_KIND_CONFLICT: FailureKind
+FAILURE_KIND_TIMEOUT: FailureKind
+FAILURE_KIND_UNAVAILABLE: FailureKind
+FAILURE_KIND_INVALID: FailureKind
+FAILURE_KIND_INTERNAL: FailureKind
+FAILURE_KIND_FOREIGN: FailureKind
 
 class RenewRequest(_message.Message):
     __slots__ = ("csr_pem",)
@@ -120,18 +142,18 @@ class JobProgress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., unit: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("ok", "output_json", "error", "retryable", "error_code")
+    __slots__ = ("ok", "output_json", "error", "retryable", "failure")
     OK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
-    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     output_json: str
     error: str
     retryable: bool
-    error_code: str
-    def __init__(self, ok: _Optional[bool] = ..., output_json: _Optional[str] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., error_code: _Optional[str] = ...) -> None: ...
+    failure: FailureKind
+    def __init__(self, ok: _Optional[bool] = ..., output_json: _Optional[str] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., failure: _Optional[_Union[FailureKind, str]] = ...) -> None: ...
 
 class Pong(_message.Message):
     __slots__ = ("nonce",)

@@ -5,8 +5,11 @@ import datetime
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
+from contract.jobs import KINDS, job_kind
+from contract.messages import ContractError
+
 from ..errors import BadRequest, NotFound
-from ..fleet import check_agent_name, check_roles
+from ..fleet import check_agent_name, check_roles, shown
 from ..store import Agent, User
 from ..tokens import new_join_token, token_hash
 from .common import PREFIX, Services, admin, agent_view, job_view, services
@@ -77,8 +80,15 @@ async def ping_agent(name: str, _: User = Depends(admin), s: Services = Depends(
 @router.post("/agents/{name}/jobs", status_code=202)
 async def run_job(name: str, body: JobRequest, _: User = Depends(admin), s: Services = Depends(services)):
     agent = await known_agent(s, name)
+    if body.kind not in KINDS:
+        raise BadRequest(f"unknown job kind {shown(body.kind)}; one of {', '.join(DIAGNOSTIC_JOBS)}")
     if body.kind not in DIAGNOSTIC_JOBS:
-        raise BadRequest(f"unknown job kind {body.kind!r}; one of {', '.join(DIAGNOSTIC_JOBS)}")
+        raise BadRequest(f"job kind {body.kind} is sent by the operations that need it, not by hand; "
+                         f"one of {', '.join(DIAGNOSTIC_JOBS)}")
+    try:
+        job_kind(body.kind).parse_params(body.params)
+    except ContractError as exc:
+        raise BadRequest(str(exc)) from None
     job = await s.fleet.submit(agent.name, body.kind, body.params, body.job_id)
     return job_view(job)
 

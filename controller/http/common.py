@@ -74,7 +74,7 @@ def job_view(job: Job) -> dict:
     return {
         "id": job.id, "agent": job.agent, "kind": job.kind, "state": job.state,
         "output": job.output, "error": job.error, "retryable": job.retryable,
-        "progress": job.progress,
+        "failure": job.failure.value if job.failure else None, "progress": job.progress,
     }
 
 

@@ -34,9 +34,15 @@ def push_files(body: dict) -> list[dict]:
     """The files of a push: `files`, or one `sql` with its optional `migration` (existing clients)."""
     if "files" in body:
         files = body["files"]
+        shape = "files must be a list of {filename, sql, version?, checksum?}, each a string"
         if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
-            raise BadRequest("files must be a list of {filename, sql, version?, checksum?}")
-        return [{k: f[k] for k in ("filename", "sql", "version", "checksum") if k in f} for f in files]
+            raise BadRequest(shape)
+        picked = [{k: f[k] for k in ("filename", "sql", "version", "checksum") if f.get(k) is not None}
+                  for f in files]
+        if not all(isinstance(f.get("filename"), str) and isinstance(f.get("sql"), str)
+                   and all(isinstance(v, str) for v in f.values()) for f in picked):
+            raise BadRequest(shape)
+        return picked
     sql_text = body.get("sql")
     if not isinstance(sql_text, str):
         raise BadRequest("push needs sql (a string) or files")

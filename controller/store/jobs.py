@@ -3,6 +3,8 @@
 import json
 from dataclasses import dataclass
 
+from contract.failures import FailureKind
+
 from ..errors import Conflict
 from .base import Store
 
@@ -18,11 +20,16 @@ class Job:
     error: str | None
     retryable: bool | None
     progress: dict | None
+    # The FailureKind's value of a failed job.
     error_code: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.state in ("succeeded", "failed")
+
+    @property
+    def failure(self) -> FailureKind | None:
+        return FailureKind.parse(self.error_code) if self.state == "failed" else None
 
 def _job(row: dict) -> Job:
     return Job(
@@ -68,10 +75,10 @@ class JobStore(Store):
     async def abandon_jobs(self, agent: str, kind: str, error: str) -> list[str]:
         """Closes an agent's open jobs of one kind as failed, so no reconnect sends them again."""
         rows = await self._all(
-            "UPDATE jobs SET state = 'failed', error = %s, retryable = true, error_code = 'unavailable',"
+            "UPDATE jobs SET state = 'failed', error = %s, retryable = true, error_code = %s,"
             " updated_at = now(), finished_at = now()"
             " WHERE agent = %s AND kind = %s AND state IN ('pending', 'sent') RETURNING id",
-            (error, agent, kind),
+            (error, FailureKind.UNAVAILABLE.value, agent, kind),
         )
         return [r["id"] for r in rows]
 
@@ -84,7 +91,7 @@ class JobStore(Store):
 
     async def job_finished(
         self, job_id: str, agent: str, ok: bool, output: dict | None, error: str, retryable: bool,
-        error_code: str = "",
+        failure: FailureKind | None = None,
     ) -> Job | None:
         """Records a result once; a repeated result for a finished job changes nothing."""
         row = await self._one(
@@ -92,7 +99,8 @@ class JobStore(Store):
             " updated_at = now(), finished_at = now()"
             " WHERE id = %s AND agent = %s AND state IN ('pending', 'sent') RETURNING *",
             ("succeeded" if ok else "failed", json.dumps(output) if output is not None else None,
-             None if ok else error, None if ok else retryable, None if ok else (error_code or None),
+             None if ok else error, None if ok else retryable, 
+             None if ok else (failure or FailureKind.INTERNAL).value,
              job_id, agent),
         )
         return _job(row) if row else None

@@ -196,6 +196,23 @@ def test_same_job_sent_twice_runs_once(controller, agents):
     assert "job dup-job-0001 (diag.wait) received again" in log
 
 
+def test_the_job_route_refuses_a_kind_or_params_off_the_contract(controller, agents):
+    agents("bad-1", start=False)
+    for body, problem in [
+        ({"kind": "tenant.explode", "params": {}}, "unknown job kind 'tenant.explode'"),
+        ({"kind": "tenant.drop", "params": {"project_id": "x", "short_id": "y"}}, "not by hand"),
+        ({"kind": "diag.wait", "params": {"secs": 2}}, "diag.wait params: secs: unknown key"),
+        ({"kind": "diag.wait", "params": {"seconds": "2"}},
+         "diag.wait params: seconds: expected a number, got a string"),
+        ({"kind": "diag.wait", "params": {"seconds": True}},
+         "diag.wait params: seconds: expected a number, got a boolean"),
+    ]:
+        refused = controller.api("POST", "agents/bad-1/jobs", body)
+        assert refused.status_code == 400 and problem in refused.json()["error"], refused.text
+    with psycopg.connect(controller.catalog_url) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
 def test_agent_killed_mid_job_reports_it_failed_on_restart(controller, agents):
     agent = agents("kill-1")
     wait_until(lambda: controller.connected("kill-1"), 15, "kill-1 connected")

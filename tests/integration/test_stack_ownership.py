@@ -9,6 +9,7 @@ import pytest
 
 from agent import stacks
 from agent.errors import AgentError
+from contract.failures import FailureKind
 from agent.settings import DockerSettings
 
 pytestmark = pytest.mark.integration
@@ -92,7 +93,7 @@ def test_provision_does_not_reuse_another_projects_object(engine, image, spec, k
     with pytest.raises(AgentError) as refused:
         stacks.provision(spec, settings)
     name = {"network": spec.network, "volume": spec.volume, "db": spec.db}[kind]
-    assert refused.value.code == "foreign"
+    assert refused.value.kind is FailureKind.FOREIGN
     assert name in refused.value.message and "not this project's" in refused.value.message
     taken.reload()
     assert taken.id == (engine.networks if kind == "network" else engine.volumes if kind == "volume"
@@ -111,7 +112,7 @@ def test_remove_leaves_another_projects_objects_and_names_them(engine, image, sp
     api = foreign(engine, image, spec, "api", labelled=False)
     with pytest.raises(AgentError) as refused:
         stacks.remove(spec)
-    assert refused.value.code == "foreign"
+    assert refused.value.kind is FailureKind.FOREIGN
     for name in (spec.network, spec.volume, spec.db, spec.api):
         assert name in refused.value.message
     assert exists(engine.networks, spec.network) and engine.networks.get(spec.network).id == network.id

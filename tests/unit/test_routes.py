@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from agent.errors import AgentError
+from contract.failures import FailureKind
 from agent.gateway import Gateway
 from agent.settings import GatewaySettings
 from controller import wire
@@ -86,7 +87,7 @@ def test_a_delta_applies_on_its_base_and_is_refused_on_another(gateway):
     assert routes[2]["project_id"] not in {r.project_id for r in gateway.table.routes}
     with pytest.raises(AgentError) as refused:
         asyncio.run(gateway.sync(3, 1, 0, 1, [], []))
-    assert refused.value.code == "conflict"
+    assert refused.value.kind is FailureKind.CONFLICT
     # An older version arriving late changes nothing.
     assert asyncio.run(gateway.sync(1, None, 0, 1, [], []))["stale"] is True
     assert gateway.table.version == 2 and len(gateway.table.routes) == 2
@@ -98,7 +99,7 @@ def test_parts_out_of_order_are_refused(gateway):
     asyncio.run(gateway.sync(5, None, 0, len(chunks), chunks[0]["upsert"], []))
     with pytest.raises(AgentError) as refused:
         asyncio.run(gateway.sync(5, None, 2, len(chunks), chunks[2]["upsert"], []))
-    assert refused.value.code == "conflict" and gateway.table.version == 0
+    assert refused.value.kind is FailureKind.CONFLICT and gateway.table.version == 0
 
 
 def test_without_a_lease_the_gateway_serves_nothing(gateway):

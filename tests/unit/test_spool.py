@@ -78,6 +78,7 @@ def _agent(tmp_path):
 
 def test_a_result_over_the_message_limit_goes_as_a_failure(tmp_path):
     from agent import wire
+    from proto import fleet_pb2
 
     agent = _agent(tmp_path)
     files = [{"filename": f"{i:06d}_{'é' * 200}.sql", "checksum": "0" * 64} for i in range(40_000)]
@@ -87,7 +88,7 @@ def test_a_result_over_the_message_limit_goes_as_a_failure(tmp_path):
     assert wire.size(message) < 4096
     result = message.job_event.result
     assert not result.ok and "over the" in result.error and "limit" in result.error
-    assert result.error_code == "invalid"
+    assert result.failure == fleet_pb2.FAILURE_KIND_INVALID
     # The spool holds the failure now, so a reconnect sends the same small answer.
     assert agent.spool.get("big-1").output is None and not agent.spool.get("big-1").ok
 

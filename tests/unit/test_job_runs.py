@@ -1,0 +1,232 @@
+"""Jobs as the controller sends them and the agent runs them, checked against the contract:
+a fake catalog and a scripted agent behind the real wire on both sides."""
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from agent import wire as agent_wire
+from contract.failures import FailureKind
+from controller import wire as controller_wire
+from controller.catalog import Agent, Job
+from controller.errors import BadRequest, Conflict, NotFound, Revoked, Timeout, Unavailable
+from controller.fleet import AgentFailed, Fleet, ForeignObjects, InvalidJob, Session
+from controller.secretbox import SecretBox, new_master_key
+from proto import fleet_pb2 as pb
+
+
+class FakeCatalog:
+    """The job half of the catalog, in memory."""
+
+    def __init__(self):
+        self.jobs: dict[str, Job] = {}
+        self.agents = {"db-1": Agent("db-1", ["db"], "1", None, None, None, {})}
+
+    async def get_agent(self, name):
+        return self.agents.get(name)
+
+    async def create_job(self, job_id, agent, kind, params_sealed):
+        if job_id in self.jobs:
+            return self.jobs[job_id], False
+        job = Job(job_id, agent, kind, params_sealed, "pending", None, None, None, None)
+        self.jobs[job_id] = job
+        return job, True
+
+    async def get_job(self, job_id):
+        return self.jobs.get(job_id)
+
+    async def job_sent(self, job_id):
+        if self.jobs[job_id].state == "pending":
+            self.jobs[job_id] = dataclasses.replace(self.jobs[job_id], state="sent")
+
+    async def job_progress(self, job_id, progress):
+        pass
+
+    async def job_finished(self, job_id, agent, ok, output, error, retryable, failure=None):
+        job = self.jobs.get(job_id)
+        if job is None or job.agent != agent or job.finished:
+            return None
+        self.jobs[job_id] = dataclasses.replace(
+            job, state="succeeded" if ok else "failed", output=output, error=None if ok else error,
+            retryable=None if ok else retryable, error_code=None if ok else failure.value)
+        return self.jobs[job_id]
+
+
+class ScriptedAgent:
+    """Answers each job the controller sends with the next scripted answer, over the real wire."""
+
+    def __init__(self, fleet: Fleet, answers: list):
+        self.fleet = fleet
+        self.answers = list(answers)
+        self.session = Session("db-1")
+        self.received: list[agent_wire.JobRequest] = []
+        fleet.attach(self.session)
+        self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self):
+        while True:
+            message = await self.session.outbox.get()
+            request = agent_wire.decode(pb.ControllerMessage.FromString(message.SerializeToString()))
+            if not isinstance(request, agent_wire.JobRequest):
+                continue
+            self.received.append(request)
+            ok, output, error, retryable, failure = self.answers.pop(0)
+            answer = agent_wire.result(request.job_id, ok, output, error, retryable, failure)
+            event = controller_wire.decode_agent_message(pb.AgentMessage.FromString(answer.SerializeToString()))
+            await self.fleet.handle(self.session, event)
+
+
+def _fleet() -> tuple[Fleet, FakeCatalog]:
+    catalog = FakeCatalog()
+    return Fleet(catalog, SecretBox(new_master_key())), catalog
+
+
+def ok(output):
+    return (True, output, "", False, None)
+
+
+def failed(kind: FailureKind, retryable: bool, error: str = "it broke"):
+    return (False, None, error, retryable, kind)
+
+
+WAITED = {"waited_s": 0.0, "pid": 1}
+
+
+@pytest.mark.parametrize("failure, error_class", [
+    (FailureKind.REVOKED, Revoked), (FailureKind.NOT_FOUND, NotFound), (FailureKind.CONFLICT, Conflict),
+    (FailureKind.TIMEOUT, Timeout), (FailureKind.UNAVAILABLE, Unavailable), (FailureKind.INVALID, BadRequest),
+    (FailureKind.INTERNAL, AgentFailed), (FailureKind.FOREIGN, ForeignObjects),
+])
+def test_each_failure_kind_raises_its_error(failure, error_class):
+    async def main():
+        fleet, _ = _fleet()
+        ScriptedAgent(fleet, [failed(failure, False, "the reason")])
+        with pytest.raises(error_class) as raised:
+            await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=5)
+        assert raised.value.message == "the reason (agent db-1)" and raised.value.retryable is False
+        # The kind decides, not the words: a failure saying "revoked" of kind invalid is a bad request.
+        ScriptedAgent(fleet, [failed(FailureKind.INVALID, False, "agent db-1 is revoked")])
+        with pytest.raises(BadRequest):
+            await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=5)
+
+    asyncio.run(main())
+
+
+def test_every_failure_kind_has_an_error():
+    from controller.fleet import FAILURES
+
+    assert set(FAILURES) == set(FailureKind)
+
+
+@pytest.mark.parametrize("params, key", [
+    ({"seconds": 0, "surplus": 1}, "surplus"),
+    ({"project_id": "0b5f3a9e-1c2d-4e5f-8a9b-0c1d2e3f4a5b"}, "short_id"),
+])
+def test_the_sender_refuses_params_off_the_contract_before_recording_them(params, key):
+    kind = "diag.wait" if "seconds" in params else "tenant.create"
+
+    async def main():
+        fleet, catalog = _fleet()
+        with pytest.raises(InvalidJob, match=rf"{kind} params: {key}: "):
+            await fleet.run("db-1", kind, params, timeout=5)
+        with pytest.raises(InvalidJob, match="unknown job kind"):
+            await fleet.submit("db-1", "tenant.explode", {})
+        assert catalog.jobs == {}
+
+    asyncio.run(main())
+
+
+def test_what_is_recorded_and_sent_is_the_checked_params():
+    async def main():
+        fleet, catalog = _fleet()
+        agent = ScriptedAgent(fleet, [ok(WAITED)])
+        await fleet.run("db-1", "diag.wait", {}, timeout=5)
+        assert agent.received[0].params == {"seconds": 1, "pad": ""}
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("output, problem", [
+    ({"waited_s": "soon", "pid": 1}, "diag.wait result: waited_s: expected a number, got a string"),
+    ({"waited_s": 0.1, "pid": 1, "extra": True}, "diag.wait result: extra: unknown key"),
+    (None, "diag.wait result: expected an object, got null"),
+])
+def test_a_malformed_result_fails_the_job_as_internal(output, problem):
+    async def main():
+        fleet, catalog = _fleet()
+        ScriptedAgent(fleet, [ok(output), ok(WAITED)])
+        with pytest.raises(AgentFailed, match=problem):
+            await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=5)
+        [job] = catalog.jobs.values()
+        assert (job.state, job.error_code, job.retryable, job.output) == ("failed", "internal", False, None)
+
+    asyncio.run(main())
+
+
+# The agent's side.
+
+def _context(**settings):
+    return dict(job_id="job-1", progress=lambda *a: None, collect_facts=dict, settings=settings)
+
+
+def test_the_agent_refuses_params_off_the_contract_as_invalid_naming_the_key():
+    from agent import jobs
+    from agent.errors import AgentError
+
+    with pytest.raises(AgentError) as refused:
+        asyncio.run(jobs.run("diag.wait", {"seconds": 0, "bogus": 1}, **_context()))
+    assert refused.value.kind is FailureKind.INVALID and "diag.wait params: bogus: unknown key" in refused.value.message
+    with pytest.raises(AgentError) as refused:
+        asyncio.run(jobs.run("tenant.dump", {"project_id": "x", "short_id": "y"}, **_context()))
+    assert refused.value.kind is FailureKind.INVALID and "expected_bytes: missing required key" in refused.value.message
+    with pytest.raises(AgentError) as unknown:
+        asyncio.run(jobs.run("tenant.explode", {}, **_context()))
+    assert unknown.value.kind is FailureKind.INVALID and "tenant.explode" in unknown.value.message
+
+
+def test_the_agent_hands_typed_params_in_and_checks_the_result(monkeypatch):
+    from agent import jobs
+    from agent.errors import AgentError
+    from contract.diagnostics import DiagWaited, DiagWaitParams
+
+    result = asyncio.run(jobs.run("diag.wait", {"seconds": 0}, **_context()))
+    assert isinstance(result, DiagWaited) and result.waited_s >= 0
+
+    seen = []
+
+    async def sloppy(ctx):
+        seen.append(ctx.params)
+        return {"waited_s": 0, "pid": "me"}
+
+    monkeypatch.setitem(jobs.HANDLERS, "diag.wait", sloppy)
+    with pytest.raises(AgentError) as refused:
+        asyncio.run(jobs.run("diag.wait", {"seconds": 2}, **_context()))
+    assert seen == [DiagWaitParams(seconds=2)]
+    assert refused.value.kind is FailureKind.INTERNAL
+    assert "diag.wait result: pid: expected an integer" in refused.value.message
+
+
+def test_a_revoked_stream_is_told_by_its_kind_not_its_words():
+    import grpc
+
+    from agent.errors import Revoked
+
+    class Refusal(grpc.RpcError):
+        def __init__(self, detail, metadata):
+            self.detail, self.metadata = detail, metadata
+
+        def code(self):
+            return grpc.StatusCode.PERMISSION_DENIED
+
+        def details(self):
+            return self.detail
+
+        def trailing_metadata(self):
+            return self.metadata
+
+    revoked = agent_wire.translate(Refusal("agent db-1 is revoked", controller_wire.failure_metadata(
+        FailureKind.REVOKED)), "connection")
+    assert isinstance(revoked, Revoked) and revoked.kind is FailureKind.REVOKED
+    other = agent_wire.translate(Refusal("certificate is not current (not revoked)", ()), "connection")
+    assert not isinstance(other, Revoked)
