@@ -489,6 +489,7 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
         raise AgentError(f"restore into the dedicated database failed: {tails[restorer.pid].text()}")
     if dumper.returncode != 0:
         _discard(partial)
+        # A lost connection or a restarted server: a new attempt starts over on an emptied target.
         raise AgentError(f"pg_dump of {tenant.schema} failed: {tails[dumper.pid].text()}", retryable=True)
     os.replace(partial, path)
     ledger_rows = 0

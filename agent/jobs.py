@@ -229,8 +229,9 @@ async def tenant_dump(ctx: JobContext) -> dict:
     p = ctx.params
     tenant = tenants.Tenant.from_params(p)
     if p.require_guard and not dumps.guard_held(tenant):
+        # The same job sent again finds no guard either: the controller must lock again first.
         raise AgentError("the write guard on the source is not held (the agent restarted?); "
-                         "lock again before dumping", retryable=True)
+                         "lock again before dumping", kind=FailureKind.CONFLICT)
     name = p.name or tenant.schema
     if not name.replace("-", "").replace("_", "").isalnum():
         raise AgentError(f"invalid dump name {name!r}", kind=FailureKind.INVALID)

@@ -120,6 +120,7 @@ class Spool:
         now = time.time()
         for record in self.records():
             if record.state == "running" and record.pid != os.getpid():
+                # Sent again, a job of a kind that is safe to send again finishes what this one started.
                 interrupted.append(self.finish(
                     record, False, None,
                     "the agent stopped while this job was running; it may have been partly done",

@@ -178,7 +178,8 @@ def tenant_login(conn, settings: DbSettings, tenant: "Tenant") -> str:
     """
     key = conn.execute("SELECT key FROM flux_private.login_key WHERE id = 1").fetchone()
     if key is None:
-        raise AgentError("the shared cluster is not bootstrapped (no login key)", retryable=True)
+        # Every job bootstraps the cluster before it logs in: sending it again would not help.
+        raise AgentError("the shared cluster is not bootstrapped (no login key)")
     password = hmac.new(bytes(key[0]), tenant.owner_role.encode(), "sha256").hexdigest()
     row = conn.execute("SELECT rolcanlogin, rolpassword, shobj_description(oid, 'pg_authid') FROM pg_authid"
                        " WHERE rolname = %s", (tenant.owner_role,)).fetchone()

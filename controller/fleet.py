@@ -5,7 +5,8 @@ Jobs are checked against the contract (contract/jobs.py), recorded in the catalo
 before they are sent, sent again on every reconnect until their result arrives, and
 acknowledged once recorded, so a result survives a dropped connection on either side.
 A result is checked against the contract when it arrives; a failure raises the error
-of its kind.
+of its kind, and `run` sends a job again, as a new one, when the failure is retryable
+and its kind safe to send again.
 """
 
 import asyncio
@@ -19,7 +20,7 @@ import uuid
 import grpc
 
 from contract.failures import FailureKind
-from contract.jobs import job_kind
+from contract.jobs import KINDS, job_kind
 from contract.messages import ContractError
 from proto import fleet_pb2_grpc
 
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 ROLES = ("db", "docker", "gateway")
 AGENT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PING_TIMEOUT_S = 5.0
+# A job whose failure is retryable, of a kind safe to send again, is sent this many times at
+# most, waiting RETRY_BACKOFF_S, then twice that, between attempts (all within the caller's timeout).
+MAX_ATTEMPTS = 3
+RETRY_BACKOFF_S = 1.0
 
 
 def shown(text: str, limit: int = 64) -> str:
@@ -252,21 +257,38 @@ class Fleet:
         """Runs a job to its end and returns its output (its kind's result, as a dict); a failure
         raises the error of its kind.
 
-        `on_progress(dict)` hears the job's progress events as the agent streams them.
+        A retryable failure of a kind the contract marks safe to send again sends the job again,
+        as a new job, up to MAX_ATTEMPTS times within `timeout`. `on_progress(dict)` hears the
+        job's progress events as the agent streams them.
         """
+        deadline = time.monotonic() + timeout
+        again = kind in KINDS and KINDS[kind].idempotent
+        attempt = 1
+        while True:
+            done = await self._run_once(agent, kind, params, deadline - time.monotonic(), on_progress)
+            if not done.finished:
+                raise Timeout(f"agent {agent} did not finish {kind} within {timeout:g}s (job {done.id})")
+            if done.state != "failed":
+                return done.output
+            error = failure_error(done)
+            delay = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+            if not (error.retryable and again and attempt < MAX_ATTEMPTS
+                    and time.monotonic() + delay < deadline):
+                raise error
+            log.warning("job %s (%s) on agent %s failed, sending it again in %.1fs (attempt %d of %d): %s",
+                        done.id, kind, agent, delay, attempt + 1, MAX_ATTEMPTS, done.error)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _run_once(self, agent: str, kind: str, params: dict, timeout: float, on_progress) -> Job:
         job_id = str(uuid.uuid4())
         if on_progress is not None:
             self._progress_listeners.setdefault(job_id, []).append(on_progress)
         try:
             job = await self.submit(agent, kind, params, job_id)
-            done = await self.wait(job.id, timeout)
+            return await self.wait(job.id, timeout)
         finally:
             self._progress_listeners.pop(job_id, None)
-        if not done.finished:
-            raise Timeout(f"agent {agent} did not finish {kind} within {timeout:g}s (job {job.id})")
-        if done.state == "failed":
-            raise failure_error(done)
-        return done.output
 
     async def wait(self, job_id: str, timeout: float) -> Job:
         """The job once finished, or as it stands when `timeout` runs out."""

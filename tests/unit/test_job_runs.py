@@ -3,6 +3,7 @@ a fake catalog and a scripted agent behind the real wire on both sides."""
 
 import asyncio
 import dataclasses
+import logging
 
 import pytest
 
@@ -91,6 +92,67 @@ def failed(kind: FailureKind, retryable: bool, error: str = "it broke"):
 
 
 WAITED = {"waited_s": 0.0, "pid": 1}
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    monkeypatch.setattr("controller.fleet.RETRY_BACKOFF_S", 0.01)
+
+
+def test_a_retryable_failure_of_a_kind_safe_to_send_again_is_sent_again_as_a_new_job(caplog):
+    async def main():
+        fleet, catalog = _fleet()
+        agent = ScriptedAgent(fleet, [failed(FailureKind.UNAVAILABLE, True), ok(WAITED)])
+        with caplog.at_level(logging.WARNING, logger="controller.fleet"):
+            out = await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=5)
+        assert out == WAITED
+        assert len(agent.received) == 2 and agent.received[0].job_id != agent.received[1].job_id
+        assert [j.state for j in catalog.jobs.values()] == ["failed", "succeeded"]
+        assert "sending it again" in caplog.text
+
+    asyncio.run(main())
+
+
+def test_attempts_are_bounded():
+    async def main():
+        fleet, _ = _fleet()
+        agent = ScriptedAgent(fleet, [failed(FailureKind.UNAVAILABLE, True, f"try {i}") for i in range(10)])
+        with pytest.raises(Unavailable, match="try 2"):
+            await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=5)
+        assert len(agent.received) == 3
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind, params, answer", [
+    # Not retryable: sending it again cannot help.
+    ("diag.wait", {"seconds": 0}, failed(FailureKind.CONFLICT, False)),
+    # Retryable, but the kind is not safe to send again: its caller decides what comes next.
+    ("gateway.sync", {"version": 2, "base_version": None, "part": 0, "parts": 1, "upsert": [], "remove": []},
+     failed(FailureKind.UNAVAILABLE, True)),
+])
+def test_other_failures_raise_at_once(kind, params, answer):
+    async def main():
+        fleet, _ = _fleet()
+        agent = ScriptedAgent(fleet, [answer, ok(WAITED)])
+        with pytest.raises((Conflict, Unavailable)):
+            await fleet.run("db-1", kind, params, timeout=5)
+        assert len(agent.received) == 1
+
+    asyncio.run(main())
+
+
+def test_no_retry_outlives_the_callers_timeout(monkeypatch):
+    monkeypatch.setattr("controller.fleet.RETRY_BACKOFF_S", 5)
+
+    async def main():
+        fleet, _ = _fleet()
+        agent = ScriptedAgent(fleet, [failed(FailureKind.UNAVAILABLE, True), ok(WAITED)])
+        with pytest.raises(Unavailable):
+            await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=2)
+        assert len(agent.received) == 1
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("failure, error_class", [
