@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import conninfo, sql
 
+from contract import names
 from contract.failures import FailureKind
 from contract.tenants import TenantRef
 
@@ -49,26 +50,26 @@ class Tenant:
             canonical = str(uuid.UUID(project_id))
         except ValueError:
             raise AgentError(f"invalid project id {project_id!r}", kind=FailureKind.INVALID) from None
-        if not _SHORT_ID.match(short_id) or canonical.replace("-", "")[:12] != short_id:
+        if not _SHORT_ID.match(short_id) or names.short_id(canonical) != short_id:
             raise AgentError(f"short id {short_id!r} does not belong to project {project_id}",
                              kind=FailureKind.INVALID)
         return cls(canonical, short_id)
 
     @property
     def schema(self) -> str:
-        return f"t_{self.short_id}_api"
+        return names.tenant_schema(self.short_id)
 
     @property
     def runtime_role(self) -> str:
-        return f"t_{self.short_id}_role"
+        return names.runtime_role(self.short_id)
 
     @property
     def owner_role(self) -> str:
-        return f"t_{self.short_id}_ddl"
+        return names.owner_role(self.short_id)
 
     @property
     def comment(self) -> str:
-        return f"tenant:{self.project_id}"
+        return names.tenant_comment(self.project_id)
 
 
 BOOTSTRAP = API_ROLES_AND_LEDGER + """

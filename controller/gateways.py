@@ -21,6 +21,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from contract import names
+
 from .store import Catalog, Project
 from .errors import Conflict, FluxError, Unavailable
 from .fleet import Fleet
@@ -54,7 +56,7 @@ def service_url(project: Project, base_domain: str) -> str:
 
 
 def runtime_role(project: Project) -> str:
-    return f"t_{project.short_id}_role"
+    return names.runtime_role(project.short_id)
 
 
 def route_digest(route: dict) -> str:

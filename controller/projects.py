@@ -17,6 +17,8 @@ import uuid
 
 import jwt
 
+from contract import names
+
 from .store import Catalog, HashTaken, Project, User
 from .errors import BadRequest, Conflict, FluxError, NotFound, Unavailable
 from .fleet import Fleet, ForeignObjects
@@ -199,7 +201,7 @@ class Projects:
         project = None
         for _ in range(5):
             project_id = str(uuid.uuid4())
-            short_id = project_id.replace("-", "")[:12]
+            short_id = names.short_id(project_id)
             dedicated = {}
             if mode == DEDICATED:
                 dedicated = {
@@ -211,7 +213,7 @@ class Projects:
             try:
                 project = await self.catalog.insert_project(
                     project_id, user.id, name, slug, self.hashes(), mode,
-                    f"t_{short_id}_api" if mode == POOLED else "api",
+                    names.tenant_schema(short_id) if mode == POOLED else "api",
                     self.box.seal(secret.encode(), f"project:{project_id}"), db_agent, **dedicated)
                 break
             except HashTaken:
@@ -248,7 +250,7 @@ class Projects:
     def stack_params(self, project: Project, with_secrets: bool = False) -> dict:
         params = {"project_id": project.id, "slug": project.slug, "hash": project.hash,
                   "api_schema": project.api_schema,
-                  "app_role": f"t_{project.short_id}_role" if self.migrated(project) else None}
+                  "app_role": names.runtime_role(project.short_id) if self.migrated(project) else None}
         if with_secrets:
             params.update(
                 jwt_secret=self.jwt_secret(project),

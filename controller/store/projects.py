@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from contract import names
+
 from ..errors import Conflict
 from .base import Store
 
@@ -40,7 +42,7 @@ class Project:
 
     @property
     def short_id(self) -> str:
-        return self.id.replace("-", "")[:12]
+        return names.short_id(self.id)
 
 def _project(row: dict) -> Project:
     return Project(**{**row, "id": str(row["id"])})
