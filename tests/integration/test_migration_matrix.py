@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import psycopg
 import pytest
 
+from contract.jobs import job_kind
 from controller import store as catalog_module
 from controller.store import Catalog
 from controller.fleet import AgentFailed
@@ -76,12 +77,14 @@ class Agents:
 
     async def run(self, agent: str, kind: str, params: dict, timeout: float = 60, on_progress=None) -> dict:
         self.seen.append((self.step, kind))
+        contract = job_kind(kind)
+        contract.parse_params(params)  # the runner sends what the real agents take
         how = None
         if self.fault and self.fault[:2] == (self.step, kind):
             how, self.fault = self.fault[2], None
         if how == "fail":
             raise AgentFailed(f"injected failure of {kind} during {self.step} (agent {agent})")
-        out = getattr(self, kind.replace(".", "_"))(params)
+        out = contract.parse_result(getattr(self, kind.replace(".", "_"))(params)).to_wire()
         self.check_one_writable_copy(params)
         if how == "stop":
             self.migration_task.cancel()
@@ -98,42 +101,48 @@ class Agents:
 
     def tenant_create(self, p):
         self.hosts.pooled, self.hosts.pooled_rows = True, 42
-        return {"schema": f"t_{p['short_id']}_api"}
+        short = p["short_id"]
+        return {"schema": f"t_{short}_api", "runtime_role": f"t_{short}_role", "owner_role": f"t_{short}_ddl",
+                "steps": {}}
 
     def tenant_preflight(self, p):
-        return {"tools": {"pg_dump": "15.8"}, "total_bytes": 8192, "spool_free_bytes": 1 << 30,
+        return {"schema": f"t_{p['short_id']}_api", "tools": {"pg_dump": "15.8", "psql": "15.8"},
+                "total_bytes": 8192, "spool_free_bytes": 1 << 30, "views": [], "sequences": [], "extensions": [],
+                "ledger": [], "policy_roles": [], "roles": [],
                 "tables": [{"name": "orders", "rows": self.hosts.pooled_rows, "bytes": 8192, "rls": True}],
                 "large_objects": {"count": 0, "owners": []}}
 
     def stack_provision(self, p):
         self.hosts.stack = {"secret": p["jwt_secret"], "rows": (self.hosts.stack or {}).get("rows")}
-        return {"api_upstream": STACK_UPSTREAM, "api_port": 18080, "db_host": "127.0.0.1", "db_port": 15432}
+        return {"steps": {}, "changed": True, "api_upstream": STACK_UPSTREAM, "api_port": 18080,
+                "db_host": "127.0.0.1", "db_port": 15432}
 
     def stack_image_info(self, p):
         return {"postgres_major": 15, "postgres_image": "pg", "postgrest_image": "pgrst"}
 
     def stack_remove(self, p):
         self.hosts.stack = None
-        return {"removed": True}
+        return {"removed": ["stack"]}
 
     def tenant_lock(self, p):
         self.hosts.guard = True
-        return {"locked": True}
+        return {"locked": True, "changed": True, "tables": 1}
 
     def tenant_dump(self, p):
         assert p["target_major"] == 15
         if p.get("require_guard") and not self.hosts.guard:
             raise AssertionError("dump without the guard")
         self.require_stack()["rows"] = self.hosts.pooled_rows
-        return {"path": "/spool/dumps/x.sql", "bytes": 1000, "sha256": "ab" * 32, "seconds": 0.1}
+        return {"path": "/spool/dumps/x.sql", "bytes": 1000, "sha256": "ab" * 32, "seconds": 0.1, "tables": 1,
+                "restored": True, "ledger_rows": 0}
 
     def stack_bootstrap(self, p):
         self.require_stack()
-        return {}
+        return {"role bootstrap": "ok"}
 
     def tenant_verify(self, p):
         assert self.require_stack()["rows"] == self.hosts.pooled_rows
-        return {"tables": 1, "rows": self.hosts.pooled_rows}
+        return {"tables": {"orders": self.hosts.pooled_rows}, "sequences": 0, "ledger_rows": 0, "ok": True}
 
     def stack_probe(self, p):
         assert self.require_stack()["secret"] == p["jwt_secret"], "probe with a secret the stack does not hold"
@@ -143,11 +152,12 @@ class Agents:
         self.hosts.guard = False
         if p["revoke_writes"]:
             self.hosts.frozen = True
-        return {"bytes": 8192}
+        return {"locked": False, "held": True, "source_read_only": p["revoke_writes"],
+                **({"frozen": True, "bytes": 8192} if p["revoke_writes"] else {})}
 
     def tenant_drop(self, p):
         self.hosts.pooled = False
-        return {"dropped": True}
+        return {"schema_dropped": True, "roles_dropped": [], "dumps_removed": 0}
 
     def gateway_sync(self, p):
         if p["base_version"] is None and p["part"] == 0:

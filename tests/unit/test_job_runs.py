@@ -10,7 +10,7 @@ import pytest
 from agent import wire as agent_wire
 from contract.failures import FailureKind
 from controller import wire as controller_wire
-from controller.catalog import Agent, Job
+from controller.store import Agent, Job
 from controller.errors import BadRequest, Conflict, NotFound, Revoked, Timeout, Unavailable
 from controller.fleet import AgentFailed, Fleet, ForeignObjects, InvalidJob, Session
 from controller.secretbox import SecretBox, new_master_key
