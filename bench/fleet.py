@@ -28,11 +28,11 @@ import psycopg
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.config import AgentConfig, StateDir as AgentStateDir  # noqa: E402
-from agent.connection import Agent, Backoff  # noqa: E402
+from agent.runtime.config import AgentConfig, StateDir as AgentStateDir  # noqa: E402
+from agent.runtime.connection import Agent, Backoff  # noqa: E402
 from agent.errors import AgentError  # noqa: E402
-from agent.identity import fetch_pinned_ca, new_key_and_csr  # noqa: E402
-from agent.wire import enroll as enroll_rpc  # noqa: E402
+from agent.runtime.identity import fetch_pinned_ca, new_key_and_csr  # noqa: E402
+from agent.runtime.wire import enroll as enroll_rpc  # noqa: E402
 from tests.support import Controller, remove_cluster, test_cluster  # noqa: E402
 
 

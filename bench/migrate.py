@@ -23,7 +23,7 @@ import psycopg
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.dumps import libpq_env  # noqa: E402
+from agent.adapters.dumps import libpq_env  # noqa: E402
 from tests.support import LocalFleet, wait_until  # noqa: E402
 
 ROW_BYTES = 1000

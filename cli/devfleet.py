@@ -383,7 +383,7 @@ class DevFleet:
                 self.say(f"enrolling agent {name} ({roles}) with a join token")
                 token = self._api("POST", "agents/tokens", {"roles": roles.split(","), "ttl_seconds": 600})
                 enroll = subprocess.run(
-                    [sys.executable, "-m", "agent.main", "enroll", "--controller", token["enroll_address"],
+                    [sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
                      "--token", token["token"], "--name", name, "--roles", roles,
                      "--state-dir", str(agent_dir), "--ca-fingerprint", token["ca_fingerprint"]],
                     capture_output=True, text=True)
@@ -393,7 +393,7 @@ class DevFleet:
             fd = os.open(settings_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 json.dump(self._agent_settings(name, shared), handle, indent=2)
-            if self._ensure_process(name, [sys.executable, "-m", "agent.main", "run", "--state-dir", str(agent_dir)]):
+            if self._ensure_process(name, [sys.executable, "-m", "agent.runtime.main", "run", "--state-dir", str(agent_dir)]):
                 reused.append(name)
             else:
                 self.say(f"starting agent {name}")

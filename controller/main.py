@@ -15,7 +15,7 @@ from .errors import FluxError
 from .gateways import LEASE_S
 from .pki import CertificateAuthority, create_ca
 from .secretbox import new_master_key
-from .server import Listen, serve
+from .app import Listen, serve
 from .tokens import new_api_token, token_hash
 
 log = logging.getLogger("controller")

@@ -159,7 +159,7 @@ class AgentProc:
                token: dict | None = None) -> "AgentProc":
         token = token or controller.join_token(roles.split(","))
         state = base / name
-        run(sys.executable, "-m", "agent.main", "enroll", "--controller", token["enroll_address"],
+        run(sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
             "--token", token["token"], "--name", name, "--roles", roles, "--state-dir", str(state),
             "--ca-fingerprint", token["ca_fingerprint"])
         return cls(state, name)
@@ -174,7 +174,7 @@ class AgentProc:
 
     def start(self) -> "AgentProc":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.main", "run", "--state-dir", str(self.state_dir)],
+            [sys.executable, "-m", "agent.runtime.main", "run", "--state-dir", str(self.state_dir)],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         return self
 

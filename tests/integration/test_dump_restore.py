@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from agent.dumps import dropped_lines, libpq_env, sanitize
+from agent.adapters.dumps import dropped_lines, libpq_env, sanitize
 
 pytestmark = pytest.mark.integration
 
@@ -68,13 +68,13 @@ def _tenant_target(target: str) -> None:
 
 @pytest.fixture
 def tenant():
-    from agent.tenants import Tenant
+    from agent.adapters.tenants import Tenant
 
     return Tenant("0123abcd-0000-4000-8000-000000000000", "0123abcd0000")
 
 
 def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_path):
-    from agent.dumps import dump
+    from agent.adapters.dumps import dump
     from tests.support import remove_cluster, test_cluster
 
     source = databases[0]
@@ -103,7 +103,7 @@ def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_p
 
 
 def test_a_failing_restore_ends_the_job_with_psqls_error(databases, tenant, tmp_path):
-    from agent.dumps import dump
+    from agent.adapters.dumps import dump
     from agent.errors import AgentError
 
     source, target = databases
@@ -151,7 +151,7 @@ def _in_thread(work, seconds: float):
 
 
 def test_a_restore_printing_megabytes_of_warnings_does_not_deadlock(databases, tenant, tmp_path):
-    from agent.dumps import dump
+    from agent.adapters.dumps import dump
 
     source, target = databases
     # The CHECK runs for each restored row of a_noisy, and psql prints the ~1 MB of warnings once
@@ -173,7 +173,7 @@ def test_a_restore_printing_megabytes_of_warnings_does_not_deadlock(databases, t
 
 
 def test_a_stuck_restore_fails_within_its_time_limit(databases, tenant, tmp_path):
-    from agent.dumps import dump
+    from agent.adapters.dumps import dump
     from agent.errors import AgentError
 
     source, target = databases
@@ -193,7 +193,7 @@ def test_a_stuck_restore_fails_within_its_time_limit(databases, tenant, tmp_path
 
 
 def test_the_psql_that_restores_decides_on_restrict(databases, tenant, tmp_path):
-    from agent.dumps import dump, psql_understands_restrict, tool_version
+    from agent.adapters.dumps import dump, psql_understands_restrict, tool_version
 
     if not psql_understands_restrict(tool_version("psql")):
         pytest.skip(f"this check needs a psql that knows \\restrict; installed: {tool_version('psql')}")

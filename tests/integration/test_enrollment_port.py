@@ -10,8 +10,8 @@ import ssl
 import grpc
 import pytest
 
-from agent.identity import CONTROLLER_TLS_NAME
-from controller.server import ENROLL_HANDSHAKE_TIMEOUT_S, ENROLL_MAX_PER_SOURCE
+from agent.runtime.identity import CONTROLLER_TLS_NAME
+from controller.rpc.server import ENROLL_HANDSHAKE_TIMEOUT_S, ENROLL_MAX_PER_SOURCE
 from proto import fleet_pb2 as pb
 from proto import fleet_pb2_grpc
 from tests.support import AgentProc

@@ -9,7 +9,7 @@ import grpc
 import psycopg
 import pytest
 
-from agent.identity import new_key_and_csr
+from agent.runtime.identity import new_key_and_csr
 from controller.pki import SERVER_NAME, CertificateAuthority, create_ca
 from proto import fleet_pb2 as pb
 from proto import fleet_pb2_grpc

@@ -34,7 +34,7 @@ class ExtraGateway(AgentProc):
     def __init__(self, fleet: LocalFleet, name: str, controller: str | None = None):
         token = fleet.api("POST", "agents/tokens", {"roles": ["gateway"], "ttl_seconds": 600}).json()
         state = fleet.fleet.dir / "extra" / name
-        run(sys.executable, "-m", "agent.main", "enroll", "--controller", token["enroll_address"],
+        run(sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
             "--token", token["token"], "--name", name, "--roles", "gateway", "--state-dir", str(state),
             "--ca-fingerprint", token["ca_fingerprint"])
         super().__init__(state, name)

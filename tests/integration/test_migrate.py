@@ -344,7 +344,7 @@ def test_missing_pg_dump_on_the_db_host_is_reported_by_the_dry_run_and_refused(f
     agent_dir = fleet.fleet.dir / "agents" / "dev-db"
     terminate(fleet.fleet.state["pids"]["dev-db"])
     # The same agent, on a host whose PATH has no PostgreSQL client.
-    pid = spawn([sys.executable, "-m", "agent.main", "run", "--state-dir", str(agent_dir)],
+    pid = spawn([sys.executable, "-m", "agent.runtime.main", "run", "--state-dir", str(agent_dir)],
                 fleet.fleet.dir / "logs" / "dev-db-no-pg-dump.log", {"PATH": "/nonexistent"})
     try:
         wait_until(lambda: next(a for a in fleet.api("GET", "agents").json() if a["name"] == "dev-db")["connected"],

@@ -7,10 +7,10 @@ import uuid
 import docker
 import pytest
 
-from agent import stacks
+from agent.adapters import stacks
 from agent.errors import AgentError
 from contract.failures import FailureKind
-from agent.settings import DockerSettings
+from agent.runtime.settings import DockerSettings
 
 pytestmark = pytest.mark.integration
 

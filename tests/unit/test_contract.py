@@ -4,8 +4,8 @@ import inspect
 import subprocess
 import sys
 
-from agent import wire as agent_wire
-from controller.fleet import EnrollmentService, FleetService
+from agent.runtime import wire as agent_wire
+from controller.rpc.servicers import EnrollmentService, FleetService
 from proto import fleet_pb2
 from proto import fleet_pb2_grpc
 
@@ -30,8 +30,8 @@ def test_every_rpc_has_a_controller_handler_and_an_agent_caller():
 
 
 def test_both_sides_agree_on_the_message_limit():
-    from controller import server
-    from controller import wire as controller_wire
+    from controller.rpc import server
+    from controller.rpc import wire as controller_wire
 
     assert agent_wire.MAX_MESSAGE_BYTES == controller_wire.MAX_MESSAGE_BYTES
     options = dict(server.FLEET_OPTIONS)
@@ -123,7 +123,7 @@ def _required_keys(message_type) -> list[str]:
 
 
 def test_the_agent_handles_exactly_the_kinds_of_the_contract():
-    from agent.jobs import HANDLERS
+    from agent.handlers import HANDLERS
 
     assert set(HANDLERS) == set(KINDS)
     assert set(EXAMPLES) == set(KINDS)
@@ -165,8 +165,8 @@ def test_params_and_results_round_trip(kind):
 
 @pytest.mark.parametrize("kind", sorted(EXAMPLES))
 def test_params_and_results_cross_the_proto_wire(kind):
-    from agent import wire as agent_wire
-    from controller import wire as controller_wire
+    from agent.runtime import wire as agent_wire
+    from controller.rpc import wire as controller_wire
     from proto import fleet_pb2 as pb
 
     params, result = EXAMPLES[kind]
@@ -235,8 +235,8 @@ def test_an_unknown_kind_is_refused():
 
 @pytest.mark.parametrize("failure", list(FailureKind))
 def test_every_failure_kind_crosses_the_proto_wire(failure):
-    from agent import wire as agent_wire
-    from controller import wire as controller_wire
+    from agent.runtime import wire as agent_wire
+    from controller.rpc import wire as controller_wire
     from proto import fleet_pb2 as pb
 
     assert failure.proto_name in pb.FailureKind.keys()
@@ -265,3 +265,16 @@ def test_the_contract_is_plain_python():
             else:
                 continue
             assert imported <= allowed, f"{path}: imports {imported - allowed}"
+
+
+def test_only_the_rpc_side_of_each_program_imports_grpc():
+    """grpc and the generated stubs stay behind controller/rpc and agent/runtime."""
+    allowed = (pathlib.Path("controller/rpc"), pathlib.Path("agent/runtime"))
+    importers = []
+    for path in [*pathlib.Path("controller").rglob("*.py"), *pathlib.Path("agent").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "grpc" or n.startswith("grpc.") or n.startswith("proto") for n in names):
+                importers.append(path)
+    assert importers and all(any(a in p.parents for a in allowed) for p in importers), importers

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from agent.config import StateDir
-from agent.dumps import prune_dumps, remove_dumps, tenant_dumps
+from agent.runtime.config import StateDir
+from agent.adapters.dumps import prune_dumps, remove_dumps, tenant_dumps
 from agent.errors import AgentError
-from agent.settings import load
-from agent.tenants import Tenant
+from agent.runtime.settings import load
+from agent.adapters.tenants import Tenant
 
 A = Tenant("0a0a0a0a-0000-4000-8000-000000000001", "0a0a0a0a0000")
 B = Tenant("0b0b0b0b-0000-4000-8000-000000000002", "0b0b0b0b0000")

@@ -9,11 +9,11 @@ import uuid
 import jwt
 import pytest
 
-from agent import settings as settings_mod
-from agent.config import StateDir
+from agent.runtime import settings as settings_mod
+from agent.runtime.config import StateDir
 from agent.errors import AgentError
-from agent.gateway import Gateway, RouteTable, _route
-from agent.settings import DEFAULT_MAX_TOKEN_LIFETIME_S, GatewaySettings
+from agent.adapters.caddy import Gateway, RouteTable, _route
+from agent.runtime.settings import DEFAULT_MAX_TOKEN_LIFETIME_S, GatewaySettings
 from controller.store import Project
 from controller.gateways import Gateways
 from controller.projects import Projects

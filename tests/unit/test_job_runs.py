@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from agent import wire as agent_wire
+from agent.runtime import wire as agent_wire
 from contract.failures import FailureKind
-from controller import wire as controller_wire
+from controller.rpc import wire as controller_wire
 from controller.store import Agent, Job
 from controller.errors import BadRequest, Conflict, NotFound, Revoked, Timeout, Unavailable
 from controller.fleet import AgentFailed, Fleet, ForeignObjects, InvalidJob, Session
@@ -233,7 +233,7 @@ def _context(**settings):
 
 
 def test_the_agent_refuses_params_off_the_contract_as_invalid_naming_the_key():
-    from agent import jobs
+    from agent import handlers as jobs
     from agent.errors import AgentError
 
     with pytest.raises(AgentError) as refused:
@@ -248,7 +248,7 @@ def test_the_agent_refuses_params_off_the_contract_as_invalid_naming_the_key():
 
 
 def test_the_agent_hands_typed_params_in_and_checks_the_result(monkeypatch):
-    from agent import jobs
+    from agent import handlers as jobs
     from agent.errors import AgentError
     from contract.diagnostics import DiagWaited, DiagWaitParams
 

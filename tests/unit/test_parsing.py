@@ -3,10 +3,10 @@
 import click
 import pytest
 
-from agent.connection import Backoff
-from agent.facts import parse_docker_server_version, parse_pg_tool_version
-from agent.identity import parse_address
-from agent.main import parse_roles
+from agent.runtime.connection import Backoff
+from agent.runtime.facts import parse_docker_server_version, parse_pg_tool_version
+from agent.runtime.identity import parse_address
+from agent.runtime.main import parse_roles
 from cli.config import normalise_api_base
 from cli.errors import CliError
 from cli.main import parse_duration

@@ -9,9 +9,9 @@ import pytest
 
 from agent.errors import AgentError
 from contract.failures import FailureKind
-from agent.gateway import Gateway
-from agent.settings import GatewaySettings
-from controller import wire
+from agent.adapters.caddy import Gateway
+from agent.runtime.settings import GatewaySettings
+from controller.rpc import wire
 from controller.gateways import CHUNK_BYTES, Acked, alters_served_routes, route_chunks, route_digest
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from agent.errors import AgentError
-from agent.sandbox import ChildLimits, rewrite_files
+from agent.domain.sandbox import ChildLimits, rewrite_files
 from contract.failures import FailureKind
 
 SCHEMA, ROLE = "t_0123456789ab_api", "t_0123456789ab_role"

@@ -7,7 +7,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.identity import check_fingerprint, der_fingerprint, new_key_and_csr
+from agent.runtime.identity import check_fingerprint, der_fingerprint, new_key_and_csr
 from controller.pki import SERVER_NAME, CertificateAuthority, PKIError, create_ca, fingerprint
 from controller.secretbox import SecretBox, SecretBoxError, new_master_key
 from controller.tokens import (is_well_formed_api_token, is_well_formed_join_token, new_api_token,
@@ -85,7 +85,7 @@ def test_secret_box_round_trip_and_binding():
 
 
 def test_agents_renew_once_two_thirds_of_the_lifetime_are_gone(ca):
-    from agent.identity import needs_renewal
+    from agent.runtime.identity import needs_renewal
 
     _, csr = new_key_and_csr("db-1")
     issued = ca.sign_agent_csr(csr, "db-1")
@@ -96,8 +96,8 @@ def test_agents_renew_once_two_thirds_of_the_lifetime_are_gone(ca):
 
 
 def test_a_renewal_interrupted_between_its_two_files_is_finished_at_start(tmp_path):
-    from agent.config import StateDir
-    from agent.connection import finish_renewal
+    from agent.runtime.config import StateDir
+    from agent.runtime.connection import finish_renewal
 
     state = StateDir(tmp_path)
     (tmp_path / "key.pem").write_text("new key")  # replaced before the interruption

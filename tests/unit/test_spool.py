@@ -3,7 +3,7 @@
 import json
 import os
 
-from agent.spool import MAX_DELIVERY_ATTEMPTS, Spool
+from agent.runtime.spool import MAX_DELIVERY_ATTEMPTS, Spool
 
 
 def test_result_is_kept_until_acknowledged_and_the_record_after(tmp_path):
@@ -66,8 +66,8 @@ class _Outbox:
 
 
 def _agent(tmp_path):
-    from agent.config import AgentConfig, StateDir
-    from agent.connection import Agent
+    from agent.runtime.config import AgentConfig, StateDir
+    from agent.runtime.connection import Agent
 
     state = StateDir(tmp_path / "agent")
     state.save(AgentConfig(name="db-1", roles=["db"], controller="127.0.0.1:1", server_name="x"))
@@ -77,7 +77,7 @@ def _agent(tmp_path):
 
 
 def test_a_result_over_the_message_limit_goes_as_a_failure(tmp_path):
-    from agent import wire
+    from agent.runtime import wire
     from proto import fleet_pb2
 
     agent = _agent(tmp_path)

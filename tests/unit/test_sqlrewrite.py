@@ -2,7 +2,7 @@
 
 import pytest
 
-from agent.sqlrewrite import RewriteError, rewrite
+from agent.domain.sqlrewrite import RewriteError, rewrite
 
 SCHEMA, ROLE = "t_0123456789ab_api", "t_0123456789ab_role"
 
@@ -54,7 +54,7 @@ def test_identifiers_that_only_look_like_public_are_left_alone():
 
 
 def test_files_past_the_limits_are_refused_by_name():
-    from agent.sqlrewrite import Limits
+    from agent.domain.sqlrewrite import Limits
 
     with pytest.raises(RewriteError, match=r"^big.sql: 101 bytes; .* at most 100"):
         rewrite("-- " + "x" * 98, SCHEMA, ROLE, "big.sql", Limits(max_bytes=100))

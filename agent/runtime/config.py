@@ -11,7 +11,7 @@ import os
 import pathlib
 from dataclasses import asdict, dataclass
 
-from .errors import AgentError
+from ..errors import AgentError
 
 CONFIG_FILE = "agent.json"
 

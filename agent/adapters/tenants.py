@@ -27,8 +27,8 @@ from contract.failures import FailureKind
 from contract.tenants import TenantRef
 
 from .apiroles import API_ROLES_AND_LEDGER
-from .errors import AgentError
-from .settings import DbSettings
+from ..errors import AgentError
+from ..runtime.settings import DbSettings
 from .ledger import MigrationFile, apply_files
 
 _SHORT_ID = re.compile(r"^[0-9a-f]{12}$")

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 from .config import StateDir
-from .errors import AgentError
+from ..errors import AgentError
 
 SETTINGS_FILE = "settings.json"
 _DURATION = re.compile(r"^\d+(ms|s|min)$")

@@ -22,11 +22,12 @@ from . import facts as facts_mod
 from . import wire
 from .config import AgentConfig, StateDir
 from . import settings as settings_mod
-from . import tenants
-from .errors import AgentError, Revoked
-from .gateway import Gateway
+from ..adapters import tenants
+from ..errors import AgentError, Revoked
+from ..adapters.caddy import Gateway
 from .identity import certificate_expiry, needs_renewal, new_key_and_csr
-from . import jobs
+from .. import handlers
+from ..adapters.guards import WriteGuards
 from .spool import JobRecord, Spool
 from .systemd import notify
 
@@ -65,6 +66,8 @@ class Agent:
         self.settings = settings_mod.load(state)
         self.gateway = (Gateway(state.path, self.settings["gateway"])
                         if "gateway" in self.config.roles and "gateway" in self.settings else None)
+        # The write guards this agent holds for migrations, for as long as it runs.
+        self.guards = WriteGuards()
         self.outbox: asyncio.Queue | None = None
         # Lease requests not answered yet: nonce to when it was sent (monotonic).
         self.lease_requests: dict[str, float] = {}
@@ -110,9 +113,9 @@ class Agent:
             self.send(wire.progress(record.id, phase, done, total, unit, message))
 
         try:
-            result = await jobs.run(request.kind, request.params, job_id=record.id, progress=progress,
+            result = await handlers.run(request.kind, request.params, job_id=record.id, progress=progress,
                                     collect_facts=self.collect_facts, settings=self.settings,
-                                    gateway=self.gateway, state_dir=self.state.path)
+                                    gateway=self.gateway, state_dir=self.state.path, guards=self.guards)
             self.spool.finish(record, True, result.to_wire(), "", False)
         except AgentError as exc:
             self.spool.finish(record, False, None, exc.message, exc.retryable, exc.kind)
@@ -283,4 +286,5 @@ class Agent:
             task.cancel()
         if self.gateway is not None:
             await self.gateway.stop()
+        self.guards.close()
         log.info("agent stopped")

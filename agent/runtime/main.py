@@ -7,10 +7,10 @@ import logging
 import re
 import sys
 
-from . import __version__
+from .. import __version__
 from .config import AgentConfig, StateDir
 from .connection import Agent
-from .errors import AgentError, Revoked
+from ..errors import AgentError, Revoked
 from .identity import (certificate_expiry, check_fingerprint, fetch_pinned_ca,
                        new_key_and_csr, parse_address)
 from .wire import enroll as enroll_rpc

@@ -13,7 +13,7 @@ from contract.failures import FailureKind
 from proto import fleet_pb2 as pb
 from proto import fleet_pb2_grpc
 
-from .errors import AgentError, Revoked
+from ..errors import AgentError, Revoked
 from .identity import CONTROLLER_TLS_NAME
 
 # The largest message either side of the Fleet stream sends or accepts (controller/wire.py agrees).

@@ -14,8 +14,8 @@ from psycopg import sql
 from contract import ledger as contract_ledger
 from contract.failures import FailureKind
 
-from .errors import AgentError
-from .sandbox import rewrite_files
+from ..errors import AgentError
+from ..domain.sandbox import rewrite_files
 
 _FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,200}\.sql$")
 

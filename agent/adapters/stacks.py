@@ -27,8 +27,8 @@ from contract.failures import FailureKind
 from contract.stacks import StackRef
 
 from .apiroles import API_ROLES_AND_LEDGER
-from .errors import AgentError
-from .settings import DockerSettings
+from ..errors import AgentError
+from ..runtime.settings import DockerSettings
 
 _SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _HASH = re.compile(r"^[0-9a-f]{7}$")

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .errors import AgentError
+from ..errors import AgentError
 
 # The name the controller's certificate carries for agents; agents verify it instead
 # of the address they dial, which may be any of the controller's names.

@@ -29,9 +29,9 @@ import uvicorn
 
 from contract.failures import FailureKind
 
-from .config import write_atomic
-from .errors import AgentError
-from .settings import GatewaySettings
+from ..runtime.config import write_atomic
+from ..errors import AgentError
+from ..runtime.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 

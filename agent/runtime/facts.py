@@ -6,7 +6,7 @@ import shutil
 import socket
 import subprocess
 
-from . import __version__
+from .. import __version__
 
 _PG_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+(?:\.\d+)*)")
 _PLAIN_VERSION = re.compile(r"^\s*(\d+(?:\.\d+)+)")

@@ -6,7 +6,7 @@ migration write guards, so that process must never be the agent's own. The paren
 sends the files on stdin; the child announces each file on stdout before it parses it
 and ends with one result line, so a child that dies still names the file that killed it.
 
-Run as `python -m agent.sandbox`; the agent uses `rewrite_files`.
+Run as `python -m agent.domain.sandbox`; the agent uses `rewrite_files`.
 """
 
 import json
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from contract.failures import FailureKind
 
-from .errors import AgentError
+from ..errors import AgentError
 from .sqlrewrite import Limits, RewriteError, Rewritten, rewrite
 
 
@@ -46,7 +46,7 @@ def rewrite_files(files: list[tuple[str, str]], schema: str, runtime_role: str, 
                           "memory_bytes": child.memory_bytes,
                           "files": [{"filename": f, "sql": text} for f, text in files]}).encode()
     seconds = child.seconds(len(payload))
-    proc = subprocess.Popen([sys.executable, "-m", "agent.sandbox", str(int(seconds) + 1)],
+    proc = subprocess.Popen([sys.executable, "-m", "agent.domain.sandbox", str(int(seconds) + 1)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     timed_out = False
     try:

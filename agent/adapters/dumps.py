@@ -22,15 +22,11 @@ from psycopg import conninfo, sql
 
 from contract.failures import FailureKind
 
-from .errors import AgentError
-from .facts import parse_pg_tool_version
+from ..errors import AgentError
+from ..runtime.facts import parse_pg_tool_version
 from .tenants import Tenant
 
 PROGRESS_EVERY_BYTES = 4 * 1024 * 1024
-# Guards hold an EXCLUSIVE lock on every table of a tenant (reads pass, writes wait) for
-# as long as a migration needs the source to stand still.
-_GUARDS: dict[str, psycopg.Connection] = {}
-_GUARDS_LOCK = threading.Lock()
 
 
 RESTRICT_LINES = (b"\\restrict", b"\\unrestrict")
@@ -215,62 +211,10 @@ def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
 
 # write guard
 
-def _tables(conn, schema: str) -> list[str]:
+def tables_of(conn, schema: str) -> list[str]:
     return [r[0] for r in conn.execute(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY 1", (schema,))]
-
-
-def lock(source_url: str, tenant: Tenant) -> dict:
-    """Holds writes to every tenant table at the database, whatever path they take.
-
-    `source_url` logs in as the tenant's owner role, as every url named so here does.
-    """
-    with _GUARDS_LOCK:
-        existing = _GUARDS.get(tenant.schema)
-        if existing is not None and not existing.closed:
-            return {"locked": True, "changed": False}
-        conn = psycopg.connect(source_url, connect_timeout=10)
-        try:
-            conn.execute("SET lock_timeout = '15s'")
-            tables = _tables(conn, tenant.schema)
-            for name in tables:
-                conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(tenant.schema, name)))
-        except psycopg.Error as exc:
-            conn.close()
-            raise AgentError(f"could not lock the tables of {tenant.schema}: {exc}", retryable=True,
-                             kind=FailureKind.UNAVAILABLE) from None
-        _GUARDS[tenant.schema] = conn
-        return {"locked": True, "changed": True, "tables": len(tables)}
-
-
-def guard_held(tenant: Tenant) -> bool:
-    conn = _GUARDS.get(tenant.schema)
-    return conn is not None and not conn.closed
-
-
-def unlock(source_url: str | None, tenant: Tenant, revoke_writes: bool) -> dict:
-    """Releases the guard; with `revoke_writes` the source stays read-only for the tenant from then on.
-
-    The revoke commits in the guard's own transaction, so no write slips in between; without a
-    held guard it runs on a new session of `source_url` (fixed SQL: the cluster's own login will do).
-    """
-    with _GUARDS_LOCK:
-        conn = _GUARDS.pop(tenant.schema, None)
-    held = conn is not None and not conn.closed
-    if revoke_writes:
-        target = conn if held else psycopg.connect(source_url, connect_timeout=10)
-        try:
-            exists = target.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (tenant.schema,)).fetchone()
-            if exists:
-                target.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} FROM {}")
-                               .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.runtime_role)))
-            target.commit()
-        finally:
-            target.close()
-    elif held:
-        conn.close()
-    return {"locked": False, "held": held, "source_read_only": revoke_writes}
 
 
 # dump files
@@ -510,7 +454,7 @@ CHECKSUM = ("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric
 
 def _fingerprint(conn, schema: str) -> dict:
     tables = {}
-    for name in _tables(conn, schema):
+    for name in tables_of(conn, schema):
         count, checksum = conn.execute(sql.SQL(CHECKSUM).format(sql.Identifier(schema, name))).fetchone()
         tables[name] = {"rows": count, "checksum": checksum}
     sequences = dict(conn.execute(

@@ -1,0 +1,81 @@
+"""Write guards: an EXCLUSIVE lock on every table of a tenant (reads pass, writes wait), held in
+a session of the tenant's owner role for as long as a migration needs the source to stand still.
+
+The agent owns one `WriteGuards` for as long as it runs; a guard ends with the agent's process,
+which the controller notices (tenant.dump with `require_guard` refuses without one).
+"""
+
+import threading
+
+import psycopg
+from psycopg import sql
+
+from contract.failures import FailureKind
+
+from ..errors import AgentError
+from .dumps import tables_of
+from .tenants import Tenant
+
+
+class WriteGuards:
+    def __init__(self):
+        self._held: dict[str, psycopg.Connection] = {}
+        self._lock = threading.Lock()
+
+    def lock(self, source_url: str, tenant: Tenant) -> dict:
+        """Holds writes to every tenant table at the database, whatever path they take.
+
+        `source_url` logs in as the tenant's owner role, as every url named so here does.
+        """
+        with self._lock:
+            existing = self._held.get(tenant.schema)
+            if existing is not None and not existing.closed:
+                return {"locked": True, "changed": False}
+            conn = psycopg.connect(source_url, connect_timeout=10)
+            try:
+                conn.execute("SET lock_timeout = '15s'")
+                tables = tables_of(conn, tenant.schema)
+                for name in tables:
+                    conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(tenant.schema, name)))
+            except psycopg.Error as exc:
+                conn.close()
+                raise AgentError(f"could not lock the tables of {tenant.schema}: {exc}", retryable=True,
+                                 kind=FailureKind.UNAVAILABLE) from None
+            self._held[tenant.schema] = conn
+            return {"locked": True, "changed": True, "tables": len(tables)}
+
+
+    def held(self, tenant: Tenant) -> bool:
+        conn = self._held.get(tenant.schema)
+        return conn is not None and not conn.closed
+
+
+    def unlock(self, source_url: str | None, tenant: Tenant, revoke_writes: bool) -> dict:
+        """Releases the guard; with `revoke_writes` the source stays read-only for the tenant from then on.
+
+        The revoke commits in the guard's own transaction, so no write slips in between; without a
+        held guard it runs on a new session of `source_url` (fixed SQL: the cluster's own login will do).
+        """
+        with self._lock:
+            conn = self._held.pop(tenant.schema, None)
+        held = conn is not None and not conn.closed
+        if revoke_writes:
+            target = conn if held else psycopg.connect(source_url, connect_timeout=10)
+            try:
+                exists = target.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (tenant.schema,)).fetchone()
+                if exists:
+                    target.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} FROM {}")
+                                   .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.runtime_role)))
+                target.commit()
+            finally:
+                target.close()
+        elif held:
+            conn.close()
+        return {"locked": False, "held": held, "source_read_only": revoke_writes}
+
+    def close(self) -> None:
+        """Releases every guard (the agent is stopping)."""
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for conn in held:
+            conn.close()

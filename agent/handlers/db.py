@@ -1,0 +1,137 @@
+"""Jobs of a db agent: a pooled tenant on the shared cluster, and the source side of a migration.
+
+Every job that runs a tenant's SQL (or reads its data) logs in as the tenant's owner role,
+never as the superuser.
+"""
+
+import asyncio
+
+from contract.failures import FailureKind
+
+from ..adapters import dumps, ledger, tenants
+from ..errors import AgentError
+from .context import Handler, JobContext
+
+
+def _db_settings(ctx: JobContext):
+    db = ctx.settings.get("db")
+    if db is None:
+        raise AgentError("this agent has no db settings (shared_cluster_url) in settings.json")
+    return db
+
+async def _on_shared_cluster(ctx: JobContext, work) -> dict:
+    db = _db_settings(ctx)
+    tenant = tenants.Tenant.from_params(ctx.params)
+
+    def run() -> dict:
+        with tenants.connect(db) as conn:
+            tenants.bootstrap(conn, db)
+            return work(conn, tenant, db)
+
+    return await asyncio.to_thread(run)
+
+def _tenant_login(ctx: JobContext) -> tuple[tenants.Tenant, str]:
+    """The tenant of the job and a connection string that logs in as its owner role."""
+    db = _db_settings(ctx)
+    tenant = tenants.Tenant.from_params(ctx.params)
+    with tenants.connect(db) as conn:
+        tenants.bootstrap(conn, db)
+        return tenant, tenants.tenant_login(conn, db, tenant)
+
+async def _as_tenant(ctx: JobContext, work) -> dict:
+    """Runs `work(conn, tenant, db)` in a session logged in as the tenant, never the superuser."""
+    db = _db_settings(ctx)
+
+    def run() -> dict:
+        tenant, url = _tenant_login(ctx)
+        try:
+            with tenants.connect_as_tenant(url) as conn:
+                return work(conn, tenant, db)
+        finally:
+            with tenants.connect(db) as admin, admin.transaction():
+                tenants.revoke_self_grants(admin, tenant)
+
+    return await asyncio.to_thread(run)
+
+async def tenant_create(ctx: JobContext) -> dict:
+    return await _on_shared_cluster(ctx, lambda conn, t, db: tenants.create_tenant(conn, t, db))
+
+async def tenant_drop(ctx: JobContext) -> dict:
+    """Drops the tenant from the shared cluster, then its dump files from the spool."""
+    def drop(conn, tenant, db) -> dict:
+        result = tenants.drop_tenant(conn, tenant)
+        return {**result, "dumps_removed": dumps.remove_dumps(ctx.state_dir / "spool", tenant)}
+
+    return await _on_shared_cluster(ctx, drop)
+
+async def tenant_migrations(ctx: JobContext) -> dict:
+    return await _as_tenant(ctx, lambda conn, t, db: {"applied": ledger.ledger(conn, t.schema)})
+
+async def tenant_push(ctx: JobContext) -> dict:
+    files = ledger.parse_files(ctx.params.files)
+    dry_run = ctx.params.dry_run
+    return await _as_tenant(ctx, lambda conn, t, db: tenants.push(conn, t, files, db, dry_run, ctx.progress))
+
+async def tenant_preflight(ctx: JobContext) -> dict:
+    spool = ctx.state_dir / "spool"
+    return await _as_tenant(ctx, lambda conn, t, db: dumps.preflight(conn, t, spool))
+
+async def tenant_lock(ctx: JobContext) -> dict:
+    def run() -> dict:
+        tenant, url = _tenant_login(ctx)
+        return ctx.guards.lock(url, tenant)
+
+    return await asyncio.to_thread(run)
+
+async def tenant_unlock(ctx: JobContext) -> dict:
+    """Releases the write guard; with `revoke_writes` (after cutover) the pooled copy turns read-only
+    for every tenant role, in the guard's own transaction when it is held."""
+    def run() -> dict:
+        tenant = tenants.Tenant.from_params(ctx.params)
+        if not ctx.params.revoke_writes:
+            return ctx.guards.unlock(None, tenant, False)
+        db = _db_settings(ctx)
+        result = ctx.guards.unlock(db.shared_cluster_url, tenant, True)
+        with tenants.connect(db) as conn:
+            return {**result, **tenants.freeze(conn, tenant)}
+
+    return await asyncio.to_thread(run)
+
+async def tenant_dump(ctx: JobContext) -> dict:
+    p = ctx.params
+    tenant = tenants.Tenant.from_params(p)
+    if p.require_guard and not ctx.guards.held(tenant):
+        # The same job sent again finds no guard either: the controller must lock again first.
+        raise AgentError("the write guard on the source is not held (the agent restarted?); "
+                         "lock again before dumping", kind=FailureKind.CONFLICT)
+    name = p.name or tenant.schema
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise AgentError(f"invalid dump name {name!r}", kind=FailureKind.INVALID)
+
+    def run() -> dict:
+        _, url = _tenant_login(ctx)
+        dumps.prune_dumps(ctx.state_dir / "spool", _db_settings(ctx).dump_retention_days * 86400)
+        return dumps.dump(url, tenant, ctx.state_dir / "spool", name, p.target_url, p.target_major,
+                          p.expected_bytes, p.table_count, ctx.progress)
+
+    return await asyncio.to_thread(run)
+
+async def tenant_verify(ctx: JobContext) -> dict:
+    def run() -> dict:
+        tenant, url = _tenant_login(ctx)
+        return dumps.verify(url, tenant, ctx.params.target_url)
+
+    return await asyncio.to_thread(run)
+
+
+HANDLERS: dict[str, Handler] = {
+    "tenant.create": tenant_create,
+    "tenant.drop": tenant_drop,
+    "tenant.migrations": tenant_migrations,
+    "tenant.push": tenant_push,
+    "tenant.preflight": tenant_preflight,
+    "tenant.lock": tenant_lock,
+    "tenant.unlock": tenant_unlock,
+    "tenant.dump": tenant_dump,
+    "tenant.verify": tenant_verify,
+}

@@ -1,0 +1,98 @@
+"""The controller's gRPC side: the mutual-TLS Fleet service, and enrollment on a private unix
+socket behind the Doorway, which owns the public port."""
+
+import asyncio
+import shutil
+import tempfile
+
+import grpc
+
+from proto import fleet_pb2_grpc
+
+from ..config import ConfigError, StateDir
+from ..fleet import Fleet
+from ..pki import SERVER_NAME, CertificateAuthority
+from ..store import Catalog
+from . import wire
+from .doorway import Doorway
+from .servicers import EnrollmentService, FleetService
+
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_concurrent_streams", 100_000),
+]
+FLEET_OPTIONS = GRPC_OPTIONS + [
+    ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+]
+
+# The enrollment port answers before any token is checked, so everything it holds for a
+# caller is bounded: the TLS and HTTP/2 handshake, an idle or long-lived connection, the size
+# of a request (an EnrollRequest is a token, a name, roles and a CSR: a few KiB), the streams
+# per connection, and (in the Doorway) the connections per source address.
+ENROLL_HANDSHAKE_TIMEOUT_S = 5
+ENROLL_MAX_MESSAGE_BYTES = wire.MAX_ENROLL_MESSAGE_BYTES
+ENROLL_MAX_PER_SOURCE = 8
+ENROLL_MAX_CONNECTIONS = 256
+ENROLL_OPTIONS = [
+    ("grpc.server_handshake_timeout_ms", ENROLL_HANDSHAKE_TIMEOUT_S * 1000),
+    ("grpc.max_connection_idle_ms", 10_000),
+    ("grpc.max_connection_age_ms", 30_000),
+    ("grpc.max_connection_age_grace_ms", 5_000),
+    ("grpc.max_receive_message_length", ENROLL_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", ENROLL_MAX_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", 8 * 1024),
+    ("grpc.max_concurrent_streams", 2),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
+
+
+def _server_credentials(state: StateDir, require_client_cert: bool):
+    chain = state.read("server.pem") + state.read("ca.pem")
+    return grpc.ssl_server_credentials(
+        [(state.read("server.key"), chain)],
+        root_certificates=state.read("ca.pem") if require_client_cert else None,
+        require_client_auth=require_client_cert,
+    )
+
+
+
+class RpcServers:
+    """Both gRPC servers; `start` returns the Fleet and enrollment ports actually bound."""
+
+    def __init__(self, state: StateDir, catalog: Catalog, fleet: Fleet, ca: CertificateAuthority):
+        self.state, self.catalog, self.fleet, self.ca = state, catalog, fleet, ca
+        self.private = tempfile.mkdtemp(prefix="flux-enroll-")
+        self.fleet_server = grpc.aio.server(options=FLEET_OPTIONS)
+        self.enroll_server = grpc.aio.server(options=ENROLL_OPTIONS)
+        self.doorway: Doorway | None = None
+
+    async def start(self, fleet_address: str, enroll_host: str, enroll_port: int) -> tuple[int, int]:
+        fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(self.fleet, self.ca), self.fleet_server)
+        fleet_port = self.fleet_server.add_secure_port(
+            fleet_address, _server_credentials(self.state, require_client_cert=True))
+        enroll_service = EnrollmentService(self.catalog, self.ca, fleet_port, SERVER_NAME)
+        fleet_pb2_grpc.add_EnrollmentServicer_to_server(enroll_service, self.enroll_server)
+        enroll_socket = f"{self.private}/enroll.sock"
+        self.enroll_server.add_secure_port(f"unix:{enroll_socket}",
+                                           _server_credentials(self.state, require_client_cert=False))
+        self.doorway = Doorway(enroll_socket, ENROLL_MAX_PER_SOURCE, ENROLL_MAX_CONNECTIONS)
+        await self.fleet_server.start()
+        await self.enroll_server.start()
+        try:
+            bound = await self.doorway.start(enroll_host, enroll_port)
+        except OSError as exc:
+            await self.stop(None)
+            raise ConfigError(f"cannot serve enrollment on {enroll_host}:{enroll_port}: {exc}") from None
+        return fleet_port, bound
+
+    async def stop(self, grace: float | None) -> None:
+        closing = [self.fleet_server.stop(grace), self.enroll_server.stop(grace)]
+        if self.doorway is not None:
+            closing.append(self.doorway.close())
+        await asyncio.gather(*closing)
+        shutil.rmtree(self.private, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""The agents' gRPC services: enrollment (a join token and a CSR for a certificate) and the
+Fleet stream each agent keeps open, handed to the `Fleet` once the peer is known."""
+
+import asyncio
+import logging
+
+import grpc
+
+from contract.failures import FailureKind
+from proto import fleet_pb2_grpc
+
+from ..errors import BadRequest, Conflict, FluxError, NotFound, Unauthorized, Unavailable
+from ..fleet import Fleet, Session, check_agent_name, check_roles
+from ..pki import CertificateAuthority, PKIError, cert_serial
+from ..store import Catalog
+from ..tokens import is_well_formed_join_token, token_hash
+from . import wire
+
+log = logging.getLogger(__name__)
+
+
+_STATUS = {
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
+    NotFound: grpc.StatusCode.PERMISSION_DENIED,
+    Conflict: grpc.StatusCode.PERMISSION_DENIED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _status(exc: FluxError) -> grpc.StatusCode:
+    for kind, code in _STATUS.items():
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class EnrollmentService(fleet_pb2_grpc.EnrollmentServicer):
+    def __init__(self, catalog: Catalog, ca: CertificateAuthority, fleet_port: int, server_name: str):
+        self.catalog = catalog
+        self.ca = ca
+        self.fleet_port = fleet_port
+        self.server_name = server_name
+
+    async def Enroll(self, request, context):
+        req = wire.decode_enroll_request(request)
+        try:
+            name = check_agent_name(req.name)
+            roles = check_roles(req.roles)
+            if not is_well_formed_join_token(req.token):
+                raise Unauthorized("join token is malformed")
+            issued = None
+
+            def register():
+                nonlocal issued
+                try:
+                    issued = self.ca.sign_agent_csr(req.csr_pem, name)
+                except PKIError as exc:
+                    raise BadRequest(str(exc)) from None
+                return issued.serial, issued.not_after
+
+            await self.catalog.enroll(token_hash(req.token), name, roles, register)
+        except FluxError as exc:
+            # Nothing here is authenticated yet: the message shows the input bounded and escaped.
+            log.warning("enrollment refused: %s", exc.message)
+            await context.abort(_status(exc), exc.message)
+        log.info("agent %s enrolled with roles %s", name, ",".join(roles))
+        return wire.encode_enroll_response(
+            issued.cert_pem, self.ca.cert_pem, self.fleet_port, self.server_name
+        )
+
+
+def _peer_identity(context) -> tuple[str, str] | None:
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") or []
+    certs = auth.get("x509_pem_cert") or []
+    if not names or not certs:
+        return None
+    return names[0].decode(), str(cert_serial(certs[0]))
+
+
+class FleetService(fleet_pb2_grpc.FleetServicer):
+    def __init__(self, fleet: Fleet, ca: CertificateAuthority):
+        self.fleet = fleet
+        self.ca = ca
+
+    async def Renew(self, request, context):
+        identity = _peer_identity(context)
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        name, serial = identity
+        try:
+            issued = self.ca.sign_agent_csr(wire.decode_renew_request(request), name)
+        except PKIError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not await self.fleet.catalog.renew_agent(name, serial, str(issued.serial), issued.not_after):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate is not current for this agent")
+        log.info("agent %s renewed its certificate until %s", name, issued.not_after.isoformat())
+        return wire.encode_renew_response(issued.cert_pem)
+
+    async def Connect(self, request_iterator, context):
+        identity = _peer_identity(context)
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        name, serial = identity
+        agent = await self.fleet.catalog.get_agent(name)
+        if agent is None or agent.cert_serial != serial:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate is not current for this agent")
+        if agent.revoked_at is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {name} is revoked",
+                                wire.failure_metadata(FailureKind.REVOKED))
+
+        session = Session(name)
+        self.fleet.attach(session)
+        log.info("agent %s connected from %s", name, context.peer())
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            yield wire.welcome(self.fleet.heartbeat_seconds)
+            while True:
+                get = asyncio.create_task(session.outbox.get())
+                closed = asyncio.create_task(session.closed.wait())
+                done, _ = await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    closed.cancel()
+                    yield get.result()
+                    continue
+                get.cancel()
+                break
+        finally:
+            reader.cancel()
+            self.fleet.detach(session)
+            log.info("agent %s disconnected: %s", name, session.close_reason or "stream ended")
+        if session.close_reason:
+            if session.revoked:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, session.close_reason,
+                                    wire.failure_metadata(FailureKind.REVOKED))
+            await context.abort(grpc.StatusCode.ABORTED, session.close_reason)
+
+    async def _read(self, session: Session, request_iterator) -> None:
+        try:
+            async for message in request_iterator:
+                event = wire.decode_agent_message(message)
+                if event is not None:
+                    await self.fleet.handle(session, event)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            raise
+        except Exception:
+            log.exception("agent %s: error handling a message", session.name)
+        finally:
+            if not session.closed.is_set():
+                session.close_reason = None
+                session.closed.set()
