@@ -182,6 +182,9 @@ class TenantDumpParams(TenantRef):
     KIND = "tenant.dump"
     expected_bytes: int
     table_count: int
+    # The dump file's data key (base64 of 32 bytes), kept sealed in the controller's catalog;
+    # the agent holds it in memory only, while it writes the file encrypted.
+    dump_key: str
     # The dump file's name in the spool; the tenant schema's name by default.
     name: str | None = None
     # Restores into this database as the dump streams; none keeps the dump in the spool only.
@@ -203,8 +206,12 @@ class TenantDumpParams(TenantRef):
 class TenantDumped(Result):
     KIND = "tenant.dump"
     path: str
+    # Of the file as stored (encrypted): checkable without the key.
     bytes: int
     sha256: str
+    # Of the SQL in it.
+    sql_bytes: int
+    sql_sha256: str
     tables: int
     restored: bool
     ledger_rows: int
@@ -228,3 +235,21 @@ class TenantVerified(Result):
     sequences: int
     ledger_rows: int
     ok: bool
+
+
+# tenant.dump_remove
+
+
+@message
+class TenantDumpRemoveParams(TenantRef):
+    KIND = "tenant.dump_remove"
+    # Dump files of this tenant (paths in its dump directory on the agent); anything else is refused.
+    paths: list[str]
+
+
+@message
+class TenantDumpsRemoved(Result):
+    KIND = "tenant.dump_remove"
+    removed: list[str]
+    # Named files that were already gone.
+    missing: list[str]

@@ -11,6 +11,7 @@ import uvicorn
 from .http import create_app
 from .store import Catalog
 from .config import ConfigError, StateDir
+from .dumpfiles import DumpFiles
 from .fleet import Fleet
 from .gateways import LEASE_S, Gateways
 from .pki import CertificateAuthority
@@ -60,7 +61,8 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     box = SecretBox(state.read("master.key"))
     fleet = Fleet(catalog, box, heartbeat_seconds=heartbeat_seconds)
     gateways = Gateways(catalog, fleet, box, config.base_domain, lease_seconds=gateway_lease_seconds)
-    projects = Projects(catalog, fleet, box, gateways)
+    dump_files = DumpFiles(catalog, fleet, box, config.dump_retention_days)
+    projects = Projects(catalog, fleet, box, gateways, dump_files)
     migrations = Migrations(catalog, fleet, projects, gateways)
 
     servers = RpcServers(state, catalog, fleet, ca)
@@ -91,10 +93,12 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
           f"enroll={enroll_port}", flush=True)
     notify("READY=1\nSTATUS=serving")
     recovery = asyncio.gather(projects.recover(), migrations.recover())
+    retention = asyncio.create_task(dump_files.keep_retention())
     gateways.start()
 
     await stop.wait()
     recovery.cancel()
+    retention.cancel()
     gateways.stop()
     notify("STOPPING=1")
     log.info("stopping")

@@ -1,6 +1,6 @@
 """The controller's state directory: what `init` writes and `run` reads.
 
-    controller.json   catalog URL, base domain (0600: the URL may hold a password)
+    controller.json   catalog URL, base domain, dump retention (0600: the URL may hold a password)
     ca.pem, ca.key    the fleet CA
     server.pem/.key   the controller's TLS certificate for agents
     master.key        the key that seals secrets at rest
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from .errors import FluxError
 
 CONFIG_FILE = "controller.json"
+DEFAULT_DUMP_RETENTION_DAYS = 7.0
+MAX_DUMP_RETENTION_DAYS = 3650.0
 
 
 class ConfigError(FluxError):
@@ -24,6 +26,15 @@ class ConfigError(FluxError):
 class ControllerConfig:
     catalog_url: str
     base_domain: str
+    # Dump files a migrate writes are removed this many days after they were written.
+    dump_retention_days: float = DEFAULT_DUMP_RETENTION_DAYS
+
+
+def check_dump_retention(days) -> float:
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or not 0 < days <= MAX_DUMP_RETENTION_DAYS:
+        raise ConfigError(f"dump retention must be a number of days above 0 and at most "
+                          f"{MAX_DUMP_RETENTION_DAYS:g}, got {days!r}")
+    return float(days)
 
 
 class StateDir:
@@ -57,8 +68,11 @@ class StateDir:
 
     def load_config(self) -> ControllerConfig:
         raw = json.loads(self.read(CONFIG_FILE))
-        return ControllerConfig(catalog_url=raw["catalog_url"], base_domain=raw["base_domain"])
+        return ControllerConfig(
+            catalog_url=raw["catalog_url"], base_domain=raw["base_domain"],
+            dump_retention_days=check_dump_retention(raw.get("dump_retention_days", DEFAULT_DUMP_RETENTION_DAYS)))
 
     def save_config(self, config: ControllerConfig) -> None:
-        body = {"catalog_url": config.catalog_url, "base_domain": config.base_domain}
+        body = {"catalog_url": config.catalog_url, "base_domain": config.base_domain,
+                "dump_retention_days": config.dump_retention_days}
         self.write(CONFIG_FILE, (json.dumps(body, indent=2) + "\n").encode(), secret=True)

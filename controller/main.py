@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 
 from . import __version__, store as catalog_mod
 from .store import Catalog
-from .config import CONFIG_FILE, ConfigError, ControllerConfig, StateDir
+from .config import CONFIG_FILE, DEFAULT_DUMP_RETENTION_DAYS, ConfigError, ControllerConfig, StateDir, \
+    check_dump_retention
 from .errors import FluxError
 from .gateways import LEASE_S
 from .pki import CertificateAuthority, create_ca
@@ -36,15 +37,18 @@ def _check_catalog_url(url: str) -> str:
 
 
 async def initialise(state: StateDir, catalog_url: str | None, base_domain: str | None,
-                     admin_name: str, extra_names: list[str]) -> dict:
+                     admin_name: str, extra_names: list[str], dump_retention_days: float | None = None) -> dict:
     """Brings a state directory and its catalog to the current version; idempotent."""
     changes: list[str] = []
     previous = state.load_config() if state.has(CONFIG_FILE) else None
     if catalog_url is None and previous is None:
         raise ConfigError("--catalog-url is required the first time")
+    if dump_retention_days is None:
+        dump_retention_days = previous.dump_retention_days if previous else DEFAULT_DUMP_RETENTION_DAYS
     config = ControllerConfig(
         catalog_url=_check_catalog_url(catalog_url) if catalog_url else previous.catalog_url,
         base_domain=base_domain or (previous.base_domain if previous else "localhost"),
+        dump_retention_days=check_dump_retention(dump_retention_days),
     )
 
     conn = await catalog_mod.connect(config.catalog_url)
@@ -135,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--admin-name", default="admin", help="name of the first user (default: admin)")
     init.add_argument("--san", action="append", default=[], metavar="NAME",
                       help="extra host name or IP for the controller's certificate (repeatable)")
+    init.add_argument("--dump-retention-days", type=float, metavar="DAYS",
+                      help=f"days a dump file written by a migrate is kept on its db host before the "
+                      f"controller removes it (default {DEFAULT_DUMP_RETENTION_DAYS:g}; kept when omitted); "
+                      "a running controller applies a new value once restarted")
     init.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     users = sub.add_parser("users", help="manage users of this control plane")
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         state = StateDir(args.state_dir)
         if args.command == "init":
             result = asyncio.run(initialise(state, args.catalog_url, args.base_domain,
-                                            args.admin_name, args.san))
+                                            args.admin_name, args.san, args.dump_retention_days))
             print(json.dumps(result)) if args.json else _print_init(result)
             return 0
         if args.command == "users":

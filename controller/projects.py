@@ -19,6 +19,7 @@ import jwt
 
 from contract import names
 
+from .dumpfiles import DumpFiles
 from .store import Catalog, HashTaken, Project, User
 from .errors import BadRequest, Conflict, FluxError, NotFound, Unavailable
 from .fleet import Fleet, ForeignObjects
@@ -85,11 +86,12 @@ def kept_copy(project: Project) -> dict:
 
 class Projects:
     def __init__(self, catalog: Catalog, fleet: Fleet, box: SecretBox, gateways: Gateways,
-                 hashes=new_hash):
+                 dump_files: DumpFiles | None = None, hashes=new_hash):
         self.catalog = catalog
         self.fleet = fleet
         self.box = box
         self.gateways = gateways
+        self.dump_files = dump_files or DumpFiles(catalog, fleet, box)
         self.hashes = hashes
 
     @property
@@ -275,7 +277,9 @@ class Projects:
         """
         await self.catalog.set_lifecycle(project.id, "deleting")
         untouched = None
-        # A migrated project may have both: its stack and what is left of its pooled copy.
+        # A migrated project may have both: its stack and what is left of its pooled copy, and
+        # its dump files (wherever the catalog lists them) in either case.
+        await self.dump_files.remove_all(project, "project_deleted")
         if project.db_agent:
             await self.fleet.run(project.db_agent, "tenant.drop", self.tenant_params(project), timeout=TENANT_JOB_TIMEOUT_S)
         if project.docker_agent:
@@ -410,12 +414,17 @@ class Projects:
         await self.not_migrating(project)
         if project.mode != DEDICATED or project.kept_copy_bytes is None:
             raise BadRequest(f"{project.slug} has no kept pooled copy to drop")
-        await self.fleet.run(project.db_agent, "tenant.drop", self.tenant_params(project),
-                             timeout=TENANT_JOB_TIMEOUT_S)
+        await self.drop_tenant(project)
         await self.catalog.set_kept_copy(project.id, None)
         await self.catalog.record_operation(project.id, "cleanup", "succeeded", "pooled copy dropped")
         return {"ok": True, "slug": project.slug, "hash": project.hash, "dropped": project.api_schema,
                 "bytes": project.kept_copy_bytes}
+
+    async def drop_tenant(self, project: Project, timeout: float = TENANT_JOB_TIMEOUT_S) -> None:
+        """Drops the project's tenant from the shared cluster. Its dump files go first, named, so
+        the catalog records each as removed (the agent's drop clears the directory after them)."""
+        await self.dump_files.remove_all(project, "tenant_dropped")
+        await self.fleet.run(project.db_agent, "tenant.drop", self.tenant_params(project), timeout=timeout)
 
     async def migrations(self, project: Project) -> dict:
         if project.mode == POOLED:

@@ -320,6 +320,25 @@ class LocalFleet:
             cursor = conn.execute(query, params)
             return cursor.fetchall() if cursor.description else []
 
+    def catalog_sql(self, query: str, params=()):
+        import psycopg
+
+        cluster = self.fleet.cluster("catalog")
+        with psycopg.connect(cluster.url("flux_catalog")) as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def dump_sql(self, path: str) -> bytes:
+        """The SQL in a kept dump file, decrypted with the data key its catalog row holds sealed."""
+        from agent.adapters.dumpfile import read_sql
+        from controller.dumpfiles import key_context
+        from controller.secretbox import SecretBox
+
+        [(dump_id, sealed)] = self.catalog_sql(
+            "SELECT id::text, key_sealed FROM dump_files WHERE path = %s AND removed_at IS NULL", (path,))
+        box = SecretBox((self.fleet.dir / "controller" / "master.key").read_bytes())
+        return b"".join(read_sql(path, box.open(sealed, key_context(dump_id))))
+
     def stop_process(self, key: str) -> None:
         from cli.devfleet import terminate
 

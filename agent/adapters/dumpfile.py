@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from contract.failures import FailureKind
+
 from ..errors import AgentError
 
 MAGIC = b"FLUXDUMP"
@@ -51,7 +53,7 @@ def parse_key(value) -> bytes:
         key = b""
     if len(key) != KEY_BYTES:
         raise AgentError("a dump needs its data key: dump_key must be the base64 of 32 bytes "
-                         "(is the controller older than this agent?)", code="invalid")
+                         "(is the controller older than this agent?)", kind=FailureKind.INVALID)
     return key
 
 

@@ -1,8 +1,9 @@
 """Moving a pooled tenant out (db role): preflight, write guard, dump and restore, verify.
 
-The dump is plain SQL from pg_dump, written to a file in the agent's spool and, when a
-target is given, streamed at the same time into the dedicated database with psql, so
-the data moves once. Lines the restore cannot take are dropped on the way, never inside COPY
+The dump is plain SQL from pg_dump, written encrypted (dumpfile.py, under a data key the
+controller sends with the job) to a file in the agent's spool and, when a target is given,
+streamed in plain at the same time into the dedicated database with psql, so the data moves
+once. Lines the restore cannot take are dropped on the way, never inside COPY
 data: `\\restrict`/`\\unrestrict` when the psql that restores predates them, `SET
 transaction_timeout` when the target server is older than 17.
 """
@@ -10,6 +11,7 @@ transaction_timeout` when the target server is older than 17.
 import hashlib
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +26,7 @@ from contract.failures import FailureKind
 
 from ..errors import AgentError
 from ..runtime.facts import parse_pg_tool_version
+from .dumpfile import EncryptingWriter
 from .tenants import Tenant
 
 PROGRESS_EVERY_BYTES = 4 * 1024 * 1024
@@ -219,6 +222,16 @@ def tables_of(conn, schema: str) -> list[str]:
 
 # dump files
 
+DUMP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+DUMP_SUFFIX = ".sql.enc"
+PARTIAL_SUFFIX = ".partial"
+# A partial file this old belongs to no running dump (they stop within hours); plain `.sql`
+# files are dumps written before dump files were encrypted, removed after the retention
+# those agents applied.
+STALE_PARTIAL_S = 24 * 3600
+LEGACY_PLAIN_S = 7 * 86400
+
+
 def _discard(partial: pathlib.Path) -> None:
     """Removes a dump that did not finish, and its tenant's directory when nothing else is in it."""
     partial.unlink(missing_ok=True)
@@ -234,22 +247,53 @@ def tenant_dumps(spool: pathlib.Path, tenant: Tenant) -> pathlib.Path:
 
 
 def remove_dumps(spool: pathlib.Path, tenant: Tenant) -> int:
-    """Removes every dump file of the tenant; returns how many there were."""
+    """Removes every file in the tenant's dump directory; returns how many there were."""
     directory = tenant_dumps(spool, tenant)
-    count = len(list(directory.glob("*.sql"))) if directory.exists() else 0
+    count = sum(1 for p in directory.iterdir() if p.is_file()) if directory.is_dir() else 0
     shutil.rmtree(directory, ignore_errors=True)
     return count
 
 
-def prune_dumps(spool: pathlib.Path, keep_seconds: float, now: float | None = None) -> list[str]:
-    """Removes dump files older than `keep_seconds`, and partial ones left by a stopped dump."""
+def prune_leftovers(spool: pathlib.Path, now: float | None = None) -> list[str]:
+    """Removes what no catalog lists: partial files of dumps that stopped, and plain-SQL dumps of
+    agents from before encryption once past the retention they had. Finished dump files are
+    the controller's to remove (`remove_files`)."""
     now = time.time() if now is None else now
     removed = []
-    for path in sorted((spool / "dumps").glob("*/*.sql*")):
-        if now - path.stat().st_mtime > keep_seconds:
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
+    for pattern, keep in ((f"*/*{PARTIAL_SUFFIX}", STALE_PARTIAL_S), ("*/*.sql", LEGACY_PLAIN_S)):
+        for path in sorted((spool / "dumps").glob(pattern)):
+            if now - path.lstat().st_mtime > keep:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
     return removed
+
+
+def dump_file(spool: pathlib.Path, tenant: Tenant, path) -> pathlib.Path:
+    """The file `path` names when it is a dump file directly in the tenant's dump directory;
+    anything else (another tenant's, a path with `..`, a relative one) is refused."""
+    directory = tenant_dumps(spool, tenant)
+    if (isinstance(path, str) and os.path.isabs(path) and os.path.normpath(path) == path
+            and pathlib.Path(path).parent == directory):
+        name = pathlib.Path(path).name
+        if name.endswith(DUMP_SUFFIX) and DUMP_NAME.match(name[:-len(DUMP_SUFFIX)]):
+            return pathlib.Path(path)
+    shown = repr(path[:200]) if isinstance(path, str) else type(path).__name__
+    raise AgentError(f"refused {shown}: not a dump file of {tenant.schema} (they are {directory}/NAME{DUMP_SUFFIX})",
+                     kind=FailureKind.INVALID)
+
+
+def remove_files(spool: pathlib.Path, tenant: Tenant, paths: list) -> dict:
+    """Removes the tenant's dump files named; every path is checked before any file goes.
+    A file already gone is reported as missing, not an error."""
+    files = [dump_file(spool, tenant, p) for p in paths]
+    removed, missing = [], []
+    for path in files:
+        try:
+            path.unlink()
+            removed.append(str(path))
+        except FileNotFoundError:
+            missing.append(str(path))
+    return {"removed": removed, "missing": missing}
 
 
 # dump and restore
@@ -335,17 +379,24 @@ class _Tail:
 
 def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target_url: str | None = None,
          target_major: int | None = None, expected_bytes: int = 0, table_count: int = 0, progress=None,
-         time_limit_s: float | None = None) -> dict:
-    """pg_dump of the tenant schema into the spool, streamed into `target_url` too when given.
+         time_limit_s: float | None = None, *, key: bytes) -> dict:
+    """pg_dump of the tenant schema into the spool, encrypted under `key`, and streamed in plain
+    into `target_url` too when given.
 
-    `target_major` is the target server's major version (none without a target). The whole
-    step is stopped after `time_limit_s` (by default scaled to `expected_bytes`).
+    `target_major` is the target server's major version (none without a target). The whole step
+    is stopped after `time_limit_s` (by default scaled to `expected_bytes`). The result's `bytes`
+    and `sha256` are those of the file as stored; `sql_bytes` and `sql_sha256` those of the SQL in it.
     """
     pg_dump = require_tool("pg_dump")
+    if not DUMP_NAME.match(name):
+        raise AgentError(f"invalid dump name {name[:200]!r}", kind=FailureKind.INVALID)
     dumps = tenant_dumps(spool, tenant)
     dumps.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = dumps / f"{name}.sql"
-    partial = path.with_suffix(".sql.partial")
+    path = dumps / f"{name}{DUMP_SUFFIX}"
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    if path.exists():
+        # The catalog holds one key per file: a dump never replaces another.
+        raise AgentError(f"a dump file {path} exists already", kind=FailureKind.CONFLICT)
     say = progress or (lambda *a: None)
     limit = time_limit(expected_bytes) if time_limit_s is None else time_limit_s
     started = time.monotonic()
@@ -390,8 +441,9 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
+            stored = EncryptingWriter(out, key)
             for chunk in sanitize(dumper.stdout.read1, dropped, on_copy=copying):
-                out.write(chunk)
+                stored.write(chunk)
                 digest.update(chunk)
                 if restorer is not None:
                     restorer.stdin.write(chunk)
@@ -399,6 +451,7 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
                 if size >= next_report:
                     say(phase, size, max(expected_bytes, size), "bytes", "")
                     next_report = size + PROGRESS_EVERY_BYTES
+            stored.close()
             out.flush()
             os.fsync(out.fileno())
         complete = dumper.wait() == 0
@@ -435,15 +488,20 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
         _discard(partial)
         # A lost connection or a restarted server: a new attempt starts over on an emptied target.
         raise AgentError(f"pg_dump of {tenant.schema} failed: {tails[dumper.pid].text()}", retryable=True)
-    os.replace(partial, path)
+    try:
+        os.link(partial, path)  # unlike a rename, never replaces a file that appeared meanwhile
+    except FileExistsError:
+        _discard(partial)
+        raise AgentError(f"a dump file {path} exists already", kind=FailureKind.CONFLICT) from None
+    partial.unlink()
     ledger_rows = 0
     if target_url:
         with psycopg.connect(source_url) as source:
             ledger_rows = copy_ledger(source, target_url, tenant)
     say(phase, size, size, "bytes", "done")
-    return {"path": str(path), "bytes": size, "sha256": digest.hexdigest(), "tables": tables,
-            "restored": bool(target_url), "ledger_rows": ledger_rows,
-            "seconds": round(time.monotonic() - started, 3)}
+    return {"path": str(path), "bytes": stored.bytes, "sha256": stored.sha256, "sql_bytes": size,
+            "sql_sha256": digest.hexdigest(), "tables": tables, "restored": bool(target_url),
+            "ledger_rows": ledger_rows, "seconds": round(time.monotonic() - started, 3)}
 
 
 # verify

@@ -8,7 +8,7 @@ import asyncio
 
 from contract.failures import FailureKind
 
-from ..adapters import dumps, ledger, tenants
+from ..adapters import dumpfile, dumps, ledger, tenants
 from ..errors import AgentError
 from .context import Handler, JobContext
 
@@ -100,21 +100,28 @@ async def tenant_unlock(ctx: JobContext) -> dict:
 async def tenant_dump(ctx: JobContext) -> dict:
     p = ctx.params
     tenant = tenants.Tenant.from_params(p)
+    key = dumpfile.parse_key(p.dump_key)
     if p.require_guard and not ctx.guards.held(tenant):
         # The same job sent again finds no guard either: the controller must lock again first.
         raise AgentError("the write guard on the source is not held (the agent restarted?); "
                          "lock again before dumping", kind=FailureKind.CONFLICT)
     name = p.name or tenant.schema
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise AgentError(f"invalid dump name {name!r}", kind=FailureKind.INVALID)
+    spool = ctx.state_dir / "spool"
 
     def run() -> dict:
         _, url = _tenant_login(ctx)
-        dumps.prune_dumps(ctx.state_dir / "spool", _db_settings(ctx).dump_retention_days * 86400)
-        return dumps.dump(url, tenant, ctx.state_dir / "spool", name, p.target_url, p.target_major,
-                          p.expected_bytes, p.table_count, ctx.progress)
+        dumps.prune_leftovers(spool)
+        return dumps.dump(url, tenant, spool, name, p.target_url, p.target_major, p.expected_bytes, p.table_count,
+                          ctx.progress, key=key)
 
     return await asyncio.to_thread(run)
+
+
+async def tenant_dump_remove(ctx: JobContext) -> dict:
+    """Removes dump files of the tenant the controller names (retention, drop, delete)."""
+    tenant = tenants.Tenant.from_params(ctx.params)
+    return await asyncio.to_thread(dumps.remove_files, ctx.state_dir / "spool", tenant, ctx.params.paths)
+
 
 async def tenant_verify(ctx: JobContext) -> dict:
     def run() -> dict:
@@ -133,5 +140,6 @@ HANDLERS: dict[str, Handler] = {
     "tenant.lock": tenant_lock,
     "tenant.unlock": tenant_unlock,
     "tenant.dump": tenant_dump,
+    "tenant.dump_remove": tenant_dump_remove,
     "tenant.verify": tenant_verify,
 }

@@ -2,7 +2,7 @@
 
     {"db":      {"shared_cluster_url": "postgresql://...", "authenticator_password": "...",
                  "runtime_connection_limit": 20, "runtime_statement_timeout": "15s",
-                 "push_statement_timeout": "60s", "dump_retention_days": 7},
+                 "push_statement_timeout": "60s"},
      "docker":  {"postgres_image": "postgres:15", "postgrest_image": "postgrest/postgrest:v12.2.3",
                  "publish_host": "127.0.0.1", "advertise_host": "127.0.0.1", "memory_limit": "512m",
                  "cpus": 1.0, "restart_policy": "unless-stopped"},
@@ -13,6 +13,10 @@
 
 The file holds credentials (0600). The controller never sees these values.
 
+Dump files are removed by the controller, which lists them in its catalog (its
+`--dump-retention-days`); `db.dump_retention_days`, which agents once applied themselves, is
+ignored with a warning so that older settings files still load.
+
 Caddy's admin API has no authentication, so it listens only on a unix socket (by default
 `caddy-admin.sock` in the state directory, whose mode keeps other users out). App tokens
 must carry `exp` and live at most `max_token_lifetime_s`; the anon and service-role keys
@@ -20,11 +24,14 @@ the controller issues last 90 days, so a smaller value refuses them.
 """
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 
 from .config import StateDir
 from ..errors import AgentError
+
+log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
 _DURATION = re.compile(r"^\d+(ms|s|min)$")
@@ -37,8 +44,6 @@ class DbSettings:
     runtime_connection_limit: int = 20
     runtime_statement_timeout: str = "15s"
     push_statement_timeout: str = "60s"
-    # Dump files a migrate writes are removed this many days after, and with their tenant.
-    dump_retention_days: float = 7
 
 
 @dataclass(frozen=True)
@@ -104,14 +109,16 @@ def load(state: StateDir) -> dict:
         raise AgentError(f"{path} is not valid JSON: {exc}") from None
     settings = {}
     if "db" in raw:
-        db = _build(DbSettings, raw["db"], "db")
+        if not isinstance(raw["db"], dict):
+            raise AgentError(f"{SETTINGS_FILE}: db must be an object")
+        db_raw = dict(raw["db"])
+        if db_raw.pop("dump_retention_days", None) is not None:
+            log.warning("%s: db.dump_retention_days is no longer used: the controller removes dump files "
+                        "(flux-controller init --dump-retention-days)", SETTINGS_FILE)
+        db = _build(DbSettings, db_raw, "db")
         for key in ("runtime_statement_timeout", "push_statement_timeout"):
             if not _DURATION.match(getattr(db, key)):
                 raise AgentError(f"{SETTINGS_FILE}: db.{key} must look like 15s, 500ms or 2min")
-        retention = db.dump_retention_days
-        if isinstance(retention, bool) or not isinstance(retention, (int, float)) or retention < 0:
-            raise AgentError(f"{SETTINGS_FILE}: db.dump_retention_days must be a number of days, 0 or more "
-                             f"(got {retention!r})")
         settings["db"] = db
     if "gateway" in raw:
         settings["gateway"] = _check_gateway(_build(GatewaySettings, raw["gateway"], "gateway"))

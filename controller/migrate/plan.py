@@ -273,8 +273,9 @@ async def dump(run: Run) -> dict:
         params.update(target_url=run.projects.admin_url(project),
                       target_major=run.outputs["provision"]["postgres_major"],
                       require_guard=run.options.lock_writes)
-    out = await run.jobs.run(project.db_agent, "tenant.dump", params, timeout=data_timeout(before["total_bytes"]),
-                             on_progress=run.progress)
+    # A fresh data key encrypts the file; the file, its digests and the sealed key go in the catalog.
+    out = await run.projects.dump_files.dump(project, run.row.id, params, timeout=data_timeout(before["total_bytes"]),
+                                             on_progress=run.progress)
     return {"host": project.db_agent, "path": out["path"], "bytes": out["bytes"], "sha256": out["sha256"],
             "seconds": out.get("seconds")}
 
@@ -326,7 +327,7 @@ async def unlock_after_cutover(run: Run) -> None:
 
 async def drop_source(run: Run) -> None:
     project = await run.project()
-    await run.jobs.run(project.db_agent, "tenant.drop", run.tenant(project), timeout=120)
+    await run.projects.drop_tenant(project, timeout=120)
     await run.catalog.set_kept_copy(project.id, None)
 
 

@@ -5,15 +5,16 @@ Every other module reaches the catalog through `Catalog`.
 
 from .agents import Agent, AgentStore
 from .base import Migration, Store, available_migrations, connect, migrate, pending_migrations
+from .dumps import DumpFile, DumpFileStore
 from .jobs import Job, JobStore
 from .migrations import MigrationRow, MigrationStore, StepRow
 from .projects import HashTaken, Project, ProjectStore
 from .users import ApiToken, User, UserStore
 
 
-class Catalog(UserStore, AgentStore, JobStore, ProjectStore, MigrationStore, Store):
+class Catalog(UserStore, AgentStore, JobStore, ProjectStore, MigrationStore, DumpFileStore, Store):
     """Every aggregate's queries over one connection pool."""
 
 
-__all__ = ["Agent", "ApiToken", "Catalog", "HashTaken", "Job", "Migration", "MigrationRow", "Project", "StepRow",
+__all__ = ["Agent", "ApiToken", "Catalog", "DumpFile", "HashTaken", "Job", "Migration", "MigrationRow", "Project", "StepRow",
            "User", "available_migrations", "connect", "migrate", "pending_migrations"]

@@ -105,7 +105,16 @@ class ProjectStore(Store):
         await self._one("UPDATE projects SET maintenance = %s WHERE id = %s RETURNING 1", (enabled, project_id))
 
     async def delete_project(self, project_id: str) -> None:
-        await self._one("DELETE FROM projects WHERE id = %s RETURNING 1", (project_id,))
+        """Deletes the project and the records of its removed dump files; a dump file still kept
+        stops it (the foreign key restricts), so no file is forgotten while it may exist."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM dump_files WHERE project_id = %s AND removed_at IS NOT NULL",
+                               (project_id,))
+            try:
+                await conn.execute("DELETE FROM projects WHERE id = %s", (project_id,))
+            except psycopg.errors.ForeignKeyViolation:
+                raise Conflict("the project still has dump files the catalog lists as kept; "
+                               "they are removed before it is deleted") from None
 
     async def projects_per_agent(self, column: str) -> dict[str, int]:
         """Projects placed on each agent, by `db_agent` or `docker_agent`."""

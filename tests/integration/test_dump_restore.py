@@ -1,5 +1,7 @@
-"""Sanitizing real pg_dump output (15.18 emits \\restrict) and restoring it with the sanitized stream."""
+"""Sanitizing real pg_dump output (15.18 emits \\restrict) and restoring it with the sanitized stream;
+the dump file kept in the spool is encrypted."""
 
+import hashlib
 import io
 import pathlib
 import shutil
@@ -10,9 +12,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from agent.adapters.dumpfile import read_sql
 from agent.adapters.dumps import dropped_lines, libpq_env, sanitize
+from contract.failures import FailureKind
 
 pytestmark = pytest.mark.integration
+
+KEY = bytes(range(100, 132))
 
 
 @pytest.fixture
@@ -92,7 +98,7 @@ def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_p
         _tenant_target(target)
         with psycopg.connect(target) as conn:
             assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'auditor'").fetchone() == (0,)
-        result = dump(source, tenant, tmp_path, "roles", target)
+        result = dump(source, tenant, tmp_path, "roles", target, key=KEY)
         assert result["restored"] is True
         with psycopg.connect(target) as conn:
             assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (1,)
@@ -117,7 +123,7 @@ def test_a_failing_restore_ends_the_job_with_psqls_error(databases, tenant, tmp_
                      f" INSERT INTO {tenant.schema}.feelings SELECT g, 'ok' FROM generate_series(1, 200000) g")
     _tenant_target(target)
     with pytest.raises(AgentError, match='type "public.mood" does not exist'):
-        dump(source, tenant, tmp_path, "fails", target)
+        dump(source, tenant, tmp_path, "fails", target, key=KEY)
     assert list((tmp_path / "dumps").iterdir()) == []
 
 
@@ -165,7 +171,7 @@ def test_a_restore_printing_megabytes_of_warnings_does_not_deadlock(databases, t
                    " CREATE TABLE b_bulk (id int, body text);"
                    " INSERT INTO b_bulk SELECT g, repeat('b', 1000) FROM generate_series(1, 5000) g")
     _tenant_target(target)
-    result = _in_thread(lambda: dump(source, tenant, tmp_path, "noisy", target, expected_bytes=1 << 20), 120)
+    result = _in_thread(lambda: dump(source, tenant, tmp_path, "noisy", target, expected_bytes=1 << 20, key=KEY), 120)
     assert result["restored"] is True
     with psycopg.connect(target) as conn:
         assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.a_noisy").fetchone() == (5000,)
@@ -184,7 +190,7 @@ def test_a_stuck_restore_fails_within_its_time_limit(databases, tenant, tmp_path
         blocker.execute(f"CREATE SCHEMA {tenant.schema}")
         started = time.monotonic()
         with pytest.raises(AgentError, match=r"did not finish within 3s"):
-            _in_thread(lambda: dump(source, tenant, tmp_path, "stuck", target, time_limit_s=3), 60)
+            _in_thread(lambda: dump(source, tenant, tmp_path, "stuck", target, time_limit_s=3, key=KEY), 60)
         assert time.monotonic() - started < 30
         blocker.rollback()
     assert list((tmp_path / "dumps").iterdir()) == []
@@ -200,10 +206,35 @@ def test_the_psql_that_restores_decides_on_restrict(databases, tenant, tmp_path)
     source, target = databases
     _tenant_source(source, tenant, "CREATE TABLE notes (id int); INSERT INTO notes VALUES (1)")
     _tenant_target(target)
-    result = dump(source, tenant, tmp_path, "restrict", target, target_major=15)
-    lines = pathlib.Path(result["path"]).read_bytes().splitlines()
+    result = dump(source, tenant, tmp_path, "restrict", target, target_major=15, key=KEY)
+    lines = b"".join(read_sql(result["path"], KEY)).splitlines()
     # The target server is 15, yet psql keeps the dump's protection; the 17-only setting goes.
     assert any(line.startswith(b"\\restrict ") for line in lines)
     assert not any(line.startswith(b"SET transaction_timeout") for line in lines)
     with psycopg.connect(target) as conn:
         assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (1,)
+
+
+def test_the_kept_dump_file_is_encrypted_and_decrypts_to_the_sql_restored(databases, tenant, tmp_path):
+    from agent.adapters.dumps import dump
+    from agent.errors import AgentError
+
+    source, target = databases
+    _tenant_source(source, tenant, "CREATE TABLE notes (id int, body text);"
+                   " INSERT INTO notes SELECT g, 'marigold-' || g FROM generate_series(1, 50000) g")
+    _tenant_target(target)
+    result = dump(source, tenant, tmp_path, "sealed", target, key=KEY)
+    path = pathlib.Path(result["path"])
+    stored = path.read_bytes()
+    assert path.name == "sealed.sql.enc" and (path.stat().st_mode & 0o077) == 0
+    assert stored.startswith(b"FLUXDUMP") and b"marigold" not in stored and b"COPY" not in stored
+    assert result["bytes"] == len(stored) and result["sha256"] == hashlib.sha256(stored).hexdigest()
+    sql_text = b"".join(read_sql(path, KEY))
+    assert b"marigold-49999" in sql_text and b"COPY " in sql_text
+    assert result["sql_bytes"] == len(sql_text) and result["sql_sha256"] == hashlib.sha256(sql_text).hexdigest()
+    with psycopg.connect(target) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (50000,)
+    # A file the catalog knows under one key is never replaced by another dump.
+    with pytest.raises(AgentError, match="exists already") as caught:
+        dump(source, tenant, tmp_path, "sealed", key=bytes(32))
+    assert caught.value.kind == FailureKind.CONFLICT and path.read_bytes() == stored

@@ -103,7 +103,9 @@ def test_dry_run_dump_only_staged_and_full(fleet):
     with open(d["path"], "rb") as handle:
         content = handle.read()
     assert len(content) == d["bytes"] and hashlib.sha256(content).hexdigest() == d["sha256"]
-    assert b"COPY " in content and b"\\restrict" not in content
+    assert content.startswith(b"FLUXDUMP") and b"COPY " not in content
+    sql_text = fleet.dump_sql(d["path"])
+    assert b"COPY " in sql_text and b"\\restrict" not in sql_text
     assert _containers(project) == [] and _mode(fleet, project) == "v2_shared"
 
     staged = fleet.migrate(project, staged=True)
@@ -542,6 +544,9 @@ def test_the_kept_pooled_copy_is_read_only_for_every_tenant_role_shown_and_dropp
     assert f"Dropped the pooled copy of {s['slug']}" in cleaned.stdout
     assert fleet.shared_sql("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)) == [(0,)]
     assert not dump.exists() and not dump.parent.exists()
+    # The catalog saw it go: removed with the tenant, not found missing later.
+    assert fleet.catalog_sql("SELECT removed_why, missing FROM dump_files WHERE path = %s",
+                             (str(dump),)) == [("tenant_dropped", False)]
     assert "pooledCopy" not in next(p for p in fleet.api("GET", "list").json() if p["hash"] == s["hash"])
     # The dedicated project serves on, untouched.
     assert fleet.gateway("GET", fleet.host(project), "/todos", app_token(secret)).status_code == 200

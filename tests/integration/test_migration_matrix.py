@@ -65,6 +65,7 @@ class Agents:
         self.fault: tuple[str, str, str] | None = None
         self.seen: list[tuple[str | None, str]] = []
         self.migration_task: asyncio.Task | None = None
+        self.dumps: list[str] = []
         self.lease_granter = None
         self.hello_listeners: list = []
 
@@ -133,8 +134,12 @@ class Agents:
         if p.get("require_guard") and not self.hosts.guard:
             raise AssertionError("dump without the guard")
         self.require_stack()["rows"] = self.hosts.pooled_rows
-        return {"path": "/spool/dumps/x.sql", "bytes": 1000, "sha256": "ab" * 32, "seconds": 0.1, "tables": 1,
-                "restored": True, "ledger_rows": 0}
+        self.dumps.append(p["name"])
+        return {"path": f"/spool/dumps/{p['name']}.sql.enc", "bytes": 1040, "sha256": "ab" * 32, "sql_bytes": 1000,
+                "sql_sha256": "cd" * 32, "seconds": 0.1, "tables": 1, "restored": True, "ledger_rows": 0}
+
+    def tenant_dump_remove(self, p):
+        return {"removed": p["paths"], "missing": []}
 
     def stack_bootstrap(self, p):
         self.require_stack()
@@ -245,9 +250,11 @@ async def _scenario(url: str, options: Options, fault: tuple[str, str, str] | No
         else:
             before = None
         current = await ctl.catalog.project(project.id)
-        return {"final": final, "status": status, "after_cutover": before, "resumed": resumed,
+        files = await ctl.catalog.dump_files_of(project.id, removed_too=True)
+        return {"dump_files": [(f.path, f.removed_why) for f in files], "final": final, "status": status, "after_cutover": before, "resumed": resumed,
                 "end": _state(hosts, current, migration), "old_secret": old_secret,
-                "secret": ctl.projects.jwt_secret(current), "hosts": hosts, "seen": agents.seen}
+                "secret": ctl.projects.jwt_secret(current), "hosts": hosts, "seen": agents.seen,
+                "hosts_dumps": agents.dumps}
     finally:
         await ctl.catalog.close()
 
@@ -269,7 +276,7 @@ FULL_JOBS = [("preflight", "tenant.preflight"), ("provision", "stack.provision")
              ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("dump", "tenant.dump"),
              ("bootstrap", "stack.bootstrap"), ("verify", "tenant.verify"), ("probe", "stack.probe"),
              ("flip", "gateway.sync"), ("unlock", "gateway.sync"), ("unlock", "tenant.unlock"),
-             ("drop_source", "tenant.drop")]
+             ("drop_source", "tenant.dump_remove"), ("drop_source", "tenant.drop")]
 STAGED_JOBS = FULL_JOBS[:9] + [("unlock", "gateway.sync"), ("unlock", "tenant.unlock")]
 AFTER_CUTOVER = {"unlock", "drop_source"}
 
@@ -289,6 +296,8 @@ def test_the_matrix_covers_every_job_of_every_step(catalog_url):
     assert migrating == FULL_JOBS, migrating
     assert [s["status"] for s in done["status"]["steps"]] == ["done"] * 10
     assert done["secret"] != done["old_secret"] and done["hosts"].stack["secret"] == done["secret"]
+    # The dump file is in the catalog, and went (named) before the pooled copy was dropped.
+    assert done["dump_files"] == [(f"/spool/dumps/{done['hosts_dumps'][0]}.sql.enc", "tenant_dropped")]
 
 
 @pytest.mark.parametrize("step,kind", FULL_JOBS, ids=[f"{s}-{k}" for s, k in FULL_JOBS])
