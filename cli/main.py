@@ -523,6 +523,39 @@ def _follow_migration(api, path: str, body: dict | None, as_json: bool) -> None:
 
 
 @cli.group()
+def dumps():
+    """Dump files a migrate wrote on the db host (encrypted; removed after the retention)."""
+
+
+@dumps.command("list")
+@project_options
+@click.option("--all", "removed_too", is_flag=True, help="also the files already removed, with when and why")
+@click.option("--json", "as_json", is_flag=True)
+def dumps_list(slug, hash_, removed_too, as_json):
+    """List a project's dump files: host, path, size, SHA-256 of the file as stored, created, state.
+
+    The state is the db host's view now: kept, missing (gone from the host), changed (not the
+    size recorded), unknown (the host cannot be asked) or removed.
+    """
+    slug, hash_ = resolve(slug, hash_)
+    result = client().get(f"projects/{hash_}/dumps", params={"slug": slug, "all": str(removed_too).lower()})
+
+    def render(r):
+        items = r["dumps"]
+        if not items:
+            click.echo(f"No dump files for {slug}." + ("" if removed_too else " (--all shows removed ones)"))
+        else:
+            _table([[d["host"], d["path"], size(d["bytes"]), d["sha256"], (d["createdAt"] or "")[:19],
+                     d["state"] + (f" ({d['removedWhy']})" if d.get("removedWhy") else "")]
+                    for d in items], ["HOST", "PATH", "SIZE", "SHA256", "CREATED", "STATE"])
+        click.echo(f"Dump files are removed {r['retentionDays']:g} days after they were written.")
+        for problem in r.get("problems", []):
+            click.secho(f"warning: {problem}", fg="yellow", err=True)
+
+    emit(result, as_json, render)
+
+
+@cli.group()
 def dev():
     """A local fleet on this machine, for development and demos."""
 

@@ -60,6 +60,7 @@ _ALL = [
     # The target is emptied before each restore, and the spool file written anew.
     _kind(tenants.TenantDumpParams, tenants.TenantDumped, True),
     _kind(tenants.TenantDumpRemoveParams, tenants.TenantDumpsRemoved, True),
+    _kind(tenants.TenantDumpStatParams, tenants.TenantDumpStats, True),
     _kind(tenants.TenantVerifyParams, tenants.TenantVerified, True),
 ]
 

@@ -253,3 +253,27 @@ class TenantDumpsRemoved(Result):
     removed: list[str]
     # Named files that were already gone.
     missing: list[str]
+
+
+# tenant.dump_stat
+
+
+@message
+class TenantDumpStatParams(TenantRef):
+    KIND = "tenant.dump_stat"
+    # Dump files of this tenant (paths in its dump directory on the agent); anything else is refused.
+    paths: list[str]
+
+
+@message
+class DumpFileStat(Message):
+    path: str
+    exists: bool
+    # Null when the file is not there.
+    bytes: int | None
+
+
+@message
+class TenantDumpStats(Result):
+    KIND = "tenant.dump_stat"
+    files: list[DumpFileStat]

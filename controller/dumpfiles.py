@@ -1,4 +1,4 @@
-"""Dump files a migrate writes on a db agent: recorded, encrypted at rest and removed.
+"""Dump files a migrate writes on a db agent: recorded, encrypted at rest, listed and removed.
 
 Each dump gets a fresh 256-bit data key here. It goes to the db agent in the job's params
 (sealed at rest in the jobs table, like every job's) and into the file's catalog row, sealed with
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 FILE_JOB_TIMEOUT_S = 60
+STAT_TIMEOUT_S = 10
 # A file outlives its retention by at most a tenth of it, or an hour.
 MAX_SWEEP_S = 3600.0
 MIN_SWEEP_S = 1.0
@@ -42,6 +43,10 @@ def key_context(dump_id: str) -> str:
 
 def _tenant(project: Project) -> dict:
     return {"project_id": project.id, "short_id": project.short_id}
+
+
+def _iso(value: datetime.datetime | None) -> str | None:
+    return value.isoformat() if value else None
 
 
 class DumpFiles:
@@ -65,6 +70,49 @@ class DumpFiles:
             dump_id, project.id, migration_id, project.db_agent, dumped["path"], dumped["bytes"], dumped["sha256"],
             dumped["sql_bytes"], dumped["sql_sha256"], self.box.seal(key, key_context(dump_id)))
         return {**dumped, "dump_id": dump_id}
+
+    # listing
+
+    async def listing(self, project: Project, removed_too: bool = False) -> dict:
+        """The project's dump files, each kept one as its db agent sees it now: `kept`, `missing`,
+        `changed` (its size is not the recorded one) or `unknown` (the agent cannot say)."""
+        files = await self.catalog.dump_files_of(project.id, removed_too)
+        seen: dict[str, dict] = {}
+        problems = []
+        kept = [f for f in files if f.removed_at is None]
+        for agent, group in groupby(sorted(kept, key=lambda f: f.agent), key=lambda f: f.agent):
+            group = list(group)
+            if not self.fleet.connected(agent):
+                problems.append(f"db agent {agent} is not connected")
+                continue
+            try:
+                out = await self.fleet.run(agent, "tenant.dump_stat", {**_tenant(project),
+                                                                       "paths": [f.path for f in group]},
+                                           timeout=STAT_TIMEOUT_S)
+            except FluxError as exc:
+                problems.append(f"db agent {agent}: {exc.message}")
+                continue
+            found = {item["path"]: item for item in out.get("files", [])}
+            seen.update({f.id: found[f.path] for f in group if f.path in found})
+        return {"retentionDays": self.retention.total_seconds() / 86400,
+                "dumps": [self._view(f, seen.get(f.id)) for f in files],
+                **({"problems": problems} if problems else {})}
+
+    def _view(self, dump: DumpFile, seen: dict | None) -> dict:
+        if dump.removed_at is not None:
+            state = "removed"
+        elif seen is None:
+            state = "unknown"
+        elif not seen["exists"]:
+            state = "missing"
+        else:
+            state = "kept" if seen["bytes"] == dump.bytes else "changed"
+        return {"id": dump.id, "host": dump.agent, "path": dump.path, "bytes": dump.bytes, "sha256": dump.sha256,
+                "sqlBytes": dump.sql_bytes, "sqlSha256": dump.sql_sha256, "migrationId": dump.migration_id,
+                "createdAt": _iso(dump.created_at), "state": state,
+                "expiresAt": _iso(dump.created_at + self.retention) if dump.removed_at is None else None,
+                "removedAt": _iso(dump.removed_at), "removedWhy": dump.removed_why,
+                "missingWhenRemoved": dump.missing}
 
     # removal
 

@@ -296,6 +296,18 @@ def remove_files(spool: pathlib.Path, tenant: Tenant, paths: list) -> dict:
     return {"removed": removed, "missing": missing}
 
 
+def stat_files(spool: pathlib.Path, tenant: Tenant, paths: list) -> dict:
+    """Whether each of the tenant's dump files named is there, and its size."""
+    found = []
+    for path in [dump_file(spool, tenant, p) for p in paths]:
+        try:
+            info = path.lstat()
+            found.append({"path": str(path), "exists": True, "bytes": info.st_size})
+        except FileNotFoundError:
+            found.append({"path": str(path), "exists": False, "bytes": None})
+    return {"files": found}
+
+
 # dump and restore
 
 REFERENCED_ROLES = """

@@ -123,6 +123,12 @@ async def tenant_dump_remove(ctx: JobContext) -> dict:
     return await asyncio.to_thread(dumps.remove_files, ctx.state_dir / "spool", tenant, ctx.params.paths)
 
 
+async def tenant_dump_stat(ctx: JobContext) -> dict:
+    """Whether each of the tenant's dump files named is there, and its size."""
+    tenant = tenants.Tenant.from_params(ctx.params)
+    return await asyncio.to_thread(dumps.stat_files, ctx.state_dir / "spool", tenant, ctx.params.paths)
+
+
 async def tenant_verify(ctx: JobContext) -> dict:
     def run() -> dict:
         tenant, url = _tenant_login(ctx)
@@ -141,5 +147,6 @@ HANDLERS: dict[str, Handler] = {
     "tenant.unlock": tenant_unlock,
     "tenant.dump": tenant_dump,
     "tenant.dump_remove": tenant_dump_remove,
+    "tenant.dump_stat": tenant_dump_stat,
     "tenant.verify": tenant_verify,
 }

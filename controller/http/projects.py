@@ -98,6 +98,13 @@ async def project_backups(hash_: str, user: User = Depends(current_user), s: Ser
     await s.projects.get(user, hash_)
     return {"backups": []}
 
+@router.get("/projects/{hash_}/dumps")
+async def project_dumps(hash_: str, slug: str | None = None, all: bool = False, user: User = Depends(current_user),
+                        s: Services = Depends(services)):
+    """The project's dump files (those removed too with `all`), each as its db host sees it now."""
+    return await s.projects.dump_files.listing(await s.projects.get(user, hash_, slug), removed_too=all)
+
+
 @router.post("/projects/{hash_}/lifecycle")
 async def project_lifecycle(hash_: str, body: LifecycleRequest, user: User = Depends(current_user), s: Services = Depends(services)):
     return await s.projects.lifecycle(await s.projects.get(user, hash_), body.action)

@@ -35,6 +35,7 @@ ROUTES = {
     ("GET", f"{P}/projects/{{hash_}}/credentials"): "any",
     ("GET", f"{P}/projects/{{hash_}}/migrations"): "any",
     ("GET", f"{P}/projects/{{hash_}}/backups"): "any",
+    ("GET", f"{P}/projects/{{hash_}}/dumps"): "any",
     ("POST", f"{P}/projects/{{hash_}}/lifecycle"): "any",
     ("POST", f"{P}/projects/{{hash_}}/probe"): "any",
     ("POST", f"{P}/projects/{{hash_}}/repair"): "any",

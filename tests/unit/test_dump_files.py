@@ -12,7 +12,7 @@ import time
 import pytest
 
 from contract.failures import FailureKind
-from agent.adapters.dumps import dump_file, prune_leftovers, remove_dumps, remove_files, tenant_dumps
+from agent.adapters.dumps import dump_file, prune_leftovers, remove_dumps, remove_files, stat_files, tenant_dumps
 from agent import handlers
 from agent.adapters.tenants import Tenant
 from agent.errors import AgentError
@@ -96,6 +96,9 @@ def test_removal_checks_every_path_first_and_reports_missing_files(tmp_path):
         remove_files(tmp_path, A, [str(one), str(other)])
     assert one.exists() and other.exists()
     gone = str(tenant_dumps(tmp_path, A) / "gone.sql.enc")
+    assert stat_files(tmp_path, A, [str(two), gone]) == {"files": [
+        {"path": str(two), "exists": True, "bytes": len(b"FLUXDUMP...")},
+        {"path": gone, "exists": False, "bytes": None}]}
     assert remove_files(tmp_path, A, [str(one), gone, str(two)]) == {"removed": [str(one), str(two)],
                                                                        "missing": [gone]}
     assert not one.exists() and not two.exists() and other.exists()
@@ -113,13 +116,15 @@ def test_the_agents_dump_file_jobs_refuse_paths_outside_the_tenants_directory(tm
     spool = tmp_path / "spool"
     mine = _dump(spool, A, "mine.sql.enc")
     theirs = _dump(spool, B, "theirs.sql.enc")
-    for path in [str(theirs), f"{mine.parent}/../{B.schema}/theirs.sql.enc", str(tmp_path / "agent.json")]:
-        with pytest.raises(AgentError) as caught:
-            _job("tenant.dump_remove", tmp_path, paths=[str(mine), path])
-        assert caught.value.kind == FailureKind.INVALID
-    with pytest.raises(AgentError, match="paths: expected a list"):
-        _job("tenant.dump_remove", tmp_path, paths=str(mine))
+    for kind in ("tenant.dump_remove", "tenant.dump_stat"):
+        for path in [str(theirs), f"{mine.parent}/../{B.schema}/theirs.sql.enc", str(tmp_path / "agent.json")]:
+            with pytest.raises(AgentError) as caught:
+                _job(kind, tmp_path, paths=[str(mine), path])
+            assert caught.value.kind == FailureKind.INVALID
+        with pytest.raises(AgentError, match="paths: expected a list"):
+            _job(kind, tmp_path, paths=str(mine))
     assert mine.exists() and theirs.exists()
+    assert _job("tenant.dump_stat", tmp_path, paths=[str(mine)])["files"][0]["exists"] is True
     assert _job("tenant.dump_remove", tmp_path, paths=[str(mine)]) == {"removed": [str(mine)], "missing": []}
     assert _job("tenant.dump_remove", tmp_path, paths=[str(mine)]) == {"removed": [], "missing": [str(mine)]}
     assert theirs.exists()
