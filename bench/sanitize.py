@@ -17,7 +17,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.adapters.dumps import dropped_lines, sanitize  # noqa: E402
+from agent.domain.dumpstream import dropped_lines, sanitize  # noqa: E402
 
 HEAD = b"\\restrict k\nSET transaction_timeout = 0;\nCOPY t_x_api.t (id, body) FROM stdin;\n"
 TAIL = b"\\.\n\\unrestrict k\n"

@@ -13,7 +13,8 @@ import pytest
 from psycopg import sql
 
 from agent.adapters.dumpfile import read_sql
-from agent.adapters.dumps import dropped_lines, libpq_env, sanitize
+from agent.adapters.dumps import libpq_env
+from agent.domain.dumpstream import dropped_lines, sanitize
 from contract.failures import FailureKind
 
 pytestmark = pytest.mark.integration
@@ -199,7 +200,8 @@ def test_a_stuck_restore_fails_within_its_time_limit(databases, tenant, tmp_path
 
 
 def test_the_psql_that_restores_decides_on_restrict(databases, tenant, tmp_path):
-    from agent.adapters.dumps import dump, psql_understands_restrict, tool_version
+    from agent.adapters.dumps import dump, tool_version
+    from agent.domain.dumpstream import psql_understands_restrict
 
     if not psql_understands_restrict(tool_version("psql")):
         pytest.skip(f"this check needs a psql that knows \\restrict; installed: {tool_version('psql')}")

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from contract.failures import FailureKind
-from agent.adapters.dumps import dump_file, prune_leftovers, remove_dumps, remove_files, stat_files, tenant_dumps
+from agent.adapters.dumps import (dump_file, prune_leftovers, remove_dumps, remove_files, stat_files,
+                                  tenant_dumps)
 from agent import handlers
 from agent.adapters.tenants import Tenant
 from agent.errors import AgentError

@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from agent.adapters.dumps import dropped_lines, psql_understands_restrict, sanitize
+from agent.domain.dumpstream import dropped_lines, psql_understands_restrict, sanitize
 
 DUMP = b"".join([
     b"--\n",
@@ -100,7 +100,7 @@ def test_a_huge_copy_value_streams_through_in_chunk_sized_pieces():
 
 
 def test_a_huge_line_outside_copy_streams_too():
-    from agent.adapters.dumps import MAX_LINE
+    from agent.domain.dumpstream import MAX_LINE
 
     long = b"COMMENT ON TABLE t IS '" + b"c" * (3 * MAX_LINE) + b"';\n"
     data = b"\\restrict " + b"k" * (2 * MAX_LINE) + b"\n" + long + b"SET transaction_timeout = 0;\nSELECT 1;\n"
