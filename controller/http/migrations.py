@@ -101,7 +101,8 @@ async def migration_events(migration_id: str, user: User = Depends(current_user)
     return StreamingResponse(events(), media_type="application/x-ndjson")
 
 @router.post("/migrations/{migration_id}/resume")
-async def migration_resume(migration_id: str, request: Request, user: User = Depends(current_user), s: Services = Depends(services)):
+async def migration_resume(migration_id: str, request: Request, user: User = Depends(current_user),
+                           s: Services = Depends(services)):
     try:
         row = await s.migrations.resume(migration_id, None if user.cli_role == ADMIN else user.id)
     except ValueError:

@@ -106,7 +106,8 @@ async def project_dumps(hash_: str, slug: str | None = None, all: bool = False, 
 
 
 @router.post("/projects/{hash_}/lifecycle")
-async def project_lifecycle(hash_: str, body: LifecycleRequest, user: User = Depends(current_user), s: Services = Depends(services)):
+async def project_lifecycle(hash_: str, body: LifecycleRequest, user: User = Depends(current_user),
+                            s: Services = Depends(services)):
     return await s.projects.lifecycle(await s.projects.get(user, hash_), body.action)
 
 @router.post("/projects/{hash_}/probe")
@@ -122,11 +123,13 @@ async def project_delete(hash_: str, slug: str, user: User = Depends(current_use
     return await s.projects.delete(await s.projects.get(user, hash_, slug))
 
 @router.post("/projects/{hash_}/maintenance")
-async def project_maintenance(hash_: str, body: MaintenanceRequest, user: User = Depends(current_user), s: Services = Depends(services)):
+async def project_maintenance(hash_: str, body: MaintenanceRequest, user: User = Depends(current_user),
+                              s: Services = Depends(services)):
     return await s.projects.set_maintenance(await s.projects.get(user, hash_), body.enabled)
 
 @router.delete("/projects/{hash_}/staged-stack")
-async def discard_staged_stack(hash_: str, slug: str, user: User = Depends(current_user), s: Services = Depends(services)):
+async def discard_staged_stack(hash_: str, slug: str, user: User = Depends(current_user),
+                               s: Services = Depends(services)):
     return await s.projects.discard_staged_stack(await s.projects.get(user, hash_, slug))
 
 @router.delete("/projects/{hash_}/pooled-copy")

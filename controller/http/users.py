@@ -38,7 +38,8 @@ async def add_user(body: UserRequest, _: User = Depends(admin), s: Services = De
     return {"user": user.name, "cliRole": user.cli_role, "plan": user.plan, "token": token}
 
 @router.get("/tokens")
-async def list_tokens(request: Request, all: bool = False, user: User = Depends(current_user), s: Services = Depends(services)):
+async def list_tokens(request: Request, all: bool = False, user: User = Depends(current_user),
+                      s: Services = Depends(services)):
     if all:
         require_admin(user)
     tokens = await s.catalog.api_tokens(None if all else user.id)
