@@ -261,7 +261,12 @@ class Fleet:
         while True:
             done = await self._run_once(agent, kind, params, deadline - time.monotonic(), on_progress)
             if not done.finished:
-                raise Timeout(f"agent {agent} did not finish {kind} within {timeout:g}s (job {done.id})")
+                message = f"agent {agent} did not finish {kind} within {timeout:g}s (job {done.id})"
+                # Given up on: never sent again on a reconnect, where it could run long after its caller
+                # moved on (a write guard taken after the rollback that released it).
+                if await self.catalog.abandon_job(done.id, message):
+                    raise Timeout(message)
+                done = await self.catalog.get_job(done.id)
             if done.state != "failed":
                 return done.output
             error = failure_error(done)

@@ -59,19 +59,38 @@ class WriteGuards:
         with self._lock:
             conn = self._held.pop(tenant.schema, None)
         held = conn is not None and not conn.closed
-        if revoke_writes:
-            target = conn if held else psycopg.connect(source_url, connect_timeout=10)
-            try:
-                exists = target.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (tenant.schema,)).fetchone()
-                if exists:
-                    target.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} FROM {}")
-                                   .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.runtime_role)))
-                target.commit()
-            finally:
-                target.close()
-        elif held:
-            conn.close()
-        return {"locked": False, "held": held, "source_read_only": revoke_writes}
+        if not revoke_writes:
+            if held:
+                conn.close()
+            return {"locked": False, "held": held, "source_read_only": False}
+        target = conn if held else psycopg.connect(source_url, connect_timeout=10)
+        try:
+            # A savepoint: should the revoke fail, the guard's locks stay held and so does the guard.
+            target.execute("SAVEPOINT before_freeze")
+            exists = target.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (tenant.schema,)).fetchone()
+            if exists:
+                target.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} FROM {}")
+                               .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.runtime_role)))
+            target.commit()
+        except psycopg.Error as exc:
+            if held and self._keep(tenant, target):
+                raise AgentError(f"could not make {tenant.schema} read-only; the write guard stays held: {exc}",
+                                 retryable=True, kind=FailureKind.UNAVAILABLE) from None
+            target.close()
+            raise AgentError(f"could not make {tenant.schema} read-only: {exc}", retryable=True,
+                             kind=FailureKind.UNAVAILABLE) from None
+        target.close()
+        return {"locked": False, "held": held, "source_read_only": True}
+
+    def _keep(self, tenant: Tenant, conn: psycopg.Connection) -> bool:
+        """Puts a guard whose freeze failed back, its locks still held; False when its session is gone."""
+        try:
+            conn.execute("ROLLBACK TO SAVEPOINT before_freeze")
+        except psycopg.Error:
+            return False
+        with self._lock:
+            self._held[tenant.schema] = conn
+        return True
 
     def close(self) -> None:
         """Releases every guard (the agent is stopping)."""

@@ -315,14 +315,16 @@ async def flip(run: Run) -> None:
 
 
 async def unlock_after_cutover(run: Run) -> None:
-    """Writes resume on the dedicated stack; the pooled copy turns read-only for every tenant role,
-    in the guard's own transaction when the guard is held."""
+    """The pooled copy turns read-only for every tenant role (in the guard's own transaction when the
+    guard is held), and only then do writes resume on the dedicated stack: if the freeze fails, the
+    project stays in maintenance rather than having two copies that take writes."""
     project = await run.project()
-    if project.maintenance:
-        await run.projects.set_maintenance(project, False)
     out = await run.jobs.run(project.db_agent, "tenant.unlock", {**run.tenant(project), "revoke_writes": True},
                              timeout=60)
     await run.catalog.set_kept_copy(project.id, out.get("bytes", 0))
+    current = await run.project()
+    if current.maintenance:
+        await run.projects.set_maintenance(current, False)
 
 
 async def drop_source(run: Run) -> None:
@@ -343,8 +345,8 @@ VERIFY = Step("verify", "every table's rows match the pooled copy", verify)
 PROBE = Step("probe", "the dedicated API answers with the project's secret", probe)
 FLIP = Step("flip", "the catalog says v1_dedicated and every serving gateway routes to the stack (writes still "
             "paused)", flip, cutover=True)
-UNLOCK_AFTER = Step("unlock", "writes resume on the dedicated stack; the pooled copy refuses writes from every "
-                    "tenant role", unlock_after_cutover)
+UNLOCK_AFTER = Step("unlock", "the pooled copy refuses writes from every tenant role; then writes resume on the "
+                    "dedicated stack", unlock_after_cutover)
 DROP_SOURCE = Step("drop_source", "the pooled copy is gone", drop_source)
 
 

@@ -27,6 +27,9 @@ from .plan import (ASSUMED_BYTES_PER_S, Options, Run, check, cut_over, preflight
 
 log = logging.getLogger(__name__)
 
+# How long a migration that could not be settled at start waits before the next try.
+RECOVERY_RETRY_S = 30
+
 
 def step_states(row: MigrationRow, recorded: list[StepRow]) -> list[dict]:
     """Each planned step of a migration as done, current, failed, undone or left."""
@@ -46,6 +49,19 @@ def step_states(row: MigrationRow, recorded: list[StepRow]) -> list[dict]:
             status = shown[found.state]
         states.append({"name": name, "status": status, **({"error": found.error} if found and found.error else {})})
     return states
+
+
+def _done_by_phase(row: MigrationRow, plan: plans.Plan) -> set[str]:
+    """Steps a migration recorded before steps had rows of their own finished: those before its phase
+    (the flip too, once it committed). Empty for a migration whose steps have rows."""
+    names = plan.names
+    if row.phase == "done":
+        return set(names)
+    phase = "flip" if row.phase == "flipped" else row.phase
+    if phase not in names:
+        return set()
+    at = names.index(phase) + (1 if row.phase == "flipped" else 0)
+    return set(names[:at])
 
 
 def _states_from_phase(row: MigrationRow, steps: list[str]) -> list[dict]:
@@ -234,7 +250,14 @@ class Migrations:
         except Exception as exc:  # the migration must end in a recorded state, whatever happened
             log.exception("migration %s failed unexpectedly", row.id)
             current = await self.catalog.migration(row.id) or row
-            state, message = await self._settle_failure(current, current.phase, f"internal error: {exc}")
+            try:
+                state, message = await self._settle_failure(current, current.phase, f"internal error: {exc}")
+            except Exception:
+                # Not even the end state could be recorded (the catalog is down?): the migration stays
+                # running in the catalog, and the next controller start settles it.
+                log.exception("migration %s: cannot record its end; it is settled when the controller "
+                              "starts again", row.id)
+                state, message = "running", f"internal error: {exc}; settled when the controller starts again"
             final = {"ok": False, "migrationId": row.id, "phase": current.phase, "state": state, "error": message}
         finally:
             self._tasks.pop(row.id, None)
@@ -258,10 +281,16 @@ class Migrations:
         for name, found in recorded.items():
             if found.state == "done" and found.output is not None:
                 run.outputs[name] = found.output
+        done = ({name for name, found in recorded.items() if found.state == "done"} if recorded
+                else _done_by_phase(row, plan))
         for position, step in enumerate(plan.steps):
-            if recorded.get(step.name) and recorded[step.name].state == "done":
+            if step.name in done:
                 continue
             current = await self.catalog.migration(row.id)
+            if cut_over(current) and not (step.cutover or plan.after_cutover(step.name)):
+                # Once the flip has committed, nothing before it may run again: a dump now would
+                # overwrite the dedicated database, which takes the project's writes.
+                raise RuntimeError(f"step {step.name} comes before the cutover of a migration that has cut over")
             if not (step.cutover and current.phase == "flipped"):
                 await self.catalog.migration_phase(row.id, step.name)
             await self.catalog.step_started(row.id, step.name, position)
@@ -314,32 +343,49 @@ class Migrations:
                 continue
             try:
                 await step.undo(run)
-            except FluxError as exc:
-                problems.append(f"{step.name}: {exc.message}")
+            except Exception as exc:  # every undo is tried, whatever the one before it raised
+                message = exc.message if isinstance(exc, FluxError) else f"internal error: {exc}"
+                if not isinstance(exc, FluxError):
+                    log.exception("migration %s: undoing %s failed", row.id, step.name)
+                problems.append(f"{step.name}: {message}")
                 if step.name in recorded:
-                    await self.catalog.step_finished(row.id, step.name, "undo_failed", error=exc.message)
+                    await self.catalog.step_finished(row.id, step.name, "undo_failed", error=message)
                 continue
             if step.name in recorded:
                 await self.catalog.step_finished(row.id, step.name, "undone")
         return f" (rollback incomplete: {'; '.join(problems)})" if problems else ""
 
     async def recover(self) -> None:
-        """Settles migrations a stopped controller left running: finish after the flip, undo before."""
-        for row in await self.catalog.running_migrations():
-            project = await self.catalog.project(row.project_id)
-            if project is not None:
-                self._project_of[row.id] = project.id
-            try:
-                if cut_over(row):
-                    task = asyncio.create_task(self._drive(row))
-                    self._tasks[row.id] = task
-                    await task
-                else:
-                    note = await self._undo(row)
-                    await self.catalog.finish_migration(
-                        row.id, "rolled_back", f"{row.phase}: the controller stopped during this step; "
-                        f"rolled back{note}", None)
-                    self._project_of.pop(row.id, None)
-                log.info("settled migration %s left in phase %s", row.id, row.phase)
-            except FluxError as exc:
-                log.warning("cannot settle migration %s yet: %s", row.id, exc.message)
+        """Settles migrations a stopped controller left running: finish after the flip (or when every
+        step is done), undo before it. One that cannot be settled yet is tried again later."""
+        left = await self.catalog.running_migrations()
+        while left:
+            again = []
+            for row in left:
+                try:
+                    await self._settle(row)
+                    log.info("settled migration %s left in phase %s", row.id, row.phase)
+                except Exception as exc:
+                    log.warning("cannot settle migration %s yet: %s", row.id,
+                                exc.message if isinstance(exc, FluxError) else exc)
+                    again.append(row)
+            if again:
+                await asyncio.sleep(RECOVERY_RETRY_S)
+            left = [r for r in [await self.catalog.migration(r.id) for r in again] if r and r.state == "running"]
+
+    async def _settle(self, row: MigrationRow) -> None:
+        project = await self.catalog.project(row.project_id)
+        if project is not None:
+            self._project_of[row.id] = project.id
+        plan = plans.build(Options(**row.options))
+        recorded = {r.step: r.state for r in await self.catalog.migration_steps(row.id)}
+        finished = row.phase == "done" or (recorded and all(recorded.get(n) == "done" for n in plan.names))
+        if cut_over(row) or finished:
+            task = asyncio.create_task(self._drive(row))
+            self._tasks[row.id] = task
+            await task
+            return
+        note = await self._undo(row)
+        await self.catalog.finish_migration(
+            row.id, "rolled_back", f"{row.phase}: the controller stopped during this step; rolled back{note}", None)
+        self._project_of.pop(row.id, None)

@@ -82,6 +82,15 @@ class JobStore(Store):
         )
         return [r["id"] for r in rows]
 
+    async def abandon_job(self, job_id: str, error: str) -> bool:
+        """Closes one open job as failed (its caller gave up on it), so no reconnect sends it again and
+        a late result changes nothing; False when it had already finished."""
+        row = await self._one(
+            "UPDATE jobs SET state = 'failed', error = %s, retryable = true, error_code = %s,"
+            " updated_at = now(), finished_at = now() WHERE id = %s AND state IN ('pending', 'sent') RETURNING id",
+            (error, FailureKind.TIMEOUT.value, job_id))
+        return row is not None
+
     async def job_progress(self, job_id: str, progress: dict) -> None:
         await self._one(
             "UPDATE jobs SET progress = %s, updated_at = now()"

@@ -240,3 +240,41 @@ def test_the_kept_dump_file_is_encrypted_and_decrypts_to_the_sql_restored(databa
     with pytest.raises(AgentError, match="exists already") as caught:
         dump(source, tenant, tmp_path, "sealed", key=bytes(32))
     assert caught.value.kind == FailureKind.CONFLICT and path.read_bytes() == stored
+
+
+def test_a_write_guard_whose_freeze_fails_stays_held_until_the_freeze_succeeds(databases, tenant):
+    """After cutover the pooled copy is frozen in the guard's own transaction; when that fails, the
+    guard keeps holding writes (the controller keeps the project in maintenance and resumes later)."""
+    from agent.adapters.guards import WriteGuards
+    from agent.errors import AgentError
+
+    source = databases[0]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {tenant.runtime_role}")
+        conn.execute(f"CREATE SCHEMA {tenant.schema}; CREATE TABLE {tenant.schema}.notes (id int)")
+    guards = WriteGuards()
+    assert guards.lock(source, tenant)["changed"] is True
+    try:
+        # The runtime role does not exist, so the revoke fails inside the guard's transaction.
+        with pytest.raises(AgentError, match="the write guard stays held") as caught:
+            guards.unlock(source, tenant, revoke_writes=True)
+        assert caught.value.retryable and caught.value.kind == FailureKind.UNAVAILABLE
+        assert guards.held(tenant)
+        with psycopg.connect(source, autocommit=True) as writer:
+            writer.execute("SET lock_timeout = '500ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                writer.execute(f"INSERT INTO {tenant.schema}.notes VALUES (1)")
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {tenant.runtime_role}")
+            conn.execute(f"GRANT INSERT ON {tenant.schema}.notes TO {tenant.runtime_role}")
+        assert guards.unlock(source, tenant, revoke_writes=True) == {"locked": False, "held": True,
+                                                                     "source_read_only": True}
+        assert not guards.held(tenant)
+        with psycopg.connect(source, autocommit=True) as conn:
+            assert conn.execute("SELECT has_table_privilege(%s, %s, 'INSERT')",
+                                (tenant.runtime_role, f"{tenant.schema}.notes")).fetchone() == (False,)
+    finally:
+        guards.close()
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {tenant.schema} CASCADE")
+            conn.execute(f"DROP ROLE IF EXISTS {tenant.runtime_role}")

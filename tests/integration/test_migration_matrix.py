@@ -275,9 +275,9 @@ STAGED = Options(yes=True, staged=True)
 FULL_JOBS = [("preflight", "tenant.preflight"), ("provision", "stack.provision"), ("provision", "stack.image_info"),
              ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("dump", "tenant.dump"),
              ("bootstrap", "stack.bootstrap"), ("verify", "tenant.verify"), ("probe", "stack.probe"),
-             ("flip", "gateway.sync"), ("unlock", "gateway.sync"), ("unlock", "tenant.unlock"),
+             ("flip", "gateway.sync"), ("unlock", "tenant.unlock"), ("unlock", "gateway.sync"),
              ("drop_source", "tenant.dump_remove"), ("drop_source", "tenant.drop")]
-STAGED_JOBS = FULL_JOBS[:9] + [("unlock", "gateway.sync"), ("unlock", "tenant.unlock")]
+STAGED_JOBS = FULL_JOBS[:9] + [("unlock", "tenant.unlock"), ("unlock", "gateway.sync")]
 AFTER_CUTOVER = {"unlock", "drop_source"}
 
 ROLLED_BACK = {"migration": "rolled_back", "mode": POOLED, "route": "pool", "maintenance": (False, False),
@@ -355,3 +355,72 @@ def test_a_rotating_run_over_a_staged_stack_that_fails_keeps_the_old_secret_ever
     # The staged stack stays, with the secret the catalog (and every gateway) still holds.
     assert end["stack"] and end["docker_agent"] == "docker-1"
     assert out["secret"] == out["old_secret"] == out["hosts"].stack["secret"]
+
+
+async def _settled_again(url: str, row_id: str, agents: "Agents", box: SecretBox, sql_text: str,
+                         resume: bool) -> tuple[dict, list]:
+    """Edits a migration's rows as an older controller or a stop would have left them, then lets a new
+    controller resume (or recover) it; returns its end and the jobs it sent."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(sql_text, (row_id,))
+    ctl = Controller(url, box, agents)
+    await ctl.catalog.open()
+    try:
+        agents.seen = []
+        if resume:
+            await ctl.migrations.resume(row_id, None)
+            await ctl.migrations.wait(row_id)
+        else:
+            await ctl.migrations.recover()
+        row = await ctl.catalog.migration(row_id)
+        project = await ctl.catalog.project(row.project_id)
+        return _state(agents.hosts, project, row), agents.seen
+    finally:
+        await ctl.catalog.close()
+
+
+def test_a_migration_recorded_before_steps_had_rows_resumes_after_cutover_without_moving_data_again(catalog_url):
+    async def scenario():
+        await _catalog(catalog_url)
+        hosts, box = Hosts(), SecretBox(new_master_key())
+        agents = Agents(hosts)
+        ctl = Controller(catalog_url, box, agents)
+        await ctl.catalog.open()
+        try:
+            user = await _enrolled(ctl.catalog)
+            project, _ = await ctl.projects.create(user, "legacy")
+            agents.fault = ("unlock", "tenant.unlock", "fail")
+            row = await ctl.migrations.start(project, Options(yes=True))
+            assert (await ctl.migrations.wait(row.id))["state"] == "failed_after_cutover"
+        finally:
+            await ctl.catalog.close()
+        # As an older controller left it: the phase only, no step rows.
+        return await _settled_again(catalog_url, row.id, agents, box,
+                                    "DELETE FROM migration_steps WHERE migration_id = %s", resume=True)
+
+    end, seen = asyncio.run(scenario())
+    assert [kind for _, kind in seen] == ["tenant.unlock", "gateway.sync"], seen
+    assert end == {**MIGRATED, "pooled": True, "kept_copy": 8192}
+
+
+def test_a_staged_migration_stopped_after_its_last_step_is_finished_not_rolled_back(catalog_url):
+    async def scenario():
+        await _catalog(catalog_url)
+        hosts, box = Hosts(), SecretBox(new_master_key())
+        agents = Agents(hosts)
+        ctl = Controller(catalog_url, box, agents)
+        await ctl.catalog.open()
+        try:
+            user = await _enrolled(ctl.catalog)
+            project, _ = await ctl.projects.create(user, "staged-done")
+            row = await ctl.migrations.start(project, STAGED)
+            assert (await ctl.migrations.wait(row.id))["state"] == "succeeded"
+        finally:
+            await ctl.catalog.close()
+        # Stopped between the last step and the end state.
+        return await _settled_again(catalog_url, row.id, agents, box,
+                                    "UPDATE migrations SET state = 'running', finished_at = NULL WHERE id = %s",
+                                    resume=False)
+
+    end, seen = asyncio.run(scenario())
+    assert seen == [] and end["migration"] == "succeeded" and end["stack"] and end["pooled_takes_writes"]

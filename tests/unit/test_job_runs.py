@@ -44,6 +44,17 @@ class FakeCatalog:
     async def job_progress(self, job_id, progress):
         pass
 
+    async def abandon_job(self, job_id, error):
+        job = self.jobs.get(job_id)
+        if job is None or job.finished:
+            return False
+        self.jobs[job_id] = dataclasses.replace(job, state="failed", error=error, retryable=True,
+                                                error_code=FailureKind.TIMEOUT.value)
+        return True
+
+    async def open_jobs(self, agent):
+        return [j for j in self.jobs.values() if j.agent == agent and not j.finished]
+
     async def job_finished(self, job_id, agent, ok, output, error, retryable, failure=None):
         job = self.jobs.get(job_id)
         if job is None or job.agent != agent or job.finished:
@@ -292,3 +303,21 @@ def test_a_revoked_stream_is_told_by_its_kind_not_its_words():
     assert isinstance(revoked, Revoked) and revoked.kind is FailureKind.REVOKED
     other = agent_wire.translate(Refusal("certificate is not current (not revoked)", ()), "connection")
     assert not isinstance(other, Revoked)
+
+
+def test_a_job_its_caller_gave_up_on_is_never_sent_again_and_its_late_result_changes_nothing():
+    async def main():
+        fleet, catalog = _fleet()
+        session = Session("db-1")
+        fleet.attach(session)  # connected, but never answers
+        with pytest.raises(Timeout, match="did not finish diag.wait within 0.3s"):
+            await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=0.3)
+        [job] = catalog.jobs.values()
+        assert job.state == "failed" and job.failure == FailureKind.TIMEOUT
+        assert await catalog.open_jobs("db-1") == []
+        late = agent_wire.result(job.id, True, WAITED, "", False, None)
+        await fleet.handle(session, controller_wire.decode_agent_message(
+            pb.AgentMessage.FromString(late.SerializeToString())))
+        assert catalog.jobs[job.id].state == "failed"
+
+    asyncio.run(main())
