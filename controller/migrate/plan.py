@@ -367,11 +367,6 @@ def build(options: Options) -> Plan:
     return Plan("full", tuple(steps))
 
 
-def plan(options: Options) -> list[str]:
-    """The names of the steps, in order."""
-    return build(options).names
-
-
 def summary(run: Run, project: Project, base_domain: str) -> dict:
     """What a finished migration reports, from the outputs its steps recorded."""
     if run.row.kind == "dump_only":

@@ -33,9 +33,10 @@ RECOVERY_RETRY_S = 30
 
 def step_states(row: MigrationRow, recorded: list[StepRow]) -> list[dict]:
     """Each planned step of a migration as done, current, failed, undone or left."""
-    steps = plans.plan(Options(**row.options))
+    plan = plans.build(Options(**row.options))
+    steps = plan.names
     if not recorded:
-        return _states_from_phase(row, steps)
+        return _states_from_phase(row, plan)
     by_name = {r.step: r for r in recorded}
     shown = {"done": "done", "failed": "failed", "undone": "undone", "undo_failed": "failed"}
     states = []
@@ -64,17 +65,14 @@ def _done_by_phase(row: MigrationRow, plan: plans.Plan) -> set[str]:
     return set(names[:at])
 
 
-def _states_from_phase(row: MigrationRow, steps: list[str]) -> list[dict]:
-    """Steps of a migration recorded before steps had rows of their own: known by its phase only."""
-    phase = "flip" if row.phase == "flipped" else row.phase
-    if row.state == "succeeded" or phase == "done":
-        return [{"name": name, "status": "done"} for name in steps]
-    at = steps.index(phase) if phase in steps else 0
-    if row.phase == "flipped":
-        at += 1  # the flip itself committed; what follows has not started
+def _states_from_phase(row: MigrationRow, plan: plans.Plan) -> list[dict]:
+    """Steps of a migration recorded before steps had rows of their own: known by its phase only.
+    The first step not done is the one it was in."""
+    done = set(plan.names) if row.state == "succeeded" else _done_by_phase(row, plan)
+    at = next((i for i, name in enumerate(plan.names) if name not in done), len(plan.names))
     here = "current" if row.state == "running" else "failed"
     return [{"name": name, "status": "done" if i < at else here if i == at else "left"}
-            for i, name in enumerate(steps)]
+            for i, name in enumerate(plan.names)]
 
 
 class MigrationFailed(FluxError):

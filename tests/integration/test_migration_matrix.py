@@ -251,7 +251,8 @@ async def _scenario(url: str, options: Options, fault: tuple[str, str, str] | No
             before = None
         current = await ctl.catalog.project(project.id)
         files = await ctl.catalog.dump_files_of(project.id, removed_too=True)
-        return {"dump_files": [(f.path, f.removed_why) for f in files], "final": final, "status": status, "after_cutover": before, "resumed": resumed,
+        return {"dump_files": [(f.path, f.removed_why) for f in files], "final": final, "status": status,
+                "after_cutover": before, "resumed": resumed,
                 "end": _state(hosts, current, migration), "old_secret": old_secret,
                 "secret": ctl.projects.jwt_secret(current), "hosts": hosts, "seen": agents.seen,
                 "hosts_dumps": agents.dumps}
@@ -379,23 +380,29 @@ async def _settled_again(url: str, row_id: str, agents: "Agents", box: SecretBox
         await ctl.catalog.close()
 
 
+async def _migrated(url: str, name: str, options: Options, fault, state: str) -> tuple[str, Agents, SecretBox]:
+    """A fresh project migrated with `options` (and `fault`), ending in `state`; its migration's id."""
+    await _catalog(url)
+    box, agents = SecretBox(new_master_key()), Agents(Hosts())
+    ctl = Controller(url, box, agents)
+    await ctl.catalog.open()
+    try:
+        user = await _enrolled(ctl.catalog)
+        project, _ = await ctl.projects.create(user, name)
+        agents.fault = fault
+        row = await ctl.migrations.start(project, options)
+        assert (await ctl.migrations.wait(row.id))["state"] == state
+        return row.id, agents, box
+    finally:
+        await ctl.catalog.close()
+
+
 def test_a_migration_recorded_before_steps_had_rows_resumes_after_cutover_without_moving_data_again(catalog_url):
     async def scenario():
-        await _catalog(catalog_url)
-        hosts, box = Hosts(), SecretBox(new_master_key())
-        agents = Agents(hosts)
-        ctl = Controller(catalog_url, box, agents)
-        await ctl.catalog.open()
-        try:
-            user = await _enrolled(ctl.catalog)
-            project, _ = await ctl.projects.create(user, "legacy")
-            agents.fault = ("unlock", "tenant.unlock", "fail")
-            row = await ctl.migrations.start(project, Options(yes=True))
-            assert (await ctl.migrations.wait(row.id))["state"] == "failed_after_cutover"
-        finally:
-            await ctl.catalog.close()
+        row_id, agents, box = await _migrated(catalog_url, "legacy", Options(yes=True),
+                                              ("unlock", "tenant.unlock", "fail"), "failed_after_cutover")
         # As an older controller left it: the phase only, no step rows.
-        return await _settled_again(catalog_url, row.id, agents, box,
+        return await _settled_again(catalog_url, row_id, agents, box,
                                     "DELETE FROM migration_steps WHERE migration_id = %s", resume=True)
 
     end, seen = asyncio.run(scenario())
@@ -405,20 +412,9 @@ def test_a_migration_recorded_before_steps_had_rows_resumes_after_cutover_withou
 
 def test_a_staged_migration_stopped_after_its_last_step_is_finished_not_rolled_back(catalog_url):
     async def scenario():
-        await _catalog(catalog_url)
-        hosts, box = Hosts(), SecretBox(new_master_key())
-        agents = Agents(hosts)
-        ctl = Controller(catalog_url, box, agents)
-        await ctl.catalog.open()
-        try:
-            user = await _enrolled(ctl.catalog)
-            project, _ = await ctl.projects.create(user, "staged-done")
-            row = await ctl.migrations.start(project, STAGED)
-            assert (await ctl.migrations.wait(row.id))["state"] == "succeeded"
-        finally:
-            await ctl.catalog.close()
+        row_id, agents, box = await _migrated(catalog_url, "staged-done", STAGED, None, "succeeded")
         # Stopped between the last step and the end state.
-        return await _settled_again(catalog_url, row.id, agents, box,
+        return await _settled_again(catalog_url, row_id, agents, box,
                                     "UPDATE migrations SET state = 'running', finished_at = NULL WHERE id = %s",
                                     resume=False)
 
