@@ -32,11 +32,11 @@ def wait_until(check, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def test_cluster(root: pathlib.Path) -> PostgresCluster:
+def test_cluster(root: pathlib.Path, **settings: str) -> PostgresCluster:
     base = pathlib.Path("/var/lib/postgresql/flux-test") if os.geteuid() == 0 else root
     datadir = base / f"t{secrets.token_hex(5)}" / "data"
     cluster = PostgresCluster(datadir, free_port(), secrets.token_urlsafe(18))
-    cluster.init({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+    cluster.init({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", **settings})
     cluster.start()
     return cluster
 
