@@ -45,6 +45,10 @@ def pg_bindir() -> pathlib.Path:
     raise CliError("PostgreSQL server binaries not found; install postgresql (or set FLUX_PG_BINDIR)")
 
 
+# An online migrate reads tenants' changes from logical slots; a slot never keeps more WAL than this.
+SHARED_CLUSTER_SETTINGS = {"wal_level": "logical", "max_slot_wal_keep_size": "'4GB'"}
+
+
 class PostgresCluster:
     """A PostgreSQL cluster on 127.0.0.1, password-authenticated, owned by `postgres` under root."""
 
@@ -289,7 +293,7 @@ class DevFleet:
         else:
             if not cluster.initialised():
                 self.say(f"initialising the {role} cluster in {cluster.datadir}")
-                cluster.init()
+                cluster.init(SHARED_CLUSTER_SETTINGS if role == "shared" else None)
             self.say(f"starting the {role} PostgreSQL cluster on 127.0.0.1:{cluster.port}")
             cluster.start()
         cluster.create_database(database)

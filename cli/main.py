@@ -396,15 +396,20 @@ def push(path, slug, hash_, dry_run, as_json):
 @click.option("--no-lock-writes", is_flag=True, help="do not hold writes during the move (writes may be lost)")
 @click.option("--drop-source-after", is_flag=True,
               help="after a verified full cutover, remove the tenant from the shared cluster")
+@click.option("--online/--offline", default=None,
+              help="sync by logical replication and pause writes only for the cutover (the default where the "
+                   "shared cluster and the tenant allow it), or copy with writes held throughout")
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per line, ending with the result object")
 @click.pass_context
 def migrate(ctx, slug, hash_, target, dry_run, dump_only, staged, yes, new_jwt_secret, no_lock_writes,
-            drop_source_after, as_json):
+            drop_source_after, online, as_json):
     """Move a v2_shared project to its own dedicated stack (v1_dedicated), losing nothing.
 
     Safe order: --dry-run, then optionally --dump-only --yes, then --staged --yes or the full
-    migrate with --yes. Writes are held (gateway maintenance and a database guard) while the
-    data moves; a failure before cutover rolls back by itself and the pooled copy keeps serving.
+    migrate with --yes. Online (wal_level=logical on the shared cluster), the stack is filled
+    from a replication slot's snapshot and kept in sync, and writes pause (gateway maintenance
+    and a database guard) only for the cutover; offline, they are held while the data moves.
+    A failure before cutover rolls back by itself and the pooled copy keeps serving.
     A failure after cutover ends as failed_after_cutover: the project serves from its dedicated
     stack, the pooled copy takes no writes, and `flux migrate resume ID` finishes the rest.
     """
@@ -419,7 +424,8 @@ def migrate(ctx, slug, hash_, target, dry_run, dump_only, staged, yes, new_jwt_s
     body = {"slug": slug, "hash": hash_, "to": target, "dryRun": dry_run, "yes": yes, "staged": staged,
             "dumpOnly": dump_only, "preserveJwtSecret": not new_jwt_secret, "newJwtSecret": new_jwt_secret,
             "lockWrites": not no_lock_writes, "noLockWrites": no_lock_writes,
-            "dropSourceAfter": drop_source_after, "skipBackupCheck": True}
+            "dropSourceAfter": drop_source_after, "skipBackupCheck": True,
+            **({} if online is None else {"online": online})}
     api = client()
     if dry_run:
         result = api.post("migrate", body, timeout=300)

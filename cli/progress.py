@@ -50,6 +50,10 @@ def render_migration_status(r: dict) -> None:
                + (f", finished {r['finishedAt'][:19]}" if r.get("finishedAt") else ""))
     for step in r["steps"]:
         click.echo(f"  {step['name']:<12} {STEP_MARKS[step['status']]}")
+    if r.get("sync"):
+        lag = r["sync"]
+        click.echo(f"  sync lag: {size(lag['lagBytes'])} of WAL, {lag['lagSeconds']:.1f}s "
+                   f"({lag['transactions']} transactions applied)")
     if r.get("error"):
         click.echo(f"  error: {r['error']}")
 

@@ -62,6 +62,13 @@ _ALL = [
     _kind(tenants.TenantDumpRemoveParams, tenants.TenantDumpsRemoved, True),
     _kind(tenants.TenantDumpStatParams, tenants.TenantDumpStats, True),
     _kind(tenants.TenantVerifyParams, tenants.TenantVerified, True),
+    # Reads, and resumes a sync only where its slot says.
+    _kind(tenants.TenantSyncStatusParams, tenants.TenantSyncStatus, True),
+    # A drain already done answers again; one that lost its guard is refused.
+    _kind(tenants.TenantSyncDrainParams, tenants.TenantSyncDrained, True),
+    _kind(tenants.TenantSyncStopParams, tenants.TenantSyncStopped, True),
+    # Reads only: a new checkpoint each time.
+    _kind(tenants.TenantSyncCheckParams, tenants.TenantSyncChecked, True),
 ]
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in _ALL}

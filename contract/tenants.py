@@ -115,6 +115,21 @@ class PgTools(Message):
 
 
 @message
+class LogicalReplication(Message):
+    """What an online migrate needs of the shared cluster and of the tenant's tables."""
+
+    wal_level: str
+    max_slots: int
+    free_slots: int
+    max_senders: int
+    free_senders: int
+    # -1: a slot may keep any amount of WAL.
+    max_slot_wal_keep_mb: int
+    # Tables whose updates and deletes could not be published (no primary key, replica identity default).
+    tables_without_key: list[str]
+
+
+@message
 class TenantPreflightParams(TenantRef):
     KIND = "tenant.preflight"
 
@@ -134,6 +149,7 @@ class Preflight(Result):
     total_bytes: int
     tools: PgTools
     spool_free_bytes: int
+    logical: LogicalReplication | None = None
 
 
 # tenant.lock
@@ -193,10 +209,17 @@ class TenantDumpParams(TenantRef):
     target_major: int | None = None
     # Refuse to dump unless the write guard (tenant.lock) is held on this agent.
     require_guard: bool = False
+    # Online: dump from the snapshot of a new logical slot, then keep applying the tenant's
+    # changes to target_url (tenant.sync_*) until the cutover drains them.
+    sync: bool = False
+    # A sync further behind the shared cluster than this stops and drops its slot.
+    max_lag_bytes: int | None = None
 
     def check(self) -> None:
         if self.target_url is not None and self.target_major is None:
             self.refuse("target_major", "required with target_url")
+        if self.sync and (self.target_url is None or self.require_guard):
+            self.refuse("sync", "needs target_url, and no write guard")
         for key in ("expected_bytes", "table_count"):
             if getattr(self, key) < 0:
                 self.refuse(key, "must not be negative")
@@ -216,6 +239,8 @@ class TenantDumped(Result):
     restored: bool
     ledger_rows: int
     seconds: float
+    # With sync: the slot's consistent point, where the stream takes over from the copy.
+    sync_lsn: str | None = None
 
 
 # tenant.verify
@@ -277,3 +302,87 @@ class DumpFileStat(Message):
 class TenantDumpStats(Result):
     KIND = "tenant.dump_stat"
     files: list[DumpFileStat]
+
+
+# tenant.sync_status, tenant.sync_drain, tenant.sync_stop: the online sync a dump with `sync` began
+
+
+@message
+class TenantSyncStatusParams(TenantRef):
+    KIND = "tenant.sync_status"
+    # When given and the slot exists but nothing applies it here (the agent restarted), the
+    # sync resumes from the slot.
+    target_url: str | None = None
+    max_lag_bytes: int | None = None
+
+
+@message
+class TenantSyncStatus(Result):
+    KIND = "tenant.sync_status"
+    slot: bool
+    running: bool
+    # Why the sync stopped on its own (its slot is dropped then).
+    error: str | None = None
+    applied_lsn: str | None = None
+    source_lsn: str | None = None
+    lag_bytes: int | None = None
+    lag_s: float | None = None
+    transactions: int = 0
+    changes: int = 0
+    stopped_at: str | None = None
+
+
+@message
+class TenantSyncDrainParams(TenantRef):
+    KIND = "tenant.sync_drain"
+    target_url: str
+    timeout_s: float
+
+    def check(self) -> None:
+        if not 0 < self.timeout_s <= 3600:
+            self.refuse("timeout_s", "must be between 0 and 3600")
+
+
+@message
+class TenantSyncDrained(Result):
+    KIND = "tenant.sync_drain"
+    # The source's LSN at the pause: the target has every transaction committed before it.
+    lsn: str
+    applied_lsn: str | None
+    waited_s: float
+    sequences: int
+
+
+@message
+class TenantSyncStopParams(TenantRef):
+    KIND = "tenant.sync_stop"
+    # Forgets the sync's position there too.
+    target_url: str | None = None
+
+
+@message
+class TenantSyncStopped(Result):
+    KIND = "tenant.sync_stop"
+    slot_dropped: bool
+    publication_dropped: bool
+    error: str | None = None
+
+
+@message
+class TenantSyncCheckParams(TenantRef):
+    KIND = "tenant.sync_check"
+    # How long the sync may take to reach the checkpoint (the checksums take what they take).
+    timeout_s: float
+
+    def check(self) -> None:
+        if not 0 < self.timeout_s <= 3600:
+            self.refuse("timeout_s", "must be between 0 and 3600")
+
+
+@message
+class TenantSyncChecked(Result):
+    KIND = "tenant.sync_check"
+    # Every table matched, rows and checksum, with the source as of this LSN.
+    lsn: str
+    tables: dict[str, int]
+    seconds: float

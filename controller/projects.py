@@ -84,6 +84,10 @@ def kept_copy(project: Project) -> dict:
             "schema": project.api_schema}
 
 
+# The phases of an online migration in which the db agent applies the tenant's changes to the stack.
+SYNCING_PHASES = ("sync", "bootstrap", "catch_up", "probe", "lock", "drain")
+
+
 class Projects:
     def __init__(self, catalog: Catalog, fleet: Fleet, box: SecretBox, gateways: Gateways,
                  dump_files: DumpFiles | None = None, hashes=new_hash):
@@ -375,6 +379,10 @@ class Projects:
 
     async def not_migrating(self, project: Project) -> None:
         running = await self.catalog.running_migration(project.id)
+        if running is not None and running.options.get("online") and running.phase in SYNCING_PHASES:
+            raise Conflict(f"{project.slug} is migrating online (phase {running.phase}): its changes are being "
+                           "synced to the dedicated stack, and a schema change would stop the sync; push again "
+                           "when the migration is done")
         if running is not None:
             raise Conflict(f"{project.slug} is migrating (phase {running.phase}); try again when it is done")
 

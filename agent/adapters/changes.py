@@ -30,6 +30,7 @@ from contract.failures import FailureKind
 
 from ..domain import pgoutput
 from ..errors import AgentError
+from .dumps import CHECKSUM, tables_of
 from .tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,41 @@ class Applier:
 # following the slot
 
 @dataclass
+class Checkpoint:
+    """The source as a snapshot sees it at `lsn` (valid while `replication` is open) and a target
+    transaction that sees every change before `lsn` applied, and nothing after."""
+
+    lsn: str
+    replication: psycopg.Connection
+    snapshot: str
+    target: psycopg.Connection
+
+    def close(self) -> None:
+        self.replication.close()
+        self.target.close()
+
+
+@dataclass
+class _Request:
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Checkpoint | None = None
+    error: AgentError | None = None
+
+
+def temporary_snapshot(admin_url: str, tenant: Tenant) -> tuple[psycopg.Connection, str, str]:
+    """A temporary slot's exported snapshot and consistent point; both end with the connection."""
+    replication = psycopg.connect(admin_url, autocommit=True, connect_timeout=10, replication="database")
+    name = f"flux_check_{tenant.short_id}"
+    result = replication.pgconn.exec_(f"CREATE_REPLICATION_SLOT {name} TEMPORARY LOGICAL pgoutput "
+                                      "(SNAPSHOT 'export')".encode())
+    if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+        message = (result.error_message or b"").decode(errors="replace").strip()
+        replication.close()
+        raise AgentError(f"could not take a snapshot for the checksum: {message}", kind=FailureKind.UNAVAILABLE)
+    return replication, result.get_value(0, 2).decode(), result.get_value(0, 1).decode()
+
+
+@dataclass
 class Follow:
     """One tenant's sync: the slot read and applied in a thread, until stopped."""
 
@@ -221,6 +257,7 @@ class Follow:
     stopped_at: str | None = None
 
     def __post_init__(self):
+        self._request: _Request | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sync-{self.tenant.short_id}", daemon=True)
@@ -292,7 +329,11 @@ class Follow:
                     target.commit()
                     self.applied_lsn = row[0] if row else self.applied_lsn
                     decoder.relations.clear()
-                if self._step(source, target, decoder, applier, slot):
+                if self._request is not None:
+                    self._checkpoint(source, target, decoder, applier, slot)
+                stop_at = self.stop_at
+                if self._step(source, target, decoder, applier, slot, limit=stop_at) and stop_at is not None:
+                    self.stopped_at = stop_at
                     return
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 # A connection lost (a restarted server, a network cut): the slot kept everything.
@@ -308,8 +349,9 @@ class Follow:
             if conn is not None:
                 conn.close()
 
-    def _step(self, source, target, decoder, applier, slot: str) -> bool:
-        """Reads and applies one batch; True once a drain has finished."""
+    def _step(self, source, target, decoder, applier, slot: str, limit: str | None = None) -> bool:
+        """Reads and applies one batch, never past `limit`; True once everything that commits before
+        `limit` is applied."""
         state = slot_state(source, self.tenant)
         if state is None:
             raise SyncFailed(f"the replication slot {slot} is gone")
@@ -317,14 +359,12 @@ class Follow:
         if state["lag_bytes"] > self.max_lag_bytes:
             raise SyncFailed(f"the sync fell {state['lag_bytes']} bytes behind the shared cluster (the limit is "
                              f"{self.max_lag_bytes}); it was stopped before its slot could fill the disk")
-        stop_at = self.stop_at
-        if stop_at is not None and pgoutput.lsn_int(state["confirmed_lsn"]) >= pgoutput.lsn_int(stop_at):
-            # Everything that commits before it is applied: the slot only moves on after the target has.
-            self.stopped_at = stop_at
+        if limit is not None and pgoutput.lsn_int(state["confirmed_lsn"]) >= pgoutput.lsn_int(limit):
+            # The slot only moves on after the target has applied what it moved past.
             return True
         upto = source.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
-        if stop_at is not None and pgoutput.lsn_int(upto) > pgoutput.lsn_int(stop_at):
-            upto = stop_at
+        if limit is not None and pgoutput.lsn_int(upto) > pgoutput.lsn_int(limit):
+            upto = limit
         rows = source.execute(
             "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, %s::pg_lsn, %s, 'proto_version', '1',"
             " 'publication_names', %s)", (slot, upto, BATCH_CHANGES, slot)).fetchall()
@@ -336,12 +376,49 @@ class Follow:
         self.pending = not complete
         if complete:
             self.caught_up_at = time.time()
-            if stop_at is not None and upto == stop_at:
-                self.stopped_at = stop_at
+            if limit is not None and upto == limit:
                 return True
-            if not rows:
+            if not rows and limit is None:
                 self._stop.wait(IDLE_POLL_S)
         return False
+
+    def _checkpoint(self, source, target, decoder, applier, slot: str) -> None:
+        """Serves a checkpoint request: a temporary slot's snapshot of the source at LSN X, the target
+        with everything before X applied, and a transaction on the target that sees exactly that."""
+        request = self._request
+        try:
+            replication, snapshot, lsn = temporary_snapshot(self.admin_url, self.tenant)
+            try:
+                while not self._step(source, target, decoder, applier, slot, limit=lsn):
+                    if self._stop.is_set():
+                        raise AgentError("the sync was stopped during a checkpoint", kind=FailureKind.CONFLICT)
+                pinned = psycopg.connect(self.target_url, connect_timeout=10)
+                pinned.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                pinned.execute("SELECT 1")
+            except BaseException:
+                replication.close()
+                raise
+            request.result = Checkpoint(lsn, replication, snapshot, pinned)
+        except AgentError as exc:
+            request.error = exc
+        except psycopg.Error as exc:
+            request.error = AgentError(f"checkpoint failed: {str(exc).strip()[:300]}", retryable=True,
+                                       kind=FailureKind.UNAVAILABLE)
+        finally:
+            self._request = None
+            request.done.set()
+
+    def checkpoint(self, timeout: float) -> "Checkpoint":
+        """Asks the sync for a checkpoint (see _checkpoint); the caller closes it."""
+        if not self.running:
+            raise SyncFailed(self.error or "the sync is not running")
+        request = _Request()
+        self._request = request
+        if not request.done.wait(timeout):
+            raise AgentError(f"the sync reached no checkpoint within {timeout:g}s", kind=FailureKind.TIMEOUT)
+        if request.error is not None:
+            raise request.error
+        return request.result
 
     def _apply_batch(self, target, decoder, applier, slot: str, rows) -> str | None:
         """Applies the batch's whole transactions in one target transaction; returns the end LSN of
@@ -431,3 +508,36 @@ def set_sequences(source_url: str, tenant: Tenant, target_url: str) -> int:
             target.execute("SELECT setval(%s::regclass, %s, %s)",
                            (sql.Identifier(tenant.schema, name).as_string(target), value, called))
     return len(values)
+
+
+def _sums(conn, schema: str) -> dict:
+    return {name: conn.execute(sql.SQL(CHECKSUM).format(sql.Identifier(schema, name))).fetchone()
+            for name in tables_of(conn, schema)}
+
+
+def verify_checkpoint(source_url: str, tenant: Tenant, checkpoint: Checkpoint) -> dict:
+    """Every table's row count and checksum, on the source as of the checkpoint's snapshot and on the
+    target as its transaction sees it; an error naming each table that differs. The sync goes on
+    meanwhile: nothing here holds a write."""
+    started = time.monotonic()
+    try:
+        with psycopg.connect(source_url, connect_timeout=10) as source:
+            source.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            source.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(checkpoint.snapshot)))
+            checkpoint.replication.close()  # imported: the temporary slot can go
+            before = _sums(source, tenant.schema)
+        after = _sums(checkpoint.target, tenant.schema)
+    finally:
+        checkpoint.close()
+    problems = []
+    for name, (rows, checksum) in before.items():
+        got = after.get(name)
+        if got is None:
+            problems.append(f"table {name} is missing on the target")
+        elif got != (rows, checksum):
+            problems.append(f"table {name}: source {rows} rows, target {got[0]} rows"
+                            + (", checksums differ" if got[0] == rows else ""))
+    if problems:
+        raise AgentError(f"the copies differ at LSN {checkpoint.lsn}: " + "; ".join(problems))
+    return {"lsn": checkpoint.lsn, "tables": {name: rows for name, (rows, _) in before.items()},
+            "seconds": round(time.monotonic() - started, 3)}

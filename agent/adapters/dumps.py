@@ -87,8 +87,10 @@ def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
     large_objects = conn.execute(
         "SELECT count(*) FROM pg_largeobject_metadata m JOIN pg_roles r ON r.oid = m.lomowner"
         " WHERE r.rolname = ANY(%s)", (lo_owners,)).fetchone()[0]
+    logical = logical_replication(conn, schema)
     conn.rollback()
     return {
+        "logical": logical,
         "schema": schema,
         "tables": rows,
         "views": views,
@@ -102,6 +104,24 @@ def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
         "tools": {"pg_dump": tool_version("pg_dump"), "psql": tool_version("psql")},
         "spool_free_bytes": shutil.disk_usage(spool).free,
     }
+
+
+def logical_replication(conn, schema: str) -> dict:
+    """The shared cluster's settings an online sync needs, and the tenant's tables it could not publish."""
+    def setting(name: str) -> str:
+        return conn.execute("SELECT setting FROM pg_settings WHERE name = %s", (name,)).fetchone()[0]
+
+    slots = conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0]
+    senders = conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0]
+    without_key = [r[0] for r in conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND (c.relreplident = 'n' OR (c.relreplident = 'd'"
+        " AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))"
+        " ORDER BY 1", (schema,))]
+    return {"wal_level": setting("wal_level"), "max_slots": int(setting("max_replication_slots")),
+            "free_slots": int(setting("max_replication_slots")) - slots,
+            "max_senders": int(setting("max_wal_senders")), "free_senders": int(setting("max_wal_senders")) - senders,
+            "max_slot_wal_keep_mb": int(setting("max_slot_wal_keep_size")), "tables_without_key": without_key}
 
 
 # write guard
@@ -283,12 +303,13 @@ class _Tail:
 
 def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target_url: str | None = None,
          target_major: int | None = None, expected_bytes: int = 0, table_count: int = 0, progress=None,
-         time_limit_s: float | None = None, *, key: bytes) -> dict:
+         time_limit_s: float | None = None, *, key: bytes, snapshot: str | None = None) -> dict:
     """pg_dump of the tenant schema into the spool, encrypted under `key`, and streamed in plain
     into `target_url` too when given.
 
     `target_major` is the target server's major version (none without a target). The whole step
-    is stopped after `time_limit_s` (by default scaled to `expected_bytes`). The result's `bytes`
+    is stopped after `time_limit_s` (by default scaled to `expected_bytes`). With `snapshot`, pg_dump
+    reads the tenant as that exported snapshot sees it. The result's `bytes`
     and `sha256` are those of the file as stored; `sql_bytes` and `sql_sha256` those of the SQL in it.
     """
     pg_dump = require_tool("pg_dump")
@@ -315,7 +336,8 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
             [require_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=libpq_env(target_url))
     dumper = subprocess.Popen(
-        [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces"],
+        [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces",
+         *([f"--snapshot={snapshot}"] if snapshot else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(source_url))
     # psql first: a restore that sees its input end commits what it has.
     processes = [p for p in (restorer, dumper) if p is not None]

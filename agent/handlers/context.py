@@ -6,6 +6,7 @@ from typing import Awaitable, Callable
 
 from contract.messages import Params
 
+from ..adapters.changes import Syncs
 from ..adapters.guards import WriteGuards
 
 ProgressFn = Callable[[str, int, int, str, str], None]
@@ -23,6 +24,8 @@ class JobContext:
     state_dir: pathlib.Path = pathlib.Path(".")
     # The write guards this agent holds (tenant.lock, tenant.unlock, tenant.dump).
     guards: WriteGuards = field(default_factory=WriteGuards)
+    # The online syncs this agent runs (tenant.dump with sync, tenant.sync_*).
+    syncs: Syncs = field(default_factory=Syncs)
 
 
 Handler = Callable[[JobContext], Awaitable[dict]]

@@ -5,12 +5,15 @@ never as the superuser.
 """
 
 import asyncio
+import logging
 
 from contract.failures import FailureKind
 
-from ..adapters import dumpfile, dumps, ledger, tenants
+from ..adapters import changes, dumpfile, dumps, ledger, tenants
 from ..errors import AgentError
 from .context import Handler, JobContext
+
+log = logging.getLogger(__name__)
 
 
 def _db_settings(ctx: JobContext):
@@ -111,10 +114,31 @@ async def tenant_dump(ctx: JobContext) -> dict:
     def run() -> dict:
         _, url = _tenant_login(ctx)
         dumps.prune_leftovers(spool)
-        return dumps.dump(url, tenant, spool, name, p.target_url, p.target_major, p.expected_bytes, p.table_count,
-                          ctx.progress, key=key)
+        if not p.sync:
+            return dumps.dump(url, tenant, spool, name, p.target_url, p.target_major, p.expected_bytes,
+                              p.table_count, ctx.progress, key=key)
+        return _dump_and_follow(ctx, tenant, url, spool, name, key)
 
     return await asyncio.to_thread(run)
+
+
+def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: bytes) -> dict:
+    """The copy from a new slot's snapshot, then the slot applied to the target from where the copy ends."""
+    p = ctx.params
+    admin = _db_settings(ctx).shared_cluster_url
+    ctx.syncs.end(tenant, admin)
+    replication, snapshot, lsn = changes.create_slot(admin, tenant)
+    try:
+        result = dumps.dump(url, tenant, spool, name, p.target_url, p.target_major, p.expected_bytes,
+                            p.table_count, ctx.progress, key=key, snapshot=snapshot)
+    except BaseException:
+        replication.close()
+        changes.drop_slot(admin, tenant)
+        raise
+    replication.close()
+    changes.forget_position(p.target_url, tenant)
+    ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
+    return {**result, "sync_lsn": lsn}
 
 
 async def tenant_dump_remove(ctx: JobContext) -> dict:
@@ -137,6 +161,82 @@ async def tenant_verify(ctx: JobContext) -> dict:
     return await asyncio.to_thread(run)
 
 
+async def tenant_sync_status(ctx: JobContext) -> dict:
+    """Where the tenant's sync stands; resumes one whose slot outlived this agent's last run."""
+    p = ctx.params
+    tenant = tenants.Tenant.from_params(p)
+    admin = _db_settings(ctx).shared_cluster_url
+
+    def run() -> dict:
+        with tenants.connect(_db_settings(ctx)) as conn:
+            slot = changes.slot_state(conn, tenant)
+        follow = ctx.syncs.get(tenant)
+        if slot is not None and p.target_url and (follow is None or (not follow.running and not follow.stopped_at)):
+            follow = ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
+        state = follow.status() if follow is not None else {"running": False}
+        return {**state, "slot": slot is not None, "source_lsn": slot and slot["source_lsn"],
+                "lag_bytes": slot and slot["lag_bytes"]}
+
+    return await asyncio.to_thread(run)
+
+
+async def tenant_sync_drain(ctx: JobContext) -> dict:
+    """Inside the pause (the write guard held): the target gets every transaction committed
+    before now, the sync stops, and the sequences are set as the source has them."""
+    p = ctx.params
+    tenant = tenants.Tenant.from_params(p)
+    if not ctx.guards.held(tenant):
+        raise AgentError("the write guard on the source is not held (the agent restarted?); the sync cannot "
+                         "be drained while writes go on", kind=FailureKind.CONFLICT)
+    admin = _db_settings(ctx).shared_cluster_url
+
+    def run() -> dict:
+        follow = ctx.syncs.get(tenant)
+        if follow is None or (not follow.running and not follow.stopped_at):
+            raise AgentError(f"no sync of {tenant.schema} runs on this agent"
+                             + (f": {follow.error}" if follow is not None and follow.error else ""),
+                             kind=FailureKind.CONFLICT)
+        drained = follow.drain(follow.stopped_at or changes.pause_lsn(admin), p.timeout_s)
+        return {**drained, "sequences": changes.set_sequences(admin, tenant, p.target_url)}
+
+    return await asyncio.to_thread(run)
+
+
+async def tenant_sync_check(ctx: JobContext) -> dict:
+    """Every table compared, rows and checksum, between the source at one LSN and the target with
+    everything before it applied; writes go on meanwhile. The source is read as the tenant."""
+    tenant = tenants.Tenant.from_params(ctx.params)
+
+    def run() -> dict:
+        follow = ctx.syncs.get(tenant)
+        if follow is None or not follow.running:
+            raise AgentError(f"no sync of {tenant.schema} runs on this agent"
+                             + (f": {follow.error}" if follow is not None and follow.error else ""),
+                             kind=FailureKind.CONFLICT)
+        checkpoint = follow.checkpoint(ctx.params.timeout_s)
+        _, url = _tenant_login(ctx)
+        return changes.verify_checkpoint(url, tenant, checkpoint)
+
+    return await asyncio.to_thread(run)
+
+
+async def tenant_sync_stop(ctx: JobContext) -> dict:
+    """Stops the tenant's sync and drops its slot and publication, whether or not one runs."""
+    p = ctx.params
+    tenant = tenants.Tenant.from_params(p)
+
+    def run() -> dict:
+        ended = ctx.syncs.end(tenant, _db_settings(ctx).shared_cluster_url)
+        if p.target_url:
+            try:
+                changes.forget_position(p.target_url, tenant)
+            except Exception as exc:  # the target may be gone already (a stack removed first)
+                log.info("sync position of %s not removed from the target: %s", tenant.schema, exc)
+        return ended
+
+    return await asyncio.to_thread(run)
+
+
 HANDLERS: dict[str, Handler] = {
     "tenant.create": tenant_create,
     "tenant.drop": tenant_drop,
@@ -149,4 +249,8 @@ HANDLERS: dict[str, Handler] = {
     "tenant.dump_remove": tenant_dump_remove,
     "tenant.dump_stat": tenant_dump_stat,
     "tenant.verify": tenant_verify,
+    "tenant.sync_status": tenant_sync_status,
+    "tenant.sync_drain": tenant_sync_drain,
+    "tenant.sync_stop": tenant_sync_stop,
+    "tenant.sync_check": tenant_sync_check,
 }

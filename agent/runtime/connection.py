@@ -27,6 +27,7 @@ from ..errors import AgentError, Revoked
 from ..adapters.caddy import Gateway
 from .identity import certificate_expiry, needs_renewal, new_key_and_csr
 from .. import handlers
+from ..adapters.changes import Syncs
 from ..adapters.guards import WriteGuards
 from .spool import JobRecord, Spool
 from .systemd import notify
@@ -68,6 +69,7 @@ class Agent:
                         if "gateway" in self.config.roles and "gateway" in self.settings else None)
         # The write guards this agent holds for migrations, for as long as it runs.
         self.guards = WriteGuards()
+        self.syncs = Syncs()
         self.outbox: asyncio.Queue | None = None
         # Lease requests not answered yet: nonce to when it was sent (monotonic).
         self.lease_requests: dict[str, float] = {}
@@ -115,7 +117,8 @@ class Agent:
         try:
             result = await handlers.run(request.kind, request.params, job_id=record.id, progress=progress,
                                     collect_facts=self.collect_facts, settings=self.settings,
-                                    gateway=self.gateway, state_dir=self.state.path, guards=self.guards)
+                                    gateway=self.gateway, state_dir=self.state.path, guards=self.guards,
+                                    syncs=self.syncs)
             self.spool.finish(record, True, result.to_wire(), "", False)
         except AgentError as exc:
             self.spool.finish(record, False, None, exc.message, exc.retryable, exc.kind)
@@ -287,4 +290,5 @@ class Agent:
         if self.gateway is not None:
             await self.gateway.stop()
         self.guards.close()
+        self.syncs.close()
         log.info("agent stopped")

@@ -20,7 +20,7 @@ router = APIRouter(prefix=PREFIX)
 async def migrate(request: Request, user: User = Depends(current_user), s: Services = Depends(services)):
     body = await read_json(request)
     for key in ("dryRun", "dumpOnly", "staged", "yes", "newJwtSecret", "lockWrites", "noLockWrites",
-                "dropSourceAfter", "preserveJwtSecret", "skipBackupCheck"):
+                "dropSourceAfter", "preserveJwtSecret", "skipBackupCheck", "online"):
         if key in body:
             flag(body, key)
     slug, hash_ = body.get("slug"), body.get("hash")

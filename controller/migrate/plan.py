@@ -6,6 +6,7 @@ so far and the services they call (catalog, agent jobs, projects, gateways). Eve
 undo is idempotent: a restarted controller may run either again.
 """
 
+import asyncio
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -50,15 +51,20 @@ class Options:
     new_jwt_secret: bool = False
     lock_writes: bool = True
     drop_source_after: bool = False
+    # Sync by logical replication and pause writes only for the cutover; None until the run
+    # decides from its preflight (older migrations recorded none: they moved under the lock).
+    online: bool | None = None
 
     @classmethod
     def from_request(cls, body: dict) -> "Options":
         """The contract's keys; `lockWrites: false` and `noLockWrites: true` both mean don't lock."""
         lock = bool(body.get("lockWrites", True)) and not bool(body.get("noLockWrites", False))
+        online = body.get("online")
         return cls(to=str(body.get("to") or DEDICATED), dry_run=bool(body.get("dryRun")),
                    dump_only=bool(body.get("dumpOnly")), staged=bool(body.get("staged")), yes=bool(body.get("yes")),
                    new_jwt_secret=bool(body.get("newJwtSecret")), lock_writes=lock,
-                   drop_source_after=bool(body.get("dropSourceAfter")))
+                   drop_source_after=bool(body.get("dropSourceAfter")),
+                   online=None if online is None else bool(online))
 
     @property
     def kind(self) -> str:
@@ -79,6 +85,9 @@ def check(options: Options, project: Project, running: MigrationRow | None) -> N
     if options.dump_only and (options.staged or options.new_jwt_secret or options.drop_source_after):
         raise BadRequest("--dump-only only dumps; it cannot be combined with --staged, --new-jwt-secret "
                          "or --drop-source-after")
+    if options.online and (options.dump_only or not options.lock_writes):
+        raise BadRequest("--online syncs and then pauses writes for the cutover; it cannot be combined with "
+                         "--dump-only or --no-lock-writes")
     if not options.dry_run and not options.yes:
         raise BadRequest("migrate changes the project; pass --yes to go ahead (or --dry-run to see the plan)")
     if running is not None and not options.dry_run:
@@ -97,6 +106,28 @@ def preflight_refusals(preflight: dict, db_agent: str, db_host: str) -> list[str
     if refusal:
         refusals.append(refusal)
     return refusals
+
+
+def online_obstacles(preflight: dict) -> list[str]:
+    """Why this tenant cannot be synced by logical replication, one sentence each (none: it can)."""
+    logical = preflight.get("logical")
+    if not logical:
+        return ["the db agent does not report logical replication facts (an older agent)"]
+    problems = []
+    if logical["wal_level"] != "logical":
+        problems.append(f"the shared cluster runs with wal_level={logical['wal_level']}; set wal_level = logical "
+                        "in its postgresql.conf and restart it")
+    if logical["free_slots"] < 1:
+        problems.append(f"no free replication slot on the shared cluster (max_replication_slots = "
+                        f"{logical['max_slots']}, all in use)")
+    if logical["free_senders"] < 1:
+        problems.append(f"no free WAL sender on the shared cluster (max_wal_senders = {logical['max_senders']})")
+    if logical["tables_without_key"]:
+        names = ", ".join(logical["tables_without_key"])
+        problems.append(f"tables without a primary key or replica identity ({names}): with them in a publication "
+                        "their updates and deletes would fail on the pooled project; add a primary key, or run "
+                        "ALTER TABLE ... REPLICA IDENTITY FULL on each")
+    return problems
 
 
 def large_object_refusal(preflight: dict) -> str | None:
@@ -197,6 +228,8 @@ async def preflight(run: Run) -> dict:
     found = await run.jobs.run(project.db_agent, "tenant.preflight", run.tenant(project), timeout=120)
     db_agent = await run.catalog.get_agent(project.db_agent)
     refusals = preflight_refusals(found, project.db_agent, db_agent.facts.get("hostname", "?"))
+    if run.options.online:
+        refusals += [f"cannot sync online: {problem}" for problem in online_obstacles(found)]
     if refusals:
         raise Refused("; ".join(refusals))
     return {"total_bytes": found["total_bytes"], "table_count": len(found["tables"])}
@@ -280,6 +313,90 @@ async def dump(run: Run) -> dict:
             "seconds": out.get("seconds")}
 
 
+# Past this many bytes behind the shared cluster the db agent stops the sync and drops its slot.
+MAX_LAG_BYTES = 1024 ** 3
+# The pause begins once the target is this close; the drain inside it then takes well under a second.
+CATCH_UP_BYTES = 8 * 1024 * 1024
+CATCH_UP_S = 1.0
+SYNC_POLL_S = 0.5
+DRAIN_TIMEOUT_S = 10
+
+
+async def sync(run: Run) -> dict:
+    """The copy from a new slot's snapshot, streamed into the stack (and kept, encrypted, in a dump
+    file); from then on the db agent applies each change the tenant commits."""
+    project = await run.project()
+    before = run.outputs["preflight"]
+    params = {**run.tenant(project), "name": f"{project.slug}-{project.hash}-{run.row.id[:8]}",
+              "expected_bytes": before["total_bytes"], "table_count": before["table_count"],
+              "target_url": run.projects.admin_url(project),
+              "target_major": run.outputs["provision"]["postgres_major"], "sync": True,
+              "max_lag_bytes": MAX_LAG_BYTES}
+    out = await run.projects.dump_files.dump(project, run.row.id, params, timeout=data_timeout(before["total_bytes"]),
+                                             on_progress=run.progress)
+    return {"host": project.db_agent, "path": out["path"], "bytes": out["bytes"], "sha256": out["sha256"],
+            "seconds": out.get("seconds"), "sync_lsn": out["sync_lsn"]}
+
+
+async def end_sync(run: Run) -> dict:
+    """Stops the sync and drops its slot and publication on the shared cluster."""
+    project = await run.project()
+    target = run.projects.admin_url(project) if project.docker_agent and project.db_port else None
+    out = await run.jobs.run(project.db_agent, "tenant.sync_stop", {**run.tenant(project), "target_url": target},
+                             timeout=60)
+    return {"slot_dropped": out["slot_dropped"]}
+
+
+async def unsync(run: Run) -> None:
+    await end_sync(run)
+
+
+async def sync_status(run: Run, project: Project) -> dict:
+    """The sync as the db agent sees it (resumed there if the agent restarted); a sync that stopped
+    on its own fails the step with its reason."""
+    status = await run.jobs.run(project.db_agent, "tenant.sync_status",
+                                {**run.tenant(project), "target_url": run.projects.admin_url(project),
+                                 "max_lag_bytes": MAX_LAG_BYTES}, timeout=30)
+    if status.get("error"):
+        raise FluxError(f"the sync stopped: {status['error']}")
+    if not status["slot"]:
+        raise FluxError("the sync's replication slot is gone from the shared cluster")
+    run.progress({"phase": "sync", "done": status.get("transactions", 0), "total": 0, "unit": "transactions",
+                  "message": f"lag {status.get('lag_bytes') or 0} bytes, {status.get('lag_s') or 0:.1f}s",
+                  "lag_bytes": status.get("lag_bytes") or 0, "lag_s": status.get("lag_s") or 0.0})
+    return status
+
+
+async def catch_up(run: Run) -> dict:
+    """Every table compared at one LSN while the sync runs; then waits until the stack trails the
+    pooled copy by less than a second (and a few MiB of WAL)."""
+    project = await run.project()
+    budget = data_timeout(run.outputs["preflight"]["total_bytes"])
+    checked = await run.jobs.run(project.db_agent, "tenant.sync_check",
+                                 {**run.tenant(project), "timeout_s": min(budget, 3600)}, timeout=budget * 2)
+    deadline = asyncio.get_running_loop().time() + budget
+    while True:
+        status = await sync_status(run, project)
+        if (status.get("lag_bytes") or 0) <= CATCH_UP_BYTES and (status.get("lag_s") or 0) <= CATCH_UP_S:
+            return {"lag_bytes": status.get("lag_bytes") or 0, "lag_s": status.get("lag_s") or 0.0,
+                    "applied_lsn": status.get("applied_lsn"), "transactions": status.get("transactions", 0),
+                    "checked_lsn": checked["lsn"], "checked_tables": checked["tables"],
+                    "check_seconds": checked["seconds"]}
+        if asyncio.get_running_loop().time() > deadline:
+            raise FluxError(f"the sync did not catch up: {status.get('lag_bytes')} bytes behind")
+        await asyncio.sleep(SYNC_POLL_S)
+
+
+async def drain(run: Run) -> dict:
+    """Inside the pause: the lag as it stood, then every acknowledged write applied, then the sequences."""
+    project = await run.project()
+    lag = await sync_status(run, project)
+    out = await run.jobs.run(project.db_agent, "tenant.sync_drain",
+                             {**run.tenant(project), "target_url": run.projects.admin_url(project),
+                              "timeout_s": DRAIN_TIMEOUT_S}, timeout=DRAIN_TIMEOUT_S + 20)
+    return {**out, "lag_bytes_at_pause": lag.get("lag_bytes") or 0, "lag_s_at_pause": lag.get("lag_s") or 0.0}
+
+
 async def bootstrap(run: Run) -> None:
     project = await run.project()
     await run.jobs.run(project.docker_agent, "stack.bootstrap", run.stack(project), timeout=STACK_JOB_TIMEOUT_S)
@@ -348,6 +465,14 @@ FLIP = Step("flip", "the catalog says v1_dedicated and every serving gateway rou
 UNLOCK_AFTER = Step("unlock", "the pooled copy refuses writes from every tenant role; then writes resume on the "
                     "dedicated stack", unlock_after_cutover)
 DROP_SOURCE = Step("drop_source", "the pooled copy is gone", drop_source)
+SYNC = Step("sync", "the stack holds the tenant as of a replication slot's snapshot, and the db agent applies "
+            "every change committed since", sync, unsync, "stop the sync and drop its slot and publication")
+CATCH_UP = Step("catch_up", "every table's rows matched the pooled copy's at one LSN, and the stack trails the "
+                "pooled copy by under a second", catch_up)
+PAUSE = Step("lock", "writes are paused at every serving gateway and held by a guard on the pooled copy (the "
+             "pause begins)", lock, release, "release the guard and lift maintenance")
+DRAIN = Step("drain", "the stack has every write the pooled copy acknowledged, and its sequences", drain)
+SYNC_END = Step("sync_end", "no slot or publication of the tenant is left on the shared cluster", end_sync)
 
 
 def build(options: Options) -> Plan:
@@ -355,6 +480,8 @@ def build(options: Options) -> Plan:
     if options.kind == "dump_only":
         return Plan("dump_only", (PREFLIGHT, Step("dump", "a dump of the tenant schema is in the db agent's "
                                                          "spool", dump)))
+    if options.online:
+        return build_online(options)
     steps = [PREFLIGHT, PROVISION, *([LOCK] if options.lock_writes else []),
              Step("dump", "the stack holds the tenant's schema and rows as of the lock" if options.lock_writes
                   else "the stack holds the tenant's schema and rows as of the dump", dump),
@@ -364,6 +491,16 @@ def build(options: Options) -> Plan:
             steps.append(Step("unlock", "the pooled project takes writes again; the stack is kept, staged", release))
         return Plan("staged", tuple(steps))
     steps += [FLIP, UNLOCK_AFTER] + ([DROP_SOURCE] if options.drop_source_after else [])
+    return Plan("full", tuple(steps))
+
+
+def build_online(options: Options) -> Plan:
+    """Sync first, pause writes only for the cutover."""
+    steps = [PREFLIGHT, PROVISION, SYNC, BOOTSTRAP, CATCH_UP, PROBE]
+    if options.kind == "staged":
+        return Plan("staged", tuple(steps + [Step("sync_end", "the stack holds the tenant as of the sync's "
+                                                             "last change; no slot is left", end_sync)]))
+    steps += [PAUSE, DRAIN, FLIP, UNLOCK_AFTER, SYNC_END] + ([DROP_SOURCE] if options.drop_source_after else [])
     return Plan("full", tuple(steps))
 
 
@@ -377,6 +514,12 @@ def summary(run: Run, project: Project, base_domain: str) -> dict:
               "serviceUrl": service_url(project, base_domain)}
     if "dump" in run.outputs:
         result["dump"] = run.outputs["dump"]
+    if "sync" in run.outputs:
+        result["dump"] = {k: v for k, v in run.outputs["sync"].items() if k != "sync_lsn"}
+    if "drain" in run.outputs:
+        drained = run.outputs["drain"]
+        result["sync"] = {"pauseLsn": drained["lsn"], "lagBytesAtPause": drained["lag_bytes_at_pause"],
+                          "lagSecondsAtPause": drained["lag_s_at_pause"], "drainSeconds": drained["waited_s"]}
     if "verify" in run.outputs:
         result["verified"] = run.outputs["verify"]
     if run.options.drop_source_after and run.row.kind == "full":

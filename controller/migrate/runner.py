@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ..store import Catalog, MigrationRow, Project, StepRow
 from ..errors import BadRequest, FluxError, NotFound
@@ -22,7 +22,7 @@ from ..fleet import Fleet
 from ..gateways import Gateways, service_url
 from ..projects import DEDICATED, JWT_SECRET_BYTES, Projects
 from . import plan as plans
-from .plan import (ASSUMED_BYTES_PER_S, Options, Run, check, cut_over, preflight_refusals,
+from .plan import (ASSUMED_BYTES_PER_S, Options, Run, check, cut_over, online_obstacles, preflight_refusals,
                    target_agent)
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ class Migrations:
         self._listeners: dict[str, list[asyncio.Queue]] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._project_of: dict[str, str] = {}
+        # The last lag each syncing migration reported (flux migrate status shows it).
+        self._lag: dict[str, dict] = {}
         # Hear every migration's events with the project they concern (the dashboard's live cards).
         self.watchers: list = []
 
@@ -117,6 +119,13 @@ class Migrations:
 
     # plan and preflight
 
+    @staticmethod
+    def resolve(options: Options, preflight: dict) -> Options:
+        """Online unless asked otherwise or the cluster or the tenant cannot be synced."""
+        if options.online is not None or options.dump_only or not options.lock_writes:
+            return replace(options, online=bool(options.online))
+        return replace(options, online=not online_obstacles(preflight))
+
     async def dry_run(self, project: Project, options: Options) -> dict:
         check(options, project, await self.catalog.running_migration(project.id))
         preflight = await self.fleet.run(project.db_agent, "tenant.preflight", self.projects.tenant_params(project),
@@ -135,6 +144,23 @@ class Migrations:
         if size * 2 > preflight["spool_free_bytes"]:
             errors.append(f"db agent {project.db_agent} has {preflight['spool_free_bytes']} bytes free for the "
                           f"dump; about {size * 2} are needed")
+        obstacles = online_obstacles(preflight)
+        options = self.resolve(options, preflight)
+        if options.online and obstacles:
+            errors += [f"cannot sync online: {problem}" for problem in obstacles]
+        elif options.online:
+            logical = preflight["logical"]
+            warnings.append("online: the stack is filled from a replication slot's snapshot and kept in sync; "
+                            "writes pause only for the cutover (about a second), and pushes are refused until "
+                            "the migration ends")
+            if logical["max_slot_wal_keep_mb"] < 0:
+                warnings.append("max_slot_wal_keep_size is unlimited on the shared cluster: the sync's lag guard "
+                                f"({plans.MAX_LAG_BYTES} bytes) is the only bound on the WAL its slot keeps")
+            if preflight["sequences"]:
+                warnings.append("sequences are not replicated: they are set on the stack inside the pause")
+        elif options.kind != "dump_only" and options.lock_writes:
+            warnings.append("writes are held for the whole copy (the fallback without logical replication): "
+                            + "; ".join(obstacles) if obstacles else "writes are held for the whole copy (--offline)")
         if not options.lock_writes:
             warnings.append("--no-lock-writes: writes during the move are not held back; any that land on the "
                             "pooled copy after the dump starts are lost at cutover")
@@ -155,11 +181,12 @@ class Migrations:
         return {
             "ok": not errors,
             "dryRun": True,
-            "plan": {"kind": options.kind, "steps": steps.names, "detail": steps.render(), "target": DEDICATED,
+            "plan": {"kind": options.kind, "online": options.online, "steps": steps.names, "detail": steps.render(), "target": DEDICATED,
                      "docker_host": docker_name, "service_url": service_url(project, self.gateways.base_domain)},
             "preflight": {
                 **{k: preflight[k] for k in ("schema", "tables", "views", "sequences", "extensions", "ledger",
                                              "policy_roles", "roles", "total_bytes", "spool_free_bytes")},
+                "logicalReplication": preflight.get("logical"),
                 "large_objects": preflight.get("large_objects"),
                 "db_host": project.db_agent,
                 "tools": {project.db_agent: preflight["tools"],
@@ -177,6 +204,10 @@ class Migrations:
 
     async def start(self, project: Project, options: Options) -> MigrationRow:
         check(options, project, await self.catalog.running_migration(project.id))
+        if options.online is None and options.kind != "dump_only" and options.lock_writes:
+            found = await self.fleet.run(project.db_agent, "tenant.preflight", self.projects.tenant_params(project),
+                                         timeout=120)
+            options = self.resolve(options, found)
         sealed = None
         if options.new_jwt_secret:
             sealed = self.projects.box.seal(secrets.token_urlsafe(JWT_SECRET_BYTES).encode(), f"project:{project.id}")
@@ -216,7 +247,8 @@ class Migrations:
         if row.state == "succeeded":
             return {"ok": True, **shared, **(row.result or {})}
         if row.state == "running":
-            return {"ok": True, **shared, "running": True, "phase": row.phase}
+            lag = self._lag.get(row.id)
+            return {"ok": True, **shared, "running": True, "phase": row.phase, **({"sync": lag} if lag else {})}
         return {"ok": False, **shared, "phase": row.phase, "error": row.error}
 
     async def latest(self, project: Project) -> dict:
@@ -259,12 +291,16 @@ class Migrations:
             final = {"ok": False, "migrationId": row.id, "phase": current.phase, "state": state, "error": message}
         finally:
             self._tasks.pop(row.id, None)
+            self._lag.pop(row.id, None)
         self._emit(row.id, {"event": "result", **final})
         self._project_of.pop(row.id, None)
         return final
 
     def _run_of(self, row: MigrationRow) -> Run:
         def forward(progress: dict) -> None:
+            if "lag_bytes" in progress:
+                self._lag[row.id] = {"lagBytes": progress["lag_bytes"], "lagSeconds": progress["lag_s"],
+                                     "transactions": progress["done"], "at": time.time()}
             self._emit(row.id, {"event": "progress", **progress})
 
         return Run(row, Options(**row.options), self.catalog, self.fleet, self.projects, self.gateways, forward)

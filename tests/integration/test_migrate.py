@@ -294,11 +294,21 @@ def _big_tenant(fleet, name: str) -> tuple[dict, str, str]:
     return project, secret, schema
 
 
-def test_controller_killed_during_restore_rolls_back(fleet):
-    project, secret, schema = _big_tenant(fleet, "Killed Controller")
-    migration_id, thread, _ = _start_streaming(fleet, project)
+# The copy under the write lock (offline), and the copy from a slot's snapshot that the sync follows.
+COPY_PHASE = {False: "dump", True: "sync"}
+
+
+def _no_sync_left(fleet) -> bool:
+    return fleet.shared_sql("SELECT (SELECT count(*) FROM pg_replication_slots)"
+                            " + (SELECT count(*) FROM pg_publication)") == [(0,)]
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_controller_killed_during_restore_rolls_back(fleet, online):
+    project, secret, schema = _big_tenant(fleet, f"Killed Controller {'On' if online else 'Off'}")
+    migration_id, thread, _ = _start_streaming(fleet, project, online=online)
     assert migration_id
-    _wait_phase(fleet, migration_id, ("dump",))
+    _wait_phase(fleet, migration_id, (COPY_PHASE[online],))
     fleet.kill_process("controller")
     thread.join(30)
     fleet.restart()
@@ -307,6 +317,7 @@ def test_controller_killed_during_restore_rolls_back(fleet):
     status = fleet.api("GET", f"migrations/{migration_id}").json()
     assert status["ok"] is False and "controller stopped" in status["error"]
     assert status["state"] == "rolled_back" and "rollback incomplete" not in status["error"]
+    assert COPY_PHASE[online] in [step["name"] for step in status["steps"]] and _no_sync_left(fleet)
     detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
     assert detail["mode"] == "v2_shared" and detail["maintenance"] is False
     # The stack this run made went with the rollback, though the controller died mid-run.
@@ -321,7 +332,7 @@ def test_controller_killed_during_restore_rolls_back(fleet):
 
 def test_db_agent_killed_during_dump_rolls_back_and_keeps_the_source(fleet):
     project, secret, schema = _big_tenant(fleet, "Killed Agent")
-    migration_id, thread, box = _start_streaming(fleet, project, dropSourceAfter=True)
+    migration_id, thread, box = _start_streaming(fleet, project, dropSourceAfter=True, online=False)
     _wait_phase(fleet, migration_id, ("dump",))
     fleet.kill_process("dev-db")
     fleet.restart()
@@ -337,6 +348,31 @@ def test_db_agent_killed_during_dump_rolls_back_and_keeps_the_source(fleet):
     assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400002,)]
     write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "still pooled"})
     assert write.status_code == 201
+
+
+@pytest.mark.parametrize("phase", ["sync", "catch_up"])
+def test_db_agent_killed_during_an_online_sync_ends_well_and_leaves_no_slot(fleet, phase):
+    """Without a write guard to lose, the copy is sent again (a new slot) or the sync resumes from
+    its slot; whichever way, nothing acknowledged is lost and no slot stays behind."""
+    project, secret, schema = _big_tenant(fleet, f"Killed In {phase}")
+    migration_id, thread, box = _start_streaming(fleet, project, online=True)
+    _wait_phase(fleet, migration_id, (phase,))
+    write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "during sync"})
+    assert write.status_code == 201
+    fleet.kill_process("dev-db")
+    fleet.restart()
+    thread.join(180)
+    result = box["events"][-1]
+    assert result["event"] == "result" and result["state"] in ("succeeded", "rolled_back"), result
+    assert "rollback incomplete" not in (result.get("error") or "") and _no_sync_left(fleet)
+    detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
+    assert detail["maintenance"] is False
+    if result["state"] == "succeeded":
+        assert detail["mode"] == "v1_dedicated"
+        assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "400003"
+    else:
+        assert detail["mode"] == "v2_shared"
+        assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400003,)]
 
 
 def test_missing_pg_dump_on_the_db_host_is_reported_by_the_dry_run_and_refused(fleet):
@@ -478,7 +514,7 @@ def test_status_shows_the_plan_and_follow_reattaches_to_a_running_migration(flee
     dry = fleet.migrate(project, dryRun=True).json()
     migration_id, thread, box = _start_streaming(fleet, project)
     assert migration_id
-    _wait_phase(fleet, migration_id, ("dump",))
+    _wait_phase(fleet, migration_id, ("sync",))
     # A second client attaches to the running migration, as one would after its connection dropped.
     follow = subprocess.run([script("flux"), "migrate", "status", migration_id, "--follow", "--json"],
                             capture_output=True, text=True, timeout=600, env={**os.environ, **env})

@@ -197,3 +197,37 @@ def test_a_snapshot_the_slot_exported_is_what_the_copy_sees(clusters):
     finally:
         replication.close()
         changes.drop_slot(admin, tenant)
+
+
+def test_a_checkpoint_compares_both_copies_at_one_lsn_while_writes_go_on(clusters):
+    source, target = clusters
+    tenant = new_tenant()
+    s = tenant.schema
+    admin = source.url("postgres")
+    follow = start_sync(source, target, tenant)
+    stop = threading.Event()
+
+    def write():
+        with psycopg.connect(admin, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(f"INSERT INTO {s}.items (body) VALUES ('during')")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        checked = changes.verify_checkpoint(admin, tenant, follow.checkpoint(30))
+        assert checked["tables"]["items"] > 51 and set(checked["tables"]) == {"items", "pairs", "loose"}
+        # A target that lost a row the stream never touches again differs at the next checkpoint.
+        with psycopg.connect(target.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"DELETE FROM {s}.items WHERE id = 7")
+        with pytest.raises(changes.AgentError, match="table items: source .* rows, target .* rows"):
+            changes.verify_checkpoint(admin, tenant, follow.checkpoint(30))
+        assert follow.running
+    finally:
+        stop.set()
+        writer.join()
+        follow.stop()
+        changes.drop_slot(admin, tenant)
+    with psycopg.connect(admin) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0

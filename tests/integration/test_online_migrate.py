@@ -1,0 +1,180 @@
+"""The online migrate end to end: the stack filled from a replication slot's snapshot and kept in
+sync by the db agent, writes paused only for the cutover, nothing acknowledged lost, no slot left."""
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.support import LocalFleet, app_token, wait_until
+from tests.integration.test_migrate import FILES, _dedicated_sql, _mode, _schema
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    fleet = LocalFleet(tmp_path_factory.mktemp("online") / "dev")
+    yield fleet
+    fleet.close()
+
+
+class Writer:
+    """Inserts todos through the gateway at a steady rate; remembers which were acknowledged."""
+
+    def __init__(self, fleet, project, rate: float = 20):
+        self.fleet, self.project, self.rate = fleet, project, rate
+        self.token = app_token(project["projectJwtSecret"], sub="writer")
+        self.acked: list[tuple[str, float]] = []
+        self.refused: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            title = f"w{i}"
+            try:
+                response = self.fleet.gateway("POST", self.fleet.host(self.project), "/todos", self.token,
+                                              json={"title": title}, timeout=10)
+            except Exception:
+                self._stop.wait(1 / self.rate)
+                continue
+            if 200 <= response.status_code < 300:
+                self.acked.append((title, time.monotonic()))
+                i += 1
+            else:
+                self.refused.append(response.status_code)
+            self._stop.wait(1 / self.rate)
+
+    def max_gap(self) -> float:
+        times = [t for _, t in self.acked]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+def _sync_objects(fleet) -> list:
+    return fleet.shared_sql("SELECT slot_name FROM pg_replication_slots UNION ALL SELECT pubname FROM pg_publication")
+
+
+def _new(fleet, name: str) -> dict:
+    project = fleet.create(name)
+    assert fleet.push(project, FILES).status_code == 200
+    return project
+
+
+def test_an_online_migrate_loses_no_write_and_leaves_no_slot(fleet):
+    project = _new(fleet, "Online Shop")
+    schema = _schema(fleet, project)
+    fleet.shared_sql(f"INSERT INTO {schema}.todos (owner, title) SELECT 'seed', 'seed ' || g"
+                     " FROM generate_series(1, 20000) g")
+    dry = fleet.migrate(project, dryRun=True, yes=False).json()
+    assert dry["ok"] and dry["plan"]["online"] is True, dry
+    assert dry["plan"]["steps"] == ["preflight", "provision", "sync", "bootstrap", "catch_up", "probe", "lock",
+                                    "drain", "flip", "unlock", "sync_end"]
+    assert dry["preflight"]["logicalReplication"]["wal_level"] == "logical"
+    with Writer(fleet, project) as writer:
+        time.sleep(1)
+        outcome = {}
+        runner = threading.Thread(target=lambda: outcome.update(response=fleet.migrate(project)))
+        runner.start()
+
+        def phase():
+            return fleet.api("GET", f"projects/{project['summary']['hash']}/migration").json()
+
+        seen = wait_until(lambda: (s := phase()).get("sync") and s, 120, "the sync's lag in status")
+        assert seen["sync"]["lagBytes"] >= 0 and "lagSeconds" in seen["sync"]
+        refused = fleet.push(project, {"003_more.sql": "create table public.more (id int primary key);"})
+        assert refused.status_code == 409 and "synced" in refused.json()["error"], refused.text
+        runner.join(300)
+        result = outcome["response"].json()
+        time.sleep(1)
+    assert result["state"] == "succeeded", result
+    assert result["sync"]["pauseLsn"] and result["sync"]["lagBytesAtPause"] >= 0
+    assert _mode(fleet, project) == "v1_dedicated"
+    dedicated = set(_dedicated_sql(project, f"SELECT title FROM {schema}.todos WHERE owner = 'writer'").split("\n"))
+    acked = {t for t, _ in writer.acked}
+    assert len(acked) > 20 and acked <= dedicated, sorted(acked - dedicated)[:10]
+    assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos WHERE owner = 'seed'") == "20000"
+    assert all(code == 503 for code in writer.refused), writer.refused
+    # Sequences went across inside the pause: the next id on the stack follows the last one written.
+    top = _dedicated_sql(project, f"SELECT max(id) FROM {schema}.todos")
+    assert int(_dedicated_sql(project, f"SELECT last_value FROM {schema}.todos_id_seq")) >= int(top)
+    assert _sync_objects(fleet) == []
+    assert _dedicated_sql(project, "SELECT count(*) FROM pg_subscription") == "0"
+    print(f"max gap between acknowledged writes: {writer.max_gap():.2f}s")
+
+
+def test_the_dry_run_names_what_stops_an_online_sync_and_falls_back(fleet):
+    project = _new(fleet, "Keyless Ledger")
+    assert fleet.push(project, {"003_events.sql": "create table public.events (at timestamptz, what text);"}
+                      ).status_code == 200
+    auto = fleet.migrate(project, dryRun=True, yes=False).json()
+    assert auto["ok"] and auto["plan"]["online"] is False
+    assert any("events" in w and "held for the whole copy" in w for w in auto["preflight"]["warnings"]), auto
+    forced = fleet.migrate(project, dryRun=True, yes=False, online=True).json()
+    assert not forced["ok"]
+    assert any("events" in e and "REPLICA IDENTITY FULL" in e for e in forced["preflight"]["errors"]), forced
+    refused = fleet.migrate(project, online=True)
+    assert refused.status_code == 400 and "primary key" in refused.text
+    assert _sync_objects(fleet) == [] and _mode(fleet, project) == "v2_shared"
+
+
+def _owner_view(url: str, other_schema: str, shared_password: str) -> dict:
+    """What the dedicated database's superuser (the project's owner) can find there."""
+    import psycopg
+
+    from agent.adapters.dumps import libpq_env
+    with psycopg.connect(url) as conn:
+        seen = {
+            "subscriptions": conn.execute("SELECT count(*) FROM pg_subscription").fetchone()[0],
+            "foreign_servers": conn.execute("SELECT count(*) FROM pg_foreign_server").fetchone()[0],
+            "tenant_schemas": [r[0] for r in conn.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE 't\\_%\\_api' ORDER BY 1")],
+        }
+    dumped = subprocess.run(["pg_dumpall"], capture_output=True, env=libpq_env(url), check=True).stdout
+    seen["other_tenant_in_dump"] = other_schema.encode() in dumped or b"other tenant's secret" in dumped
+    seen["shared_password_in_dump"] = shared_password.encode() in dumped
+    return seen
+
+
+def test_the_owner_of_the_dedicated_database_never_reaches_another_tenant(fleet):
+    other = _new(fleet, "Other Tenant")
+    other_schema = _schema(fleet, other)
+    fleet.shared_sql(f"INSERT INTO {other_schema}.todos (owner, title) VALUES ('x', 'other tenant''s secret')")
+    project = _new(fleet, "Curious Owner")
+    schema = _schema(fleet, project)
+    fleet.shared_sql(f"INSERT INTO {schema}.todos (owner, title) SELECT 'seed', repeat('s', 200)"
+                     " FROM generate_series(1, 300000) g")
+    shared_password = fleet.fleet.cluster("shared").password
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(response=fleet.migrate(project)))
+    runner.start()
+
+    def syncing():
+        status = fleet.api("GET", f"projects/{project['summary']['hash']}/migration").json()
+        return status.get("phase") in ("catch_up", "probe") and status
+
+    wait_until(syncing, 120, "the migration to sync")
+    url = fleet.api("GET", f"projects/{project['summary']['hash']}/credentials").json()["stagedStack"][
+        "postgresConnectionString"]
+    during = _owner_view(url, other_schema, shared_password)
+    # Every login role of the shared cluster that may stream changes is its own superuser.
+    replicators = fleet.shared_sql("SELECT rolname FROM pg_roles WHERE rolreplication AND rolcanlogin"
+                                   " AND NOT rolsuper")
+    runner.join(300)
+    assert outcome["response"].status_code == 200, outcome["response"].text
+    url = fleet.api("GET", f"projects/{project['summary']['hash']}/credentials").json()["postgresConnectionString"]
+    after = _owner_view(url, other_schema, shared_password)
+    for seen in (during, after):
+        assert seen == {"subscriptions": 0, "foreign_servers": 0, "tenant_schemas": [schema],
+                        "other_tenant_in_dump": False, "shared_password_in_dump": False}, seen
+    assert replicators == []
