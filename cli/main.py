@@ -459,6 +459,40 @@ def migrate_discard(slug, hash_, yes, as_json):
                                                + (f" Left alone: {r['untouched']}" if r.get("untouched") else "")))
 
 
+@migrate.command("rollback")
+@project_options
+@click.option("--yes", is_flag=True, help="confirm: writes pause for about a second while the project moves back")
+@click.option("--json", "as_json", is_flag=True)
+def migrate_rollback(slug, hash_, yes, as_json):
+    """Move a project an online migrate made v1_dedicated back to v2_shared, losing nothing.
+
+    Within the rollback window the kept pooled copy follows every change the dedicated stack
+    commits; rollback pauses writes, applies the last of them and the sequences, makes the pooled
+    copy writable, switches routes back and resumes writes. The stack is kept (discard removes it).
+    """
+    slug, hash_ = resolve(slug, hash_)
+    if not yes:
+        raise click.UsageError("rollback moves the project back to v2_shared; pass --yes to go ahead")
+    result = client().post(f"projects/{hash_}/migration/rollback", {"slug": slug}, timeout=300)
+    emit(result, as_json, lambda r: click.echo(f"{r['message']} Writes paused {r['pauseSeconds']:.2f}s."))
+
+
+@migrate.command("finalize")
+@project_options
+@click.option("--drop-source", is_flag=True, help="drop the pooled copy too (deleted for good)")
+@click.option("--yes", is_flag=True, help="confirm: the project can no longer be rolled back")
+@click.option("--json", "as_json", is_flag=True)
+def migrate_finalize(slug, hash_, drop_source, yes, as_json):
+    """End the rollback window of an online migrate now: the pooled copy stops following the
+    dedicated stack and stays read-only (or, with --drop-source, is dropped)."""
+    slug, hash_ = resolve(slug, hash_)
+    if not yes:
+        raise click.UsageError("finalize ends the rollback window for good; pass --yes to go ahead")
+    result = client().post(f"projects/{hash_}/migration/finalize", {"slug": slug, "dropSource": drop_source},
+                           timeout=300)
+    emit(result, as_json, lambda r: click.echo(r["message"]))
+
+
 @migrate.command("cleanup")
 @project_options
 @click.option("--yes", is_flag=True, help="confirm: the pooled copy's data is deleted for good")

@@ -69,6 +69,8 @@ _ALL = [
     _kind(tenants.TenantSyncStopParams, tenants.TenantSyncStopped, True),
     # Reads only: a new checkpoint each time.
     _kind(tenants.TenantSyncCheckParams, tenants.TenantSyncChecked, True),
+    # Grants back what the freeze recorded; granting twice changes nothing.
+    _kind(tenants.TenantThawParams, tenants.TenantThawed, True),
 ]
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in _ALL}

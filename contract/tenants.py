@@ -158,6 +158,8 @@ class Preflight(Result):
 @message
 class TenantLockParams(TenantRef):
     KIND = "tenant.lock"
+    # Hold writes on this (the dedicated) database instead of the pooled copy: a rollback's pause.
+    target_url: str | None = None
 
 
 @message
@@ -177,6 +179,12 @@ class TenantUnlockParams(TenantRef):
     KIND = "tenant.unlock"
     # After cutover: the pooled copy turns read-only for every tenant role.
     revoke_writes: bool
+    # Release the guard held on this (the dedicated) database instead.
+    target_url: str | None = None
+
+    def check(self) -> None:
+        if self.target_url is not None and self.revoke_writes:
+            self.refuse("revoke_writes", "applies to the pooled copy, not with target_url")
 
 
 @message
@@ -306,14 +314,28 @@ class TenantDumpStats(Result):
 
 # tenant.sync_status, tenant.sync_drain, tenant.sync_stop: the online sync a dump with `sync` began
 
+DIRECTIONS = ("forward", "back")
+
+
+def check_direction(params) -> None:
+    if params.direction not in DIRECTIONS:
+        params.refuse("direction", f"must be one of {', '.join(DIRECTIONS)}")
+    if params.direction == "back" and not params.target_url:
+        params.refuse("target_url", "required with direction back: the stack's database is the source")
+
 
 @message
 class TenantSyncStatusParams(TenantRef):
     KIND = "tenant.sync_status"
+    # forward: pooled copy to the stack; back: the stack to the kept pooled copy (after cutover).
+    direction: str = "forward"
     # When given and the slot exists but nothing applies it here (the agent restarted), the
     # sync resumes from the slot.
     target_url: str | None = None
     max_lag_bytes: int | None = None
+
+    def check(self) -> None:
+        check_direction(self)
 
 
 @message
@@ -337,8 +359,14 @@ class TenantSyncDrainParams(TenantRef):
     KIND = "tenant.sync_drain"
     target_url: str
     timeout_s: float
+    direction: str = "forward"
+    # Forward only: once drained, a slot on the stack starts recording its changes for the way back.
+    reverse: bool = False
 
     def check(self) -> None:
+        check_direction(self)
+        if self.reverse and self.direction != "forward":
+            self.refuse("reverse", "only with direction forward")
         if not 0 < self.timeout_s <= 3600:
             self.refuse("timeout_s", "must be between 0 and 3600")
 
@@ -346,6 +374,9 @@ class TenantSyncDrainParams(TenantRef):
 @message
 class TenantSyncDrained(Result):
     KIND = "tenant.sync_drain"
+    # With reverse: whether the slot for the way back exists, or why not.
+    reverse: bool | None = None
+    reverse_error: str | None = None
     # The source's LSN at the pause: the target has every transaction committed before it.
     lsn: str
     applied_lsn: str | None
@@ -356,8 +387,12 @@ class TenantSyncDrained(Result):
 @message
 class TenantSyncStopParams(TenantRef):
     KIND = "tenant.sync_stop"
+    direction: str = "forward"
     # Forgets the sync's position there too.
     target_url: str | None = None
+
+    def check(self) -> None:
+        check_direction(self)
 
 
 @message
@@ -386,3 +421,15 @@ class TenantSyncChecked(Result):
     lsn: str
     tables: dict[str, int]
     seconds: float
+
+
+@message
+class TenantThawParams(TenantRef):
+    KIND = "tenant.thaw"
+
+
+@message
+class TenantThawed(Result):
+    KIND = "tenant.thaw"
+    thawed: bool
+    grants: int

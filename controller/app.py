@@ -94,11 +94,13 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     notify("READY=1\nSTATUS=serving")
     recovery = asyncio.gather(projects.recover(), migrations.recover())
     retention = asyncio.create_task(dump_files.keep_retention())
+    windows = asyncio.create_task(migrations.reversals.keep_windows())
     gateways.start()
 
     await stop.wait()
     recovery.cancel()
     retention.cancel()
+    windows.cancel()
     gateways.stop()
     notify("STOPPING=1")
     log.info("stopping")

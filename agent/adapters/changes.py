@@ -81,6 +81,24 @@ def create_slot(admin_url: str, tenant: Tenant) -> tuple[psycopg.Connection, str
     return replication, snapshot, lsn
 
 
+def create_reverse_slot(stack_url: str, tenant: Tenant) -> str:
+    """On the stack's database, drained and before it takes a write: a publication of the tenant
+    schema and a slot recording every change from now on, for the way back to the kept pooled
+    copy. Returns the slot's LSN."""
+    drop_slot(stack_url, tenant)
+    name = slot_name(tenant)
+    with psycopg.connect(stack_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLES IN SCHEMA {}")
+                     .format(sql.Identifier(name), sql.Identifier(tenant.schema)))
+        try:
+            return conn.execute("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
+                                (name,)).fetchone()[0]
+        except psycopg.Error as exc:
+            conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
+            raise AgentError(f"no slot for the way back on the stack: {str(exc).strip()[:300]}",
+                             kind=FailureKind.UNAVAILABLE) from None
+
+
 def drop_slot(admin_url: str, tenant: Tenant) -> dict:
     """Drops the tenant's slot and publication, whichever exist; a walsender still holding the
     slot is ended first."""
@@ -453,32 +471,34 @@ class Follow:
 
 
 class Syncs:
-    """The syncs this agent runs, one per tenant, for as long as the agent runs."""
+    """The syncs this agent runs, one per tenant and direction (forward: the pooled copy to the
+    stack; back: the stack to the kept pooled copy), for as long as the agent runs."""
 
     def __init__(self):
-        self._running: dict[str, Follow] = {}
+        self._running: dict[tuple[str, str], Follow] = {}
         self._lock = threading.Lock()
 
-    def follow(self, tenant: Tenant, admin_url: str, target_url: str, max_lag_bytes: int) -> Follow:
+    def follow(self, tenant: Tenant, source_url: str, target_url: str, max_lag_bytes: int,
+               direction: str = "forward") -> Follow:
         """The tenant's running sync, or a new one from its slot (an agent that restarted resumes)."""
         with self._lock:
-            current = self._running.get(tenant.schema)
+            current = self._running.get((tenant.schema, direction))
             if current is not None and current.running:
                 return current
-            follow = Follow(tenant, admin_url, target_url, max_lag_bytes)
-            self._running[tenant.schema] = follow
+            follow = Follow(tenant, source_url, target_url, max_lag_bytes)
+            self._running[(tenant.schema, direction)] = follow
             return follow.start()
 
-    def get(self, tenant: Tenant) -> Follow | None:
-        return self._running.get(tenant.schema)
+    def get(self, tenant: Tenant, direction: str = "forward") -> Follow | None:
+        return self._running.get((tenant.schema, direction))
 
-    def end(self, tenant: Tenant, admin_url: str) -> dict:
-        """Stops the tenant's sync here and drops its slot and publication."""
+    def end(self, tenant: Tenant, source_url: str, direction: str = "forward") -> dict:
+        """Stops the tenant's sync here and drops its slot and publication (on `source_url`)."""
         with self._lock:
-            follow = self._running.pop(tenant.schema, None)
+            follow = self._running.pop((tenant.schema, direction), None)
         if follow is not None:
             follow.stop()
-        dropped = drop_slot(admin_url, tenant)
+        dropped = drop_slot(source_url, tenant)
         return {**dropped, "error": follow.error if follow is not None else None}
 
     def close(self) -> None:

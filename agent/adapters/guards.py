@@ -14,7 +14,7 @@ from contract.failures import FailureKind
 
 from ..errors import AgentError
 from .dumps import tables_of
-from .tenants import Tenant
+from .tenants import Tenant, write_grants
 
 
 class WriteGuards:
@@ -22,13 +22,15 @@ class WriteGuards:
         self._held: dict[str, psycopg.Connection] = {}
         self._lock = threading.Lock()
 
-    def lock(self, source_url: str, tenant: Tenant) -> dict:
+    def lock(self, source_url: str, tenant: Tenant, key: str | None = None) -> dict:
         """Holds writes to every tenant table at the database, whatever path they take.
 
-        `source_url` logs in as the tenant's owner role, as every url named so here does.
+        `source_url` logs in as the tenant's owner role, as every url named so here does, except
+        for a guard on the dedicated database (a rollback), kept under its own `key`.
         """
+        key = key or tenant.schema
         with self._lock:
-            existing = self._held.get(tenant.schema)
+            existing = self._held.get(key)
             if existing is not None and not existing.closed:
                 return {"locked": True, "changed": False}
             conn = psycopg.connect(source_url, connect_timeout=10)
@@ -41,23 +43,23 @@ class WriteGuards:
                 conn.close()
                 raise AgentError(f"could not lock the tables of {tenant.schema}: {exc}", retryable=True,
                                  kind=FailureKind.UNAVAILABLE) from None
-            self._held[tenant.schema] = conn
+            self._held[key] = conn
             return {"locked": True, "changed": True, "tables": len(tables)}
 
 
-    def held(self, tenant: Tenant) -> bool:
-        conn = self._held.get(tenant.schema)
+    def held(self, tenant: Tenant, key: str | None = None) -> bool:
+        conn = self._held.get(key or tenant.schema)
         return conn is not None and not conn.closed
 
 
-    def unlock(self, source_url: str | None, tenant: Tenant, revoke_writes: bool) -> dict:
+    def unlock(self, source_url: str | None, tenant: Tenant, revoke_writes: bool, key: str | None = None) -> dict:
         """Releases the guard; with `revoke_writes` the source stays read-only for the tenant from then on.
 
         The revoke commits in the guard's own transaction, so no write slips in between; without a
         held guard it runs on a new session of `source_url` (fixed SQL: the cluster's own login will do).
         """
         with self._lock:
-            conn = self._held.pop(tenant.schema, None)
+            conn = self._held.pop(key or tenant.schema, None)
         held = conn is not None and not conn.closed
         if not revoke_writes:
             if held:
@@ -68,6 +70,7 @@ class WriteGuards:
             # A savepoint: should the revoke fail, the guard's locks stay held and so does the guard.
             target.execute("SAVEPOINT before_freeze")
             exists = target.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (tenant.schema,)).fetchone()
+            revoked = write_grants(target, tenant) if exists else []
             if exists:
                 target.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} FROM {}")
                                .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.runtime_role)))
@@ -80,7 +83,7 @@ class WriteGuards:
             raise AgentError(f"could not make {tenant.schema} read-only: {exc}", retryable=True,
                              kind=FailureKind.UNAVAILABLE) from None
         target.close()
-        return {"locked": False, "held": held, "source_read_only": True}
+        return {"locked": False, "held": held, "source_read_only": True, "revoked": revoked}
 
     def _keep(self, tenant: Tenant, conn: psycopg.Connection) -> bool:
         """Puts a guard whose freeze failed back, its locks still held; False when its session is gone."""

@@ -301,8 +301,10 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
         db = _own(engine.containers, "container", spec.db, spec)
         if db is None:
             db_port = spec.db_port or _free_port(settings.publish_host)
+            # wal_level=logical: after a cutover, a slot here carries the stack's changes back to the
+            # kept pooled copy for the rollback window.
             db = _run(engine, settings, settings.postgres_image, name=spec.db, network=spec.network,
-                      hostname="db", labels=spec.labels("db"),
+                      hostname="db", labels=spec.labels("db"), command=["postgres", "-c", "wal_level=logical"],
                       environment={"POSTGRES_PASSWORD": spec.postgres_password},
                       volumes={spec.volume: {"bind": "/var/lib/postgresql/data", "mode": "rw"}},
                       ports={f"{DB_PORT}/tcp": (settings.publish_host, db_port)},

@@ -107,6 +107,10 @@ CREATE SCHEMA IF NOT EXISTS flux_private;
 REVOKE ALL ON SCHEMA flux_private FROM PUBLIC;
 CREATE TABLE IF NOT EXISTS flux_private.login_key (id int PRIMARY KEY CHECK (id = 1), key bytea NOT NULL);
 REVOKE ALL ON flux_private.login_key FROM PUBLIC;
+-- The write grants a frozen copy's runtime role had, so a rollback can give them back.
+CREATE TABLE IF NOT EXISTS flux_private.frozen_grants (schema_name text NOT NULL, table_name text NOT NULL,
+  privilege text NOT NULL, PRIMARY KEY (schema_name, table_name, privilege));
+REVOKE ALL ON flux_private.frozen_grants FROM PUBLIC;
 -- PostgREST's pre-request hook: a tenant's runtime role only ever sees its own schema.
 CREATE OR REPLACE FUNCTION flux.pre_request() RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
@@ -230,10 +234,27 @@ def is_frozen(conn, tenant: "Tenant") -> bool:
     return row is not None and row[0] == FROZEN
 
 
-def freeze(conn, tenant: "Tenant") -> dict:
+WRITE_PRIVILEGES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
+
+
+def write_grants(conn, tenant: "Tenant") -> list[tuple[str, str]]:
+    """(table, privilege) for each write privilege the tenant's runtime role holds on its tables."""
+    return [(t, p) for t, p in conn.execute(
+        "SELECT c.relname, a.privilege_type FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,"
+        " aclexplode(c.relacl) a WHERE n.nspname = %s AND c.relkind IN ('r', 'p')"
+        " AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = %s) AND a.privilege_type = ANY(%s)",
+        (tenant.schema, tenant.runtime_role, list(WRITE_PRIVILEGES))).fetchall()]
+
+
+def freeze(conn, tenant: "Tenant", revoked: list | None = None) -> dict:
     """After cutover: no tenant role writes the pooled copy again, its owner included (it can no
-    longer log in, so it cannot grant itself back what is revoked here). Returns the copy's size."""
+    longer log in, so it cannot grant itself back what is revoked here). The runtime role's write
+    grants are recorded first (`revoked`: those a guard revoked before), for `thaw`. Returns the
+    copy's size."""
     with conn.transaction():
+        for table, privilege in [*(revoked or []), *write_grants(conn, tenant)]:
+            conn.execute("INSERT INTO flux_private.frozen_grants VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                         (tenant.schema, table, privilege))
         if _check_owner(conn, tenant):
             conn.execute(sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} FROM {}, {}")
                          .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.runtime_role),
@@ -247,6 +268,27 @@ def freeze(conn, tenant: "Tenant") -> dict:
             " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind IN ('r', 'p', 'm')",
             (tenant.schema,)).fetchone()[0]
     return {"frozen": True, "bytes": int(size)}
+
+
+def thaw(conn, tenant: "Tenant") -> dict:
+    """Undoes `freeze` (a rollback to the pooled engine): the owner logs in and writes again, and the
+    runtime role gets back the write grants it had."""
+    with conn.transaction():
+        if not _check_owner(conn, tenant):
+            raise AgentError(f"{tenant.schema} is not there to take writes again", kind=FailureKind.NOT_FOUND)
+        conn.execute(sql.SQL("GRANT INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {} TO {}")
+                     .format(sql.Identifier(tenant.schema), sql.Identifier(tenant.owner_role)))
+        grants = conn.execute("SELECT table_name, privilege FROM flux_private.frozen_grants WHERE schema_name = %s",
+                              (tenant.schema,)).fetchall()
+        for table, privilege in grants:
+            if privilege in WRITE_PRIVILEGES and conn.execute("SELECT to_regclass(%s)", (
+                    sql.Identifier(tenant.schema, table).as_string(conn),)).fetchone()[0] is not None:
+                conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
+                    sql.SQL(privilege), sql.Identifier(tenant.schema, table), sql.Identifier(tenant.runtime_role)))
+        conn.execute("DELETE FROM flux_private.frozen_grants WHERE schema_name = %s", (tenant.schema,))
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(tenant.owner_role)))
+        conn.execute(sql.SQL("COMMENT ON ROLE {} IS NULL").format(sql.Identifier(tenant.owner_role)))
+    return {"thawed": True, "grants": len(grants)}
 
 
 def connect_as_tenant(url: str) -> psycopg.Connection:

@@ -7,6 +7,8 @@ never as the superuser.
 import asyncio
 import logging
 
+import psycopg
+
 from contract.failures import FailureKind
 
 from ..adapters import changes, dumpfile, dumps, ledger, tenants
@@ -80,7 +82,11 @@ async def tenant_preflight(ctx: JobContext) -> dict:
     return await _as_tenant(ctx, lambda conn, t, db: dumps.preflight(conn, t, spool))
 
 async def tenant_lock(ctx: JobContext) -> dict:
+    """Holds writes on the pooled copy (as the tenant), or with target_url on the stack's database."""
     def run() -> dict:
+        if ctx.params.target_url:
+            tenant = tenants.Tenant.from_params(ctx.params)
+            return ctx.guards.lock(ctx.params.target_url, tenant, _guard_key(tenant, "back"))
         tenant, url = _tenant_login(ctx)
         return ctx.guards.lock(url, tenant)
 
@@ -91,12 +97,15 @@ async def tenant_unlock(ctx: JobContext) -> dict:
     for every tenant role, in the guard's own transaction when it is held."""
     def run() -> dict:
         tenant = tenants.Tenant.from_params(ctx.params)
+        if ctx.params.target_url:
+            return ctx.guards.unlock(None, tenant, False, _guard_key(tenant, "back"))
         if not ctx.params.revoke_writes:
             return ctx.guards.unlock(None, tenant, False)
         db = _db_settings(ctx)
         result = ctx.guards.unlock(db.shared_cluster_url, tenant, True)
+        revoked = result.pop("revoked", [])
         with tenants.connect(db) as conn:
-            return {**result, **tenants.freeze(conn, tenant)}
+            return {**result, **tenants.freeze(conn, tenant, revoked)}
 
     return await asyncio.to_thread(run)
 
@@ -161,18 +170,27 @@ async def tenant_verify(ctx: JobContext) -> dict:
     return await asyncio.to_thread(run)
 
 
+def _ends(ctx: JobContext) -> tuple[str, str | None]:
+    """(source, target) connection strings of the job's sync: forward from the shared cluster to the
+    stack, back from the stack to the shared cluster."""
+    p = ctx.params
+    shared = _db_settings(ctx).shared_cluster_url
+    return (shared, p.target_url) if p.direction == "forward" else (p.target_url, shared)
+
+
 async def tenant_sync_status(ctx: JobContext) -> dict:
-    """Where the tenant's sync stands; resumes one whose slot outlived this agent's last run."""
+    """Where the tenant's sync stands; resumes one whose slot outlived its apply here."""
     p = ctx.params
     tenant = tenants.Tenant.from_params(p)
-    admin = _db_settings(ctx).shared_cluster_url
+    source, target = _ends(ctx)
 
     def run() -> dict:
-        with tenants.connect(_db_settings(ctx)) as conn:
+        with psycopg.connect(source, autocommit=True, connect_timeout=10) as conn:
             slot = changes.slot_state(conn, tenant)
-        follow = ctx.syncs.get(tenant)
-        if slot is not None and p.target_url and (follow is None or (not follow.running and not follow.stopped_at)):
-            follow = ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
+        follow = ctx.syncs.get(tenant, p.direction)
+        if slot is not None and target and (follow is None or not follow.running):
+            follow = ctx.syncs.follow(tenant, source, target, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES,
+                                      p.direction)
         state = follow.status() if follow is not None else {"running": False}
         return {**state, "slot": slot is not None, "source_lsn": slot and slot["source_lsn"],
                 "lag_bytes": slot and slot["lag_bytes"]}
@@ -180,26 +198,62 @@ async def tenant_sync_status(ctx: JobContext) -> dict:
     return await asyncio.to_thread(run)
 
 
+def _guard_key(tenant, direction: str) -> str | None:
+    """Forward, the guard is on the pooled copy; back, on the stack's database."""
+    return None if direction == "forward" else f"{tenant.schema}@stack"
+
+
 async def tenant_sync_drain(ctx: JobContext) -> dict:
-    """Inside the pause (the write guard held): the target gets every transaction committed
-    before now, the sync stops, and the sequences are set as the source has them."""
+    """Inside the pause (the write guard held on the sync's source): the target gets every
+    transaction committed before now, the sync stops, and the sequences are set as the source has
+    them. Forward with `reverse`, a slot on the stack then records its changes for the way back."""
     p = ctx.params
     tenant = tenants.Tenant.from_params(p)
-    if not ctx.guards.held(tenant):
-        raise AgentError("the write guard on the source is not held (the agent restarted?); the sync cannot "
-                         "be drained while writes go on", kind=FailureKind.CONFLICT)
-    admin = _db_settings(ctx).shared_cluster_url
+    if not ctx.guards.held(tenant, _guard_key(tenant, p.direction)):
+        raise AgentError("the write guard on the sync's source is not held (the agent restarted?); the sync "
+                         "cannot be drained while writes go on", kind=FailureKind.CONFLICT)
+    source, target = _ends(ctx)
 
     def run() -> dict:
-        follow = ctx.syncs.get(tenant)
+        follow = ctx.syncs.get(tenant, p.direction)
         if follow is None or (not follow.running and not follow.stopped_at):
             raise AgentError(f"no sync of {tenant.schema} runs on this agent"
                              + (f": {follow.error}" if follow is not None and follow.error else ""),
                              kind=FailureKind.CONFLICT)
-        drained = follow.drain(follow.stopped_at or changes.pause_lsn(admin), p.timeout_s)
-        return {**drained, "sequences": changes.set_sequences(admin, tenant, p.target_url)}
+        drained = follow.drain(follow.stopped_at or changes.pause_lsn(source), p.timeout_s)
+        drained["sequences"] = changes.set_sequences(source, tenant, target)
+        if p.reverse:
+            try:
+                changes.create_reverse_slot(p.target_url, tenant)
+                drained.update(reverse=True)
+            except AgentError as exc:
+                drained.update(reverse=False, reverse_error=exc.message)
+        return drained
 
     return await asyncio.to_thread(run)
+
+
+async def tenant_sync_stop(ctx: JobContext) -> dict:
+    """Stops the tenant's sync and drops its slot and publication, whether or not one runs."""
+    p = ctx.params
+    tenant = tenants.Tenant.from_params(p)
+    source, target = _ends(ctx)
+
+    def run() -> dict:
+        ended = ctx.syncs.end(tenant, source, p.direction)
+        if target:
+            try:
+                changes.forget_position(target, tenant)
+            except Exception as exc:  # the target may be gone already (a stack removed first)
+                log.info("sync position of %s not removed from the target: %s", tenant.schema, exc)
+        return ended
+
+    return await asyncio.to_thread(run)
+
+
+async def tenant_thaw(ctx: JobContext) -> dict:
+    """The kept pooled copy takes writes again (a rollback, before routes move back to it)."""
+    return await _on_shared_cluster(ctx, lambda conn, t, db: tenants.thaw(conn, t))
 
 
 async def tenant_sync_check(ctx: JobContext) -> dict:
@@ -220,23 +274,6 @@ async def tenant_sync_check(ctx: JobContext) -> dict:
     return await asyncio.to_thread(run)
 
 
-async def tenant_sync_stop(ctx: JobContext) -> dict:
-    """Stops the tenant's sync and drops its slot and publication, whether or not one runs."""
-    p = ctx.params
-    tenant = tenants.Tenant.from_params(p)
-
-    def run() -> dict:
-        ended = ctx.syncs.end(tenant, _db_settings(ctx).shared_cluster_url)
-        if p.target_url:
-            try:
-                changes.forget_position(p.target_url, tenant)
-            except Exception as exc:  # the target may be gone already (a stack removed first)
-                log.info("sync position of %s not removed from the target: %s", tenant.schema, exc)
-        return ended
-
-    return await asyncio.to_thread(run)
-
-
 HANDLERS: dict[str, Handler] = {
     "tenant.create": tenant_create,
     "tenant.drop": tenant_drop,
@@ -253,4 +290,5 @@ HANDLERS: dict[str, Handler] = {
     "tenant.sync_drain": tenant_sync_drain,
     "tenant.sync_stop": tenant_sync_stop,
     "tenant.sync_check": tenant_sync_check,
+    "tenant.thaw": tenant_thaw,
 }

@@ -108,3 +108,28 @@ async def migration_resume(migration_id: str, request: Request, user: User = Dep
     except ValueError:
         raise BadRequest("invalid migration id") from None
     return await follow(s, request, row)
+
+
+async def _window_project(s: Services, request: Request, user: User, hash_: str):
+    body = await read_json(request)
+    project = await s.projects.get(user, hash_)
+    slug = body.get("slug")
+    if slug is not None and slug != project.slug:
+        raise BadRequest(f"slug {slug!r} does not own hash {hash_} (that project is {project.slug!r})")
+    return project, body
+
+
+@router.post("/projects/{hash_}/migration/rollback")
+async def migration_rollback(hash_: str, request: Request, user: User = Depends(current_user),
+                             s: Services = Depends(services)):
+    project, _ = await _window_project(s, request, user, hash_)
+    return await s.migrations.reversals.rollback(project)
+
+
+@router.post("/projects/{hash_}/migration/finalize")
+async def migration_finalize(hash_: str, request: Request, user: User = Depends(current_user),
+                             s: Services = Depends(services)):
+    project, body = await _window_project(s, request, user, hash_)
+    if "dropSource" in body:
+        flag(body, "dropSource")
+    return await s.migrations.reversals.finalize(project, bool(body.get("dropSource")))

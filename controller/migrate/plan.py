@@ -9,6 +9,7 @@ undo is idempotent: a restarted controller may run either again.
 import asyncio
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -320,6 +321,8 @@ CATCH_UP_BYTES = 8 * 1024 * 1024
 CATCH_UP_S = 1.0
 SYNC_POLL_S = 0.5
 DRAIN_TIMEOUT_S = 10
+# How long after an online cutover the kept pooled copy follows the stack, so a rollback loses nothing.
+ROLLBACK_WINDOW_S = 24 * 3600
 
 
 async def sync(run: Run) -> dict:
@@ -393,8 +396,25 @@ async def drain(run: Run) -> dict:
     lag = await sync_status(run, project)
     out = await run.jobs.run(project.db_agent, "tenant.sync_drain",
                              {**run.tenant(project), "target_url": run.projects.admin_url(project),
-                              "timeout_s": DRAIN_TIMEOUT_S}, timeout=DRAIN_TIMEOUT_S + 20)
+                              "timeout_s": DRAIN_TIMEOUT_S, "reverse": run.row.kind == "full"},
+                             timeout=DRAIN_TIMEOUT_S + 20)
     return {**out, "lag_bytes_at_pause": lag.get("lag_bytes") or 0, "lag_s_at_pause": lag.get("lag_s") or 0.0}
+
+
+async def follow_back(run: Run) -> dict:
+    """After the cutover: the db agent applies the stack's changes to the kept (read-only) pooled
+    copy, so `flux migrate rollback` can move the project back with nothing lost."""
+    drained = run.outputs.get("drain") or {}
+    if not drained.get("reverse"):
+        return {"reverse": False, "reason": drained.get("reverse_error") or "no slot on the stack"}
+    project = await run.project()
+    status = await run.jobs.run(project.db_agent, "tenant.sync_status",
+                                {**run.tenant(project), "direction": "back",
+                                 "target_url": run.projects.admin_url(project), "max_lag_bytes": MAX_LAG_BYTES},
+                                timeout=30)
+    if not status["slot"] or status.get("error"):
+        return {"reverse": False, "reason": status.get("error") or "the slot on the stack is gone"}
+    return {"reverse": True, "until": time.time() + ROLLBACK_WINDOW_S}
 
 
 async def bootstrap(run: Run) -> None:
@@ -473,6 +493,8 @@ PAUSE = Step("lock", "writes are paused at every serving gateway and held by a g
              "pause begins)", lock, release, "release the guard and lift maintenance")
 DRAIN = Step("drain", "the stack has every write the pooled copy acknowledged, and its sequences", drain)
 SYNC_END = Step("sync_end", "no slot or publication of the tenant is left on the shared cluster", end_sync)
+FOLLOW_BACK = Step("follow_back", "the kept pooled copy follows the stack's changes for the rollback window "
+                   "(flux migrate rollback; flux migrate finalize ends it)", follow_back)
 
 
 def build(options: Options) -> Plan:
@@ -500,7 +522,8 @@ def build_online(options: Options) -> Plan:
     if options.kind == "staged":
         return Plan("staged", tuple(steps + [Step("sync_end", "the stack holds the tenant as of the sync's "
                                                              "last change; no slot is left", end_sync)]))
-    steps += [PAUSE, DRAIN, FLIP, UNLOCK_AFTER, SYNC_END] + ([DROP_SOURCE] if options.drop_source_after else [])
+    steps += [PAUSE, DRAIN, FLIP, UNLOCK_AFTER, SYNC_END]
+    steps += [DROP_SOURCE] if options.drop_source_after else [FOLLOW_BACK]
     return Plan("full", tuple(steps))
 
 
@@ -520,6 +543,10 @@ def summary(run: Run, project: Project, base_domain: str) -> dict:
         drained = run.outputs["drain"]
         result["sync"] = {"pauseLsn": drained["lsn"], "lagBytesAtPause": drained["lag_bytes_at_pause"],
                           "lagSecondsAtPause": drained["lag_s_at_pause"], "drainSeconds": drained["waited_s"]}
+    back = run.outputs.get("follow_back")
+    if back:
+        result["rollback"] = ({"until": back["until"], "command": f"flux migrate rollback -p {project.slug} --hash "
+                               f"{project.hash}"} if back["reverse"] else {"unavailable": back["reason"]})
     if "verify" in run.outputs:
         result["verified"] = run.outputs["verify"]
     if run.options.drop_source_after and run.row.kind == "full":

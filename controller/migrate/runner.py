@@ -22,6 +22,7 @@ from ..fleet import Fleet
 from ..gateways import Gateways, service_url
 from ..projects import DEDICATED, JWT_SECRET_BYTES, Projects
 from . import plan as plans
+from .reverse import Reversals
 from .plan import (ASSUMED_BYTES_PER_S, Options, Run, check, cut_over, online_obstacles, preflight_refusals,
                    target_agent)
 
@@ -97,6 +98,7 @@ class Migrations:
         self._lag: dict[str, dict] = {}
         # Hear every migration's events with the project they concern (the dashboard's live cards).
         self.watchers: list = []
+        self.reversals = Reversals(catalog, fleet, projects, gateways)
 
     # events
 

@@ -89,6 +89,21 @@ class MigrationStore(Store):
                         " finished_at = now() WHERE id = %s RETURNING 1",
                         (state, error, json.dumps(result) if result is not None else None, migration_id))
 
+    async def set_migration_result(self, migration_id: str, result: dict) -> None:
+        await self._one("UPDATE migrations SET result = %s, updated_at = now() WHERE id = %s RETURNING 1",
+                        (json.dumps(result), migration_id))
+
+    async def open_rollback_windows(self) -> list[MigrationRow]:
+        """Succeeded migrations whose pooled copy still follows the stack."""
+        rows = await self._all("SELECT * FROM migrations WHERE state = 'succeeded' AND result ? 'rollback'"
+                               " AND result -> 'rollback' ? 'until' AND NOT result -> 'rollback' ? 'ended'")
+        return [_migration(r) for r in rows]
+
+    async def return_to_pooled(self, project_id: str) -> None:
+        """A rollback's catalog flip: the project is v2_shared again, its pooled copy live (no longer kept)."""
+        await self._one("UPDATE projects SET mode = 'v2_shared', kept_copy_bytes = NULL WHERE id = %s RETURNING 1",
+                        (project_id,))
+
     async def flip(self, project_id: str, migration_id: str, jwt_secret_sealed: str | None) -> None:
         """The catalog side of cutover: the project is dedicated from this commit on."""
         async with self._pool.connection() as conn, conn.transaction():

@@ -143,9 +143,10 @@ def test_dry_run_dump_only_staged_and_full(fleet):
     assert creds["mode"] == "v1_dedicated" and creds["postgresConnectionString"].startswith("postgresql://")
     assert creds["projectJwtSecret"] == secret
 
-    # The pooled copy is kept (no --drop-source-after) but takes no more writes.
-    source = fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos")
-    assert source == [(7,)]
+    # The pooled copy is kept (no --drop-source-after) and follows the stack for the rollback window
+    # (the row written on dedicated reaches it), but takes no writes of the tenant's own.
+    wait_until(lambda: fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(8,)], 30,
+               "the pooled copy to follow the stack")
     with pytest.raises(Exception, match="permission denied"):
         fleet.shared_sql(f"SET ROLE {schema.replace('_api', '_role')}; INSERT INTO {schema}.todos (owner, title) "
                          "VALUES ('x', 'sneaky')")

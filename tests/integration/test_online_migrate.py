@@ -79,7 +79,7 @@ def test_an_online_migrate_loses_no_write_and_leaves_no_slot(fleet):
     dry = fleet.migrate(project, dryRun=True, yes=False).json()
     assert dry["ok"] and dry["plan"]["online"] is True, dry
     assert dry["plan"]["steps"] == ["preflight", "provision", "sync", "bootstrap", "catch_up", "probe", "lock",
-                                    "drain", "flip", "unlock", "sync_end"]
+                                    "drain", "flip", "unlock", "sync_end", "follow_back"]
     assert dry["preflight"]["logicalReplication"]["wal_level"] == "logical"
     with Writer(fleet, project) as writer:
         time.sleep(1)
@@ -178,3 +178,62 @@ def test_the_owner_of_the_dedicated_database_never_reaches_another_tenant(fleet)
         assert seen == {"subscriptions": 0, "foreign_servers": 0, "tenant_schemas": [schema],
                         "other_tenant_in_dump": False, "shared_password_in_dump": False}, seen
     assert replicators == []
+
+
+def _stack_slots(project) -> str:
+    return _dedicated_sql(project, "SELECT (SELECT count(*) FROM pg_replication_slots)"
+                                   " + (SELECT count(*) FROM pg_publication)")
+
+
+def test_rollback_after_cutover_brings_back_every_write_made_on_the_stack(fleet):
+    project = _new(fleet, "Changed Mind")
+    schema = _schema(fleet, project)
+    with Writer(fleet, project) as writer:
+        time.sleep(0.5)
+        migrated = fleet.migrate(project)
+        assert migrated.status_code == 200, migrated.text
+        assert "until" in migrated.json()["rollback"], migrated.json()
+        time.sleep(1.5)
+        # Changes of every kind on the stack, besides the writer's inserts.
+        _dedicated_sql(project, f"UPDATE {schema}.todos SET done = true WHERE title = 'w0'")
+        _dedicated_sql(project, f"DELETE FROM {schema}.todos WHERE title = 'w1'")
+        rolled = fleet.api("POST", f"projects/{project['summary']['hash']}/migration/rollback",
+                           {"slug": project["summary"]["slug"]}, timeout=120)
+        assert rolled.status_code == 200, rolled.text
+        time.sleep(1.5)
+    assert rolled.json()["mode"] == "v2_shared" and _mode(fleet, project) == "v2_shared"
+    pooled = {t for (t,) in fleet.shared_sql(f"SELECT title FROM {schema}.todos WHERE owner = 'writer'")}
+    acked = {t for t, _ in writer.acked} - {"w1"}
+    assert len(acked) > 40 and acked <= pooled, sorted(acked - pooled)[:10]
+    assert "w1" not in pooled
+    assert fleet.shared_sql(f"SELECT done FROM {schema}.todos WHERE title = 'w0'") == [(True,)]
+    assert all(code == 503 for code in writer.refused), writer.refused
+    # Writes land on the pooled copy again, with ids after every one the stack handed out.
+    token = app_token(project["projectJwtSecret"], sub="writer")
+    after = fleet.gateway("POST", fleet.host(project), "/todos", token, json={"title": "back home"})
+    assert after.status_code == 201, after.text
+    assert _sync_objects(fleet) == [] and _stack_slots(project) == "0"
+    again = fleet.api("POST", f"projects/{project['summary']['hash']}/migration/rollback", {}, timeout=60)
+    assert again.status_code == 400 and "rolled_back" in again.json()["error"]
+
+
+def test_finalize_ends_the_way_back_and_keeps_the_copy_read_only(fleet):
+    from tests.support import run, script
+    project = _new(fleet, "Sure Now")
+    schema = _schema(fleet, project)
+    assert fleet.migrate(project).status_code == 200
+    assert _stack_slots(project) == "2"
+    env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token}
+    s = project["summary"]
+    refused = run(script("flux"), "migrate", "finalize", "-p", s["slug"], "--hash", s["hash"], env=env, check=False)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    done = run(script("flux"), "migrate", "finalize", "-p", s["slug"], "--hash", s["hash"], "--yes", env=env)
+    assert "no longer follows" in done.stdout
+    assert _stack_slots(project) == "0" and _sync_objects(fleet) == []
+    # The kept copy stays read-only for the tenant, and the project stays dedicated.
+    assert fleet.shared_sql(f"SELECT has_table_privilege('{schema.replace('_api', '_role')}', "
+                            f"'{schema}.todos', 'INSERT')") == [(False,)]
+    assert _mode(fleet, project) == "v1_dedicated"
+    late = run(script("flux"), "migrate", "rollback", "-p", s["slug"], "--hash", s["hash"], "--yes", env=env,
+               check=False)
+    assert late.returncode == 1 and "rollback window ended (finalized)" in late.stderr, late.stderr
