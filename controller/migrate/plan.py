@@ -26,8 +26,9 @@ MESSAGES = {
     "dump_only": "Dump complete (catalog mode unchanged; no containers were touched).",
 }
 ASSUMED_BYTES_PER_S = 40 * 1024 * 1024
-# Phases a full migration records once the catalog says v1_dedicated: from there it only goes forward.
-AFTER_CUTOVER = ("flipped", "unlock", "drop_source", "done")
+# Phases a full migration records once the catalog says v1_dedicated, besides the steps its plan has
+# after the flip: from there it only goes forward.
+AFTER_CUTOVER = ("flipped", "done")
 
 
 def data_timeout(total_bytes: int) -> float:
@@ -38,8 +39,12 @@ def data_timeout(total_bytes: int) -> float:
 
 
 def cut_over(row: MigrationRow) -> bool:
-    """Whether the catalog flip of this migration has committed."""
-    return row.kind == "full" and row.phase in AFTER_CUTOVER
+    """Whether the catalog flip of this migration has committed: its phase is the flip's own
+    "flipped", or a step its plan has after the flip."""
+    if row.kind != "full":
+        return False
+    plan = build(Options(**row.options))
+    return row.phase in AFTER_CUTOVER or (row.phase in plan.names and plan.after_cutover(row.phase))
 
 
 @dataclass(frozen=True)
@@ -401,6 +406,15 @@ async def drain(run: Run) -> dict:
     return {**out, "lag_bytes_at_pause": lag.get("lag_bytes") or 0, "lag_s_at_pause": lag.get("lag_s") or 0.0}
 
 
+async def drop_back(run: Run) -> None:
+    """Undoes a drain's slot on the stack (before cutover, nothing may follow the stack back)."""
+    project = await run.project()
+    if project.docker_agent and project.db_port:
+        await run.jobs.run(project.db_agent, "tenant.sync_stop",
+                           {**run.tenant(project), "direction": "back",
+                            "target_url": run.projects.admin_url(project)}, timeout=60)
+
+
 async def follow_back(run: Run) -> dict:
     """After the cutover: the db agent applies the stack's changes to the kept (read-only) pooled
     copy, so `flux migrate rollback` can move the project back with nothing lost."""
@@ -491,7 +505,8 @@ CATCH_UP = Step("catch_up", "every table's rows matched the pooled copy's at one
                 "pooled copy by under a second", catch_up)
 PAUSE = Step("lock", "writes are paused at every serving gateway and held by a guard on the pooled copy (the "
              "pause begins)", lock, release, "release the guard and lift maintenance")
-DRAIN = Step("drain", "the stack has every write the pooled copy acknowledged, and its sequences", drain)
+DRAIN = Step("drain", "the stack has every write the pooled copy acknowledged, and its sequences; a slot on the "
+             "stack records its changes for the way back", drain, drop_back, "drop the slot on the stack")
 SYNC_END = Step("sync_end", "no slot or publication of the tenant is left on the shared cluster", end_sync)
 FOLLOW_BACK = Step("follow_back", "the kept pooled copy follows the stack's changes for the rollback window "
                    "(flux migrate rollback; flux migrate finalize ends it)", follow_back)

@@ -41,6 +41,9 @@ class Hosts:
     frozen: bool = False  # the pooled copy refuses writes from every tenant role
     stack: dict | None = None  # {"secret": ..., "rows": ...}
     routes: dict = field(default_factory=dict)  # what the gateway serves, by project id
+    sync_slot: bool = False  # an online sync's slot on the shared cluster
+    back_slot: bool = False  # the slot on the stack that carries its changes back to the pooled copy
+    syncing: bool = False  # the db agent applies the slot to the stack
 
     def pooled_takes_writes(self) -> bool:
         return self.pooled and not self.guard and not self.frozen
@@ -111,7 +114,9 @@ class Agents:
                 "total_bytes": 8192, "spool_free_bytes": 1 << 30, "views": [], "sequences": [], "extensions": [],
                 "ledger": [], "policy_roles": [], "roles": [],
                 "tables": [{"name": "orders", "rows": self.hosts.pooled_rows, "bytes": 8192, "rls": True}],
-                "large_objects": {"count": 0, "owners": []}}
+                "large_objects": {"count": 0, "owners": []},
+                "logical": {"wal_level": "logical", "max_slots": 10, "free_slots": 10, "max_senders": 10,
+                            "free_senders": 10, "max_slot_wal_keep_mb": 4096, "tables_without_key": []}}
 
     def stack_provision(self, p):
         self.hosts.stack = {"secret": p["jwt_secret"], "rows": (self.hosts.stack or {}).get("rows")}
@@ -135,8 +140,39 @@ class Agents:
             raise AssertionError("dump without the guard")
         self.require_stack()["rows"] = self.hosts.pooled_rows
         self.dumps.append(p["name"])
-        return {"path": f"/spool/dumps/{p['name']}.sql.enc", "bytes": 1040, "sha256": "ab" * 32, "sql_bytes": 1000,
+        if p.get("sync"):
+            assert not p.get("require_guard")
+            self.hosts.sync_slot = self.hosts.syncing = True
+        return {**({"sync_lsn": "0/16B3748"} if p.get("sync") else {}), "path": f"/spool/dumps/{p['name']}.sql.enc", "bytes": 1040, "sha256": "ab" * 32, "sql_bytes": 1000,
                 "sql_sha256": "cd" * 32, "seconds": 0.1, "tables": 1, "restored": True, "ledger_rows": 0}
+
+    def tenant_sync_status(self, p):
+        if p.get("direction") == "back":
+            return {"slot": self.hosts.back_slot, "running": self.hosts.back_slot, "lag_bytes": 0, "lag_s": 0.0}
+        if self.hosts.sync_slot and not self.hosts.syncing:
+            self.hosts.syncing = True  # resumed from the slot
+        return {"slot": self.hosts.sync_slot, "running": self.hosts.syncing, "lag_bytes": 120, "lag_s": 0.0,
+                "transactions": 3}
+
+    def tenant_sync_check(self, p):
+        assert self.hosts.syncing, "a checkpoint without a running sync"
+        return {"lsn": "0/16B3800", "tables": {"orders": self.hosts.pooled_rows}, "seconds": 0.01}
+
+    def tenant_sync_drain(self, p):
+        assert self.hosts.guard and self.hosts.syncing, "a drain without the guard or the sync"
+        self.require_stack()["rows"] = self.hosts.pooled_rows
+        self.hosts.syncing = False
+        if p.get("reverse"):
+            self.hosts.back_slot = True
+        return {"lsn": "0/16B3900", "applied_lsn": "0/16B38F0", "waited_s": 0.02, "sequences": 0,
+                "reverse": p.get("reverse") or None}
+
+    def tenant_sync_stop(self, p):
+        if p.get("direction") == "back":
+            self.hosts.back_slot = False
+        else:
+            self.hosts.sync_slot = self.hosts.syncing = False
+        return {"slot_dropped": True, "publication_dropped": True}
 
     def tenant_dump_remove(self, p):
         return {"removed": p["paths"], "missing": []}
@@ -217,7 +253,7 @@ async def _scenario(url: str, options: Options, fault: tuple[str, str, str] | No
         user = await _enrolled(ctl.catalog)
         project, _ = await ctl.projects.create(user, "shop")
         if staged_first:
-            row = await ctl.migrations.start(project, Options(yes=True, staged=True))
+            row = await ctl.migrations.start(project, STAGED)
             assert (await ctl.migrations.wait(row.id))["state"] == "succeeded"
         old_secret = ctl.projects.jwt_secret(await ctl.catalog.project(project.id))
         agents.fault = fault
@@ -267,11 +303,12 @@ def _state(hosts: Hosts, project, migration) -> dict:
             "pooled_takes_writes": hosts.pooled_takes_writes(), "pooled": hosts.pooled,
             "dedicated_takes_writes": hosts.dedicated_takes_writes(project.id),
             "stack": hosts.stack is not None, "docker_agent": project.docker_agent,
-            "kept_copy": project.kept_copy_bytes}
+            "kept_copy": project.kept_copy_bytes, "slots": (hosts.sync_slot, hosts.back_slot)}
 
 
-FULL = Options(yes=True, new_jwt_secret=True, drop_source_after=True)
-STAGED = Options(yes=True, staged=True)
+# The copy under the write lock (offline): the fallback without logical replication.
+FULL = Options(yes=True, new_jwt_secret=True, drop_source_after=True, online=False)
+STAGED = Options(yes=True, staged=True, online=False)
 # Every job of every step, in the order a full rotating migration with --drop-source-after runs them.
 FULL_JOBS = [("preflight", "tenant.preflight"), ("provision", "stack.provision"), ("provision", "stack.image_info"),
              ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("dump", "tenant.dump"),
@@ -283,10 +320,10 @@ AFTER_CUTOVER = {"unlock", "drop_source"}
 
 ROLLED_BACK = {"migration": "rolled_back", "mode": POOLED, "route": "pool", "maintenance": (False, False),
                "guard": False, "pooled_takes_writes": True, "pooled": True, "dedicated_takes_writes": False,
-               "stack": False, "docker_agent": None, "kept_copy": None}
+               "stack": False, "docker_agent": None, "kept_copy": None, "slots": (False, False)}
 MIGRATED = {"migration": "succeeded", "mode": DEDICATED, "route": STACK_UPSTREAM, "maintenance": (False, False),
             "guard": False, "pooled_takes_writes": False, "pooled": False, "dedicated_takes_writes": True,
-            "stack": True, "docker_agent": "docker-1", "kept_copy": None}
+            "stack": True, "docker_agent": "docker-1", "kept_copy": None, "slots": (False, False)}
 
 
 def test_the_matrix_covers_every_job_of_every_step(catalog_url):
@@ -348,7 +385,7 @@ def test_a_staged_migration_fails_or_stops_at_each_step_and_leaves_nothing(catal
 @pytest.mark.parametrize("step,kind", [("provision", "stack.provision"), ("probe", "stack.probe"),
                                        ("flip", "gateway.sync")])
 def test_a_rotating_run_over_a_staged_stack_that_fails_keeps_the_old_secret_everywhere(catalog_url, step, kind):
-    out = asyncio.run(_scenario(catalog_url, Options(yes=True, new_jwt_secret=True), (step, kind, "fail"),
+    out = asyncio.run(_scenario(catalog_url, Options(yes=True, new_jwt_secret=True, online=False), (step, kind, "fail"),
                                 staged_first=True))
     assert out["final"]["state"] == "rolled_back", out["final"]
     end = out["end"]
@@ -399,7 +436,7 @@ async def _migrated(url: str, name: str, options: Options, fault, state: str) ->
 
 def test_a_migration_recorded_before_steps_had_rows_resumes_after_cutover_without_moving_data_again(catalog_url):
     async def scenario():
-        row_id, agents, box = await _migrated(catalog_url, "legacy", Options(yes=True),
+        row_id, agents, box = await _migrated(catalog_url, "legacy", Options(yes=True, online=False),
                                               ("unlock", "tenant.unlock", "fail"), "failed_after_cutover")
         # As an older controller left it: the phase only, no step rows.
         return await _settled_again(catalog_url, row_id, agents, box,
@@ -420,3 +457,34 @@ def test_a_staged_migration_stopped_after_its_last_step_is_finished_not_rolled_b
 
     end, seen = asyncio.run(scenario())
     assert seen == [] and end["migration"] == "succeeded" and end["stack"] and end["pooled_takes_writes"]
+
+
+ONLINE = Options(yes=True, online=True)
+# Every job of every step of an online migration (the pooled copy kept, following the stack).
+ONLINE_JOBS = [("preflight", "tenant.preflight"), ("provision", "stack.provision"),
+               ("provision", "stack.image_info"), ("sync", "tenant.dump"), ("bootstrap", "stack.bootstrap"),
+               ("catch_up", "tenant.sync_check"), ("catch_up", "tenant.sync_status"), ("probe", "stack.probe"),
+               ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("drain", "tenant.sync_status"),
+               ("drain", "tenant.sync_drain"), ("flip", "gateway.sync"), ("unlock", "tenant.unlock"),
+               ("unlock", "gateway.sync"), ("sync_end", "tenant.sync_stop"), ("follow_back", "tenant.sync_status")]
+ONLINE_AFTER_CUTOVER = {"flip", "unlock", "sync_end", "follow_back"}
+MIGRATED_ONLINE = {**MIGRATED, "pooled": True, "kept_copy": 8192, "slots": (False, True)}
+
+
+def test_the_online_matrix_covers_every_job_of_every_step(catalog_url):
+    done = asyncio.run(_scenario(catalog_url, ONLINE, None))
+    assert done["end"] == MIGRATED_ONLINE and done["final"]["state"] == "succeeded"
+    assert [s for s in done["seen"] if s[0] in {step for step, _ in ONLINE_JOBS}] == ONLINE_JOBS
+    assert "until" in done["final"]["rollback"] and done["final"]["sync"]["pauseLsn"] == "0/16B3900"
+
+
+@pytest.mark.parametrize("how", ["fail", "stop"])
+@pytest.mark.parametrize("step,kind", ONLINE_JOBS, ids=[f"{s}-{k}" for s, k in ONLINE_JOBS])
+def test_an_online_migration_fails_or_stops_at_each_step_and_ends_well(catalog_url, step, kind, how):
+    """Rolled back with no slot left before the flip; finished forward after it (resume after a failure)."""
+    out = asyncio.run(_scenario(catalog_url, ONLINE, (step, kind, how)))
+    if step in ONLINE_AFTER_CUTOVER and not (how == "fail" and step == "flip"):
+        assert out["end"] == MIGRATED_ONLINE, (out["final"], out["status"])
+    else:
+        assert out["end"] == ROLLED_BACK, (out["final"], out["status"])
+        assert "rollback incomplete" not in (out["final"] or out["status"])["error"]
