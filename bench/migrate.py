@@ -1,14 +1,21 @@
 """Migrate benchmark: a tenant of --size-mb moved by a raw `pg_dump -n <schema> | psql` into a
-fresh database, and by `flux migrate` (full, write lock on), in one run.
+fresh database, and by `flux migrate` (full; online where the shared cluster allows, or
+--offline for the copy under the write lock), in one run.
 
-Prints the data-move time (ours: the streamed dump and restore), the total migrate time,
-the write-lock window (from the lock to its release), throughput, and the ratio raw ÷ ours
-of the data-move times. The last line of output is one JSON object with the figures.
+With --writer RATE a steady writer inserts through the gateway (HTTPS, an app token) from
+before the migrate until after it, retrying refused writes with the same id. Reported: the
+data-move time (ours: the copy into the stack), the total migrate time, the window from the
+lock step to the end of the cutover as the controller saw it, the ratio raw ÷ ours of the
+data-move times, the sync's lag at the pause, and the writer's figures: `max_write_gap_s`
+(the longest time between two acknowledged writes, client side), acknowledged, refused and
+lost writes (acknowledged ids missing from the dedicated database afterwards; must be 0).
+The last line of output is one JSON object with the figures.
 
-    python bench/migrate.py [--size-mb 1024]
+    python bench/migrate.py [--size-mb 1024] [--writer 50] [--offline]
 """
 
 import argparse
+import contextlib
 import json
 import pathlib
 import secrets
@@ -24,10 +31,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.adapters.dumps import libpq_env  # noqa: E402
-from tests.support import LocalFleet, wait_until  # noqa: E402
+from tests.support import LocalFleet, app_token, wait_until  # noqa: E402
+from tests.writer import Writer  # noqa: E402
 
 ROW_BYTES = 1000
-SCHEMA_SQL = "create table public.items (id bigserial primary key, body text not null);"
+SCHEMA_SQL = """
+create table public.items (id bigserial primary key, body text not null);
+create table public.writes (id bigint primary key, at timestamptz not null default now());
+grant select, insert on public.writes to authenticated;
+"""
 
 
 def raw_target(image: str) -> tuple[str, str]:
@@ -54,6 +66,9 @@ def raw_target(image: str) -> tuple[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--writer", type=float, default=0, metavar="RATE",
+                        help="writes per second through the gateway during the migrate (0: none)")
+    parser.add_argument("--offline", action="store_true", help="copy under the write lock instead of syncing")
     args = parser.parse_args()
     fleet = LocalFleet(pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-mig-")) / "dev")
     raw_container = None
@@ -83,25 +98,51 @@ def main() -> int:
         if dump.returncode != 0 or restore.returncode != 0:
             raise SystemExit(f"raw pipe failed: {restore.stderr.decode()[-500:]}")
 
-        print("ours: flux migrate --yes", file=sys.stderr, flush=True)
+        print(f"ours: flux migrate --yes{' --offline' if args.offline else ''}"
+              + (f" with a writer at {args.writer:g}/s" if args.writer else ""), file=sys.stderr, flush=True)
         body = {"slug": project["summary"]["slug"], "hash": project["summary"]["hash"], "to": "v1_dedicated",
-                "yes": True}
+                "yes": True, **({"online": False} if args.offline else {})}
+        writer = Writer(fleet.gateway_port, fleet.info["gateway_ca"], fleet.host(project),
+                        app_token(project["projectJwtSecret"], sub="bench"), rate=args.writer or 1)
         phases = {}
         result = None
-        started = time.perf_counter()
-        with httpx.stream("POST", f"{fleet.info['api_base']}/cli/v1/migrate", json=body, timeout=3600,
-                          headers={"Authorization": f"Bearer {fleet.token}", "Accept": "application/x-ndjson"}) as r:
-            for line in r.iter_lines():
-                event = json.loads(line)
-                if event.get("event") == "phase":
-                    phases[event["phase"]] = time.perf_counter()
-                if event.get("event") == "result":
-                    result = event
-        total_s = time.perf_counter() - started
+        with (writer if args.writer else contextlib.nullcontext()):
+            time.sleep(2 if args.writer else 0)
+            started = time.perf_counter()
+            with httpx.stream("POST", f"{fleet.info['api_base']}/cli/v1/migrate", json=body, timeout=3600,
+                              headers={"Authorization": f"Bearer {fleet.token}",
+                                       "Accept": "application/x-ndjson"}) as r:
+                for line in r.iter_lines():
+                    event = json.loads(line)
+                    if event.get("event") == "phase":
+                        phases[event["phase"]] = time.monotonic()
+                        print(f"  {event['phase']}", file=sys.stderr, flush=True)
+                    if event.get("event") == "result":
+                        result = event
+            total_s = time.perf_counter() - started
+            time.sleep(2 if args.writer else 0)
         if not result or not result["ok"]:
             raise SystemExit(f"migrate failed: {result}")
         move_s = result["dump"]["seconds"]
-        lock_window_s = phases.get("done", time.perf_counter()) - phases["lock"]
+        end = phases.get("sync_end") or phases.get("drop_source") or phases.get("done", time.monotonic())
+        lock_window_s = end - phases["lock"]
+        figures = {}
+        if args.writer:
+            creds = fleet.api("GET", f"projects/{project['summary']['hash']}/credentials").json()
+            with psycopg.connect(creds["postgresConnectionString"]) as conn:
+                stored = {r[0] for r in conn.execute(f"SELECT id FROM {schema}.writes")}
+            lost = sorted(writer.acked_ids - stored)
+            gaps = writer.gaps()
+            if gaps:
+                at, length = gaps[0]
+                near = sorted(phases, key=lambda name: abs(phases[name] - at))[:3]
+                print(f"longest gap {length:.3f}s, near the phases {', '.join(near)}", file=sys.stderr)
+            figures = {"writer_rate": args.writer, "writer_achieved": round(writer.achieved_rate(), 1),
+                       "max_write_gap_s": round(writer.max_gap(), 3), "acked_writes": len(writer.acked),
+                       "refused_writes": writer.refused, "lost_writes": len(lost)}
+        sync = result.get("sync") or {}
+        figures.update(lag_bytes_at_pause=sync.get("lagBytesAtPause"), lag_s_at_pause=sync.get("lagSecondsAtPause"),
+                       online=not args.offline and "sync" in result)
     finally:
         if raw_container:
             subprocess.run(["docker", "rm", "-f", raw_container], capture_output=True)
@@ -109,7 +150,8 @@ def main() -> int:
     size_mb = size / (1024 * 1024)
     print(json.dumps({"size_mb": round(size_mb, 1), "raw_s": round(raw_s, 2), "move_s": round(move_s, 2),
                       "total_s": round(total_s, 2), "lock_window_s": round(lock_window_s, 2),
-                      "throughput_mb_s": round(size_mb / move_s, 1), "ratio": round(raw_s / move_s, 3)}))
+                      "throughput_mb_s": round(size_mb / move_s, 1), "ratio": round(raw_s / move_s, 3),
+                      **figures}))
     return 0
 
 
