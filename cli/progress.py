@@ -54,6 +54,11 @@ def render_migration_status(r: dict) -> None:
         lag = r["sync"]
         click.echo(f"  sync lag: {size(lag['lagBytes'])} of WAL, {lag['lagSeconds']:.1f}s "
                    f"({lag['transactions']} transactions applied)")
+    staged = r.get("stagedSync")
+    if staged:
+        click.echo("  staged sync: " + (f"running, lag {size(staged.get('lagBytes') or 0)} of WAL, "
+                                        f"{staged.get('lagSeconds') or 0:.1f}s" if staged.get("active")
+                                        else f"ended ({staged.get('ended')})"))
     if r.get("error"):
         click.echo(f"  error: {r['error']}")
 

@@ -370,14 +370,45 @@ class Projects:
                 "status": await self.observe(await self.catalog.project(project.id))}
 
     async def delete(self, project: Project) -> dict:
-        await self.not_migrating(project)
+        await self.not_migrating(project, staged_sync_ends=True)
+        await self.end_staged_sync(project, "the project was deleted")
         untouched = await self._undo(project)
         return {"ok": True, "deleted": project.slug, "hash": project.hash,
                 **({"untouched": untouched} if untouched else {})}
 
     # push, ledger, maintenance
 
-    async def not_migrating(self, project: Project) -> None:
+    async def staged_sync(self, project: Project, besides: str | None = None):
+        """The project's latest migration (`besides` that one) when it is a staged one whose sync
+        still runs."""
+        rows = [r for r in await self.catalog.migrations_of(project.id, limit=2) if r.id != besides][:1]
+        if rows and rows[0].state == "succeeded" and ((rows[0].result or {}).get("stagedSync") or {}).get("active"):
+            return rows[0]
+        return None
+
+    async def end_staged_sync(self, project: Project, why: str, row=None) -> bool:
+        """Stops a staged migration's sync and drops its slot; records why it ended."""
+        row = row or await self.staged_sync(project)
+        if row is None:
+            return False
+        target = self.admin_url(project) if project.docker_agent and project.db_port else None
+        await self.fleet.run(project.db_agent, "tenant.sync_stop", {**self.tenant_params(project), "target_url": target},
+                             timeout=TENANT_JOB_TIMEOUT_S)
+        await self.mark_staged_sync(row, active=False, ended=why)
+        return True
+
+    async def mark_staged_sync(self, row, **fields) -> None:
+        result = dict(row.result or {})
+        result["stagedSync"] = {**(result.get("stagedSync") or {}), **fields}
+        await self.catalog.set_migration_result(row.id, result)
+
+    async def not_migrating(self, project: Project, staged_sync_ends: bool = False) -> None:
+        """Refuses while a migration runs, or while a staged one keeps the stack in sync (unless what
+        asks ends that sync itself)."""
+        if not staged_sync_ends and await self.staged_sync(project) is not None:
+            raise Conflict(f"{project.slug} has a staged stack kept in sync with it: a schema change would stop "
+                           "the sync. Cut over (flux migrate --to v1_dedicated --yes) or end it (flux migrate "
+                           "discard) first")
         running = await self.catalog.running_migration(project.id)
         if running is not None and running.options.get("online") and running.phase in SYNCING_PHASES:
             raise Conflict(f"{project.slug} is migrating online (phase {running.phase}): its changes are being "
@@ -403,9 +434,11 @@ class Projects:
     async def discard_staged_stack(self, project: Project, during_migration: bool = False) -> dict:
         """Removes a pooled project's staged stack and its data; the pooled project serves on."""
         if not during_migration:
-            await self.not_migrating(project)
+            await self.not_migrating(project, staged_sync_ends=True)
         if project.mode != POOLED or not project.docker_agent:
             raise BadRequest(f"{project.slug} has no staged stack to discard")
+        if not during_migration:
+            await self.end_staged_sync(project, "the staged stack was discarded")
         untouched = None
         try:
             await self.fleet.run(project.docker_agent, "stack.remove", self.stack_params(project),

@@ -270,6 +270,19 @@ def freeze(conn, tenant: "Tenant", revoked: list | None = None) -> dict:
     return {"frozen": True, "bytes": int(size)}
 
 
+def cancel_autovacuum(conn, tenant: "Tenant") -> int:
+    """Cancels autovacuum on the tenant's tables, which would hold a write guard's LOCK back until
+    it is cancelled by itself (after deadlock_timeout, a second by default): after a bulk load it
+    is usually there. It starts again later; nothing is lost."""
+    cancelled = conn.execute(
+        "SELECT count(pg_cancel_backend(a.pid)) FROM pg_stat_activity a WHERE a.backend_type = 'autovacuum worker'"
+        " AND EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE l.pid = a.pid AND n.nspname = %s)",
+        (tenant.schema,)).fetchone()[0]
+    conn.commit()
+    return cancelled
+
+
 def thaw(conn, tenant: "Tenant") -> dict:
     """Undoes `freeze` (a rollback to the pooled engine): the owner logs in and writes again, and the
     runtime role gets back the write grants it had."""

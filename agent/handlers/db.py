@@ -88,6 +88,8 @@ async def tenant_lock(ctx: JobContext) -> dict:
             tenant = tenants.Tenant.from_params(ctx.params)
             return ctx.guards.lock(ctx.params.target_url, tenant, _guard_key(tenant, "back"))
         tenant, url = _tenant_login(ctx)
+        with tenants.connect(_db_settings(ctx)) as conn:
+            tenants.cancel_autovacuum(conn, tenant)
         return ctx.guards.lock(url, tenant)
 
     return await asyncio.to_thread(run)

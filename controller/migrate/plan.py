@@ -332,8 +332,18 @@ ROLLBACK_WINDOW_S = 24 * 3600
 
 async def sync(run: Run) -> dict:
     """The copy from a new slot's snapshot, streamed into the stack (and kept, encrypted, in a dump
-    file); from then on the db agent applies each change the tenant commits."""
+    file); from then on the db agent applies each change the tenant commits. A staged run's sync
+    that still runs is taken over instead: the stack is current already."""
     project = await run.project()
+    staged = await run.projects.staged_sync(project, besides=run.row.id) if run.row.kind == "full" else None
+    if staged is not None:
+        try:
+            status = await sync_status(run, project)
+        except FluxError as exc:
+            await run.projects.end_staged_sync(project, f"not taken over: {exc.message}", staged)
+        else:
+            await run.projects.mark_staged_sync(staged, active=False, ended=f"taken over by migration {run.row.id}")
+            return {"host": project.db_agent, "adopted": staged.id, "applied_lsn": status.get("applied_lsn")}
     before = run.outputs["preflight"]
     params = {**run.tenant(project), "name": f"{project.slug}-{project.hash}-{run.row.id[:8]}",
               "expected_bytes": before["total_bytes"], "table_count": before["table_count"],
@@ -535,8 +545,8 @@ def build_online(options: Options) -> Plan:
     """Sync first, pause writes only for the cutover."""
     steps = [PREFLIGHT, PROVISION, SYNC, BOOTSTRAP, CATCH_UP, PROBE]
     if options.kind == "staged":
-        return Plan("staged", tuple(steps + [Step("sync_end", "the stack holds the tenant as of the sync's "
-                                                             "last change; no slot is left", end_sync)]))
+        # The sync goes on after the run: the cutover takes it over, and discard ends it.
+        return Plan("staged", tuple(steps))
     steps += [PAUSE, DRAIN, FLIP, UNLOCK_AFTER, SYNC_END]
     steps += [DROP_SOURCE] if options.drop_source_after else [FOLLOW_BACK]
     return Plan("full", tuple(steps))
@@ -552,8 +562,15 @@ def summary(run: Run, project: Project, base_domain: str) -> dict:
               "serviceUrl": service_url(project, base_domain)}
     if "dump" in run.outputs:
         result["dump"] = run.outputs["dump"]
-    if "sync" in run.outputs:
-        result["dump"] = {k: v for k, v in run.outputs["sync"].items() if k != "sync_lsn"}
+    synced = run.outputs.get("sync")
+    if synced and "adopted" in synced:
+        result["syncTakenOver"] = synced["adopted"]
+    elif synced:
+        result["dump"] = {k: v for k, v in synced.items() if k != "sync_lsn"}
+    if synced and run.row.kind == "staged":
+        result["stagedSync"] = {"active": True, "note": "the stack follows the pooled project: `flux migrate "
+                                "--to v1_dedicated --yes` cuts over with a short pause, `flux migrate discard` "
+                                "ends the sync and removes the stack"}
     if "drain" in run.outputs:
         drained = run.outputs["drain"]
         result["sync"] = {"pauseLsn": drained["lsn"], "lagBytesAtPause": drained["lag_bytes_at_pause"],

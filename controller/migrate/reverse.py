@@ -24,7 +24,7 @@ from .plan import DRAIN_TIMEOUT_S, MAX_LAG_BYTES
 
 log = logging.getLogger(__name__)
 
-WINDOW_SWEEP_S = 300
+SWEEP_S = 30
 
 
 class Reversals:
@@ -164,10 +164,34 @@ class Reversals:
                 log.warning("cannot finalize %s at the end of its rollback window yet: %s", project.slug,
                             exc.message)
 
-    async def keep_windows(self) -> None:
-        while True:
+    async def watch_staged_syncs(self) -> None:
+        """Keeps each staged stack's sync going (resumed where its db agent restarted) and its lag
+        recorded; one that stopped on its own (its slot is dropped then) is recorded as ended."""
+        for row in await self.catalog.staged_syncs():
+            project = await self.catalog.project(row.project_id)
+            if project is None or not project.docker_agent or not self.fleet.connected(project.db_agent):
+                continue
             try:
-                await self.sweep()
-            except Exception:  # the next sweep tries again
-                log.exception("rollback window sweep failed")
-            await asyncio.sleep(WINDOW_SWEEP_S)
+                status = await self.fleet.run(project.db_agent, "tenant.sync_status",
+                                              {**self._tenant(project), "target_url": self.projects.admin_url(project),
+                                               "max_lag_bytes": MAX_LAG_BYTES}, timeout=30)
+            except FluxError as exc:
+                log.warning("staged sync of %s: %s", project.slug, exc.message)
+                continue
+            if status.get("error") or not status["slot"]:
+                why = status.get("error") or "its replication slot is gone"
+                log.warning("staged sync of %s ended: %s", project.slug, why)
+                await self.projects.mark_staged_sync(row, active=False, ended=why)
+            else:
+                await self.projects.mark_staged_sync(row, lagBytes=status.get("lag_bytes") or 0,
+                                                     lagSeconds=status.get("lag_s") or 0.0, at=time.time())
+
+    async def keep_windows(self) -> None:
+        """Every SWEEP_S: rollback windows that ran out are finalized, staged syncs kept going."""
+        while True:
+            for what, sweep in (("rollback window", self.sweep), ("staged sync", self.watch_staged_syncs)):
+                try:
+                    await sweep()
+                except Exception:  # the next sweep tries again
+                    log.exception("%s sweep failed", what)
+            await asyncio.sleep(SWEEP_S)

@@ -99,6 +99,12 @@ class MigrationStore(Store):
                                " AND result -> 'rollback' ? 'until' AND NOT result -> 'rollback' ? 'ended'")
         return [_migration(r) for r in rows]
 
+    async def staged_syncs(self) -> list[MigrationRow]:
+        """Staged migrations whose sync still keeps their stack current."""
+        rows = await self._all("SELECT * FROM migrations WHERE state = 'succeeded' AND kind = 'staged'"
+                               " AND (result -> 'stagedSync' ->> 'active')::boolean")
+        return [_migration(r) for r in rows]
+
     async def return_to_pooled(self, project_id: str) -> None:
         """A rollback's catalog flip: the project is v2_shared again, its pooled copy live (no longer kept)."""
         await self._one("UPDATE projects SET mode = 'v2_shared', kept_copy_bytes = NULL WHERE id = %s RETURNING 1",

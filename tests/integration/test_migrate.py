@@ -299,9 +299,11 @@ def _big_tenant(fleet, name: str) -> tuple[dict, str, str]:
 COPY_PHASE = {False: "dump", True: "sync"}
 
 
-def _no_sync_left(fleet) -> bool:
-    return fleet.shared_sql("SELECT (SELECT count(*) FROM pg_replication_slots)"
-                            " + (SELECT count(*) FROM pg_publication)") == [(0,)]
+def _sync_left(fleet, schema: str) -> list:
+    """The tenant's replication slot and publication on the shared cluster, if any is there."""
+    name = f"flux_sync_{schema.removeprefix('t_').removesuffix('_api')}"
+    return fleet.shared_sql("SELECT slot_name FROM pg_replication_slots WHERE slot_name = %s"
+                            " UNION ALL SELECT pubname FROM pg_publication WHERE pubname = %s", (name, name))
 
 
 @pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
@@ -318,7 +320,7 @@ def test_controller_killed_during_restore_rolls_back(fleet, online):
     status = fleet.api("GET", f"migrations/{migration_id}").json()
     assert status["ok"] is False and "controller stopped" in status["error"]
     assert status["state"] == "rolled_back" and "rollback incomplete" not in status["error"]
-    assert COPY_PHASE[online] in [step["name"] for step in status["steps"]] and _no_sync_left(fleet)
+    assert COPY_PHASE[online] in [step["name"] for step in status["steps"]] and _sync_left(fleet, schema) == []
     detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
     assert detail["mode"] == "v2_shared" and detail["maintenance"] is False
     # The stack this run made went with the rollback, though the controller died mid-run.
@@ -365,7 +367,7 @@ def test_db_agent_killed_during_an_online_sync_ends_well_and_leaves_no_slot(flee
     thread.join(180)
     result = box["events"][-1]
     assert result["event"] == "result" and result["state"] in ("succeeded", "rolled_back"), result
-    assert "rollback incomplete" not in (result.get("error") or "") and _no_sync_left(fleet)
+    assert "rollback incomplete" not in (result.get("error") or "") and _sync_left(fleet, schema) == []
     detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
     assert detail["maintenance"] is False
     if result["state"] == "succeeded":

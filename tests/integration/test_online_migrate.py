@@ -204,3 +204,40 @@ def test_finalize_ends_the_way_back_and_keeps_the_copy_read_only(fleet):
     late = run(script("flux"), "migrate", "rollback", "-p", s["slug"], "--hash", s["hash"], "--yes", env=env,
                check=False)
     assert late.returncode == 1 and "rollback window ended (finalized)" in late.stderr, late.stderr
+
+
+def test_a_staged_stack_stays_in_sync_until_the_cutover_takes_the_sync_over(fleet):
+    project = _new(fleet, "Staged Sync")
+    schema = _schema(fleet, project)
+    staged = fleet.migrate(project, staged=True)
+    assert staged.status_code == 200 and staged.json()["stagedSync"]["active"] is True, staged.text
+    token = app_token(project["projectJwtSecret"], sub="later")
+    assert fleet.gateway("POST", fleet.host(project), "/todos", token, json={"title": "after staging"}
+                         ).status_code == 201
+    wait_until(lambda: _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos WHERE title = 'after staging'")
+               == "1", 30, "the staged stack to follow the pooled project")
+    refused = fleet.push(project, {"003_more.sql": "create table public.more (id int primary key);"})
+    assert refused.status_code == 409 and "kept in sync" in refused.json()["error"], refused.text
+    assert [r[0] for r in _sync_objects(fleet)] == [f"flux_sync_{schema[2:14]}"] * 2
+    with Writer(fleet, project) as writer:
+        time.sleep(0.5)
+        full = fleet.migrate(project)
+        time.sleep(1)
+    assert full.status_code == 200, full.text
+    assert full.json()["syncTakenOver"] == staged.json()["migrationId"] and "dump" not in full.json()
+    stored = set(_dedicated_sql(project, f"SELECT title FROM {schema}.todos").split("\n"))
+    assert {f"w{i}" for i in writer.acked_ids} | {"after staging"} <= stored
+    assert _sync_objects(fleet) == []
+
+
+def test_discarding_a_staged_stack_ends_its_sync(fleet):
+    project = _new(fleet, "Staged Then Not")
+    assert fleet.migrate(project, staged=True).status_code == 200
+    assert _sync_objects(fleet)
+    gone = fleet.api("DELETE", f"projects/{project['summary']['hash']}/staged-stack",
+                     params={"slug": project["summary"]["slug"]})
+    assert gone.status_code == 200, gone.text
+    assert _sync_objects(fleet) == []
+    status = fleet.api("GET", f"projects/{project['summary']['hash']}/migration").json()
+    assert status["stagedSync"] == {**status["stagedSync"], "active": False, "ended": "the staged stack was discarded"}
+    assert fleet.push(project, {"003_more.sql": "create table public.more (id int primary key);"}).status_code == 200
