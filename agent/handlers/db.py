@@ -11,11 +11,14 @@ import psycopg
 
 from contract.failures import FailureKind
 
-from ..adapters import changes, dumpfile, dumps, ledger, tenants
+from ..adapters import changes, dumpfile, dumps, fastcopy, ledger, tenants
 from ..errors import AgentError
 from .context import Handler, JobContext
 
 log = logging.getLogger(__name__)
+
+# Parallel streams of the copy into a stack: one per core of a small db host.
+COPY_WORKERS = 2
 
 
 def _db_settings(ctx: JobContext):
@@ -134,14 +137,23 @@ async def tenant_dump(ctx: JobContext) -> dict:
 
 
 def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: bytes) -> dict:
-    """The copy from a new slot's snapshot, then the slot applied to the target from where the copy ends."""
+    """The copy from a new slot's snapshot (parallel streams, fastcopy.py), then the kept dump file
+    from the same snapshot, off the copy's path; then the slot applied to the target from where the
+    copy ends."""
     p = ctx.params
     admin = _db_settings(ctx).shared_cluster_url
     ctx.syncs.end(tenant, admin)
     replication, snapshot, lsn = changes.create_slot(admin, tenant)
     try:
-        result = dumps.dump(url, tenant, spool, name, p.target_url, p.target_major, p.expected_bytes,
-                            p.table_count, ctx.progress, key=key, snapshot=snapshot)
+        with psycopg.connect(url, connect_timeout=10) as source:
+            roles = dumps.referenced_roles(source, tenant.schema)
+        dumps.prepare_target(p.target_url, tenant, roles)
+        copied = fastcopy.copy_schema(url, tenant.schema, p.target_url, snapshot=snapshot, workers=COPY_WORKERS,
+                                      progress=ctx.progress)
+        with psycopg.connect(url, connect_timeout=10) as source:
+            ledger_rows = dumps.copy_ledger(source, p.target_url, tenant)
+        kept = dumps.dump(url, tenant, spool, name, None, None, p.expected_bytes, p.table_count, ctx.progress,
+                          key=key, snapshot=snapshot)
     except BaseException:
         replication.close()
         changes.drop_slot(admin, tenant)
@@ -149,7 +161,8 @@ def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: b
     replication.close()
     changes.forget_position(p.target_url, tenant)
     ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
-    return {**result, "sync_lsn": lsn}
+    return {**kept, "restored": True, "tables": copied["tables"], "ledger_rows": ledger_rows,
+            "seconds": copied["seconds"]["total"], "sync_lsn": lsn}
 
 
 async def tenant_dump_remove(ctx: JobContext) -> dict:
