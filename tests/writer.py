@@ -23,6 +23,8 @@ class Writer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self.started_at = self.stopped_at = None
+        # The last attempt's answer was lost: it may have landed.
+        self._unsure = False
 
     def __enter__(self) -> "Writer":
         self.started_at = time.monotonic()
@@ -49,9 +51,12 @@ class Writer:
                     outcome = str(response.status_code)
                 except httpx.HTTPError as exc:
                     outcome = type(exc).__name__
+                    self._unsure = True
                     client.close()
                     client = self._client()
-                if outcome.startswith("2"):
+                if outcome.startswith("2") or (outcome == "409" and self._unsure):
+                    # 409 after an attempt whose answer was lost: that attempt landed.
+                    self._unsure = False
                     self.acked.append((next_id, time.monotonic()))
                     next_id += 1
                 else:

@@ -46,6 +46,8 @@ ROUTES = {
     ("POST", f"{P}/migrations/{{migration_id}}/resume"): "any",
     ("GET", f"{P}/migrations/{{migration_id}}/events"): "any",
     ("GET", f"{P}/projects/{{hash_}}/migration"): "any",
+    ("POST", f"{P}/projects/{{hash_}}/migration/rollback"): "any",
+    ("POST", f"{P}/projects/{{hash_}}/migration/finalize"): "any",
     ("DELETE", f"{P}/projects/{{hash_}}/pooled-copy"): "any",
     ("DELETE", f"{P}/projects/{{hash_}}/staged-stack"): "any",
     ("POST", f"{P}/push"): "any",

@@ -267,8 +267,10 @@ def test_a_write_guard_whose_freeze_fails_stays_held_until_the_freeze_succeeds(d
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute(f"CREATE ROLE {tenant.runtime_role}")
             conn.execute(f"GRANT INSERT ON {tenant.schema}.notes TO {tenant.runtime_role}")
+        # The write grants it revoked are reported, so the freeze can record them for a rollback.
         assert guards.unlock(source, tenant, revoke_writes=True) == {"locked": False, "held": True,
-                                                                     "source_read_only": True}
+                                                                     "source_read_only": True,
+                                                                     "revoked": [("notes", "INSERT")]}
         assert not guards.held(tenant)
         with psycopg.connect(source, autocommit=True) as conn:
             assert conn.execute("SELECT has_table_privilege(%s, %s, 'INSERT')",
