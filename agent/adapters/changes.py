@@ -264,12 +264,10 @@ class Follow:
     max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES
     applied_lsn: str | None = None
     applied_at: float | None = None
-    caught_up_at: float | None = None
     pending: bool = False
     error: str | None = None
     transactions: int = 0
     changes: int = 0
-    lag: dict = field(default_factory=dict)
     # Apply through this LSN, then stop (the pause before cutover).
     stop_at: str | None = None
     stopped_at: str | None = None
@@ -373,7 +371,6 @@ class Follow:
         state = slot_state(source, self.tenant)
         if state is None:
             raise SyncFailed(f"the replication slot {slot} is gone")
-        self.lag = state
         if state["lag_bytes"] > self.max_lag_bytes:
             raise SyncFailed(f"the sync fell {state['lag_bytes']} bytes behind the shared cluster (the limit is "
                              f"{self.max_lag_bytes}); it was stopped before its slot could fill the disk")
@@ -393,7 +390,6 @@ class Follow:
             source.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (slot, advance_to))
         self.pending = not complete
         if complete:
-            self.caught_up_at = time.time()
             if limit is not None and upto == limit:
                 return True
             if not rows and limit is None:

@@ -213,6 +213,16 @@ async def tenant_sync_status(ctx: JobContext) -> dict:
     return await asyncio.to_thread(run)
 
 
+def _running_sync(ctx: JobContext, tenant, direction: str, drained_too: bool = False) -> changes.Follow:
+    """The tenant's sync in `direction` on this agent (or one a drain stopped, with `drained_too`)."""
+    follow = ctx.syncs.get(tenant, direction)
+    if follow is None or not (follow.running or (drained_too and follow.stopped_at)):
+        raise AgentError(f"no sync of {tenant.schema} runs on this agent"
+                         + (f": {follow.error}" if follow is not None and follow.error else ""),
+                         kind=FailureKind.CONFLICT)
+    return follow
+
+
 def _guard_key(tenant, direction: str) -> str | None:
     """Forward, the guard is on the pooled copy; back, on the stack's database."""
     return None if direction == "forward" else f"{tenant.schema}@stack"
@@ -230,11 +240,7 @@ async def tenant_sync_drain(ctx: JobContext) -> dict:
     source, target = _ends(ctx)
 
     def run() -> dict:
-        follow = ctx.syncs.get(tenant, p.direction)
-        if follow is None or (not follow.running and not follow.stopped_at):
-            raise AgentError(f"no sync of {tenant.schema} runs on this agent"
-                             + (f": {follow.error}" if follow is not None and follow.error else ""),
-                             kind=FailureKind.CONFLICT)
+        follow = _running_sync(ctx, tenant, p.direction, drained_too=True)
         drained = follow.drain(follow.stopped_at or changes.pause_lsn(source), p.timeout_s)
         drained["sequences"] = changes.set_sequences(source, tenant, target)
         if p.reverse:
@@ -277,11 +283,7 @@ async def tenant_sync_check(ctx: JobContext) -> dict:
     tenant = tenants.Tenant.from_params(ctx.params)
 
     def run() -> dict:
-        follow = ctx.syncs.get(tenant)
-        if follow is None or not follow.running:
-            raise AgentError(f"no sync of {tenant.schema} runs on this agent"
-                             + (f": {follow.error}" if follow is not None and follow.error else ""),
-                             kind=FailureKind.CONFLICT)
+        follow = _running_sync(ctx, tenant, "forward")
         checkpoint = follow.checkpoint(ctx.params.timeout_s)
         _, url = _tenant_login(ctx)
         return changes.verify_checkpoint(url, tenant, checkpoint)
