@@ -211,3 +211,30 @@ def test_a_cut_connection_fails_the_copy_naming_the_table(tenant, clusters):
         assert caught.value.retryable
     finally:
         proxy.close()
+
+
+def test_rows_cut_short_on_the_source_commit_nothing_on_the_target(tenant, clusters):
+    """A COPY stream that ends early ends without an error on the receiving side, so the copy
+    must not let the target's COPY end when the source's did not finish: the table stays empty."""
+    source = clusters[0]
+    s = tenant.schema
+    big = sql.Identifier(s, "big")
+    with psycopg.connect(source.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text)").format(big))
+        conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(big, sql.Identifier(tenant.tenant.owner_role)))
+        conn.execute(sql.SQL("INSERT INTO {} SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 120000) g")
+                     .format(big))
+    prepare(tenant)
+    cut = []
+
+    def progress(phase, done, total, unit, detail):
+        if phase == "data" and detail == "big" and not cut:
+            with psycopg.connect(source.url(), autocommit=True) as conn:
+                cut.extend(conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                        " WHERE application_name = 'flux-copy' AND query LIKE 'COPY%'").fetchall())
+
+    with pytest.raises(AgentError, match=rf"copy of {s}\.big failed: .*(terminating connection|connection to server was lost)") as caught:
+        copy_schema(tenant.source_url, s, tenant.target_url, workers=1, progress=progress)
+    assert cut == [(True,)] and caught.value.retryable
+    with psycopg.connect(tenant.target_url) as conn:
+        assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(big)).fetchone()[0] == 0
