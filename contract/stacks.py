@@ -34,6 +34,9 @@ class StackWithSecrets(StackRef):
 @message
 class StackProvisionParams(StackWithSecrets):
     KIND = "stack.provision"
+    # A new stack a migration is about to fill: its Postgres starts in bulk-load mode (no WAL for
+    # the copy's rows) until stack.bootstrap starts it again with its usual settings.
+    bulk_load: bool = False
 
 
 @message
@@ -135,6 +138,9 @@ class StackBootstrapped(Result):
     KIND = "stack.bootstrap"
     # ok or changed
     role_bootstrap: str = wire_field("role bootstrap")
+    # Seconds the stack's Postgres took to leave bulk-load mode (restarted with its usual
+    # settings); null when it was not in it.
+    restarted_s: float | None = None
 
 
 # stack.image_info

@@ -21,6 +21,31 @@ from cli.devfleet import PostgresCluster, free_port, pid_alive  # noqa: F401  (r
 READY = re.compile(r"flux-controller ready http=\S+:(\d+) grpc=(\d+) enroll=(\d+)")
 
 
+def postgres_container(image: str, prefix: str, command: tuple[str, ...] = (), cpus: float = 0) -> tuple[str, str]:
+    """A fresh Postgres container of `image` published on loopback; returns its name and a
+    superuser URL once it accepts connections. The caller removes it (docker rm -f)."""
+    import psycopg
+
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(16)
+    subprocess.run(["docker", "run", "-d", "--name", name, "-e", f"POSTGRES_PASSWORD={password}",
+                    *(["--cpus", str(cpus)] if cpus else []), "-p", "127.0.0.1::5432", image, *command],
+                   check=True, capture_output=True)
+    port = subprocess.run(["docker", "port", name, "5432/tcp"], capture_output=True, text=True,
+                          check=True).stdout.splitlines()[0].rsplit(":", 1)[1].strip()
+    url = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+
+    def ready():
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    wait_until(ready, 60, f"container {name}")
+    return name, url
+
+
 def wait_until(check, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     last = None

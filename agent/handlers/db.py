@@ -139,7 +139,7 @@ async def tenant_dump(ctx: JobContext) -> dict:
 def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: bytes) -> dict:
     """The copy from a new slot's snapshot (parallel streams, fastcopy.py), then the kept dump file
     from the same snapshot, off the copy's path; then the slot applied to the target from where the
-    copy ends."""
+    copy ends, unless the target is in bulk-load mode (stacks.BULK_LOAD_COMMAND)."""
     p = ctx.params
     admin = _db_settings(ctx).shared_cluster_url
     ctx.syncs.end(tenant, admin)
@@ -160,7 +160,12 @@ def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: b
         raise
     replication.close()
     changes.forget_position(p.target_url, tenant)
-    ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
+    with psycopg.connect(p.target_url, connect_timeout=10) as target:
+        bulk_load = target.execute("SHOW wal_level").fetchone()[0] == "minimal"
+    if not bulk_load:
+        ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
+    # else the stack restarts with its usual settings first (stack.bootstrap); the slot keeps every
+    # change meanwhile, and tenant.sync_status starts applying them.
     return {**kept, "restored": True, "tables": copied["tables"], "ledger_rows": ledger_rows,
             "seconds": copied["seconds"]["total"], "sync_lsn": lsn}
 

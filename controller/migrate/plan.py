@@ -248,22 +248,31 @@ async def target_agent(run_jobs, projects: Projects, project: Project) -> str:
     return await projects.place("docker", "docker_agent")
 
 
+def bulk_load(options: Options, total_bytes: int) -> bool:
+    """Whether a new stack starts in bulk-load mode for this run's copy. Leaving it restarts the
+    stack's Postgres (about a second): online that is before the pause, offline inside it, where
+    it pays only for a tenant large enough that the copy saves more."""
+    return bool(options.online) or total_bytes >= BULK_LOAD_OFFLINE_BYTES
+
+
 async def provision(run: Run) -> dict:
     project = await run.project()
     if not project.docker_agent:
         # No staged stack: this run makes one, and a rollback removes it again.
         await run.catalog.mark_created_stack(run.row.id)
+    # Only a stack this run made: a staged one may serve a running sync or hold a staged copy.
+    bulk = (await run.migration()).created_stack and bulk_load(run.options, run.outputs["preflight"]["total_bytes"])
     docker_agent = await target_agent(run.jobs, run.projects, project)
     await run.catalog.prepare_dedicated(
         project.id, docker_agent,
         run.projects.seal(project.id, secrets.token_urlsafe(24), "postgres"),
         run.projects.seal(project.id, secrets.token_urlsafe(24), "authenticator"))
     placed = await run.project()
-    out = await run.jobs.run(docker_agent, "stack.provision", run.stack(placed), timeout=STACK_JOB_TIMEOUT_S,
-                             on_progress=run.progress)
+    out = await run.jobs.run(docker_agent, "stack.provision", {**run.stack(placed), "bulk_load": bulk},
+                             timeout=STACK_JOB_TIMEOUT_S, on_progress=run.progress)
     await run.catalog.set_stack(project.id, out["api_upstream"], out["api_port"], out["db_host"], out["db_port"])
     image = await run.jobs.run(docker_agent, "stack.image_info", {}, timeout=60)
-    return {"docker_host": docker_agent, "postgres_major": image["postgres_major"]}
+    return {"docker_host": docker_agent, "postgres_major": image["postgres_major"], "bulk_load": bulk}
 
 
 async def unprovision(run: Run) -> None:
@@ -319,6 +328,8 @@ async def dump(run: Run) -> dict:
             "seconds": out.get("seconds")}
 
 
+# Offline, a new stack is filled in bulk-load mode from this size of tenant up (see bulk_load).
+BULK_LOAD_OFFLINE_BYTES = 256 * 1024 * 1024
 # Past this many bytes behind the shared cluster the db agent stops the sync and drops its slot.
 MAX_LAG_BYTES = 1024 ** 3
 # The pause begins once the target is this close; the drain inside it then takes well under a second.
@@ -441,9 +452,14 @@ async def follow_back(run: Run) -> dict:
     return {"reverse": True, "until": time.time() + ROLLBACK_WINDOW_S}
 
 
-async def bootstrap(run: Run) -> None:
+async def bootstrap(run: Run) -> dict:
+    """Roles and grants on the stack, after it has left bulk-load mode; online, the sync (which
+    waits for that before it applies changes) then runs."""
     project = await run.project()
-    await run.jobs.run(project.docker_agent, "stack.bootstrap", run.stack(project), timeout=STACK_JOB_TIMEOUT_S)
+    out = await run.jobs.run(project.docker_agent, "stack.bootstrap", run.stack(project), timeout=STACK_JOB_TIMEOUT_S)
+    if run.options.online:
+        await sync_status(run, project)
+    return {"restarted_s": out.get("restarted_s")}
 
 
 async def verify(run: Run) -> dict:
@@ -571,6 +587,9 @@ def summary(run: Run, project: Project, base_domain: str) -> dict:
         result["stagedSync"] = {"active": True, "note": "the stack follows the pooled project: `flux migrate "
                                 "--to v1_dedicated --yes` cuts over with a short pause, `flux migrate discard` "
                                 "ends the sync and removes the stack"}
+    restarted = (run.outputs.get("bootstrap") or {}).get("restarted_s")
+    if restarted is not None and "dump" in result:
+        result["dump"] = {**result["dump"], "bulkLoadRestartSeconds": restarted}
     if "drain" in run.outputs:
         drained = run.outputs["drain"]
         result["sync"] = {"pauseLsn": drained["lsn"], "lagBytesAtPause": drained["lag_bytes_at_pause"],

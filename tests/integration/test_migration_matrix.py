@@ -463,6 +463,7 @@ ONLINE = Options(yes=True, online=True)
 # Every job of every step of an online migration (the pooled copy kept, following the stack).
 ONLINE_JOBS = [("preflight", "tenant.preflight"), ("provision", "stack.provision"),
                ("provision", "stack.image_info"), ("sync", "tenant.dump"), ("bootstrap", "stack.bootstrap"),
+               ("bootstrap", "tenant.sync_status"),
                ("catch_up", "tenant.sync_check"), ("catch_up", "tenant.sync_status"), ("probe", "stack.probe"),
                ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("drain", "tenant.sync_status"),
                ("drain", "tenant.sync_drain"), ("flip", "gateway.sync"), ("unlock", "tenant.unlock"),

@@ -73,6 +73,9 @@ def test_an_online_migrate_loses_no_write_and_leaves_no_slot(fleet):
     assert result["state"] == "succeeded", result
     assert result["sync"]["pauseLsn"] and result["sync"]["lagBytesAtPause"] >= 0
     assert _mode(fleet, project) == "v1_dedicated"
+    # The new stack took the copy in bulk-load mode, and left it before the sync applied a change.
+    assert result["dump"]["bulkLoadRestartSeconds"] > 0
+    assert _dedicated_sql(project, "SHOW wal_level") == "logical"
     dedicated = set(_dedicated_sql(project, f"SELECT title FROM {schema}.todos WHERE owner = 'writer'").split("\n"))
     acked = {f"w{i}" for i in writer.acked_ids}
     assert len(acked) > 20 and acked <= dedicated, sorted(acked - dedicated)[:10]
