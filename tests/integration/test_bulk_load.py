@@ -43,6 +43,16 @@ def spec(settings):
     stacks.remove(project)
 
 
+def limits(spec) -> tuple[float, int]:
+    """CPUs and bytes of memory the stack's database container may use (0: no limit)."""
+    engine = docker.from_env(timeout=60)
+    try:
+        host = engine.containers.get(spec.db).attrs["HostConfig"]
+        return host["NanoCpus"] / 1e9, host["Memory"]
+    finally:
+        engine.close()
+
+
 def wal_level(url: str) -> str:
     with psycopg.connect(url) as conn:
         return conn.execute("SHOW wal_level").fetchone()[0]
@@ -51,7 +61,7 @@ def wal_level(url: str) -> str:
 def test_a_stack_leaves_bulk_load_mode_at_bootstrap_with_its_rows(settings, spec):
     provisioned = stacks.provision(spec, settings)
     url = stacks.admin_url(spec, settings)
-    assert wal_level(url) == "minimal"
+    assert wal_level(url) == "minimal" and limits(spec) == (0, 512 * 1024 * 1024)
     with psycopg.connect(url, autocommit=True) as conn:
         # What the copy does: a table emptied in the loading transaction takes rows without WAL.
         conn.execute("CREATE TABLE public.loaded (id int PRIMARY KEY, body text)")
@@ -63,7 +73,7 @@ def test_a_stack_leaves_bulk_load_mode_at_bootstrap_with_its_rows(settings, spec
     done = stacks.bootstrap(usual, settings)
     assert done["restarted_s"] > 0 and done["role bootstrap"] in ("ok", "changed")
     assert stacks.admin_url(usual, settings) == url  # same port, same password
-    assert wal_level(url) == "logical"
+    assert wal_level(url) == "logical" and limits(spec) == (settings.cpus, 512 * 1024 * 1024)
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*), sum(id) FROM public.loaded").fetchone() == (5000, 5000 * 5001 // 2)
         conn.execute("SELECT pg_create_logical_replication_slot('flux_bulk_check', 'pgoutput')")

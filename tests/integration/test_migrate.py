@@ -353,10 +353,11 @@ def test_db_agent_killed_during_dump_rolls_back_and_keeps_the_source(fleet):
     assert write.status_code == 201
 
 
-@pytest.mark.parametrize("phase", ["sync", "catch_up"])
+@pytest.mark.parametrize("phase", ["sync", "bootstrap", "catch_up"])
 def test_db_agent_killed_during_an_online_sync_ends_well_and_leaves_no_slot(fleet, phase):
     """Without a write guard to lose, the copy is sent again (a new slot) or the sync resumes from
-    its slot; whichever way, nothing acknowledged is lost and no slot stays behind."""
+    its slot (also while the stack restarts out of bulk-load mode, at bootstrap); whichever way,
+    nothing acknowledged is lost and no slot stays behind."""
     project, secret, schema = _big_tenant(fleet, f"Killed In {phase}")
     migration_id, thread, box = _start_streaming(fleet, project, online=True)
     _wait_phase(fleet, migration_id, (phase,))
