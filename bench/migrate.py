@@ -3,7 +3,7 @@ fresh database, and by `flux migrate` (full; online where the shared cluster all
 --offline for the copy under the write lock), in one run.
 
 With --writer RATE a steady writer inserts through the gateway (HTTPS, an app token) from
-before the migrate until after it, retrying refused writes with the same id. Reported: the
+before the raw pipe until after the migrate, retrying refused writes with the same id. Reported: the
 data-move time (ours: the copy into the stack), the total migrate time, the window from the
 lock step to the end of the cutover as the controller saw it, the ratio raw ÷ ours of the
 data-move times, the sync's lag at the pause, and the writer's figures: `max_write_gap_s`
@@ -17,6 +17,7 @@ The last line of output is one JSON object with the figures.
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -58,34 +59,45 @@ def main() -> int:
         print(f"building a {args.size_mb} MB tenant ({rows} rows)", file=sys.stderr, flush=True)
         fleet.shared_sql(f"INSERT INTO {schema}.items (body) SELECT repeat(md5(g::text), {ROW_BYTES // 32})"
                          f" FROM generate_series(1, {rows}) g")
-        fleet.shared_sql(f"ANALYZE {schema}.items")
+        # As autovacuum leaves a table long written: hint bits set, frozen, written out. Otherwise the
+        # first reader (the raw pipe) dirties every page and the writes land during the next one.
+        with psycopg.connect(fleet.fleet.cluster("shared").url("flux_shared"), autocommit=True) as conn:
+            conn.execute(f"VACUUM (FREEZE, ANALYZE) {schema}.items")
+            conn.execute("CHECKPOINT")
         size = fleet.shared_sql(f"SELECT pg_total_relation_size('{schema}.items')")[0][0]
 
-        # A fresh container of the image stacks use, with its default settings.
-        raw_container, target = postgres_container(fleet.info["images"]["postgres"], "flux-bench-raw")
-        role = schema.replace("_api", "_role")
-        with psycopg.connect(target, autocommit=True) as conn:
-            conn.execute(f"CREATE ROLE {role}; CREATE ROLE {schema.replace('_api', '_ddl')}; CREATE SCHEMA auth;"
-                         " CREATE FUNCTION auth.uid() RETURNS text LANGUAGE sql AS $$ SELECT NULL::text $$")
-        shared = fleet.fleet.cluster("shared").url("flux_shared")
-        print("raw: pg_dump | psql", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        dump = subprocess.Popen(["pg_dump", "-n", schema], stdout=subprocess.PIPE, env=libpq_env(shared))
-        restore = subprocess.run(["psql", "-X", "-q"], stdin=dump.stdout, capture_output=True, env=libpq_env(target))
-        dump.wait()
-        raw_s = time.perf_counter() - started
-        if dump.returncode != 0 or restore.returncode != 0:
-            raise SystemExit(f"raw pipe failed: {restore.stderr.decode()[-500:]}")
-
-        print(f"ours: flux migrate --yes{' --offline' if args.offline else ''}"
-              + (f" with a writer at {args.writer:g}/s" if args.writer else ""), file=sys.stderr, flush=True)
         body = {"slug": project["summary"]["slug"], "hash": project["summary"]["hash"], "to": "v1_dedicated",
                 "yes": True, **({"online": False} if args.offline else {})}
         writer = Writer(fleet.gateway_port, fleet.info["gateway_ca"], fleet.host(project),
                         app_token(project["projectJwtSecret"], sub="bench"), rate=args.writer or 1)
         phases = {}
         result = None
+        # The writer runs through both copies: each is measured on a machine as busy as the other's.
         with (writer if args.writer else contextlib.nullcontext()):
+            time.sleep(2 if args.writer else 0)
+            # A fresh container of the image stacks use, with its default settings.
+            raw_container, target = postgres_container(fleet.info["images"]["postgres"], "flux-bench-raw")
+            role = schema.replace("_api", "_role")
+            with psycopg.connect(target, autocommit=True) as conn:
+                conn.execute(f"CREATE ROLE {role}; CREATE ROLE {schema.replace('_api', '_ddl')}; CREATE SCHEMA auth;"
+                             " CREATE FUNCTION auth.uid() RETURNS text LANGUAGE sql AS $$ SELECT NULL::text $$")
+            shared = fleet.fleet.cluster("shared").url("flux_shared")
+            print("raw: pg_dump | psql", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            dump = subprocess.Popen(["pg_dump", "-n", schema], stdout=subprocess.PIPE, env=libpq_env(shared))
+            restore = subprocess.run(["psql", "-X", "-q"], stdin=dump.stdout, capture_output=True,
+                                     env=libpq_env(target))
+            dump.wait()
+            raw_s = time.perf_counter() - started
+            if dump.returncode != 0 or restore.returncode != 0:
+                raise SystemExit(f"raw pipe failed: {restore.stderr.decode()[-500:]}")
+            # What the raw target wrote reaches the disk now, not while ours copies.
+            subprocess.run(["docker", "rm", "-f", raw_container], capture_output=True)
+            raw_container = None
+            os.sync()
+
+            print(f"ours: flux migrate --yes{' --offline' if args.offline else ''}"
+                  + (f" with a writer at {args.writer:g}/s" if args.writer else ""), file=sys.stderr, flush=True)
             time.sleep(2 if args.writer else 0)
             started = time.perf_counter()
             with httpx.stream("POST", f"{fleet.info['api_base']}/cli/v1/migrate", json=body, timeout=3600,

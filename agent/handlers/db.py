@@ -150,10 +150,13 @@ def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: b
         dumps.prepare_target(p.target_url, tenant, roles)
         copied = fastcopy.copy_schema(url, tenant.schema, p.target_url, snapshot=snapshot, workers=COPY_WORKERS,
                                       progress=ctx.progress)
+        log.info("copy of %s: %d tables, %d rows, %d bytes; seconds %s", tenant.schema, copied["tables"],
+                 copied["rows"], copied["bytes"], copied["seconds"])
         with psycopg.connect(url, connect_timeout=10) as source:
             ledger_rows = dumps.copy_ledger(source, p.target_url, tenant)
         kept = dumps.dump(url, tenant, spool, name, None, None, p.expected_bytes, p.table_count, ctx.progress,
                           key=key, snapshot=snapshot)
+        log.info("kept dump of %s: %d bytes in %.2fs", tenant.schema, kept["bytes"], kept.get("seconds") or 0)
     except BaseException:
         replication.close()
         changes.drop_slot(admin, tenant)
