@@ -126,6 +126,8 @@ def test_stop_start_and_repair_after_a_removed_container(fleet):
     stopped = fleet.api("POST", f"projects/{h}/lifecycle", {"action": "stop"})
     assert stopped.status_code == 200 and stopped.json() == {"ok": True, "action": "stop", "status": "stopped"}
     assert status() == "stopped"
+    # Both ended on Docker's stop signal (exit 0), neither killed when the stop's timeout ran out (137).
+    assert docker("inspect", "-f", "{{.State.ExitCode}}", f"{prefix}-api", f"{prefix}-db").split() == ["0", "0"]
     refused = fleet.gateway("GET", host, "/kept", creds["anonKey"])
     assert refused.status_code == 502 and "error" in refused.json()
 

@@ -19,6 +19,7 @@ import hmac
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -455,6 +456,9 @@ def serve(config: Config) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"postgrest-standin: listening on {config.host}:{servers[0].server_address[1]}"
           f" (schemas: {', '.join(app.schemas) or '-'})", file=sys.stderr, flush=True)
+    # As PostgREST does: SIGTERM (docker stop) ends it at once. Without a handler, a process that
+    # is PID 1 in its container ignores it, and every stop waited for Docker's SIGKILL.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     servers[0].serve_forever()
 
 
