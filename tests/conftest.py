@@ -15,6 +15,20 @@ def pg_cluster(tmp_path_factory):
     remove_cluster(cluster)
 
 
+@pytest.fixture(scope="module")
+def docker_engine():
+    """A client of the machine's Docker engine; the tests that need one fail without it."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        pytest.fail(f"these tests need a Docker engine (.ci/run starts one): {exc}")
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def catalog_url(pg_cluster):
     name = f"catalog_{secrets.token_hex(4)}"

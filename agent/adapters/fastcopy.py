@@ -61,7 +61,6 @@ PSQL = ("-X", "-v", "ON_ERROR_STOP=1")
 PSQL_ENV = {"PGCLIENTENCODING": "UTF8", "PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "flux-copy"}
 PSQL_STATEMENT_FAILED = 1  # psql -c: a statement failed (2: the connection went bad)
 RELAY_BYTES = 1024 * 1024
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 # Tables of the schema: heap blocks, bytes with TOAST, columns that hold data (no generated
 # ones), their types, and whether binary COPY carries every one between clusters (built-in
@@ -303,8 +302,9 @@ class _Mover:
             moved = reported = 0
             try:
                 try:
+                    # Pipe to pipe, the kernel moves the pages (splice): no copy through here.
                     source, target = reader.stdout.fileno(), writer.stdin.fileno()
-                    while moving := _relay(source, target):
+                    while moving := os.splice(source, target, RELAY_BYTES):
                         moved += moving
                         if moved - reported >= PROGRESS_EVERY_BYTES:
                             self.job.progress.add("data", moved - reported, "bytes", chunk.table)
@@ -352,24 +352,10 @@ class _Mover:
         self._kill()
 
 
-def _relay(source: int, target: int) -> int:
-    """Moves what the source pipe holds (up to RELAY_BYTES) into the target pipe; 0 at its end.
-    Pipe to pipe, the kernel moves the pages (splice) without copying them through here."""
-    if hasattr(os, "splice"):
-        moved = os.splice(source, target, RELAY_BYTES)
-    else:
-        block = os.read(source, RELAY_BYTES)
-        moved = len(block)
-        view = memoryview(block)
-        while view:
-            view = view[os.write(target, view):]
-    return moved
-
-
 def _widen(pipe) -> None:
     """A pipe of RELAY_BYTES instead of 64 KiB: a sixteenth of the reads and writes to relay."""
     try:
-        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, RELAY_BYTES)
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, RELAY_BYTES)
     except OSError:
         pass  # above the system's pipe-max-size: the default size works, with more system calls
 

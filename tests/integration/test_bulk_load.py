@@ -6,7 +6,6 @@ after a cutover needs a slot there)."""
 import secrets
 import uuid
 
-import docker
 import psycopg
 import pytest
 
@@ -17,18 +16,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def settings():
-    try:
-        engine = docker.from_env(timeout=60)
-        engine.ping()
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"these tests need a Docker engine (.ci/run starts one): {exc}")
-    tags = {repo: tag for i in engine.images.list() for tag in i.tags for repo in [tag.split(":")[0]]}
+def settings(docker_engine):
+    tags = {tag.split(":")[0]: tag for i in docker_engine.images.list() for tag in i.tags}
     missing = {"flux-local/postgres", "flux-local/postgrest-standin"} - set(tags)
     if missing:
         pytest.fail(f"the local images are not built ({', '.join(sorted(missing))}): run python "
                     "packaging/images/build.py")
-    engine.close()
     return DockerSettings(postgres_image=tags["flux-local/postgres"],
                           postgrest_image=tags["flux-local/postgrest-standin"])
 
@@ -43,14 +36,10 @@ def spec(settings):
     stacks.remove(project)
 
 
-def limits(spec) -> tuple[float, int]:
+def limits(engine, spec) -> tuple[float, int]:
     """CPUs and bytes of memory the stack's database container may use (0: no limit)."""
-    engine = docker.from_env(timeout=60)
-    try:
-        host = engine.containers.get(spec.db).attrs["HostConfig"]
-        return host["NanoCpus"] / 1e9, host["Memory"]
-    finally:
-        engine.close()
+    host = engine.containers.get(spec.db).attrs["HostConfig"]
+    return host["NanoCpus"] / 1e9, host["Memory"]
 
 
 def wal_level(url: str) -> str:
@@ -58,10 +47,10 @@ def wal_level(url: str) -> str:
         return conn.execute("SHOW wal_level").fetchone()[0]
 
 
-def test_a_stack_leaves_bulk_load_mode_at_bootstrap_with_its_rows(settings, spec):
+def test_a_stack_leaves_bulk_load_mode_at_bootstrap_with_its_rows(docker_engine, settings, spec):
     provisioned = stacks.provision(spec, settings)
     url = stacks.admin_url(spec, settings)
-    assert wal_level(url) == "minimal" and limits(spec) == (0, 0)
+    assert wal_level(url) == "minimal" and limits(docker_engine, spec) == (0, 0)
     with psycopg.connect(url, autocommit=True) as conn:
         # What the copy does: a table emptied in the loading transaction takes rows without WAL.
         conn.execute("CREATE TABLE public.loaded (id int PRIMARY KEY, body text)")
@@ -73,7 +62,7 @@ def test_a_stack_leaves_bulk_load_mode_at_bootstrap_with_its_rows(settings, spec
     done = stacks.bootstrap(usual, settings)
     assert done["restarted_s"] > 0 and done["role bootstrap"] in ("ok", "changed")
     assert stacks.admin_url(usual, settings) == url  # same port, same password
-    assert wal_level(url) == "logical" and limits(spec) == (settings.cpus, 512 * 1024 * 1024)
+    assert wal_level(url) == "logical" and limits(docker_engine, spec) == (settings.cpus, 512 * 1024 * 1024)
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*), sum(id) FROM public.loaded").fetchone() == (5000, 5000 * 5001 // 2)
         conn.execute("SELECT pg_create_logical_replication_slot('flux_bulk_check', 'pgoutput')")

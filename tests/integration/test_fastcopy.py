@@ -238,3 +238,27 @@ def test_rows_cut_short_on_the_source_commit_nothing_on_the_target(tenant, clust
     assert cut == [(True,)] and caught.value.retryable
     with psycopg.connect(tenant.target_url) as conn:
         assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(big)).fetchone()[0] == 0
+
+
+def test_hostile_table_and_column_names_are_copied_as_names(tenant, clusters):
+    """Names a tenant chooses reach psql's command line only as quoted identifiers: quotes,
+    semicolons, SQL and non-ASCII stay names, and nothing outside the schema is touched."""
+    source = clusters[0]
+    s = tenant.schema
+    table = 'x"; DROP TABLE authors; --ü表'
+    column = "it's \"a\" col;\\"
+    with psycopg.connect(source.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(tenant.tenant.owner_role)))
+        conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, {} text)").format(
+            sql.Identifier(s, table), sql.Identifier(column)))
+        conn.execute(sql.SQL("INSERT INTO {} SELECT g, 'ü ' || repeat(E'\\\\'';', g) FROM generate_series(1, 300) g")
+                     .format(sql.Identifier(s, table)))
+    prepare(tenant)
+    before = rows(tenant.source_url, s)
+    result = copy_schema(tenant.source_url, s, tenant.target_url)
+    assert rows(tenant.target_url, s) == before and table in before and before[table][0] == 300
+    assert result["tables"] == 7 and "authors" in before
+    with psycopg.connect(tenant.target_url) as conn:
+        got = conn.execute(sql.SQL("SELECT {} FROM {} WHERE id = 2").format(
+            sql.Identifier(column), sql.Identifier(s, table))).fetchone()[0]
+    assert got == "ü \\';\\';"

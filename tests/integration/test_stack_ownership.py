@@ -16,14 +16,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def engine():
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"these tests need a Docker engine (.ci/run starts one): {exc}")
-    yield client
-    client.close()
+def engine(docker_engine):
+    return docker_engine
 
 
 @pytest.fixture(scope="module")
