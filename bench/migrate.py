@@ -117,7 +117,11 @@ def main() -> int:
         move_s = result["dump"]["seconds"]
         # A new stack takes the copy in bulk-load mode and restarts out of it before the sync applies.
         restart_s = result["dump"].get("bulkLoadRestartSeconds") or 0.0
-        end = phases.get("sync_end") or phases.get("drop_source") or phases.get("done", time.monotonic())
+        # Offline, the kept dump file is written after the cutover (None when it was not timed).
+        kept_s = result["dump"].get("kept_seconds")
+        # The cutover ends where the first step after the unlock starts.
+        end = (phases.get("sync_end") or phases.get("keep") or phases.get("drop_source")
+               or phases.get("done", time.monotonic()))
         lock_window_s = end - phases["lock"]
         figures = {}
         if args.writer:
@@ -146,6 +150,7 @@ def main() -> int:
                       "throughput_mb_s": round(size_mb / move_s, 1), "ratio": round(raw_s / move_s, 3),
                       "bulk_load_restart_s": round(restart_s, 2),
                       "ratio_with_restart": round(raw_s / (move_s + restart_s), 3),
+                      "kept_dump_after_cutover_s": kept_s,
                       **figures}))
     return 0
 

@@ -59,6 +59,7 @@ _ALL = [
     _kind(tenants.TenantUnlockParams, tenants.TenantUnlocked, True),
     # The target is emptied before each restore, and the spool file written anew.
     _kind(tenants.TenantDumpParams, tenants.TenantDumped, True),
+    _kind(tenants.TenantCopyParams, tenants.TenantCopied, True),
     _kind(tenants.TenantDumpRemoveParams, tenants.TenantDumpsRemoved, True),
     _kind(tenants.TenantDumpStatParams, tenants.TenantDumpStats, True),
     _kind(tenants.TenantVerifyParams, tenants.TenantVerified, True),

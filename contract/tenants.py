@@ -222,10 +222,15 @@ class TenantDumpParams(TenantRef):
     sync: bool = False
     # A sync further behind the shared cluster than this stops and drops its slot.
     max_lag_bytes: int | None = None
+    # The tenant is the kept read-only copy of a migrated project (its owner logs in no more): the
+    # agent reads it as its own role, and refuses unless it is that copy.
+    frozen_copy: bool = False
 
     def check(self) -> None:
         if self.target_url is not None and self.target_major is None:
             self.refuse("target_major", "required with target_url")
+        if self.frozen_copy and (self.target_url is not None or self.sync):
+            self.refuse("frozen_copy", "a kept copy is only dumped to a file")
         if self.sync and (self.target_url is None or self.require_guard):
             self.refuse("sync", "needs target_url, and no write guard")
         for key in ("expected_bytes", "table_count"):
@@ -249,6 +254,36 @@ class TenantDumped(Result):
     seconds: float
     # With sync: the slot's consistent point, where the stream takes over from the copy.
     sync_lsn: str | None = None
+
+
+# tenant.copy
+
+
+@message
+class TenantCopyParams(TenantRef):
+    """The tenant into a dedicated database by the parallel copy, with no dump file."""
+    KIND = "tenant.copy"
+    target_url: str
+    expected_bytes: int
+    # Refuse to copy unless the write guard (tenant.lock) is held on this agent.
+    require_guard: bool = False
+
+    def check(self) -> None:
+        if self.expected_bytes < 0:
+            self.refuse("expected_bytes", "must not be negative")
+
+
+@message
+class TenantCopied(Result):
+    KIND = "tenant.copy"
+    tables: int
+    rows: int
+    # Of the rows as they went over the wire.
+    bytes: int
+    ledger_rows: int
+    seconds: float
+    # Seconds of each phase: schema, data, post_data, total.
+    phases: dict[str, float]
 
 
 # tenant.verify
@@ -408,19 +443,26 @@ class TenantSyncCheckParams(TenantRef):
     KIND = "tenant.sync_check"
     # How long the sync may take to reach the checkpoint (the checksums take what they take).
     timeout_s: float
+    # forward: the shared cluster against the stack; back (after an online cutover): the stack,
+    # at target_url, against the kept pooled copy that follows it.
+    direction: str = "forward"
+    target_url: str | None = None
 
     def check(self) -> None:
         if not 0 < self.timeout_s <= 3600:
             self.refuse("timeout_s", "must be between 0 and 3600")
+        check_direction(self)
 
 
 @message
 class TenantSyncChecked(Result):
     KIND = "tenant.sync_check"
-    # Every table matched, rows and checksum, with the source as of this LSN.
+    # Every table matched, rows and checksum, with the source as of this LSN (forward; back, what
+    # differed is listed in problems instead).
     lsn: str
     tables: dict[str, int]
     seconds: float
+    problems: list[str] | None = None
 
 
 @message

@@ -71,6 +71,10 @@ class DumpFiles:
             dumped["sql_bytes"], dumped["sql_sha256"], self.box.seal(key, key_context(dump_id)))
         return {**dumped, "dump_id": dump_id}
 
+    async def of_migration(self, project: Project, migration_id: str) -> list[DumpFile]:
+        """The files a migration kept that are still on their host."""
+        return [f for f in await self.catalog.dump_files_of(project.id) if f.migration_id == migration_id]
+
     # listing
 
     async def listing(self, project: Project, removed_too: bool = False) -> dict:

@@ -1,10 +1,9 @@
-"""Moving a pooled tenant out (db role): preflight, dump and restore, verify (the write guard is
-guards.py).
+"""Moving a pooled tenant out (db role): preflight, the kept dump file, the target's preparation,
+verify (the write guard is guards.py; the copy itself is transfer.py and fastcopy.py).
 
 The dump is plain SQL from pg_dump, written encrypted (dumpfile.py, under a data key the
-controller sends with the job) to a file in the agent's spool and, when a target is given,
-streamed in plain at the same time into the dedicated database with psql, so the data moves
-once. Lines the restore cannot take are dropped on the way, never inside COPY data
+controller sends with the job) to a file in the agent's spool, made so that any psql can restore
+it into any server: lines some cannot take are dropped on the way, never inside COPY data
 (domain/dumpstream.py).
 """
 
@@ -13,7 +12,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -301,16 +299,14 @@ class _Tail:
         return bytes(self.data[-self.keep:]).decode(errors="replace").strip()[-limit:]
 
 
-def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target_url: str | None = None,
-         target_major: int | None = None, expected_bytes: int = 0, table_count: int = 0, progress=None,
-         time_limit_s: float | None = None, *, key: bytes, snapshot: str | None = None) -> dict:
-    """pg_dump of the tenant schema into the spool, encrypted under `key`, and streamed in plain
-    into `target_url` too when given.
+def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, *, key: bytes, expected_bytes: int = 0,
+         table_count: int = 0, progress=None, time_limit_s: float | None = None, snapshot: str | None = None) -> dict:
+    """pg_dump of the tenant schema into the spool, encrypted under `key`.
 
-    `target_major` is the target server's major version (none without a target). The whole step
-    is stopped after `time_limit_s` (by default scaled to `expected_bytes`). With `snapshot`, pg_dump
-    reads the tenant as that exported snapshot sees it. The result's `bytes`
+    The whole step is stopped after `time_limit_s` (by default scaled to `expected_bytes`). With
+    `snapshot`, pg_dump reads the tenant as that exported snapshot sees it. The result's `bytes`
     and `sha256` are those of the file as stored; `sql_bytes` and `sql_sha256` those of the SQL in it.
+    (A migrate's copy into the dedicated database is transfer.move, not this stream.)
     """
     pg_dump = require_tool("pg_dump")
     if not DUMP_NAME.match(name):
@@ -325,30 +321,17 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
     say = progress or (lambda *a: None)
     limit = time_limit(expected_bytes) if time_limit_s is None else time_limit_s
     started = time.monotonic()
-    if target_url:
-        with psycopg.connect(source_url, connect_timeout=10) as source:
-            roles = referenced_roles(source, tenant.schema)
-        prepare_target(target_url, tenant, roles)
-    dropped = dropped_lines(tool_version("psql") if target_url else None, target_major)
-    restorer = None
-    if target_url:
-        restorer = subprocess.Popen(
-            [require_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=libpq_env(target_url))
     dumper = subprocess.Popen(
         [pg_dump, "--schema", tenant.schema, "--no-publications", "--no-subscriptions", "--no-tablespaces",
          *([f"--snapshot={snapshot}"] if snapshot else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=libpq_env(source_url))
-    # psql first: a restore that sees its input end commits what it has.
-    processes = [p for p in (restorer, dumper) if p is not None]
-    tails = {p.pid: _Tail(p.stderr) for p in processes}
+    tail = _Tail(dumper.stderr)
     stopped = threading.Event()
 
     def stop() -> None:
         stopped.set()
-        for proc in processes:
-            if proc.poll() is None:
-                proc.kill()
+        if dumper.poll() is None:
+            dumper.kill()
 
     watchdog = threading.Timer(max(limit - (time.monotonic() - started), 0), stop)
     watchdog.daemon = True
@@ -356,11 +339,10 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
     digest = hashlib.sha256()
     size = tables = 0
     next_report = 0
-    phase = "dump+restore" if restorer else "dump"
 
     def copying(line: bytes) -> None:
         nonlocal tables
-        say(phase, tables, table_count, "tables", line[5:].split(b" ", 1)[0].decode())
+        say("dump", tables, table_count, "tables", line[5:].split(b" ", 1)[0].decode())
         tables += 1
 
     complete = False
@@ -368,66 +350,42 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, target
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
             stored = EncryptingWriter(out, key)
-            for chunk in sanitize(dumper.stdout.read1, dropped, on_copy=copying):
+            for chunk in sanitize(dumper.stdout.read1, dropped_lines(None, None), on_copy=copying):
                 stored.write(chunk)
                 digest.update(chunk)
-                if restorer is not None:
-                    restorer.stdin.write(chunk)
                 size += len(chunk)
                 if size >= next_report:
-                    say(phase, size, max(expected_bytes, size), "bytes", "")
+                    say("dump", size, max(expected_bytes, size), "bytes", "")
                     next_report = size + PROGRESS_EVERY_BYTES
             stored.close()
             out.flush()
             os.fsync(out.fileno())
         complete = dumper.wait() == 0
-    except BrokenPipeError:
-        pass  # psql gave up; its error is read below
     finally:
-        if not complete:
-            # psql commits what it has once its input ends: half a dump must never reach it.
-            # pg_dump would block on a pipe nobody reads.
-            for proc in processes:
-                if proc.poll() is None:
-                    proc.kill()
-        if restorer is not None and not restorer.stdin.closed:
-            try:
-                restorer.stdin.close()
-            except BrokenPipeError:
-                pass
-        for proc in processes:
-            proc.wait()
+        if not complete and dumper.poll() is None:
+            dumper.kill()  # it would block on a pipe nobody reads
+        dumper.wait()
         watchdog.cancel()
         dumper.stdout.close()
     if stopped.is_set():
         _discard(partial)
-        raise AgentError(f"dump{' and restore' if restorer else ''} of {tenant.schema} did not finish within "
-                         f"{limit:.0f}s (for about {expected_bytes} bytes of data) and was stopped"
-                         + "".join(f"; {what}: {tails[p.pid].text(400)}" for what, p in
-                                   (("psql", restorer), ("pg_dump", dumper)) if p is not None and tails[p.pid].text()),
+        raise AgentError(f"dump of {tenant.schema} did not finish within {limit:.0f}s (for about {expected_bytes} "
+                         f"bytes of data) and was stopped" + (f"; pg_dump: {tail.text(400)}" if tail.text() else ""),
                          kind=FailureKind.TIMEOUT)
-    # A restore that failed says why first: pg_dump may only have been stopped because of it.
-    if restorer is not None and restorer.returncode != 0 and dumper.returncode in (0, -signal.SIGKILL):
-        _discard(partial)
-        raise AgentError(f"restore into the dedicated database failed: {tails[restorer.pid].text()}")
     if dumper.returncode != 0:
         _discard(partial)
-        # A lost connection or a restarted server: a new attempt starts over on an emptied target.
-        raise AgentError(f"pg_dump of {tenant.schema} failed: {tails[dumper.pid].text()}", retryable=True)
+        # A lost connection or a restarted server: a new attempt starts over.
+        raise AgentError(f"pg_dump of {tenant.schema} failed: {tail.text()}", retryable=True)
     try:
         os.link(partial, path)  # unlike a rename, never replaces a file that appeared meanwhile
     except FileExistsError:
         _discard(partial)
         raise AgentError(f"a dump file {path} exists already", kind=FailureKind.CONFLICT) from None
     partial.unlink()
-    ledger_rows = 0
-    if target_url:
-        with psycopg.connect(source_url) as source:
-            ledger_rows = copy_ledger(source, target_url, tenant)
-    say(phase, size, size, "bytes", "done")
+    say("dump", size, size, "bytes", "done")
     return {"path": str(path), "bytes": stored.bytes, "sha256": stored.sha256, "sql_bytes": size,
-            "sql_sha256": digest.hexdigest(), "tables": tables, "restored": bool(target_url),
-            "ledger_rows": ledger_rows, "seconds": round(time.monotonic() - started, 3)}
+            "sql_sha256": digest.hexdigest(), "tables": tables, "restored": False, "ledger_rows": 0,
+            "seconds": round(time.monotonic() - started, 3)}
 
 
 # verify

@@ -415,13 +415,77 @@ def _sequences(source, target, schema: str) -> int:
 
 
 def copy_schema(source_url: str, tenant_schema: str, target_url: str, *, snapshot: str | None = None,
-                workers: int = 2, progress=None, split_bytes: int = 0) -> dict:
+                workers: int = 2, progress=None, split_bytes: int = 0, time_limit_s: float | None = None) -> dict:
     """Copies `tenant_schema` from the shared cluster at `source_url` into the prepared database at
     `target_url` as `snapshot` sees it (exported here when None) and returns what it did:
-    tables, rows, bytes, chunks, the tables that went as text, and seconds per phase."""
-    schema, say = tenant_schema, _Progress(progress)
+    tables, rows, bytes, chunks, the tables that went as text, and seconds per phase. After
+    `time_limit_s` every session and psql of the copy is stopped and it fails (FailureKind.TIMEOUT)."""
+    limit = _Limit(time_limit_s)
+    try:
+        return _copy_schema(source_url, tenant_schema, target_url, snapshot, workers, progress, split_bytes, limit)
+    except (AgentError, psycopg.Error, _Stopped) as exc:
+        if not limit.expired:
+            raise
+        raise AgentError(f"copy of {tenant_schema} did not finish within {time_limit_s:.0f}s and was stopped "
+                         f"({_first_line(exc) if isinstance(exc, psycopg.Error) else exc})",
+                         kind=FailureKind.TIMEOUT) from None
+    finally:
+        limit.cancel()
+
+
+class _Limit:
+    """Stops what registered with it (`stop()`) once `seconds` have passed; never without seconds."""
+
+    def __init__(self, seconds: float | None):
+        self.expired = False
+        self.parts: list = []
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(seconds, self._expire) if seconds else None
+        if self.timer:
+            self.timer.daemon = True
+            self.timer.start()
+
+    def add(self, part):
+        with self.lock:
+            self.parts.append(part)
+            if self.expired:
+                part.stop()
+        return part
+
+    def session(self, conn: psycopg.Connection) -> psycopg.Connection:
+        self.add(_Cancel(conn))
+        return conn
+
+    def _expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            parts = list(self.parts)
+        for part in parts:
+            part.stop()
+
+    def check(self) -> None:
+        """Between phases: a copy past its time goes no further."""
+        if self.expired:
+            raise _Stopped()
+
+    def cancel(self) -> None:
+        if self.timer:
+            self.timer.cancel()
+
+
+class _Cancel:
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+
+    def stop(self) -> None:
+        self.conn.cancel_safe()
+
+
+def _copy_schema(source_url: str, schema: str, target_url: str, snapshot: str | None, workers: int, progress,
+                 split_bytes: int, limit: _Limit) -> dict:
+    say = _Progress(progress)
     seconds, started = {}, time.monotonic()
-    holder = _connect(source_url, "shared cluster")
+    holder = limit.session(_connect(source_url, "shared cluster"))
     try:
         for setting in SESSION:
             holder.execute(setting)
@@ -430,7 +494,7 @@ def copy_schema(source_url: str, tenant_schema: str, target_url: str, *, snapsho
         if tables:  # as pg_dump does: no table changes shape or goes while it is copied
             holder.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
                 sql.SQL(", ").join(sql.Identifier(schema, t) for t in tables)))
-        with _connect(target_url, "target database") as target:
+        with limit.session(_connect(target_url, "target database")) as target:
             major = target.info.server_version // 10000
             phase = "schema"
             statements = _pg_dump(source_url, schema, snapshot, "pre-data", major)
@@ -451,24 +515,28 @@ def copy_schema(source_url: str, tenant_schema: str, target_url: str, *, snapsho
                     (table["columns"], table["types"]) == (there["columns"], there["types"]))
             seconds["schema"] = time.monotonic() - started
 
+            limit.check()
             phase, mark = "data", time.monotonic()
             chunks = copyplan.chunks({n: (t["blocks"], t["bytes"]) for n, t in tables.items()}, split_bytes)
             say.start(sum(c.bytes for c in chunks))
             job = _Job(schema, tables, say)
             try:
-                _parallel(chunks, workers, lambda: _Mover(source_url, target_url, snapshot, job), _Mover.move)
+                _parallel(chunks, workers, lambda: limit.add(_Mover(source_url, target_url, snapshot, job)),
+                          _Mover.move)
             except (psycopg.Error, _Stopped) as exc:
                 raise _failure(f"data of {schema} failed", exc) from None
             sequences = _sequences(holder, target, schema)
             say.add(phase, 0, "bytes", "done", force=True)
             seconds["data"] = time.monotonic() - mark
 
+            limit.check()
             phase, mark = "post-data", time.monotonic()
             sizes = {(schema, n): t["bytes"] for n, t in tables.items()}
             steps = copyplan.post_data(_pg_dump(source_url, schema, snapshot, "post-data", major), sizes)
             say.start(sum(len(s.statements) for s in steps))
             for step in steps:
-                _parallel(step.statements, workers if step.parallel else 1, lambda: _Target(target_url),
+                limit.check()
+                _parallel(step.statements, workers if step.parallel else 1, lambda: limit.add(_Target(target_url)),
                           lambda worker, statement: _post_data(worker, statement, schema, step.name, say),
                           (lambda st, running: st.conflicts(running)) if step.parallel else None)
             seconds["post_data"] = time.monotonic() - mark

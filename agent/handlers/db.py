@@ -11,15 +11,11 @@ import psycopg
 
 from contract.failures import FailureKind
 
-from ..adapters import changes, dumpfile, dumps, fastcopy, ledger, tenants
+from ..adapters import changes, dumpfile, dumps, ledger, tenants, transfer
 from ..errors import AgentError
 from .context import Handler, JobContext
 
 log = logging.getLogger(__name__)
-
-# Parallel streams of the copy into a stack: one per core of a small db host.
-COPY_WORKERS = 2
-
 
 def _db_settings(ctx: JobContext):
     db = ctx.settings.get("db")
@@ -118,45 +114,70 @@ async def tenant_dump(ctx: JobContext) -> dict:
     p = ctx.params
     tenant = tenants.Tenant.from_params(p)
     key = dumpfile.parse_key(p.dump_key)
-    if p.require_guard and not ctx.guards.held(tenant):
-        # The same job sent again finds no guard either: the controller must lock again first.
-        raise AgentError("the write guard on the source is not held (the agent restarted?); "
-                         "lock again before dumping", kind=FailureKind.CONFLICT)
+    _require_guard(ctx, tenant)
     name = p.name or tenant.schema
     spool = ctx.state_dir / "spool"
 
     def run() -> dict:
-        _, url = _tenant_login(ctx)
+        url = _frozen_copy_url(ctx, tenant) if p.frozen_copy else _tenant_login(ctx)[1]
         dumps.prune_leftovers(spool)
-        if not p.sync:
-            return dumps.dump(url, tenant, spool, name, p.target_url, p.target_major, p.expected_bytes,
-                              p.table_count, ctx.progress, key=key)
-        return _dump_and_follow(ctx, tenant, url, spool, name, key)
+        if p.sync:
+            return _dump_and_follow(ctx, tenant, url, spool, name, key)
+        if p.target_url is None:
+            return dumps.dump(url, tenant, spool, name, key=key, expected_bytes=p.expected_bytes,
+                              table_count=p.table_count, progress=ctx.progress)
+        moved = transfer.move(url, tenant, p.target_url, spool=spool, name=name, key=key,
+                              expected_bytes=p.expected_bytes, table_count=p.table_count, progress=ctx.progress)
+        return {**moved["kept"], "restored": True, "tables": moved["tables"], "ledger_rows": moved["ledger_rows"],
+                "seconds": moved["seconds"]}
+
+    return await asyncio.to_thread(run)
+
+
+def _frozen_copy_url(ctx: JobContext, tenant) -> str:
+    """The kept read-only copy of a migrated project is read as the agent's own role: its owner no
+    longer logs in. Only such a copy: a live tenant is always read as itself."""
+    db = _db_settings(ctx)
+    with tenants.connect(db) as conn:
+        if not tenants.is_frozen(conn, tenant):
+            raise AgentError(f"{tenant.schema} is not the kept read-only copy of a migrated project",
+                             kind=FailureKind.CONFLICT)
+    return db.shared_cluster_url
+
+
+def _require_guard(ctx: JobContext, tenant) -> None:
+    if ctx.params.require_guard and not ctx.guards.held(tenant):
+        # The same job sent again finds no guard either: the controller must lock again first.
+        raise AgentError("the write guard on the source is not held (the agent restarted?); "
+                         "lock again before copying", kind=FailureKind.CONFLICT)
+
+
+async def tenant_copy(ctx: JobContext) -> dict:
+    """The tenant into the dedicated database by the parallel copy, with no dump file (a full
+    offline migrate keeps one after the cutover, from the frozen pooled copy)."""
+    p = ctx.params
+    tenant = tenants.Tenant.from_params(p)
+    _require_guard(ctx, tenant)
+
+    def run() -> dict:
+        _, url = _tenant_login(ctx)
+        moved = transfer.move(url, tenant, p.target_url, expected_bytes=p.expected_bytes, progress=ctx.progress)
+        return {k: moved[k] for k in ("tables", "rows", "bytes", "ledger_rows", "seconds", "phases")}
 
     return await asyncio.to_thread(run)
 
 
 def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: bytes) -> dict:
-    """The copy from a new slot's snapshot (parallel streams, fastcopy.py), then the kept dump file
-    from the same snapshot, off the copy's path; then the slot applied to the target from where the
-    copy ends, unless the target is in bulk-load mode (stacks.BULK_LOAD_COMMAND)."""
+    """The copy from a new slot's snapshot, then the kept dump file from the same snapshot (both
+    transfer.move); then the slot applied to the target from where the copy ends, unless the target
+    is in bulk-load mode (stacks.BULK_LOAD_COMMAND)."""
     p = ctx.params
     admin = _db_settings(ctx).shared_cluster_url
     ctx.syncs.end(tenant, admin)
     replication, snapshot, lsn = changes.create_slot(admin, tenant)
     try:
-        with psycopg.connect(url, connect_timeout=10) as source:
-            roles = dumps.referenced_roles(source, tenant.schema)
-        dumps.prepare_target(p.target_url, tenant, roles)
-        copied = fastcopy.copy_schema(url, tenant.schema, p.target_url, snapshot=snapshot, workers=COPY_WORKERS,
-                                      progress=ctx.progress)
-        log.info("copy of %s: %d tables, %d rows, %d bytes; seconds %s", tenant.schema, copied["tables"],
-                 copied["rows"], copied["bytes"], copied["seconds"])
-        with psycopg.connect(url, connect_timeout=10) as source:
-            ledger_rows = dumps.copy_ledger(source, p.target_url, tenant)
-        kept = dumps.dump(url, tenant, spool, name, None, None, p.expected_bytes, p.table_count, ctx.progress,
-                          key=key, snapshot=snapshot)
-        log.info("kept dump of %s: %d bytes in %.2fs", tenant.schema, kept["bytes"], kept.get("seconds") or 0)
+        moved = transfer.move(url, tenant, p.target_url, snapshot=snapshot, spool=spool, name=name, key=key,
+                              expected_bytes=p.expected_bytes, table_count=p.table_count, progress=ctx.progress)
     except BaseException:
         replication.close()
         changes.drop_slot(admin, tenant)
@@ -169,8 +190,8 @@ def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: b
         ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
     # else the stack restarts with its usual settings first (stack.bootstrap); the slot keeps every
     # change meanwhile, and tenant.sync_status starts applying them.
-    return {**kept, "restored": True, "tables": copied["tables"], "ledger_rows": ledger_rows,
-            "seconds": copied["seconds"]["total"], "sync_lsn": lsn}
+    return {**moved["kept"], "restored": True, "tables": moved["tables"], "ledger_rows": moved["ledger_rows"],
+            "seconds": moved["seconds"], "sync_lsn": lsn}
 
 
 async def tenant_dump_remove(ctx: JobContext) -> dict:
@@ -287,14 +308,17 @@ async def tenant_thaw(ctx: JobContext) -> dict:
 
 async def tenant_sync_check(ctx: JobContext) -> dict:
     """Every table compared, rows and checksum, between the source at one LSN and the target with
-    everything before it applied; writes go on meanwhile. The source is read as the tenant."""
+    everything before it applied; writes go on meanwhile."""
     tenant = tenants.Tenant.from_params(ctx.params)
+    p = ctx.params
 
     def run() -> dict:
-        follow = _running_sync(ctx, tenant, "forward")
-        checkpoint = follow.checkpoint(ctx.params.timeout_s)
-        _, url = _tenant_login(ctx)
-        return changes.verify_checkpoint(url, tenant, checkpoint)
+        follow = _running_sync(ctx, tenant, p.direction)
+        checkpoint = follow.checkpoint(p.timeout_s)
+        # Forward, the pooled tenant is read as its own role; back, the stack as its superuser.
+        url = _tenant_login(ctx)[1] if p.direction == "forward" else _ends(ctx)[0]
+        # Back, a difference is the controller's to act on (it moves the project back): it is reported.
+        return changes.verify_checkpoint(url, tenant, checkpoint, strict=p.direction == "forward")
 
     return await asyncio.to_thread(run)
 
@@ -308,6 +332,7 @@ HANDLERS: dict[str, Handler] = {
     "tenant.lock": tenant_lock,
     "tenant.unlock": tenant_unlock,
     "tenant.dump": tenant_dump,
+    "tenant.copy": tenant_copy,
     "tenant.dump_remove": tenant_dump_remove,
     "tenant.dump_stat": tenant_dump_stat,
     "tenant.verify": tenant_verify,

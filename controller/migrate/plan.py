@@ -328,6 +328,36 @@ async def dump(run: Run) -> dict:
             "seconds": out.get("seconds")}
 
 
+async def copy(run: Run) -> dict:
+    """A full offline run's copy under the write lock: parallel streams, no dump file on the way (the
+    kept dump is written after the cutover, by `keep`, from the pooled copy frozen since the lock)."""
+    project = await run.project()
+    before = run.outputs["preflight"]
+    out = await run.jobs.run(project.db_agent, "tenant.copy",
+                             {**run.tenant(project), "target_url": run.projects.admin_url(project),
+                              "expected_bytes": before["total_bytes"], "require_guard": True},
+                             timeout=data_timeout(before["total_bytes"]), on_progress=run.progress)
+    return {"host": project.db_agent, "tables": out["tables"], "rows": out["rows"], "bytes_copied": out["bytes"],
+            "seconds": out["seconds"], "phases": out["phases"]}
+
+
+async def keep(run: Run) -> dict:
+    """After the cutover: the kept dump of the pooled copy, read-only since the flip and unchanged
+    since the lock, so the file holds exactly what the stack started from."""
+    project = await run.project()
+    kept = await run.projects.dump_files.of_migration(project, run.row.id)
+    if kept:  # made by an earlier attempt whose end was not recorded, or by an older plan's dump step
+        return {"host": kept[0].agent, "path": kept[0].path, "bytes": kept[0].bytes, "sha256": kept[0].sha256}
+    before = run.outputs.get("preflight") or {}
+    size = max(before.get("total_bytes", 0), project.kept_copy_bytes or 0)
+    params = {**run.tenant(project), "name": f"{project.slug}-{project.hash}-{run.row.id[:8]}",
+              "expected_bytes": size, "table_count": before.get("table_count", 0), "frozen_copy": True}
+    out = await run.projects.dump_files.dump(project, run.row.id, params, timeout=data_timeout(size),
+                                             on_progress=run.progress)
+    return {"host": project.db_agent, "path": out["path"], "bytes": out["bytes"], "sha256": out["sha256"],
+            "kept_seconds": out.get("seconds")}
+
+
 # Offline, a new stack is filled in bulk-load mode from this size of tenant up (see bulk_load).
 BULK_LOAD_OFFLINE_BYTES = 256 * 1024 * 1024
 # Past this many bytes behind the shared cluster the db agent stops the sync and drops its slot.
@@ -452,6 +482,24 @@ async def follow_back(run: Run) -> dict:
     return {"reverse": True, "until": time.time() + ROLLBACK_WINDOW_S}
 
 
+async def confirm(run: Run) -> dict:
+    """After an online cutover, off the pause: every table of the stack compared with the kept pooled
+    copy at one LSN of the stack, the way back having applied everything before it. The pooled copy
+    was frozen at the flip and has since only taken the stack's changes, so any difference is one
+    the cutover made; the runner then moves the project back (Reversals.rollback), the pooled copy
+    holding every acknowledged write."""
+    back = run.outputs.get("follow_back") or {}
+    if not back.get("reverse"):
+        return {"checked": False, "reason": back.get("reason") or "the pooled copy does not follow the stack"}
+    project = await run.project()
+    budget = data_timeout(max((run.outputs.get("preflight") or {}).get("total_bytes", 0), project.kept_copy_bytes or 0))
+    out = await run.jobs.run(project.db_agent, "tenant.sync_check",
+                             {**run.tenant(project), "direction": "back", "target_url": run.projects.admin_url(project),
+                              "timeout_s": min(budget, 3600)}, timeout=budget * 2)
+    return {"checked": True, "lsn": out["lsn"], "tables": out["tables"], "seconds": out["seconds"],
+            "problems": out.get("problems") or []}
+
+
 async def bootstrap(run: Run) -> dict:
     """Roles and grants on the stack, after it has left bulk-load mode; online, the sync (which
     waits for that before it applies changes) then runs."""
@@ -524,6 +572,10 @@ FLIP = Step("flip", "the catalog says v1_dedicated and every serving gateway rou
             "paused)", flip, cutover=True)
 UNLOCK_AFTER = Step("unlock", "the pooled copy refuses writes from every tenant role; then writes resume on the "
                     "dedicated stack", unlock_after_cutover)
+COPY = Step("copy", "the stack holds the tenant's schema and rows as of the lock (parallel streams; the dump file "
+            "is kept after the cutover)", copy)
+KEEP = Step("keep", "a dump file of the pooled copy, unchanged since the lock, is kept encrypted on the db host",
+            keep)
 DROP_SOURCE = Step("drop_source", "the pooled copy is gone", drop_source)
 SYNC = Step("sync", "the stack holds the tenant as of a replication slot's snapshot, and the db agent applies "
             "every change committed since", sync, unsync, "stop the sync and drop its slot and publication")
@@ -534,6 +586,8 @@ PAUSE = Step("lock", "writes are paused at every serving gateway and held by a g
 DRAIN = Step("drain", "the stack has every write the pooled copy acknowledged, and its sequences; a slot on the "
              "stack records its changes for the way back", drain, drop_back, "drop the slot on the stack")
 SYNC_END = Step("sync_end", "no slot or publication of the tenant is left on the shared cluster", end_sync)
+CONFIRM = Step("confirm", "every table of the stack matched the kept pooled copy at one LSN after the cutover; "
+               "a difference moves the project back to v2_shared", confirm)
 FOLLOW_BACK = Step("follow_back", "the kept pooled copy follows the stack's changes for the rollback window "
                    "(flux migrate rollback; flux migrate finalize ends it)", follow_back)
 
@@ -545,9 +599,14 @@ def build(options: Options) -> Plan:
                                                          "spool", dump)))
     if options.online:
         return build_online(options)
+    if options.kind == "full" and options.lock_writes:
+        # The pooled copy stays as it was at the lock from then on: the dump file waits for the cutover.
+        steps = [PREFLIGHT, PROVISION, LOCK, COPY, BOOTSTRAP, VERIFY, PROBE, FLIP, UNLOCK_AFTER, KEEP]
+        return Plan("full", tuple(steps + ([DROP_SOURCE] if options.drop_source_after else [])))
     steps = [PREFLIGHT, PROVISION, *([LOCK] if options.lock_writes else []),
-             Step("dump", "the stack holds the tenant's schema and rows as of the lock" if options.lock_writes
-                  else "the stack holds the tenant's schema and rows as of the dump", dump),
+             Step("dump", "the stack holds the tenant's schema and rows as of the lock, and a dump file of them is "
+                  "kept" if options.lock_writes else "the stack holds the tenant's schema and rows as of the dump, "
+                  "and a dump file of them is kept", dump),
              BOOTSTRAP, VERIFY, PROBE]
     if options.kind == "staged":
         if options.lock_writes:
@@ -564,7 +623,7 @@ def build_online(options: Options) -> Plan:
         # The sync goes on after the run: the cutover takes it over, and discard ends it.
         return Plan("staged", tuple(steps))
     steps += [PAUSE, DRAIN, FLIP, UNLOCK_AFTER, SYNC_END]
-    steps += [DROP_SOURCE] if options.drop_source_after else [FOLLOW_BACK]
+    steps += [DROP_SOURCE] if options.drop_source_after else [FOLLOW_BACK, CONFIRM]
     return Plan("full", tuple(steps))
 
 
@@ -578,6 +637,9 @@ def summary(run: Run, project: Project, base_domain: str) -> dict:
               "serviceUrl": service_url(project, base_domain)}
     if "dump" in run.outputs:
         result["dump"] = run.outputs["dump"]
+    if "copy" in run.outputs:
+        copied = run.outputs["copy"]
+        result["dump"] = {"host": copied["host"], "seconds": copied["seconds"], **run.outputs.get("keep", {})}
     synced = run.outputs.get("sync")
     if synced and "adopted" in synced:
         result["syncTakenOver"] = synced["adopted"]
@@ -600,6 +662,12 @@ def summary(run: Run, project: Project, base_domain: str) -> dict:
                                f"{project.hash}"} if back["reverse"] else {"unavailable": back["reason"]})
     if "verify" in run.outputs:
         result["verified"] = run.outputs["verify"]
+    confirmed = run.outputs.get("confirm")
+    if confirmed and confirmed["checked"]:
+        result["confirmed"] = {"lsn": confirmed["lsn"], "tables": confirmed["tables"],
+                               "seconds": confirmed["seconds"], "problems": confirmed["problems"]}
+    elif confirmed:
+        result["confirmed"] = {"unavailable": confirmed["reason"]}
     if run.options.drop_source_after and run.row.kind == "full":
         result["sourceDropped"] = True
     return result

@@ -276,6 +276,8 @@ class Migrations:
             result = await self._execute(row)
             await self.catalog.finish_migration(row.id, "succeeded", None, result)
             final = {"ok": True, "migrationId": row.id, "state": "succeeded", **result}
+            if (result.get("confirmed") or {}).get("problems"):
+                final = await self._move_back(row, result)
         except MigrationFailed as exc:
             final = {"ok": False, "migrationId": row.id, "phase": exc.phase, "state": exc.state,
                      "error": exc.message}
@@ -297,6 +299,28 @@ class Migrations:
         self._emit(row.id, {"event": "result", **final})
         self._project_of.pop(row.id, None)
         return final
+
+    async def _move_back(self, row: MigrationRow, result: dict) -> dict:
+        """The check after an online cutover found the stack and the kept pooled copy differ: the
+        project goes back to v2_shared at once, with the rollback's short pause; the pooled copy has
+        every write acknowledged before the flip and, by the way back, every one since."""
+        found = "; ".join(result["confirmed"]["problems"])
+        differ = f"the stack and the pooled copy differ after the cutover (at LSN {result['confirmed']['lsn']}: {found})"
+        project = await self.catalog.project(row.project_id)
+        self._emit(row.id, {"event": "phase", "phase": "move_back", "at": time.time()})
+        log.error("migration %s: %s; moving the project back to v2_shared", row.id, differ)
+        try:
+            moved = await self.reversals.rollback(project)
+        except FluxError as exc:
+            text = (f"confirm: {differ}. Moving it back failed: {exc.message}. The project serves from its stack "
+                    f"and the pooled copy follows it: run flux migrate rollback -p {project.slug} --hash {project.hash}")
+            log.error("migration %s: %s", row.id, text)
+            return {"ok": False, "migrationId": row.id, "phase": "confirm", "state": "succeeded", "error": text}
+        text = (f"confirm: {differ}; moved back to v2_shared with every write (pause {moved['pauseSeconds']} s); "
+                "the stack is kept for inspection (flux migrate discard removes it)")
+        await self.catalog.finish_migration(row.id, "rolled_back", text,
+                                            (await self.catalog.migration(row.id)).result)
+        return {"ok": False, "migrationId": row.id, "phase": "confirm", "state": "rolled_back", "error": text}
 
     def _run_of(self, row: MigrationRow) -> Run:
         def forward(progress: dict) -> None:

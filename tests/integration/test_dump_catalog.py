@@ -170,6 +170,25 @@ def test_a_migrated_project_keeps_its_dump_files_listed_and_delete_removes_them(
     assert fleet.catalog_sql("SELECT count(*) FROM projects WHERE id = %s", (project_id,)) == [(0,)]
 
 
+def test_an_offline_migrate_keeps_its_dump_file_after_the_cutover_from_the_frozen_copy(fleet):
+    project = _project(fleet, "Offline Notes")
+    migrated = fleet.migrate(project, online=False)
+    assert migrated.status_code == 200, migrated.text
+    result = migrated.json()
+    status = fleet.api("GET", f"migrations/{result['migrationId']}").json()
+    steps = [step["name"] for step in status["steps"]]
+    # The copy under the lock writes no file; the file comes after writes resumed on the stack.
+    assert steps.index("lock") < steps.index("copy") < steps.index("unlock") < steps.index("keep")
+    assert "dump" not in steps and all(step["status"] == "done" for step in status["steps"])
+    kept = result["dump"]
+    assert kept["seconds"] > 0 and kept["host"] == "dev-db"
+    text = fleet.dump_sql(kept["path"]).decode()
+    assert f"the word is {SECRET_WORD}" in text and "plain row" in text
+    [row] = fleet.catalog_sql("SELECT migration_id::text, sha256 FROM dump_files WHERE path = %s", (kept["path"],))
+    assert row == (result["migrationId"], kept["sha256"])
+    assert [d["path"] for d in _listing(fleet, project)["dumps"]] == [kept["path"]]
+
+
 def test_a_project_with_kept_dump_files_cannot_leave_the_catalog_without_them(fleet):
     import psycopg
 

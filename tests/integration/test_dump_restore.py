@@ -80,8 +80,8 @@ def tenant():
     return Tenant("0123abcd-0000-4000-8000-000000000000", "0123abcd0000")
 
 
-def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_path):
-    from agent.adapters.dumps import dump
+def test_roles_the_schema_names_are_created_on_the_target(databases, tenant, tmp_path):
+    from agent.adapters.transfer import move
     from tests.support import remove_cluster, test_cluster
 
     source = databases[0]
@@ -99,8 +99,8 @@ def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_p
         _tenant_target(target)
         with psycopg.connect(target) as conn:
             assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = 'auditor'").fetchone() == (0,)
-        result = dump(source, tenant, tmp_path, "roles", target, key=KEY)
-        assert result["restored"] is True
+        result = move(source, tenant, target)
+        assert result["rows"] == 1 and result["kept"] is None
         with psycopg.connect(target) as conn:
             assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (1,)
             assert conn.execute("SELECT has_table_privilege('auditor', %s, 'SELECT')",
@@ -109,8 +109,8 @@ def test_roles_the_dump_names_are_created_on_the_target(databases, tenant, tmp_p
         remove_cluster(other)
 
 
-def test_a_failing_restore_ends_the_job_with_psqls_error(databases, tenant, tmp_path):
-    from agent.adapters.dumps import dump
+def test_a_failing_copy_ends_the_job_with_the_targets_error_and_keeps_no_file(databases, tenant, tmp_path):
+    from agent.adapters.transfer import move
     from agent.errors import AgentError
 
     source, target = databases
@@ -124,8 +124,8 @@ def test_a_failing_restore_ends_the_job_with_psqls_error(databases, tenant, tmp_
                      f" INSERT INTO {tenant.schema}.feelings SELECT g, 'ok' FROM generate_series(1, 200000) g")
     _tenant_target(target)
     with pytest.raises(AgentError, match='type "public.mood" does not exist'):
-        dump(source, tenant, tmp_path, "fails", target, key=KEY)
-    assert list((tmp_path / "dumps").iterdir()) == []
+        move(source, tenant, target, spool=tmp_path, name="fails", key=KEY)
+    assert not (tmp_path / "dumps").exists()
 
 
 def _tenant_source(source: str, tenant, extra: str) -> None:
@@ -157,8 +157,8 @@ def _in_thread(work, seconds: float):
     return outcome["result"]
 
 
-def test_a_restore_printing_megabytes_of_warnings_does_not_deadlock(databases, tenant, tmp_path):
-    from agent.adapters.dumps import dump
+def test_a_copy_printing_megabytes_of_warnings_does_not_deadlock(databases, tenant, tmp_path):
+    from agent.adapters.transfer import move
 
     source, target = databases
     # The CHECK runs for each restored row of a_noisy, and psql prints the ~1 MB of warnings once
@@ -172,60 +172,66 @@ def test_a_restore_printing_megabytes_of_warnings_does_not_deadlock(databases, t
                    " CREATE TABLE b_bulk (id int, body text);"
                    " INSERT INTO b_bulk SELECT g, repeat('b', 1000) FROM generate_series(1, 5000) g")
     _tenant_target(target)
-    result = _in_thread(lambda: dump(source, tenant, tmp_path, "noisy", target, expected_bytes=1 << 20, key=KEY), 120)
-    assert result["restored"] is True
+    result = _in_thread(lambda: move(source, tenant, target, spool=tmp_path, name="noisy", expected_bytes=1 << 20,
+                                     key=KEY), 120)
+    assert result["rows"] == 10000 and pathlib.Path(result["kept"]["path"]).exists()
     with psycopg.connect(target) as conn:
         assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.a_noisy").fetchone() == (5000,)
         assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.b_bulk").fetchone() == (5000,)
 
 
-def test_a_stuck_restore_fails_within_its_time_limit(databases, tenant, tmp_path):
-    from agent.adapters.dumps import dump
+def test_a_stuck_copy_fails_within_its_time_limit(databases, tenant, tmp_path):
+    from agent.adapters.transfer import move
     from agent.errors import AgentError
 
     source, target = databases
     _tenant_source(source, tenant, "CREATE TABLE notes (id int); INSERT INTO notes VALUES (1)")
     _tenant_target(target)
-    # Another session creating the same schema, uncommitted: the restore's CREATE SCHEMA waits on it.
+    # Another session creating the same schema, uncommitted: the copy's CREATE SCHEMA waits on it.
     with psycopg.connect(target) as blocker:
         blocker.execute(f"CREATE SCHEMA {tenant.schema}")
         started = time.monotonic()
-        with pytest.raises(AgentError, match=r"did not finish within 3s"):
-            _in_thread(lambda: dump(source, tenant, tmp_path, "stuck", target, time_limit_s=3, key=KEY), 60)
+        with pytest.raises(AgentError, match=r"did not finish within 3s") as caught:
+            _in_thread(lambda: move(source, tenant, target, spool=tmp_path, name="stuck", time_limit_s=3, key=KEY), 60)
+        assert caught.value.kind == FailureKind.TIMEOUT
         assert time.monotonic() - started < 30
         blocker.rollback()
-    assert list((tmp_path / "dumps").iterdir()) == []
+    assert not (tmp_path / "dumps").exists()
     with psycopg.connect(target) as conn:
         assert conn.execute("SELECT to_regclass(%s)", (f"{tenant.schema}.notes",)).fetchone() == (None,)
 
 
-def test_the_psql_that_restores_decides_on_restrict(databases, tenant, tmp_path):
-    from agent.adapters.dumps import dump, tool_version
-    from agent.domain.dumpstream import psql_understands_restrict
+def test_the_kept_dump_file_restores_with_any_psql_into_any_server(databases, tenant, tmp_path):
+    from agent.adapters.transfer import move
 
-    if not psql_understands_restrict(tool_version("psql")):
-        pytest.skip(f"this check needs a psql that knows \\restrict; installed: {tool_version('psql')}")
     source, target = databases
-    _tenant_source(source, tenant, "CREATE TABLE notes (id int); INSERT INTO notes VALUES (1)")
+    _tenant_source(source, tenant, "CREATE TABLE notes (id int); INSERT INTO notes VALUES (1), (2)")
     _tenant_target(target)
-    result = dump(source, tenant, tmp_path, "restrict", target, target_major=15, key=KEY)
-    lines = b"".join(read_sql(result["path"], KEY)).splitlines()
-    # The target server is 15, yet psql keeps the dump's protection; the 17-only setting goes.
-    assert any(line.startswith(b"\\restrict ") for line in lines)
-    assert not any(line.startswith(b"SET transaction_timeout") for line in lines)
+    result = move(source, tenant, target, spool=tmp_path, name="anywhere", key=KEY)
+    sql_text = b"".join(read_sql(result["kept"]["path"], KEY))
+    # Made for later and for any psql and server: no meta-command an older psql rejects, no
+    # setting an older server lacks.
+    assert not any(line.startswith((b"\\restrict", b"\\unrestrict", b"SET transaction_timeout"))
+                   for line in sql_text.splitlines())
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(tenant.schema)))
+    restored = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"], input=sql_text,
+                              capture_output=True, env=libpq_env(target))
+    assert restored.returncode == 0, restored.stderr.decode()
     with psycopg.connect(target) as conn:
-        assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (1,)
+        assert conn.execute(f"SELECT count(*) FROM {tenant.schema}.notes").fetchone() == (2,)
 
 
-def test_the_kept_dump_file_is_encrypted_and_decrypts_to_the_sql_restored(databases, tenant, tmp_path):
+def test_the_kept_dump_file_is_encrypted_and_decrypts_to_the_sql_copied(databases, tenant, tmp_path):
     from agent.adapters.dumps import dump
+    from agent.adapters.transfer import move
     from agent.errors import AgentError
 
     source, target = databases
     _tenant_source(source, tenant, "CREATE TABLE notes (id int, body text);"
                    " INSERT INTO notes SELECT g, 'marigold-' || g FROM generate_series(1, 50000) g")
     _tenant_target(target)
-    result = dump(source, tenant, tmp_path, "sealed", target, key=KEY)
+    result = move(source, tenant, target, spool=tmp_path, name="sealed", key=KEY)["kept"]
     path = pathlib.Path(result["path"])
     stored = path.read_bytes()
     assert path.name == "sealed.sql.enc" and (path.stat().st_mode & 0o077) == 0

@@ -259,8 +259,9 @@ def _wait_phase(fleet, migration_id: str, phases: tuple[str, ...], timeout: floa
     wait_until(reached, timeout, f"phase {phases}")
 
 
-def _start_streaming(fleet, project, **flags) -> tuple[str, threading.Thread, dict]:
-    """Starts a migration and returns its id while it runs."""
+def _start_streaming(fleet, project, on_event=None, **flags) -> tuple[str, threading.Thread, dict]:
+    """Starts a migration and returns its id while it runs; `on_event(event)` hears each event of
+    its stream as it comes, on the stream's thread."""
     body = {"slug": project["summary"]["slug"], "hash": project["summary"]["hash"], "to": "v1_dedicated",
             "yes": True, **flags}
     box: dict = {}
@@ -274,6 +275,8 @@ def _start_streaming(fleet, project, **flags) -> tuple[str, threading.Thread, di
                 for line in response.iter_lines():
                     event = json.loads(line)
                     box.setdefault("events", []).append(event)
+                    if on_event is not None:
+                        on_event(event)
                     if event.get("event") == "started":
                         box["id"] = event["migrationId"]
                         started.set()
@@ -296,7 +299,7 @@ def _big_tenant(fleet, name: str) -> tuple[dict, str, str]:
 
 
 # The copy under the write lock (offline), and the copy from a slot's snapshot that the sync follows.
-COPY_PHASE = {False: "dump", True: "sync"}
+COPY_PHASE = {False: "copy", True: "sync"}
 
 
 def _sync_left(fleet, schema: str) -> list:
@@ -333,19 +336,19 @@ def test_controller_killed_during_restore_rolls_back(fleet, online):
     assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "400003"
 
 
-def test_db_agent_killed_during_dump_rolls_back_and_keeps_the_source(fleet):
+def test_db_agent_killed_during_the_copy_rolls_back_and_keeps_the_source(fleet):
     project, secret, schema = _big_tenant(fleet, "Killed Agent")
     migration_id, thread, box = _start_streaming(fleet, project, dropSourceAfter=True, online=False)
-    _wait_phase(fleet, migration_id, ("dump",))
+    _wait_phase(fleet, migration_id, ("copy",))
     fleet.kill_process("dev-db")
     fleet.restart()
     thread.join(120)
     result = box["events"][-1]
-    assert result["event"] == "result" and result["ok"] is False and result["phase"] == "dump"
+    assert result["event"] == "result" and result["ok"] is False and result["phase"] == "copy"
     # Only the project's owner (or an admin) reads a migration by its id.
     stranger = fleet.add_user(f"stranger-{migration_id[:8]}")
     assert fleet.api("GET", f"migrations/{migration_id}", token=stranger).status_code == 404
-    assert fleet.api("GET", f"migrations/{migration_id}").json()["phase"] == "dump"
+    assert fleet.api("GET", f"migrations/{migration_id}").json()["phase"] == "copy"
     detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
     assert detail["mode"] == "v2_shared" and detail["maintenance"] is False
     assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400002,)]
@@ -377,6 +380,88 @@ def test_db_agent_killed_during_an_online_sync_ends_well_and_leaves_no_slot(flee
     else:
         assert detail["mode"] == "v2_shared"
         assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400003,)]
+
+
+class _Writer:
+    """Writes through the gateway as an app would, one row at a time, until stopped; a refused
+    write (maintenance, 503) is sent again. Keeps the titles whose writes were acknowledged."""
+
+    def __init__(self, fleet, project, secret: str, tag: str):
+        self.fleet, self.project, self.token, self.tag = fleet, project, app_token(secret), tag
+        self.acked: list[str] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self.stopped.is_set():
+            title = f"{self.tag}-{n}"
+            try:
+                r = self.fleet.gateway("POST", self.fleet.host(self.project), "/todos", self.token,
+                                       json={"title": title})
+            except httpx.HTTPError:
+                r = None
+            if r is not None and r.status_code == 201:
+                self.acked.append(title)
+                n += 1
+            time.sleep(0.05)
+
+    def stop(self) -> list[str]:
+        self.stopped.set()
+        self.thread.join(30)
+        return self.acked
+
+
+def _serving_titles(fleet, project, schema: str, tag: str) -> set[str]:
+    """The writer's rows on whichever copy the project now serves from."""
+    query = f"SELECT title FROM {schema}.todos WHERE starts_with(title, '{tag}-')"
+    if _mode(fleet, project) == "v1_dedicated":
+        return set(filter(None, _dedicated_sql(project, query).splitlines()))
+    return {r[0] for r in fleet.shared_sql(query)}
+
+
+@pytest.mark.parametrize("killed,at", [("dev-db", "lock"), ("controller", "drain")],
+                         ids=["db-agent-at-the-pause", "controller-in-the-drain"])
+def test_a_process_killed_during_the_online_cutover_ends_well_with_no_write_lost(fleet, killed, at):
+    """The pause of an online run lasts well under a second: the kill is sent as the stream reports
+    the step, so it lands inside the cutover. Whichever way the run ends (rolled back before the
+    flip, finished after it), every acknowledged write is where the project serves, nothing is
+    left in maintenance and no replication slot stays on the shared cluster."""
+    project, secret, schema = _big_tenant(fleet, f"Cut {killed}")
+    writer = _Writer(fleet, project, secret, f"cut-{killed}")
+    seen: list[str] = []
+    done = threading.Event()
+
+    def kill_at_the_step(event: dict) -> None:
+        if event.get("event") == "phase":
+            seen.append(event["phase"])
+            if event["phase"] == at and not done.is_set():
+                fleet.kill_process(killed)
+                seen.append("killed")
+                done.set()
+
+    migration_id, thread, box = _start_streaming(fleet, project, on_event=kill_at_the_step, online=True)
+    assert migration_id
+    assert done.wait(240), (seen, box.get("events", [])[-1:])
+    # Killed as the step began: no later step had been reported.
+    assert seen.index("killed") == seen.index(at) + 1 and "unlock" not in seen, seen
+    fleet.restart()
+    thread.join(240)
+    wait_until(lambda: fleet.api("GET", f"migrations/{migration_id}").json().get("running") is not True, 180,
+               "the migration to settle")
+    status = fleet.api("GET", f"migrations/{migration_id}").json()
+    assert status["state"] in ("succeeded", "rolled_back"), status
+    assert "rollback incomplete" not in (status.get("error") or "")
+    wait_until(lambda: fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret),
+                                     json={"title": "after the cut"}).status_code == 201, 30, "writes to resume")
+    acked = writer.stop()
+    detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
+    assert detail["maintenance"] is False
+    assert detail["mode"] == ("v1_dedicated" if status["state"] == "succeeded" else "v2_shared")
+    missing = set(acked) - _serving_titles(fleet, project, schema, f"cut-{killed}")
+    assert acked and not missing, sorted(missing)[:5]
+    assert _sync_left(fleet, schema) == []
 
 
 def test_missing_pg_dump_on_the_db_host_is_reported_by_the_dry_run_and_refused(fleet):

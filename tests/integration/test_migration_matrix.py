@@ -135,16 +135,28 @@ class Agents:
         return {"locked": True, "changed": True, "tables": 1}
 
     def tenant_dump(self, p):
-        assert p["target_major"] == 15
         if p.get("require_guard") and not self.hosts.guard:
             raise AssertionError("dump without the guard")
-        self.require_stack()["rows"] = self.hosts.pooled_rows
+        if p.get("target_url"):
+            assert p["target_major"] == 15
+            self.require_stack()["rows"] = self.hosts.pooled_rows
+        if self.step == "keep":
+            # After the cutover, from the pooled copy as it was frozen: what the stack started from.
+            assert self.hosts.pooled and not self.hosts.pooled_takes_writes(), "keep from a copy that takes writes"
+            assert p["frozen_copy"]
         self.dumps.append(p["name"])
         if p.get("sync"):
             assert not p.get("require_guard")
             self.hosts.sync_slot = self.hosts.syncing = True
         return {**({"sync_lsn": "0/16B3748"} if p.get("sync") else {}), "path": f"/spool/dumps/{p['name']}.sql.enc", "bytes": 1040, "sha256": "ab" * 32, "sql_bytes": 1000,
                 "sql_sha256": "cd" * 32, "seconds": 0.1, "tables": 1, "restored": True, "ledger_rows": 0}
+
+    def tenant_copy(self, p):
+        if p.get("require_guard") and not self.hosts.guard:
+            raise AssertionError("copy without the guard")
+        self.require_stack()["rows"] = self.hosts.pooled_rows
+        return {"tables": 1, "rows": self.hosts.pooled_rows, "bytes": 1000, "ledger_rows": 0, "seconds": 0.1,
+                "phases": {"total": 0.1}}
 
     def tenant_sync_status(self, p):
         if p.get("direction") == "back":
@@ -155,6 +167,10 @@ class Agents:
                 "transactions": 3}
 
     def tenant_sync_check(self, p):
+        if p.get("direction") == "back":
+            assert self.hosts.back_slot and self.hosts.pooled, "a check after the cutover with no way back"
+            return {"lsn": "0/16B3A00", "tables": {"orders": self.hosts.pooled_rows}, "seconds": 0.01,
+                    "problems": []}
         assert self.hosts.syncing, "a checkpoint without a running sync"
         return {"lsn": "0/16B3800", "tables": {"orders": self.hosts.pooled_rows}, "seconds": 0.01}
 
@@ -311,12 +327,14 @@ FULL = Options(yes=True, new_jwt_secret=True, drop_source_after=True, online=Fal
 STAGED = Options(yes=True, staged=True, online=False)
 # Every job of every step, in the order a full rotating migration with --drop-source-after runs them.
 FULL_JOBS = [("preflight", "tenant.preflight"), ("provision", "stack.provision"), ("provision", "stack.image_info"),
-             ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("dump", "tenant.dump"),
+             ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("copy", "tenant.copy"),
              ("bootstrap", "stack.bootstrap"), ("verify", "tenant.verify"), ("probe", "stack.probe"),
              ("flip", "gateway.sync"), ("unlock", "tenant.unlock"), ("unlock", "gateway.sync"),
-             ("drop_source", "tenant.dump_remove"), ("drop_source", "tenant.drop")]
-STAGED_JOBS = FULL_JOBS[:9] + [("unlock", "tenant.unlock"), ("unlock", "gateway.sync")]
-AFTER_CUTOVER = {"unlock", "drop_source"}
+             ("keep", "tenant.dump"), ("drop_source", "tenant.dump_remove"), ("drop_source", "tenant.drop")]
+# A staged run keeps the pooled copy writable after it, so its dump file is written under the lock.
+STAGED_JOBS = FULL_JOBS[:5] + [("dump", "tenant.dump")] + FULL_JOBS[6:9] + [("unlock", "tenant.unlock"),
+                                                                          ("unlock", "gateway.sync")]
+AFTER_CUTOVER = {"unlock", "keep", "drop_source"}
 
 ROLLED_BACK = {"migration": "rolled_back", "mode": POOLED, "route": "pool", "maintenance": (False, False),
                "guard": False, "pooled_takes_writes": True, "pooled": True, "dedicated_takes_writes": False,
@@ -332,7 +350,7 @@ def test_the_matrix_covers_every_job_of_every_step(catalog_url):
     assert done["end"] == MIGRATED and done["final"]["state"] == "succeeded"
     migrating = [s for s in done["seen"] if s[0] in {step for step, _ in FULL_JOBS}]
     assert migrating == FULL_JOBS, migrating
-    assert [s["status"] for s in done["status"]["steps"]] == ["done"] * 10
+    assert [s["status"] for s in done["status"]["steps"]] == ["done"] * 11
     assert done["secret"] != done["old_secret"] and done["hosts"].stack["secret"] == done["secret"]
     # The dump file is in the catalog, and went (named) before the pooled copy was dropped.
     assert done["dump_files"] == [(f"/spool/dumps/{done['hosts_dumps'][0]}.sql.enc", "tenant_dropped")]
@@ -443,7 +461,8 @@ def test_a_migration_recorded_before_steps_had_rows_resumes_after_cutover_withou
                                     "DELETE FROM migration_steps WHERE migration_id = %s", resume=True)
 
     end, seen = asyncio.run(scenario())
-    assert [kind for _, kind in seen] == ["tenant.unlock", "gateway.sync"], seen
+    # The dump file the run had not kept yet is made from the frozen pooled copy; nothing else moves.
+    assert [kind for _, kind in seen] == ["tenant.unlock", "gateway.sync", "tenant.dump"], seen
     assert end == {**MIGRATED, "pooled": True, "kept_copy": 8192}
 
 
@@ -467,8 +486,9 @@ ONLINE_JOBS = [("preflight", "tenant.preflight"), ("provision", "stack.provision
                ("catch_up", "tenant.sync_check"), ("catch_up", "tenant.sync_status"), ("probe", "stack.probe"),
                ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("drain", "tenant.sync_status"),
                ("drain", "tenant.sync_drain"), ("flip", "gateway.sync"), ("unlock", "tenant.unlock"),
-               ("unlock", "gateway.sync"), ("sync_end", "tenant.sync_stop"), ("follow_back", "tenant.sync_status")]
-ONLINE_AFTER_CUTOVER = {"flip", "unlock", "sync_end", "follow_back"}
+               ("unlock", "gateway.sync"), ("sync_end", "tenant.sync_stop"), ("follow_back", "tenant.sync_status"),
+               ("confirm", "tenant.sync_check")]
+ONLINE_AFTER_CUTOVER = {"flip", "unlock", "sync_end", "follow_back", "confirm"}
 MIGRATED_ONLINE = {**MIGRATED, "pooled": True, "kept_copy": 8192, "slots": (False, True)}
 
 
@@ -477,6 +497,8 @@ def test_the_online_matrix_covers_every_job_of_every_step(catalog_url):
     assert done["end"] == MIGRATED_ONLINE and done["final"]["state"] == "succeeded"
     assert [s for s in done["seen"] if s[0] in {step for step, _ in ONLINE_JOBS}] == ONLINE_JOBS
     assert "until" in done["final"]["rollback"] and done["final"]["sync"]["pauseLsn"] == "0/16B3900"
+    assert done["final"]["confirmed"] == {"lsn": "0/16B3A00", "tables": {"orders": 42}, "seconds": 0.01,
+                                          "problems": []}
 
 
 @pytest.mark.parametrize("how", ["fail", "stop"])

@@ -9,7 +9,7 @@ import pytest
 
 from tests.writer import Writer as GatewayWriter
 from tests.support import LocalFleet, app_token, wait_until
-from tests.integration.test_migrate import FILES, _dedicated_sql, _mode, _schema
+from tests.integration.test_migrate import FILES, _containers, _dedicated_sql, _mode, _schema, _start_streaming
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_an_online_migrate_loses_no_write_and_leaves_no_slot(fleet):
     dry = fleet.migrate(project, dryRun=True, yes=False).json()
     assert dry["ok"] and dry["plan"]["online"] is True, dry
     assert dry["plan"]["steps"] == ["preflight", "provision", "sync", "bootstrap", "catch_up", "probe", "lock",
-                                    "drain", "flip", "unlock", "sync_end", "follow_back"]
+                                    "drain", "flip", "unlock", "sync_end", "follow_back", "confirm"]
     assert dry["preflight"]["logicalReplication"]["wal_level"] == "logical"
     with Writer(fleet, project) as writer:
         time.sleep(1)
@@ -72,6 +72,8 @@ def test_an_online_migrate_loses_no_write_and_leaves_no_slot(fleet):
         time.sleep(1)
     assert result["state"] == "succeeded", result
     assert result["sync"]["pauseLsn"] and result["sync"]["lagBytesAtPause"] >= 0
+    # Checked again after the cutover, against the pooled copy that follows the stack.
+    assert result["confirmed"]["problems"] == [] and result["confirmed"]["tables"]["todos"] > 20000
     assert _mode(fleet, project) == "v1_dedicated"
     # The new stack took the copy in bulk-load mode, and left it before the sync applied a change.
     assert result["dump"]["bulkLoadRestartSeconds"] > 0
@@ -87,6 +89,45 @@ def test_an_online_migrate_loses_no_write_and_leaves_no_slot(fleet):
     assert _sync_objects(fleet) == []
     assert _dedicated_sql(project, "SELECT count(*) FROM pg_subscription") == "0"
     print(f"max gap between acknowledged writes: {writer.max_gap():.2f}s")
+
+
+def test_copies_that_differ_after_the_cutover_move_the_project_back_with_every_write(fleet):
+    """The check after the cutover compares the stack with the kept pooled copy; here a row put
+    into the pooled copy behind the migration's back (after the unlock froze it) makes them differ,
+    and the project goes back to v2_shared at once, with every acknowledged write."""
+    project = _new(fleet, "Differs Later")
+    schema = _schema(fleet, project)
+    fleet.shared_sql(f"INSERT INTO {schema}.todos (owner, title) SELECT 'seed', 'seed ' || g"
+                     " FROM generate_series(1, 5000) g")
+
+    def tamper(event: dict) -> None:
+        if event.get("event") == "phase" and event["phase"] == "sync_end":
+            fleet.shared_sql(f"INSERT INTO {schema}.todos (id, owner, title) VALUES (900000001, 'x', 'stray')")
+
+    with Writer(fleet, project) as writer:
+        time.sleep(1)
+        migration_id, thread, box = _start_streaming(fleet, project, on_event=tamper, online=True)
+        thread.join(300)
+        time.sleep(1)
+    result = box["events"][-1]
+    assert result["event"] == "result" and result["state"] == "rolled_back", result
+    assert result["phase"] == "confirm" and "differ after the cutover" in result["error"], result
+    assert "table todos: source" in result["error"] and "moved back to v2_shared" in result["error"]
+    assert "move_back" in [e.get("phase") for e in box["events"]]
+    status = fleet.api("GET", f"migrations/{migration_id}").json()
+    assert status["state"] == "rolled_back"
+    assert _mode(fleet, project) == "v2_shared"
+    detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
+    assert detail["maintenance"] is False
+    pooled = {r[0] for r in fleet.shared_sql(f"SELECT title FROM {schema}.todos WHERE owner = 'writer'")}
+    acked = {f"w{i}" for i in writer.acked_ids}
+    assert len(acked) > 20 and acked <= pooled, sorted(acked - pooled)[:10]
+    assert _only_paused(writer.refused), writer.refused
+    # The stack stays for inspection; no slot or publication is left on the shared cluster.
+    assert _containers(project) != [] and _sync_objects(fleet) == []
+    write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(project["projectJwtSecret"], sub="w"),
+                          json={"title": "pooled again"})
+    assert write.status_code == 201, write.text
 
 
 def test_the_dry_run_names_what_stops_an_online_sync_and_falls_back(fleet):
