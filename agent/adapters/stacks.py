@@ -10,6 +10,7 @@ used, started, stopped or removed only if its `flux.project` label is the projec
 any other object there fails the step with an error naming it, and is left as it is.
 """
 
+import os
 import re
 import socket
 import threading
@@ -46,7 +47,13 @@ DB_COMMAND = ["postgres", "-c", "wal_level=logical"]
 # data the page cache loses the rows before the indexes are built from them (at 1.2 GB and 512
 # MiB, building the key took 1.2 s instead of 0.4 s). Nothing can stream or decode from it
 # meanwhile: bootstrap (after the copy) makes it again with DB_COMMAND and the usual limits.
-BULK_LOAD_COMMAND = ["postgres", "-c", "wal_level=minimal", "-c", "max_wal_senders=0"]
+# It runs with fsync off too: the load's files then reach the disk as the kernel writes them back
+# rather than in one synchronous burst at each table's commit (at 1.2 GB the copy took 2.7 to 5.5
+# s with it, 2.7 to 3.0 s without). What was loaded is made durable before the stack is used:
+# end_bulk_load stops the database cleanly and syncs the file systems before it starts again with
+# fsync on, as PostgreSQL's documentation asks when fsync is turned back on. A crash of the host
+# before that loses only a stack no one uses yet (the migration rolls back and removes it).
+BULK_LOAD_COMMAND = ["postgres", "-c", "wal_level=minimal", "-c", "max_wal_senders=0", "-c", "fsync=off"]
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,9 @@ def end_bulk_load(engine, settings: DockerSettings, spec: StackSpec) -> float | 
     if restart:
         restart.start()
     db.remove()
+    # Every file the load wrote, on the disk before fsync is on again (the volume is on this host's
+    # engine, beside this agent).
+    os.sync()
     _run_db(engine, settings, spec, port, DB_COMMAND)
     wait_for_db(_db_url(spec, settings, port))
     if restart:

@@ -47,10 +47,15 @@ def wal_level(url: str) -> str:
         return conn.execute("SHOW wal_level").fetchone()[0]
 
 
+def fsync(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SHOW fsync").fetchone()[0]
+
+
 def test_a_stack_leaves_bulk_load_mode_at_bootstrap_with_its_rows(docker_engine, settings, spec):
     provisioned = stacks.provision(spec, settings)
     url = stacks.admin_url(spec, settings)
-    assert wal_level(url) == "minimal" and limits(docker_engine, spec) == (0, 0)
+    assert wal_level(url) == "minimal" and limits(docker_engine, spec) == (0, 0) and fsync(url) == "off"
     with psycopg.connect(url, autocommit=True) as conn:
         # What the copy does: a table emptied in the loading transaction takes rows without WAL.
         conn.execute("CREATE TABLE public.loaded (id int PRIMARY KEY, body text)")
@@ -63,6 +68,8 @@ def test_a_stack_leaves_bulk_load_mode_at_bootstrap_with_its_rows(docker_engine,
     assert done["restarted_s"] > 0 and done["role bootstrap"] in ("ok", "changed")
     assert stacks.admin_url(usual, settings) == url  # same port, same password
     assert wal_level(url) == "logical" and limits(docker_engine, spec) == (settings.cpus, 512 * 1024 * 1024)
+    # Durable from here on: the load was synced to the disk before fsync came back on.
+    assert fsync(url) == "on"
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*), sum(id) FROM public.loaded").fetchone() == (5000, 5000 * 5001 // 2)
         conn.execute("SELECT pg_create_logical_replication_slot('flux_bulk_check', 'pgoutput')")
