@@ -237,6 +237,16 @@ def is_frozen(conn, tenant: "Tenant") -> bool:
 WRITE_PRIVILEGES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
 
 
+def kept_copy_reader(conn, tenant: "Tenant", admin_url: str) -> str:
+    """The connection string a dump of the kept read-only copy of a migrated project reads with:
+    the agent's own, as the copy's owner logs in no more. Never for a live tenant, which is only
+    ever read as itself."""
+    if not is_frozen(conn, tenant):
+        raise AgentError(f"{tenant.schema} is not the kept read-only copy of a migrated project",
+                         kind=FailureKind.CONFLICT)
+    return admin_url
+
+
 def write_grants(conn, tenant: "Tenant") -> list[tuple[str, str]]:
     """(table, privilege) for each write privilege the tenant's runtime role holds on its tables."""
     return [(t, p) for t, p in conn.execute(

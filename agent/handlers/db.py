@@ -139,10 +139,7 @@ def _frozen_copy_url(ctx: JobContext, tenant) -> str:
     longer logs in. Only such a copy: a live tenant is always read as itself."""
     db = _db_settings(ctx)
     with tenants.connect(db) as conn:
-        if not tenants.is_frozen(conn, tenant):
-            raise AgentError(f"{tenant.schema} is not the kept read-only copy of a migrated project",
-                             kind=FailureKind.CONFLICT)
-    return db.shared_cluster_url
+        return tenants.kept_copy_reader(conn, tenant, db.shared_cluster_url)
 
 
 def _require_guard(ctx: JobContext, tenant) -> None:

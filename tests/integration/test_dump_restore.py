@@ -286,3 +286,39 @@ def test_a_write_guard_whose_freeze_fails_stays_held_until_the_freeze_succeeds(d
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {tenant.schema} CASCADE")
             conn.execute(f"DROP ROLE IF EXISTS {tenant.runtime_role}")
+
+
+def test_only_the_kept_copy_of_a_migrated_project_is_dumped_as_the_agents_role(databases, tenant, tmp_path):
+    """After an offline cutover the dump file is written from the frozen pooled copy, whose owner
+    logs in no more; the agent reads it as its own role then, and never a live tenant that way."""
+    from agent.adapters.dumps import dump
+    from agent.adapters.tenants import freeze, kept_copy_reader
+    from agent.errors import AgentError
+
+    source = databases[0]
+    with psycopg.connect(source, autocommit=True) as conn:
+        for role in (tenant.owner_role, tenant.runtime_role):
+            conn.execute(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN")
+        conn.execute("CREATE SCHEMA flux_private; CREATE TABLE flux_private.frozen_grants (schema_name text,"
+                     " table_name text, privilege text, PRIMARY KEY (schema_name, table_name, privilege))")
+        conn.execute(f"CREATE SCHEMA {tenant.schema} AUTHORIZATION {tenant.owner_role};"
+                     f" COMMENT ON SCHEMA {tenant.schema} IS '{tenant.comment}';"
+                     f" CREATE TABLE {tenant.schema}.notes (id int, body text);"
+                     f" ALTER TABLE {tenant.schema}.notes OWNER TO {tenant.owner_role};"
+                     f" INSERT INTO {tenant.schema}.notes VALUES (1, 'kept-row')")
+    try:
+        with psycopg.connect(source, autocommit=True) as conn:
+            with pytest.raises(AgentError, match="is not the kept read-only copy") as caught:
+                kept_copy_reader(conn, tenant, source)
+            assert caught.value.kind == FailureKind.CONFLICT
+            freeze(conn, tenant)
+            reader = kept_copy_reader(conn, tenant, source)
+            assert conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s",
+                                (tenant.owner_role,)).fetchone() == (False,)
+        result = dump(reader, tenant, tmp_path, "kept", key=KEY)
+        assert b"kept-row" in b"".join(read_sql(result["path"], KEY))
+    finally:
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {tenant.schema} CASCADE; DROP SCHEMA IF EXISTS flux_private CASCADE")
+            for role in (tenant.owner_role, tenant.runtime_role):
+                conn.execute(f"DROP ROLE IF EXISTS {role}")
