@@ -45,6 +45,12 @@ class TooLarge(FluxError):
     status = 413
 
 
+class NotImplementedHere(FluxError):
+    """A route of the hosted service that a self-hosted fleet has no meaning for."""
+
+    status = 501
+
+
 class Unavailable(FluxError):
     """A dependency (an agent, the catalog) cannot be reached right now."""
 

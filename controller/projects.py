@@ -37,6 +37,13 @@ TENANT_JOB_TIMEOUT_S = 60
 STACK_JOB_TIMEOUT_S = 300
 OBSERVE_TIMEOUT_S = 10
 PUSH_TIMEOUT_S = 300
+# Operations a project's activity lists at most, and the length of one's detail.
+MAX_ACTIVITY = 200
+MAX_DETAIL = 500
+# What an owner may record about a project (GET / PATCH projects/:hash/metadata).
+METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_METADATA_KEYS = 64
+MAX_METADATA_VALUE = 1024
 # The anon and service-role keys: a key is reissued every KEY_PERIOD_S and lives KEY_LIFETIME_S,
 # so the one shown has at least two months left and stays within the gateways' default
 # maximum token lifetime (agent/settings.py).
@@ -421,15 +428,66 @@ class Projects:
         await self.not_migrating(project)
         for item in files:
             item.setdefault("checksum", hashlib.sha256(item.get("sql", "").encode()).hexdigest())
-        if project.mode == POOLED:
-            output = await self.fleet.run(project.db_agent, "tenant.push",
-                                          {**self.tenant_params(project), "files": files, "dry_run": dry_run},
-                                          timeout=PUSH_TIMEOUT_S)
-        else:
-            output = await self.fleet.run(project.docker_agent, "stack.push",
-                                          {**self.stack_params(project, True), "files": files, "dry_run": dry_run},
-                                          timeout=PUSH_TIMEOUT_S)
+        try:
+            if project.mode == POOLED:
+                output = await self.fleet.run(project.db_agent, "tenant.push",
+                                              {**self.tenant_params(project), "files": files, "dry_run": dry_run},
+                                              timeout=PUSH_TIMEOUT_S)
+            else:
+                output = await self.fleet.run(project.docker_agent, "stack.push",
+                                              {**self.stack_params(project, True), "files": files,
+                                               "dry_run": dry_run}, timeout=PUSH_TIMEOUT_S)
+        except FluxError as exc:
+            if not dry_run:
+                await self.catalog.record_operation(project.id, "push", "failed", exc.message[:MAX_DETAIL])
+            raise
+        if not dry_run:
+            applied = output["applied"]
+            await self.catalog.record_operation(
+                project.id, "push", "succeeded",
+                (f"applied {', '.join(applied)}" if applied else "nothing new")[:MAX_DETAIL]
+                + (f"; {len(output['skipped'])} already applied" if output["skipped"] else ""))
         return {"ok": True, **output}
+
+    async def metadata(self, project: Project) -> dict:
+        """The project as the catalog knows it, and what its owner recorded about it."""
+        row = await self.catalog.project_metadata(project.id)
+        return {"slug": project.slug, "hash": project.hash, "name": project.name, "mode": project.mode,
+                "lifecycle": project.lifecycle, "createdAt": project.created_at.isoformat(),
+                "metadata": row["metadata"] if row else {},
+                "updatedAt": row["updated_at"].isoformat() if row else None}
+
+    async def change_metadata(self, project: Project, changes) -> dict:
+        """Sets each key of `changes` to its string value, or removes it where the value is null."""
+        if not isinstance(changes, dict) or not changes:
+            raise BadRequest("metadata must be a non-empty object of keys to set (string values) or remove (null)")
+        for key, value in changes.items():
+            if not METADATA_KEY.fullmatch(key):
+                raise BadRequest(f"metadata key {key[:80]!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_METADATA_VALUE):
+                raise BadRequest(f"metadata key {key!r}: the value must be a string of at most "
+                                 f"{MAX_METADATA_VALUE} characters, or null to remove the key")
+        row = await self.catalog.project_metadata(project.id)
+        merged = {**(row["metadata"] if row else {}), **changes}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        if len(merged) > MAX_METADATA_KEYS:
+            raise BadRequest(f"metadata holds at most {MAX_METADATA_KEYS} keys; this change would make {len(merged)}")
+        await self.catalog.set_project_metadata(project.id, merged)
+        return await self.metadata(project)
+
+    async def activity(self, project: Project, limit: int) -> dict:
+        """What was done to the project, newest first: operations (create, push, start, stop, repair,
+        discard, cleanup) and migrations, each with its outcome."""
+        if not 1 <= limit <= MAX_ACTIVITY:
+            raise BadRequest(f"limit must be between 1 and {MAX_ACTIVITY} (got {limit})")
+        items = [{"kind": op["kind"], "outcome": op["outcome"], "detail": op["detail"], "at": op["at"]}
+                 for op in await self.catalog.operations_of(project.id, limit)]
+        for row in await self.catalog.migrations_of(project.id, limit=limit):
+            items.append({"kind": f"migrate ({row.kind})", "outcome": row.state, "detail": row.error,
+                          "at": row.finished_at or row.started_at, "migrationId": row.id})
+        items.sort(key=lambda item: item["at"], reverse=True)
+        return {"slug": project.slug, "hash": project.hash,
+                "activity": [{**item, "at": item["at"].isoformat()} for item in items[:limit]]}
 
     async def discard_staged_stack(self, project: Project, during_migration: bool = False) -> dict:
         """Removes a pooled project's staged stack and its data; the pooled project serves on."""

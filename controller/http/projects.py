@@ -5,7 +5,7 @@ import hashlib
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from ..errors import BadRequest
+from ..errors import BadRequest, NotImplementedHere
 from ..gateways import service_url
 from ..projects import POOLED_NOTE, kept_copy, list_item
 from ..store import User
@@ -103,6 +103,42 @@ async def project_dumps(hash_: str, slug: str | None = None, all: bool = False, 
                         s: Services = Depends(services)):
     """The project's dump files (those removed too with `all`), each as its db host sees it now."""
     return await s.projects.dump_files.listing(await s.projects.get(user, hash_, slug), removed_too=all)
+
+
+@router.get("/projects/{hash_}/activity")
+async def project_activity(hash_: str, limit: int = 20, user: User = Depends(current_user),
+                           s: Services = Depends(services)):
+    """What was done to the project, newest first (operations and migrations, with outcomes)."""
+    return await s.projects.activity(await s.projects.get(user, hash_), limit)
+
+
+@router.get("/projects/{hash_}/metadata")
+async def project_metadata(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
+    return await s.projects.metadata(await s.projects.get(user, hash_))
+
+
+@router.patch("/projects/{hash_}/metadata")
+async def change_project_metadata(hash_: str, request: Request, user: User = Depends(current_user),
+                                  s: Services = Depends(services)):
+    """Body {"metadata": {key: "value" | null}}: sets each key, or removes it where null."""
+    body = await read_json(request)
+    if set(body) != {"metadata"}:
+        raise BadRequest('send {"metadata": {"key": "value", "other": null}}: values set keys, null removes them')
+    return await s.projects.change_metadata(await s.projects.get(user, hash_), body["metadata"])
+
+
+# Parts of the hosted service's API with no meaning on a self-hosted fleet.
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+HOSTED_ONLY = "AI summaries and MCP intents are features of the hosted Flux service; a self-hosted fleet has none"
+
+
+@router.api_route("/ai/{rest:path}", methods=ANY_METHOD, include_in_schema=False)
+@router.api_route("/mcp/{rest:path}", methods=ANY_METHOD, include_in_schema=False)
+@router.api_route("/projects/{hash_}/ai-summary", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/projects/{hash_}/ai/{rest:path}", methods=ANY_METHOD, include_in_schema=False)
+@router.api_route("/projects/{hash_}/mcp/{rest:path}", methods=ANY_METHOD, include_in_schema=False)
+async def hosted_only(request: Request, user: User = Depends(current_user)):
+    raise NotImplementedHere(f"{request.method} {request.url.path}: {HOSTED_ONLY}")
 
 
 @router.post("/projects/{hash_}/lifecycle")

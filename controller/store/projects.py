@@ -1,6 +1,7 @@
 """Projects, their dedicated stacks, routes versions and the operations done on them."""
 
 import datetime
+import json
 from dataclasses import dataclass
 
 import psycopg
@@ -161,6 +162,16 @@ class ProjectStore(Store):
     async def record_operation(self, project_id: str, kind: str, outcome: str, detail: str | None = None) -> None:
         await self._one("INSERT INTO operations (project_id, kind, outcome, detail) VALUES (%s, %s, %s, %s)"
                         " RETURNING 1", (project_id, kind, outcome, detail))
+
+    async def project_metadata(self, project_id: str) -> dict | None:
+        return await self._one("SELECT metadata, updated_at FROM project_metadata WHERE project_id = %s",
+                               (project_id,))
+
+    async def set_project_metadata(self, project_id: str, metadata: dict) -> dict:
+        return await self._one(
+            "INSERT INTO project_metadata (project_id, metadata) VALUES (%s, %s)"
+            " ON CONFLICT (project_id) DO UPDATE SET metadata = EXCLUDED.metadata, updated_at = now()"
+            " RETURNING metadata, updated_at", (project_id, json.dumps(metadata)))
 
     async def operations_of(self, project_id: str, limit: int = 10) -> list[dict]:
         return await self._all("SELECT kind, outcome, detail, at FROM operations WHERE project_id = %s"
