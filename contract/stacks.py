@@ -1,7 +1,7 @@
 """Jobs on a dedicated stack (docker agents): a project's own Postgres and PostgREST containers."""
 
 from .ledger import Ledger, MigrationFile, Pushed
-from .messages import Params, Result, message, wire_field
+from .messages import Message, Params, Result, message, wire_field
 
 
 @message
@@ -109,6 +109,35 @@ class StackRemoveParams(StackRef):
 class StackRemoved(Result):
     KIND = "stack.remove"
     removed: list[str]
+
+
+# stack.find
+
+
+@message
+class StackFindParams(Params):
+    """Every Docker object on the engine labelled with a project hash (a project missing from the
+    catalog leaves them behind: `flux nuke --force` finds and removes them)."""
+    KIND = "stack.find"
+    hash: str
+
+    def check(self) -> None:
+        if not (len(self.hash) == 7 and all(c in "0123456789abcdef" for c in self.hash)):
+            self.refuse("hash", "expected 7 lower-case hex characters")
+
+
+@message
+class FoundStack(Message):
+    project_id: str
+    slug: str
+    # "container NAME", "volume NAME", "network NAME"
+    objects: list[str]
+
+
+@message
+class StackFound(Result):
+    KIND = "stack.find"
+    stacks: list[FoundStack]
 
 
 # stack.probe

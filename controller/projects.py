@@ -21,7 +21,7 @@ from contract import names
 
 from .dumpfiles import DumpFiles
 from .store import Catalog, HashTaken, Project, User
-from .errors import BadRequest, Conflict, FluxError, NotFound, Unavailable
+from .errors import BadRequest, Conflict, FluxError, Forbidden, NotFound, Unavailable
 from .fleet import Fleet, ForeignObjects
 from .gateways import Gateways, service_url
 from .secretbox import SecretBox
@@ -380,8 +380,61 @@ class Projects:
         await self.not_migrating(project, staged_sync_ends=True)
         await self.end_staged_sync(project, "the project was deleted")
         untouched = await self._undo(project)
-        return {"ok": True, "deleted": project.slug, "hash": project.hash,
+        return {"ok": True, "mode": "catalog", "deleted": project.slug, "hash": project.hash,
                 **({"untouched": untouched} if untouched else {})}
+
+    async def nuke(self, user: User, hash_: str, slug: str | None, force: bool) -> dict:
+        """DELETE projects/:hash as existing clients send it: the user's project in the catalog is
+        deleted (mode `catalog`); with `force`, an admin removes what the docker hosts still hold
+        under a hash that no project in the catalog has any more (mode `orphan`)."""
+        hash_ = check_hash(hash_)
+        project = await self.catalog.project_by_hash(user.id, hash_)
+        if project is not None and project.lifecycle not in ("provisioning", "deleting"):
+            return await self.delete(await self.get(user, hash_, slug))
+        if not force:
+            raise NotFound("Project not found for this hash. With force (an admin only), what the docker hosts "
+                           "still hold under it is removed.")
+        if user.cli_role != "admin":
+            raise Forbidden("removing orphaned Docker objects (force, with no project of yours under the hash) "
+                            "needs an admin")
+        removed, kept, problems = [], [], []
+        agents = [a.name for a in await self.catalog.list_agents()
+                  if a.revoked_at is None and "docker" in a.roles and self.fleet.connected(a.name)]
+        for agent in agents:
+            try:
+                found = await self.fleet.run(agent, "stack.find", {"hash": hash_}, timeout=STACK_JOB_TIMEOUT_S)
+            except FluxError as exc:
+                problems.append(f"{agent}: {exc.message}")
+                continue
+            for stack in found["stacks"]:
+                if slug is not None and stack["slug"] != slug:
+                    continue
+                owner = await self._catalog_project(stack["project_id"])
+                if owner is not None:  # a project in the catalog, of another owner: never an orphan
+                    kept.append(f"{agent}: {', '.join(stack['objects'])}")
+                    continue
+                ref = {"project_id": stack["project_id"], "slug": stack["slug"], "hash": hash_,
+                       "api_schema": "api", "app_role": None}
+                try:
+                    out = await self.fleet.run(agent, "stack.remove", ref, timeout=STACK_JOB_TIMEOUT_S)
+                except FluxError as exc:
+                    problems.append(f"{agent}: {exc.message}")
+                    continue
+                removed += [f"{agent}: {name}" for name in out["removed"]]
+        if problems and not removed:
+            raise Unavailable(f"orphaned objects under hash {hash_} could not be removed: {'; '.join(problems)}")
+        if not removed:
+            raise NotFound(f"nothing orphaned under hash {hash_} on the connected docker hosts"
+                           + (" (what is there belongs to a project in the catalog)" if kept else ""))
+        log.warning("removed orphaned Docker objects under hash %s: %s", hash_, "; ".join(removed))
+        return {"ok": True, "mode": "orphan", "hash": hash_, "removed": removed,
+                **({"problems": problems} if problems else {})}
+
+    async def _catalog_project(self, project_id: str) -> Project | None:
+        try:
+            return await self.catalog.project(str(uuid.UUID(project_id)))
+        except ValueError:
+            return None  # a label that is no project id: nothing in the catalog has it
 
     # push, ledger, maintenance
 

@@ -515,6 +515,24 @@ def remove(spec: StackSpec) -> dict:
     return {"removed": removed}
 
 
+def find(hash_: str) -> dict:
+    """The engine's containers, volumes and networks labelled with `hash_`, by the project their
+    `flux.project` label names."""
+    engine = client()
+    found: dict[str, dict] = {}
+    selector = {"label": ["flux.managed=true", f"flux.hash={hash_}"]}
+    for kind, items in (("container", engine.containers.list(all=True, filters=selector)),
+                        ("volume", engine.volumes.list(filters=selector)),
+                        ("network", engine.networks.list(filters=selector))):
+        for item in items:
+            labels = _labels(item)
+            owner = labels.get("flux.project") or ""
+            entry = found.setdefault(owner, {"project_id": owner, "slug": labels.get("flux.slug") or "",
+                                             "objects": []})
+            entry["objects"].append(f"{kind} {item.name}")
+    return {"stacks": list(found.values())}
+
+
 def probe_only(spec: StackSpec, settings: DockerSettings) -> dict:
     engine = client()
     api = _own(engine.containers, "container", spec.api, spec)

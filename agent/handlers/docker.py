@@ -32,6 +32,9 @@ async def stack_remove(ctx: JobContext) -> dict:
     spec, _ = _stack(ctx)
     return await asyncio.to_thread(stacks.remove, spec)
 
+async def stack_find(ctx: JobContext) -> dict:
+    return await asyncio.to_thread(stacks.find, ctx.params.hash)
+
 async def stack_probe(ctx: JobContext) -> dict:
     spec, settings = _stack(ctx)
     return await asyncio.to_thread(stacks.probe_only, spec, settings)
@@ -71,6 +74,7 @@ HANDLERS: dict[str, Handler] = {
     "stack.start": stack_start,
     "stack.stop": stack_stop,
     "stack.remove": stack_remove,
+    "stack.find": stack_find,
     "stack.probe": stack_probe,
     "stack.bootstrap": stack_bootstrap,
     "stack.image_info": stack_image_info,

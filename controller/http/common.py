@@ -92,6 +92,15 @@ def flag(body: dict, key: str, default: bool = False) -> bool:
     return value
 
 
+def query_flag(value: str | None, key: str) -> bool:
+    """A flag in a query string as existing clients send it: absent, 1/true or 0/false."""
+    if value is None or value.lower() in ("0", "false"):
+        return False
+    if value.lower() in ("1", "true"):
+        return True
+    raise BadRequest(f"{key} must be 1, true, 0 or false, got {value[:40]!r}")
+
+
 def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 

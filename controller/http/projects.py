@@ -9,7 +9,7 @@ from ..errors import BadRequest, NotImplementedHere
 from ..gateways import service_url
 from ..projects import POOLED_NOTE, kept_copy, list_item
 from ..store import User
-from .common import PREFIX, Services, current_user, flag, read_json, services
+from .common import PREFIX, Services, current_user, flag, query_flag, read_json, services
 
 router = APIRouter(prefix=PREFIX)
 MAX_PUSH_BYTES = 4 * 1024 * 1024
@@ -155,8 +155,13 @@ async def project_repair(hash_: str, user: User = Depends(current_user), s: Serv
     return await s.projects.repair(await s.projects.get(user, hash_))
 
 @router.delete("/projects/{hash_}")
-async def project_delete(hash_: str, slug: str, user: User = Depends(current_user), s: Services = Depends(services)):
-    return await s.projects.delete(await s.projects.get(user, hash_, slug))
+async def project_delete(hash_: str, slug: str | None = None, force: str | None = None,
+                         skipBackupCheck: str | None = None, user: User = Depends(current_user),
+                         s: Services = Depends(services)):
+    """Deletes the project (mode `catalog`); with force=1 and no project of the user's under the
+    hash, an admin removes the Docker objects left behind under it (mode `orphan`)."""
+    query_flag(skipBackupCheck, "skipBackupCheck")  # no backup gate yet: checked for its form only
+    return await s.projects.nuke(user, hash_, slug, query_flag(force, "force"))
 
 @router.post("/projects/{hash_}/maintenance")
 async def project_maintenance(hash_: str, body: MaintenanceRequest, user: User = Depends(current_user),

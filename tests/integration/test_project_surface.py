@@ -85,3 +85,45 @@ def test_hosted_only_routes_answer_501_with_a_reason(fleet):
         assert "self-hosted" in answered.json()["error"]
         anonymous = fleet.api(method, path, token="none-such")
         assert anonymous.status_code in (401, 429) and "error" in anonymous.json()
+
+
+def _containers(hash_: str) -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["docker", "ps", "-a", "--filter", f"label=flux.hash={hash_}", "--format", "{{.Names}}"],
+                         capture_output=True, text=True, check=True).stdout
+    return sorted(out.split())
+
+
+def test_delete_answers_its_mode_and_force_removes_only_what_no_catalog_project_owns(fleet):
+    orphan = fleet.create("Orphan Stack", mode="v1_dedicated")["summary"]["hash"]
+    assert len(_containers(orphan)) == 2
+    # As a catalog restored from an older backup would leave it: the stack is there, its project is not.
+    assert fleet.catalog_sql("DELETE FROM projects WHERE hash = %s RETURNING 1", (orphan,)) == [(1,)]
+
+    missing = fleet.api("DELETE", f"projects/{orphan}")
+    assert missing.status_code == 404 and "force" in missing.json()["error"]
+    operator = fleet.add_user("nuke-operator")
+    refused = fleet.api("DELETE", f"projects/{orphan}", params={"force": "1"}, token=operator)
+    assert refused.status_code == 403 and "needs an admin" in refused.json()["error"]
+    malformed = fleet.api("DELETE", f"projects/{orphan}", params={"force": "yes"})
+    assert malformed.status_code == 400 and "force must be" in malformed.json()["error"]
+    assert len(_containers(orphan)) == 2  # nothing was touched by the refusals
+
+    nuked = fleet.api("DELETE", f"projects/{orphan}", params={"force": "1", "skipBackupCheck": "true"})
+    assert nuked.status_code == 200, nuked.text
+    body = nuked.json()
+    assert body["ok"] is True and body["mode"] == "orphan"
+    # Its two containers, its volume and its network, each named with the host it was on.
+    assert len(body["removed"]) == 4 and all(item.startswith(f"dev-docker: flux-{orphan}-") for item in body["removed"])
+    assert _containers(orphan) == []
+    assert fleet.api("DELETE", f"projects/{orphan}", params={"force": "1"}).status_code == 404
+
+    # Another owner's project is no orphan, whoever asks and however hard.
+    theirs = fleet.create("Their Stack", token=operator, mode="v1_dedicated")["summary"]
+    left = fleet.api("DELETE", f"projects/{theirs['hash']}", params={"force": "1"})
+    assert left.status_code == 404 and "belongs to a project in the catalog" in left.json()["error"]
+    assert len(_containers(theirs["hash"])) == 2
+    deleted = fleet.api("DELETE", f"projects/{theirs['hash']}", params={"slug": theirs["slug"]}, token=operator)
+    assert deleted.status_code == 200 and deleted.json()["mode"] == "catalog"
+    assert _containers(theirs["hash"]) == []
