@@ -45,22 +45,38 @@ class ApiClient:
     def post(self, path: str, body: dict | None = None, **kwargs):
         return self.request("POST", path, json_body=body or {}, **kwargs)
 
+    def events(self, path: str, params: dict):
+        """GETs server-sent events and yields the JSON object of each `data:` line as it arrives."""
+        try:
+            with self._http.stream("GET", path, params=params, headers={"Accept": "text/event-stream"},
+                                   timeout=httpx.Timeout(30, read=None)) as response:
+                for line in _lines(response):
+                    if line.startswith("data: "):
+                        yield json.loads(line[6:])
+        except httpx.HTTPError as exc:
+            raise CliError(f"lost the connection to the control plane at {self.settings.api_base}: {exc}") from None
+
     def stream(self, path: str, body: dict | None, timeout: float = 6 * 3600):
         """POSTs `body` (GETs when None) and yields the NDJSON objects of the answer as they arrive."""
         headers = {"Accept": "application/x-ndjson", "Content-Type": "application/json"}
         try:
             with self._http.stream("GET" if body is None else "POST", path, json=body, headers=headers,
                                    timeout=httpx.Timeout(30, read=timeout)) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    try:
-                        message = response.json().get("error")
-                    except ValueError:
-                        message = None
-                    raise CliError(message or f"request failed with HTTP {response.status_code}")
-                for line in response.iter_lines():
+                for line in _lines(response):
                     if line.strip():
                         yield json.loads(line)
         except httpx.HTTPError as exc:
             raise CliError(f"lost the connection to the control plane at {self.settings.api_base}: {exc}; "
                            "the migration goes on there (see `flux migrate --help`)") from None
+
+
+def _lines(response):
+    """The lines of a streamed answer; an error answer raises its message instead."""
+    if response.status_code >= 400:
+        response.read()
+        try:
+            message = response.json().get("error")
+        except ValueError:
+            message = None
+        raise CliError(message or f"request failed with HTTP {response.status_code}")
+    return response.iter_lines()

@@ -309,6 +309,28 @@ def delete(slug, hash_, yes, as_json):
                                                + (f" Left alone: {r['untouched']}" if r.get("untouched") else "")))
 
 
+@cli.command()
+@project_options
+@click.option("--service", type=click.Choice(["api", "db"]), default="api", show_default=True,
+              help="the project's PostgREST (api) or Postgres (db) container")
+@click.option("--tail", type=click.IntRange(1, 2000), default=100, show_default=True,
+              help="how many of the last lines to show first")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines as they come (Ctrl-C ends)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line: {line, at}")
+def logs(slug, hash_, service, tail, follow, as_json):
+    """Print the lines a dedicated project's api or db container wrote (a pooled project's staged
+    stack's too). The lines of the pooled API are not collected per project yet."""
+    slug, hash_ = resolve(slug, hash_)
+    params = {"slug": slug, "hash": hash_, "service": service, "tail": tail, "follow": "1" if follow else "0"}
+    try:
+        for event in client().events("logs", params):
+            if "error" in event:
+                raise CliError(f"logs of {slug} stopped: {event['error']}")
+            click.echo(json.dumps(event) if as_json else event["line"])
+    except KeyboardInterrupt:
+        pass
+
+
 @cli.group()
 def project():
     """Credentials and settings of one project."""

@@ -49,6 +49,7 @@ _ALL = [
     _kind(stacks.StackStopParams, stacks.StackStopped, True),
     _kind(stacks.StackRemoveParams, stacks.StackRemoved, True),
     _kind(stacks.StackFindParams, stacks.StackFound, True),
+    _kind(stacks.StackLogsParams, stacks.StackLogs, True),
     _kind(stacks.StackProbeParams, stacks.StackProbed, True),
     _kind(stacks.StackBootstrapParams, stacks.StackBootstrapped, True),
     _kind(stacks.StackImageInfoParams, stacks.StackImage, True),

@@ -140,6 +140,44 @@ class StackFound(Result):
     stacks: list[FoundStack]
 
 
+# stack.logs
+
+
+@message
+class StackLogsParams(StackRef):
+    """Lines one of the stack's containers wrote: the last `tail`, or those after `since`."""
+    KIND = "stack.logs"
+    service: str
+    tail: int = 100
+    # A timestamp the engine gave a line before (RFC 3339, nanoseconds): only later lines.
+    since: str | None = None
+
+    def check(self) -> None:
+        if self.service not in ("api", "db"):
+            self.refuse("service", "must be api or db")
+        if not 1 <= self.tail <= MAX_LOG_LINES:
+            self.refuse("tail", f"must be between 1 and {MAX_LOG_LINES}")
+
+
+MAX_LOG_LINES = 2000
+
+
+@message
+class LogLine(Message):
+    at: str
+    line: str
+
+
+@message
+class StackLogs(Result):
+    KIND = "stack.logs"
+    lines: list[LogLine]
+    # Whether the container runs (a stopped one's last lines are still there).
+    running: bool
+    # Where the next call takes up (its since): the last line's timestamp, or the engine host's time.
+    until: str
+
+
 # stack.probe
 
 

@@ -40,6 +40,8 @@ PUSH_TIMEOUT_S = 300
 # Operations a project's activity lists at most, and the length of one's detail.
 MAX_ACTIVITY = 200
 MAX_DETAIL = 500
+MAX_LOG_TAIL = 2000
+LOGS_TIMEOUT_S = 30
 # What an owner may record about a project (GET / PATCH projects/:hash/metadata).
 METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_METADATA_KEYS = 64
@@ -527,6 +529,20 @@ class Projects:
             raise BadRequest(f"metadata holds at most {MAX_METADATA_KEYS} keys; this change would make {len(merged)}")
         await self.catalog.set_project_metadata(project.id, merged)
         return await self.metadata(project)
+
+    async def logs(self, project: Project, service: str, tail: int, since: str | None = None) -> dict:
+        """Lines of the project's own api or db container (a dedicated project's, or a pooled one's
+        staged stack): the last `tail`, or those after `since`."""
+        if service not in ("api", "db"):
+            raise BadRequest(f"service must be api or db, got {service[:40]!r}")
+        if not 1 <= tail <= MAX_LOG_TAIL:
+            raise BadRequest(f"tail must be between 1 and {MAX_LOG_TAIL} (got {tail})")
+        if not project.docker_agent:
+            raise BadRequest(f"{project.slug} is a pooled project: it has no containers of its own, and the lines "
+                             "of the pooled API that concern it are not collected by the control plane yet")
+        return await self.fleet.run(project.docker_agent, "stack.logs",
+                                    {**self.stack_params(project), "service": service, "tail": tail, "since": since},
+                                    timeout=LOGS_TIMEOUT_S)
 
     async def activity(self, project: Project, limit: int) -> dict:
         """What was done to the project, newest first: operations (create, push, start, stop, repair,

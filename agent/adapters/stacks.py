@@ -10,6 +10,7 @@ used, started, stopped or removed only if its `flux.project` label is the projec
 any other object there fails the step with an error naming it, and is left as it is.
 """
 
+import datetime
 import os
 import re
 import socket
@@ -513,6 +514,49 @@ def remove(spec: StackSpec) -> dict:
     if refused:
         raise _refuse(refused)
     return {"removed": removed}
+
+
+# A log line longer than this is cut (a job's result must stay well under a message's limit).
+MAX_LOG_LINE = 4096
+
+
+def logs(spec: StackSpec, service: str, tail: int, since: str | None) -> dict:
+    """The last `tail` lines of the stack's api or db container, or at most `tail` of those after
+    `since` (an engine timestamp of a line seen before, or an `until` this returned); each with
+    the engine's timestamp. `until` is where the next call takes up."""
+    engine = client()
+    name = spec.api if service == "api" else spec.db
+    container = _own(engine.containers, "container", name, spec)
+    if container is None:
+        raise AgentError(f"{name} does not exist", kind=FailureKind.NOT_FOUND)
+    # Read before the lines: a line logged while they are read is after it, and comes next time.
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+    kwargs = {"timestamps": True, "tail": tail}
+    after = _stamp(since) if since else None
+    if after:
+        kwargs.update(since=after[0], tail="all")  # whole seconds: the lines seen before are dropped below
+    raw = container.logs(stdout=True, stderr=True, **kwargs).decode(errors="replace")
+    lines = []
+    for text in raw.splitlines():
+        at, _, line = text.partition(" ")
+        if (after and _stamp(at) <= after) or (not after and _stamp(at) > _stamp(now)):
+            continue  # seen before, or one the next call returns
+        lines.append({"at": at, "line": line[:MAX_LOG_LINE]})
+    lines = lines[:tail] if after else lines[-tail:]
+    container.reload()
+    return {"lines": lines, "running": container.status == "running",
+            "until": lines[-1]["at"] if after and len(lines) == tail else now}
+
+
+def _stamp(stamp: str) -> tuple[int, int]:
+    """(seconds since the epoch, nanoseconds) of an engine timestamp, 2026-11-27T03:12:44.1234Z
+    (RFC 3339 with up to nine digits of fraction, trailing zeros dropped)."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    try:
+        seconds = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.timezone.utc).timestamp()
+        return int(seconds), int((fraction + "000000000")[:9])
+    except ValueError:
+        raise AgentError(f"{stamp[:40]!r} is no engine timestamp", kind=FailureKind.INVALID) from None
 
 
 def find(hash_: str) -> dict:

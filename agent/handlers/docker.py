@@ -35,6 +35,11 @@ async def stack_remove(ctx: JobContext) -> dict:
 async def stack_find(ctx: JobContext) -> dict:
     return await asyncio.to_thread(stacks.find, ctx.params.hash)
 
+async def stack_logs(ctx: JobContext) -> dict:
+    spec, _ = _stack(ctx)
+    p = ctx.params
+    return await asyncio.to_thread(stacks.logs, spec, p.service, p.tail, p.since)
+
 async def stack_probe(ctx: JobContext) -> dict:
     spec, settings = _stack(ctx)
     return await asyncio.to_thread(stacks.probe_only, spec, settings)
@@ -75,6 +80,7 @@ HANDLERS: dict[str, Handler] = {
     "stack.stop": stack_stop,
     "stack.remove": stack_remove,
     "stack.find": stack_find,
+    "stack.logs": stack_logs,
     "stack.probe": stack_probe,
     "stack.bootstrap": stack_bootstrap,
     "stack.image_info": stack_image_info,

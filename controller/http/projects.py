@@ -1,11 +1,14 @@
 """Projects: create, list, show, credentials, lifecycle, maintenance, push and what a migration leaves."""
 
+import asyncio
 import hashlib
+import json
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from ..errors import BadRequest, NotImplementedHere
+from ..errors import BadRequest, FluxError, NotImplementedHere
 from ..gateways import service_url
 from ..projects import POOLED_NOTE, kept_copy, list_item
 from ..store import User
@@ -110,6 +113,44 @@ async def project_activity(hash_: str, limit: int = 20, user: User = Depends(cur
                            s: Services = Depends(services)):
     """What was done to the project, newest first (operations and migrations, with outcomes)."""
     return await s.projects.activity(await s.projects.get(user, hash_), limit)
+
+
+# How often a followed log asks the docker agent for new lines.
+LOG_POLL_S = 1.0
+
+
+@router.get("/logs")
+async def project_logs(request: Request, hash: str, slug: str | None = None, service: str = "api", tail: int = 100,
+                       follow: str | None = None, user: User = Depends(current_user),
+                       s: Services = Depends(services)):
+    """Server-sent events, one per line of the project's api or db container ({"line": ...}, or
+    {"error": ...} once when the lines cannot be read); with follow=1, new lines as they come."""
+    project = await s.projects.get(user, hash, slug)
+    following = query_flag(follow, "follow")
+    first = await s.projects.logs(project, service, tail)  # bad input fails here, as a plain 400
+
+    def event(value: dict) -> str:
+        return f"data: {json.dumps(value)}\n\n"
+
+    async def events():
+        batch = first
+        while True:
+            for item in batch["lines"]:
+                yield event({"line": item["line"], "at": item["at"]})
+            if not following or await request.is_disconnected():
+                return
+            await asyncio.sleep(LOG_POLL_S)
+            try:
+                batch = await s.projects.logs(project, service, MAX_LOG_BATCH, batch["until"])
+            except FluxError as exc:
+                yield event({"error": exc.message})
+                return
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+MAX_LOG_BATCH = 2000
 
 
 @router.get("/projects/{hash_}/metadata")

@@ -3,7 +3,7 @@ metadata, and the hosted service's routes a self-hosted fleet answers 501 to; on
 
 import pytest
 
-from tests.support import LocalFleet
+from tests.support import LocalFleet, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +127,49 @@ def test_delete_answers_its_mode_and_force_removes_only_what_no_catalog_project_
     deleted = fleet.api("DELETE", f"projects/{theirs['hash']}", params={"slug": theirs["slug"]}, token=operator)
     assert deleted.status_code == 200 and deleted.json()["mode"] == "catalog"
     assert _containers(theirs["hash"]) == []
+
+
+def test_logs_of_a_dedicated_project_are_served_as_events_and_followed(fleet):
+    import subprocess
+    import threading
+    import time
+
+    import psycopg
+
+    from tests.support import script
+
+    project = fleet.create("Logged Stack", mode="v1_dedicated")
+    s = project["summary"]
+    params = {"slug": s["slug"], "hash": s["hash"], "service": "db", "tail": 50}
+    answer = fleet.api("GET", "logs", params=params)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in answer.text.splitlines() if line]
+    assert events and all(line.startswith("data: {") for line in events)
+    assert any("ready to accept connections" in line for line in events), events[-5:]
+
+    for bad, message in (({"service": "web"}, "service must be api or db"), ({"tail": 0}, "tail must be between"),
+                         ({"follow": "maybe"}, "follow must be")):
+        refused = fleet.api("GET", "logs", params={**params, **bad})
+        assert refused.status_code == 400 and message in refused.json()["error"], refused.text
+    pooled = fleet.create("Logless Notes")["summary"]
+    refused = fleet.api("GET", "logs", params={"slug": pooled["slug"], "hash": pooled["hash"]})
+    assert refused.status_code == 400 and "pooled project" in refused.json()["error"]
+
+    # Followed through our CLI: a line the database writes after it started comes through.
+    env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token, "PATH": "/usr/bin:/bin"}
+    follower = subprocess.Popen([script("flux"), "logs", "-p", s["slug"], "--hash", s["hash"], "--service", "db",
+                                 "--tail", "1", "-f"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                text=True)
+    try:
+        time.sleep(2)
+        url = fleet.api("GET", f"projects/{s['hash']}/credentials").json()["postgresConnectionString"]
+        with psycopg.connect(url) as conn:
+            with pytest.raises(psycopg.errors.UndefinedFunction):
+                conn.execute("SELECT follow_marker_4711()")
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(iter(follower.stdout.readline, "")), daemon=True)
+        reader.start()
+        wait_until(lambda: any("follow_marker_4711" in line for line in seen), 30, "the new line to be followed")
+    finally:
+        follower.terminate()
+        follower.wait(10)
