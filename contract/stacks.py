@@ -4,6 +4,17 @@ from .ledger import Ledger, MigrationFile, Pushed
 from .messages import Message, Params, Result, message, wire_field
 
 
+# The API container's settings Flux sets itself; an owner chooses any other PGRST_* one.
+MANAGED_API_ENV = frozenset({"PGRST_DB_URI", "PGRST_DB_SCHEMAS", "PGRST_DB_ANON_ROLE", "PGRST_JWT_SECRET",
+                             "PGRST_SERVER_HOST", "PGRST_SERVER_PORT"})
+_SETTING_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
+def api_setting(key: str) -> bool:
+    """Whether `key` names a PostgREST setting: PGRST_ then 1 to 60 capitals, digits or _."""
+    return key.startswith("PGRST_") and 0 < len(key) - 6 <= 60 and set(key[6:]) <= _SETTING_CHARS
+
+
 @message
 class StackRef(Params):
     """The stack a job is about; enough to find, stop or remove its objects."""
@@ -26,6 +37,14 @@ class StackWithSecrets(StackRef):
     authenticator_password: str
     api_port: int | None
     db_port: int | None
+    # PostgREST settings the owner chose (PGRST_* keys Flux does not set); null leaves the API's as
+    # they are.
+    api_env: dict[str, str] | None = None
+
+    def check(self) -> None:
+        for key in self.api_env or {}:
+            if not api_setting(key) or key in MANAGED_API_ENV:
+                self.refuse("api_env", f"{key[:80]!r} is not a PostgREST setting an owner may choose")
 
 
 # stack.provision

@@ -18,6 +18,7 @@ import uuid
 import jwt
 
 from contract import names
+from contract.stacks import MANAGED_API_ENV, api_setting
 
 from .dumpfiles import DumpFiles
 from .store import Catalog, HashTaken, Project, User
@@ -41,6 +42,8 @@ PUSH_TIMEOUT_S = 300
 MAX_ACTIVITY = 200
 MAX_DETAIL = 500
 MAX_LOG_TAIL = 2000
+MAX_API_ENV_KEYS = 32
+MAX_API_ENV_VALUE = 4096
 LOGS_TIMEOUT_S = 30
 # What an owner may record about a project (GET / PATCH projects/:hash/metadata).
 METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -271,7 +274,7 @@ class Projects:
                 jwt_secret=self.jwt_secret(project),
                 postgres_password=self.unseal(project, project.postgres_password_sealed, "postgres"),
                 authenticator_password=self.unseal(project, project.authenticator_password_sealed, "authenticator"),
-                api_port=project.api_port, db_port=project.db_port)
+                api_port=project.api_port, db_port=project.db_port, api_env=project.api_env)
         return params
 
     async def _provision(self, project: Project) -> dict:
@@ -543,6 +546,52 @@ class Projects:
         return await self.fleet.run(project.docker_agent, "stack.logs",
                                     {**self.stack_params(project), "service": service, "tail": tail, "since": since},
                                     timeout=LOGS_TIMEOUT_S)
+
+    def api_env(self, project: Project) -> dict:
+        """The environment of a dedicated project's PostgREST: what Flux sets (secrets hidden) and
+        what its owner chose."""
+        self._dedicated(project, "api-env")
+        managed = {"PGRST_DB_URI": "postgres://authenticator:(hidden)@db:5432/postgres",
+                   "PGRST_DB_SCHEMAS": project.api_schema, "PGRST_DB_ANON_ROLE": "anon",
+                   "PGRST_JWT_SECRET": "(hidden: flux project credentials shows it)",
+                   "PGRST_SERVER_HOST": "0.0.0.0", "PGRST_SERVER_PORT": "3000"}
+        return {"slug": project.slug, "hash": project.hash, "env": {**managed, **project.api_env},
+                "chosen": project.api_env, "managed": sorted(managed)}
+
+    async def change_api_env(self, project: Project, changes) -> dict:
+        """Sets (or, with null, removes) PostgREST settings of a dedicated project and makes its API
+        container again with them; if the stack does not come up with them, the settings before are
+        put back."""
+        self._dedicated(project, "api-env")
+        await self.not_migrating(project)
+        if not isinstance(changes, dict) or not changes:
+            raise BadRequest('env must be a non-empty object: {"PGRST_DB_MAX_ROWS": "1000", "PGRST_X": null}')
+        for key, value in changes.items():
+            if key in MANAGED_API_ENV:
+                raise BadRequest(f"{key} is set by Flux for every dedicated API and cannot be changed")
+            if not api_setting(key):
+                raise BadRequest(f"{key[:80]!r} is not a PostgREST setting: use PGRST_ and capitals, digits or _")
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_API_ENV_VALUE
+                                      or "\n" in value or "\0" in value):
+                raise BadRequest(f"{key}: the value must be one line of at most {MAX_API_ENV_VALUE} characters, "
+                                 "or null to remove the setting")
+        before = dict(project.api_env)
+        after = {k: v for k, v in {**before, **changes}.items() if v is not None}
+        if len(after) > MAX_API_ENV_KEYS:
+            raise BadRequest(f"at most {MAX_API_ENV_KEYS} PostgREST settings; this change would make {len(after)}")
+        await self.catalog.set_api_env(project.id, after)
+        try:
+            await self._recorded(project, "api-env", lambda: self._provision(dataclasses.replace(project, api_env=after)))
+        except FluxError as exc:
+            await self.catalog.set_api_env(project.id, before)
+            try:
+                await self._provision(dataclasses.replace(project, api_env=before))
+            except FluxError as again:
+                raise FluxError(f"the API did not come up with the new settings ({exc.message}), nor again with "
+                                f"the settings before ({again.message}); `flux repair` retries") from None
+            raise BadRequest(f"the API did not come up with these settings, so the ones before are back: "
+                             f"{exc.message}") from None
+        return self.api_env(await self.catalog.project(project.id))
 
     async def activity(self, project: Project, limit: int) -> dict:
         """What was done to the project, newest first: operations (create, push, start, stop, repair,

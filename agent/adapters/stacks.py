@@ -27,7 +27,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from psycopg import sql
 
 from contract.failures import FailureKind
-from contract.stacks import StackRef
+from contract.stacks import MANAGED_API_ENV, StackRef
 
 from .apiroles import API_ROLES_AND_LEDGER
 from ..errors import AgentError
@@ -73,6 +73,8 @@ class StackSpec:
     app_role: str | None = None
     # A new stack a migration is about to fill: its Postgres starts with BULK_LOAD_COMMAND.
     bulk_load: bool = False
+    # PostgREST settings the owner chose; None leaves the API container's as they are.
+    api_env: dict | None = None
 
     @classmethod
     def from_params(cls, params: StackRef) -> "StackSpec":
@@ -393,9 +395,12 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
         say("api", 4, 6, "steps", spec.api)
         api = _own(engine.containers, "container", spec.api, spec)
         kept_port = None
-        if api is not None and _env(api).get("PGRST_JWT_SECRET") != spec.jwt_secret:
+        custom = _chosen_env(api) if api is not None else {}
+        if api is not None and (_env(api).get("PGRST_JWT_SECRET") != spec.jwt_secret
+                                or (spec.api_env is not None and custom != spec.api_env)):
             # A rotated secret (a staged stack cut over with --new-jwt-secret, or a rotation rolled
-            # back): PostgREST reads it at start, so the container is made again on the same port.
+            # back) or settings the owner changed: PostgREST reads them at start, so the container
+            # is made again on the same port.
             kept_port = _published_port(api, API_PORT)
             api.remove(force=True)
             api = None
@@ -409,6 +414,7 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
                 "PGRST_JWT_SECRET": spec.jwt_secret,
                 "PGRST_SERVER_HOST": "0.0.0.0",
                 "PGRST_SERVER_PORT": str(API_PORT),
+                **(spec.api_env if spec.api_env is not None else custom),
             }
             extra = {"healthcheck": {"test": settings.api_healthcheck, "interval": 2_000_000_000,
                                      "timeout": 3_000_000_000, "retries": 30}} if settings.api_healthcheck else {}
@@ -433,6 +439,11 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
 
 def _env(container) -> dict[str, str]:
     return dict(item.split("=", 1) for item in container.attrs.get("Config", {}).get("Env") or [] if "=" in item)
+
+
+def _chosen_env(container) -> dict[str, str]:
+    """The PostgREST settings of an API container that Flux does not set itself."""
+    return {k: v for k, v in _env(container).items() if k.startswith("PGRST_") and k not in MANAGED_API_ENV}
 
 
 def _containers(engine, spec: StackSpec) -> dict:

@@ -115,6 +115,24 @@ async def project_activity(hash_: str, limit: int = 20, user: User = Depends(cur
     return await s.projects.activity(await s.projects.get(user, hash_), limit)
 
 
+@router.get("/projects/{hash_}/api-env")
+async def project_api_env(hash_: str, slug: str | None = None, user: User = Depends(current_user),
+                          s: Services = Depends(services)):
+    """A dedicated project's PostgREST environment: what Flux sets (secrets hidden), what its owner chose."""
+    return s.projects.api_env(await s.projects.get(user, hash_, slug))
+
+
+@router.patch("/projects/{hash_}/api-env")
+async def change_project_api_env(hash_: str, request: Request, slug: str | None = None,
+                                 user: User = Depends(current_user), s: Services = Depends(services)):
+    """Body {"env": {"PGRST_...": "value" | null}}: the API container is made again with the settings."""
+    body = await read_json(request)
+    if set(body) != {"env"}:
+        raise BadRequest('send {"env": {"PGRST_DB_MAX_ROWS": "1000", "PGRST_OTHER": null}}: values set '
+                         'settings, null removes them')
+    return await s.projects.change_api_env(await s.projects.get(user, hash_, slug), body["env"])
+
+
 # How often a followed log asks the docker agent for new lines.
 LOG_POLL_S = 1.0
 

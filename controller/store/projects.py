@@ -2,7 +2,7 @@
 
 import datetime
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
@@ -40,6 +40,8 @@ class Project:
     hash_shared: bool = False
     # A migrated project's pooled copy, kept read-only until dropped: its size at cutover.
     kept_copy_bytes: int | None = None
+    # PostgREST settings its owner chose for its dedicated API (PGRST_* keys Flux does not set).
+    api_env: dict = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:
@@ -130,6 +132,9 @@ class ProjectStore(Store):
     async def set_stack(self, project_id: str, api_upstream: str, api_port: int, db_host: str, db_port: int) -> None:
         await self._one("UPDATE projects SET api_upstream = %s, api_port = %s, db_host = %s, db_port = %s"
                         " WHERE id = %s RETURNING 1", (api_upstream, api_port, db_host, db_port, project_id))
+
+    async def set_api_env(self, project_id: str, env: dict) -> None:
+        await self._one("UPDATE projects SET api_env = %s WHERE id = %s RETURNING 1", (json.dumps(env), project_id))
 
     async def clear_stack(self, project_id: str) -> None:
         """Forgets a pooled project's staged stack (placement, ports, its passwords)."""

@@ -38,6 +38,8 @@ ROUTES = {
     ("GET", f"{P}/projects/{{hash_}}/dumps"): "any",
     ("GET", f"{P}/projects/{{hash_}}/activity"): "any",
     ("GET", f"{P}/logs"): "any",
+    ("GET", f"{P}/projects/{{hash_}}/api-env"): "any",
+    ("PATCH", f"{P}/projects/{{hash_}}/api-env"): "any",
     ("GET", f"{P}/projects/{{hash_}}/metadata"): "any",
     ("PATCH", f"{P}/projects/{{hash_}}/metadata"): "any",
     ("POST", f"{P}/projects/{{hash_}}/lifecycle"): "any",

@@ -173,3 +173,54 @@ def test_logs_of_a_dedicated_project_are_served_as_events_and_followed(fleet):
     finally:
         follower.terminate()
         follower.wait(10)
+
+
+def _api_env(hash_: str) -> dict:
+    import json
+    import subprocess
+
+    name = subprocess.run(["docker", "ps", "-a", "--filter", f"label=flux.hash={hash_}", "--filter",
+                           "label=flux.component=api", "--format", "{{.Names}}"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    env = json.loads(subprocess.run(["docker", "inspect", name], capture_output=True, text=True,
+                                    check=True).stdout)[0]["Config"]["Env"]
+    return dict(item.split("=", 1) for item in env if item.startswith("PGRST_"))
+
+
+def test_a_dedicated_apis_settings_are_shown_without_secrets_and_changed_by_key(fleet):
+    created = fleet.create("Tuned Stack", mode="v1_dedicated")
+    s = created["summary"]
+    path = f"projects/{s['hash']}/api-env"
+    shown = fleet.api("GET", path, params={"slug": s["slug"]})
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["chosen"] == {} and "PGRST_JWT_SECRET" in shown.json()["managed"]
+    secrets = created["secrets"]
+    assert secrets["pgrstJwtSecret"] not in shown.text and secrets["postgresPassword"] not in shown.text
+
+    changed = fleet.api("PATCH", path, {"env": {"PGRST_DB_MAX_ROWS": "2", "PGRST_SERVER_TIMING_ENABLED": "true"}})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["chosen"] == {"PGRST_DB_MAX_ROWS": "2", "PGRST_SERVER_TIMING_ENABLED": "true"}
+    running = _api_env(s["hash"])
+    assert running["PGRST_DB_MAX_ROWS"] == "2" and running["PGRST_JWT_SECRET"] == secrets["pgrstJwtSecret"]
+    # The API answers again behind the gateway, on the same route.
+    assert fleet.api("POST", f"projects/{s['hash']}/probe").status_code == 200
+
+    for body, message in (({"env": {"PGRST_JWT_SECRET": "mine"}}, "is set by Flux"),
+                          ({"env": {"LD_PRELOAD": "/x.so"}}, "is not a PostgREST setting"),
+                          ({"env": {"PGRST_DB_MAX_ROWS": "1\nPGRST_JWT_SECRET=x"}}, "one line"),
+                          ({"env": {}}, "non-empty object"),
+                          ({"settings": {}}, 'send {"env"')):
+        refused = fleet.api("PATCH", path, body)
+        assert refused.status_code == 400 and message in refused.json()["error"], (body, refused.text)
+    assert _api_env(s["hash"]) == running  # no refusal touched the API
+
+    removed = fleet.api("PATCH", path, {"env": {"PGRST_DB_MAX_ROWS": None}})
+    assert removed.json()["chosen"] == {"PGRST_SERVER_TIMING_ENABLED": "true"}
+    assert "PGRST_DB_MAX_ROWS" not in _api_env(s["hash"])
+    # A repair keeps what the owner chose.
+    assert fleet.api("POST", f"projects/{s['hash']}/repair").status_code == 200
+    assert _api_env(s["hash"])["PGRST_SERVER_TIMING_ENABLED"] == "true"
+
+    pooled = fleet.create("Pooled Tuning")["summary"]
+    refused = fleet.api("GET", f"projects/{pooled['hash']}/api-env")
+    assert refused.status_code == 400 and "applies to v1_dedicated projects" in refused.json()["error"]

@@ -58,7 +58,7 @@ TENANT = {"project_id": PROJECT_ID, "short_id": SHORT_ID}
 STACK = {"project_id": PROJECT_ID, "slug": "my-app", "hash": "a1b2c3d", "api_schema": f"t_{SHORT_ID}_api",
          "app_role": f"t_{SHORT_ID}_role"}
 SECRETS = {"jwt_secret": "s" * 48, "postgres_password": "p" * 24, "authenticator_password": "a" * 24,
-           "api_port": 41234, "db_port": None}
+           "api_port": 41234, "db_port": None, "api_env": {"PGRST_DB_MAX_ROWS": "1000"}}
 FILES = [{"filename": "0001_init.sql", "sql": "CREATE TABLE todos (id int);", "version": "0001",
           "checksum": "0" * 64}, {"filename": "0002_more.sql", "sql": "SELECT 1;", "version": None, "checksum": None}]
 PUSHED = {"applied": ["0001_init.sql"], "skipped": [], "tablesMoved": 1, "sequencesMoved": 0, "viewsMoved": 0,
@@ -313,3 +313,10 @@ def test_only_the_rpc_side_of_each_program_imports_grpc():
             if any(n == "grpc" or n.startswith("grpc.") or n.startswith("proto") for n in names):
                 importers.append(path)
     assert importers and all(any(a in p.parents for a in allowed) for p in importers), importers
+
+
+def test_an_owner_cannot_choose_what_flux_sets_on_a_dedicated_api():
+    provision, _ = EXAMPLES["stack.provision"]
+    for key in ("PGRST_JWT_SECRET", "PGRST_DB_URI", "PATH", "pgrst_db_max_rows"):
+        with pytest.raises(ContractError, match=f"stack.provision params: api_env: '{key}' is not a PostgREST setting"):
+            job_kind("stack.provision").parse_params({**provision, "api_env": {key: "x"}})
