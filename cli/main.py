@@ -363,6 +363,73 @@ def project_credentials(slug_arg, slug, hash_, as_json):
     emit(result, as_json, render)
 
 
+@project.command("activity")
+@project_options
+@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True, help="how many, newest first")
+@click.option("--json", "as_json", is_flag=True)
+def project_activity(slug, hash_, limit, as_json):
+    """What was done to the project (create, push, start, stop, repair, migrations...), newest first."""
+    slug, hash_ = resolve(slug, hash_)
+    result = client().get(f"projects/{hash_}/activity", params={"limit": limit})
+    emit(result, as_json, lambda r: _table([[a["at"][:19].replace("T", " "), a["kind"], a["outcome"],
+                                              (a.get("detail") or "")[:70]] for a in r["activity"]],
+                                            ["AT (UTC)", "WHAT", "OUTCOME", "DETAIL"]))
+
+
+def _show_or_change(hash_: str, part: str, field: str, changes: tuple[str, ...], removed: tuple[str, ...],
+                    params: dict | None = None) -> dict:
+    """GET projects/HASH/PART, or PATCH it with {FIELD: {key: value, removed key: null}} from
+    KEY=VALUE arguments and --unset keys."""
+    api = client()
+    if not (changes or removed):
+        return api.get(f"projects/{hash_}/{part}", params=params)
+    change: dict = {}
+    for item in changes:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{item!r}: give each as KEY=VALUE", exit_code=2)
+        change[key] = value
+    change.update({key: None for key in removed})
+    return api.request("PATCH", f"projects/{hash_}/{part}", params=params, json_body={field: change}, timeout=600)
+
+
+@project.command("metadata")
+@click.argument("changes", nargs=-1, metavar="[KEY=VALUE]...")
+@project_options
+@click.option("--unset", "removed", multiple=True, metavar="KEY", help="remove this key (repeatable)")
+@click.option("--json", "as_json", is_flag=True)
+def project_metadata(changes, slug, hash_, removed, as_json):
+    """Show what is recorded about the project, or set KEY=VALUE pairs and --unset keys."""
+    slug, hash_ = resolve(slug, hash_)
+    result = _show_or_change(hash_, "metadata", "metadata", changes, removed)
+
+    def render(r):
+        for key, value in sorted(r["metadata"].items()):
+            click.echo(f"{key}={value}")
+        if not r["metadata"]:
+            click.echo(f"No metadata recorded for {slug}.")
+
+    emit(result, as_json, render)
+
+
+@project.command("api-env")
+@click.argument("changes", nargs=-1, metavar="[PGRST_KEY=VALUE]...")
+@project_options
+@click.option("--unset", "removed", multiple=True, metavar="PGRST_KEY", help="remove this setting (repeatable)")
+@click.option("--json", "as_json", is_flag=True)
+def project_api_env(changes, slug, hash_, removed, as_json):
+    """Show a dedicated project's PostgREST settings (secrets hidden), or set PGRST_KEY=VALUE pairs and
+    --unset keys: the API is made again with them, and put back as it was if it does not come up."""
+    slug, hash_ = resolve(slug, hash_)
+    result = _show_or_change(hash_, "api-env", "env", changes, removed, params={"slug": slug})
+
+    def render(r):
+        for key, value in sorted(r["env"].items()):
+            click.echo(f"{key}={value}" + ("" if key in r["chosen"] else "    # set by Flux"))
+
+    emit(result, as_json, render)
+
+
 @project.command("maintenance")
 @click.argument("state", type=click.Choice(["on", "off"]))
 @project_options

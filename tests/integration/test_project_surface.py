@@ -224,3 +224,28 @@ def test_a_dedicated_apis_settings_are_shown_without_secrets_and_changed_by_key(
     pooled = fleet.create("Pooled Tuning")["summary"]
     refused = fleet.api("GET", f"projects/{pooled['hash']}/api-env")
     assert refused.status_code == 400 and "applies to v1_dedicated projects" in refused.json()["error"]
+
+
+def test_our_cli_shows_and_changes_activity_metadata_and_api_settings(fleet):
+    import json
+
+    from tests.support import run, script
+
+    env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token}
+    s = fleet.create("Cli Stack", mode="v1_dedicated")["summary"]
+    where = ("-p", s["slug"], "--hash", s["hash"])
+
+    def flux(*args, check=True):
+        return run(script("flux"), "project", *args, *where, env=env, check=check, timeout=300)
+
+    assert "No metadata recorded" in flux("metadata").stdout
+    assert flux("metadata", "team=growth", "tier=gold").stdout.splitlines() == ["team=growth", "tier=gold"]
+    assert flux("metadata", "--unset", "tier").stdout.splitlines() == ["team=growth"]
+    bad = flux("metadata", "team", check=False)
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+    shown = flux("api-env", "PGRST_DB_MAX_ROWS=5").stdout
+    assert "PGRST_DB_MAX_ROWS=5\n" in shown and "PGRST_JWT_SECRET=(hidden" in shown and "# set by Flux" in shown
+    refused = flux("api-env", "PGRST_JWT_SECRET=mine", check=False)
+    assert refused.returncode == 1 and "is set by Flux" in refused.stderr
+    activity = json.loads(flux("activity", "--json").stdout)["activity"]
+    assert [a["kind"] for a in activity][:2] == ["api-env", "create"]
