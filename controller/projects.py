@@ -109,6 +109,8 @@ class Projects:
         self.gateways = gateways
         self.dump_files = dump_files or DumpFiles(catalog, fleet, box)
         self.hashes = hashes
+        # One change of a project's API settings at a time (each reads the settings the last one left).
+        self._api_env_locks: dict[str, asyncio.Lock] = {}
 
     @property
     def base_domain(self) -> str:
@@ -575,6 +577,12 @@ class Projects:
                                       or "\n" in value or "\0" in value):
                 raise BadRequest(f"{key}: the value must be one line of at most {MAX_API_ENV_VALUE} characters, "
                                  "or null to remove the setting")
+        async with self._api_env_locks.setdefault(project.id, asyncio.Lock()):
+            return await self._change_api_env(await self.catalog.project(project.id), changes)
+
+    async def _change_api_env(self, project: Project, changes: dict) -> dict:
+        if await self.observe(project) == "stopped":
+            raise BadRequest(f"{project.slug} is stopped: start it first (flux start), then change its API settings")
         before = dict(project.api_env)
         after = {k: v for k, v in {**before, **changes}.items() if v is not None}
         if len(after) > MAX_API_ENV_KEYS:

@@ -35,6 +35,7 @@ source session's role (the tenant's owner, whose connection limit is 8) holds up
 
 import fcntl
 import io
+import logging
 import os
 import re
 import subprocess
@@ -51,6 +52,8 @@ from ..domain import copyplan
 from ..domain.dumpstream import dropped_lines, sanitize
 from ..errors import AgentError
 from .dumps import PROGRESS_EVERY_BYTES, libpq_env, require_tool
+
+log = logging.getLogger(__name__)
 
 SESSION = ("SET client_encoding = 'UTF8'", "SET DateStyle = ISO", "SET IntervalStyle = postgres",
            "SET extra_float_digits = 3", "SET search_path = ''", "SET row_security = off",
@@ -460,8 +463,13 @@ class _Limit:
         with self.lock:
             self.expired = True
             parts = list(self.parts)
-        for part in parts:
-            part.stop()
+        # The latest first (the psql processes of the data phase, which a kill stops at once), the
+        # sessions last; one that cannot be stopped never keeps the others running.
+        for part in reversed(parts):
+            try:
+                part.stop()
+            except Exception:  # noqa: BLE001 - e.g. a cancel that timed out on a server that hangs
+                log.warning("could not stop a part of the copy past its time limit", exc_info=True)
 
     def check(self) -> None:
         """Between phases: a copy past its time goes no further."""

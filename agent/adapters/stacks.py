@@ -11,6 +11,8 @@ any other object there fails the step with an error naming it, and is left as it
 """
 
 import datetime
+import hashlib
+import json
 import os
 import re
 import socket
@@ -396,8 +398,10 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
         api = _own(engine.containers, "container", spec.api, spec)
         kept_port = None
         custom = _chosen_env(api) if api is not None else {}
+        chosen = spec.api_env if spec.api_env is not None else custom
         if api is not None and (_env(api).get("PGRST_JWT_SECRET") != spec.jwt_secret
-                                or (spec.api_env is not None and custom != spec.api_env)):
+                                or (spec.api_env is not None and _labels(api).get(API_ENV_LABEL, _digest({}))
+                                    != _digest(spec.api_env))):
             # A rotated secret (a staged stack cut over with --new-jwt-secret, or a rotation rolled
             # back) or settings the owner changed: PostgREST reads them at start, so the container
             # is made again on the same port.
@@ -414,12 +418,12 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
                 "PGRST_JWT_SECRET": spec.jwt_secret,
                 "PGRST_SERVER_HOST": "0.0.0.0",
                 "PGRST_SERVER_PORT": str(API_PORT),
-                **(spec.api_env if spec.api_env is not None else custom),
+                **chosen,
             }
             extra = {"healthcheck": {"test": settings.api_healthcheck, "interval": 2_000_000_000,
                                      "timeout": 3_000_000_000, "retries": 30}} if settings.api_healthcheck else {}
             api = _run(engine, settings, settings.postgrest_image, name=spec.api, network=spec.network,
-                       labels=spec.labels("api"), environment=environment,
+                       labels={**spec.labels("api"), API_ENV_LABEL: _digest(chosen)}, environment=environment,
                        ports={f"{API_PORT}/tcp": (settings.publish_host, api_port)}, **extra)
             steps["api container"] = "changed"
         else:
@@ -442,8 +446,17 @@ def _env(container) -> dict[str, str]:
 
 
 def _chosen_env(container) -> dict[str, str]:
-    """The PostgREST settings of an API container that Flux does not set itself."""
+    """The PostgREST settings of an API container that Flux does not set itself (the image's own
+    defaults among them: what changed is told by API_ENV_LABEL, not by these)."""
     return {k: v for k, v in _env(container).items() if k.startswith("PGRST_") and k not in MANAGED_API_ENV}
+
+
+# The API container's label holding a digest of the settings its owner chose when it was made.
+API_ENV_LABEL = "flux.api-env"
+
+
+def _digest(env: dict) -> str:
+    return hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _containers(engine, spec: StackSpec) -> dict:
@@ -547,12 +560,16 @@ def logs(spec: StackSpec, service: str, tail: int, since: str | None) -> dict:
     if after:
         kwargs.update(since=after[0], tail="all")  # whole seconds: the lines seen before are dropped below
     raw = container.logs(stdout=True, stderr=True, **kwargs).decode(errors="replace")
-    lines = []
-    for text in raw.splitlines():
+    lines, until = [], _stamp(now)
+    for text in raw.split("\n"):
         at, _, line = text.partition(" ")
-        if (after and _stamp(at) <= after) or (not after and _stamp(at) > _stamp(now)):
+        try:
+            stamp = _stamp(at)
+        except AgentError:
+            continue  # no line of the engine's (an empty end)
+        if (after and stamp <= after) or stamp > until:
             continue  # seen before, or one the next call returns
-        lines.append({"at": at, "line": line[:MAX_LOG_LINE]})
+        lines.append({"at": at, "line": line.rstrip("\r")[:MAX_LOG_LINE]})
     lines = lines[:tail] if after else lines[-tail:]
     container.reload()
     return {"lines": lines, "running": container.status == "running",

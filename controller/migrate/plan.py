@@ -350,7 +350,8 @@ async def keep(run: Run) -> dict:
         return {"host": kept[0].agent, "path": kept[0].path, "bytes": kept[0].bytes, "sha256": kept[0].sha256}
     before = run.outputs.get("preflight") or {}
     size = max(before.get("total_bytes", 0), project.kept_copy_bytes or 0)
-    params = {**run.tenant(project), "name": f"{project.slug}-{project.hash}-{run.row.id[:8]}",
+    # A name per attempt: a file an attempt wrote but never recorded cannot block the next one.
+    params = {**run.tenant(project), "name": f"{project.slug}-{project.hash}-{run.row.id[:8]}-{secrets.token_hex(3)}",
               "expected_bytes": size, "table_count": before.get("table_count", 0), "frozen_copy": True}
     out = await run.projects.dump_files.dump(project, run.row.id, params, timeout=data_timeout(size),
                                              on_progress=run.progress)
@@ -493,9 +494,19 @@ async def confirm(run: Run) -> dict:
         return {"checked": False, "reason": back.get("reason") or "the pooled copy does not follow the stack"}
     project = await run.project()
     budget = data_timeout(max((run.outputs.get("preflight") or {}).get("total_bytes", 0), project.kept_copy_bytes or 0))
-    out = await run.jobs.run(project.db_agent, "tenant.sync_check",
-                             {**run.tenant(project), "direction": "back", "target_url": run.projects.admin_url(project),
-                              "timeout_s": min(budget, 3600)}, timeout=budget * 2)
+    back = {**run.tenant(project), "direction": "back", "target_url": run.projects.admin_url(project)}
+    try:
+        # Resumed first where the db agent restarted since follow_back.
+        status = await run.jobs.run(project.db_agent, "tenant.sync_status", {**back, "max_lag_bytes": MAX_LAG_BYTES},
+                                    timeout=30)
+        if not status["slot"] or status.get("error"):
+            raise FluxError(status.get("error") or "the slot on the stack is gone")
+        out = await run.jobs.run(project.db_agent, "tenant.sync_check", {**back, "timeout_s": min(budget, 3600)},
+                                 timeout=budget * 2)
+    except FluxError as exc:
+        # The project serves from its stack either way: a check that cannot run is reported, and
+        # leaves the cutover (and its rollback window) as it is rather than stuck half-way.
+        return {"checked": False, "reason": f"the check could not run: {exc.message}"}
     return {"checked": True, "lsn": out["lsn"], "tables": out["tables"], "seconds": out["seconds"],
             "problems": out.get("problems") or []}
 

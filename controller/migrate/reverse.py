@@ -149,13 +149,23 @@ class Reversals:
         await self.catalog.set_migration_result(row.id, result)
 
     async def sweep(self) -> None:
-        """Finalizes every project whose rollback window has run out."""
+        """Moves back every project whose check after the cutover found differences (the runner does
+        it at once; this finishes it after a controller restart or a failed attempt), and finalizes
+        every project whose rollback window has run out."""
         for row in await self.catalog.open_rollback_windows():
             back = (row.result or {}).get("rollback") or {}
-            if back.get("until", 0) > time.time():
-                continue
             project = await self.catalog.project(row.project_id)
             if project is None or project.mode != DEDICATED:
+                continue
+            if ((row.result or {}).get("confirmed") or {}).get("problems"):
+                try:
+                    await self.rollback(project)
+                    log.warning("moved %s back to v2_shared: its copies differed after the cutover", project.slug)
+                except FluxError as exc:
+                    log.error("cannot move %s back yet (its copies differed after the cutover): %s", project.slug,
+                              exc.message)
+                continue
+            if back.get("until", 0) > time.time():
                 continue
             try:
                 await self.finalize(project, drop_source=False)

@@ -311,9 +311,13 @@ class Migrations:
         log.error("migration %s: %s; moving the project back to v2_shared", row.id, differ)
         try:
             moved = await self.reversals.rollback(project)
-        except FluxError as exc:
-            text = (f"confirm: {differ}. Moving it back failed: {exc.message}. The project serves from its stack "
-                    f"and the pooled copy follows it: run flux migrate rollback -p {project.slug} --hash {project.hash}")
+        except Exception as exc:  # the window sweep tries again every SWEEP_S, after a restart too
+            why = exc.message if isinstance(exc, FluxError) else f"internal error: {exc}"
+            if not isinstance(exc, FluxError):
+                log.exception("migration %s: moving back failed", row.id)
+            text = (f"confirm: {differ}. Moving it back failed: {why}. The project serves from its stack and the "
+                    "pooled copy follows it; the controller tries again every 30 s (or run flux migrate rollback "
+                    f"-p {project.slug} --hash {project.hash})")
             log.error("migration %s: %s", row.id, text)
             return {"ok": False, "migrationId": row.id, "phase": "confirm", "state": "succeeded", "error": text}
         text = (f"confirm: {differ}; moved back to v2_shared with every write (pause {moved['pauseSeconds']} s); "
@@ -343,6 +347,9 @@ class Migrations:
                 run.outputs[name] = found.output
         done = ({name for name, found in recorded.items() if found.state == "done"} if recorded
                 else _done_by_phase(row, plan))
+        if "dump" in done and "copy" in plan.names:
+            # Recorded by an older plan, whose dump step copied and kept the file at once.
+            done |= {"copy", "keep"}
         for position, step in enumerate(plan.steps):
             if step.name in done:
                 continue

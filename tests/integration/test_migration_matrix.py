@@ -487,7 +487,7 @@ ONLINE_JOBS = [("preflight", "tenant.preflight"), ("provision", "stack.provision
                ("lock", "gateway.sync"), ("lock", "tenant.lock"), ("drain", "tenant.sync_status"),
                ("drain", "tenant.sync_drain"), ("flip", "gateway.sync"), ("unlock", "tenant.unlock"),
                ("unlock", "gateway.sync"), ("sync_end", "tenant.sync_stop"), ("follow_back", "tenant.sync_status"),
-               ("confirm", "tenant.sync_check")]
+               ("confirm", "tenant.sync_status"), ("confirm", "tenant.sync_check")]
 ONLINE_AFTER_CUTOVER = {"flip", "unlock", "sync_end", "follow_back", "confirm"}
 MIGRATED_ONLINE = {**MIGRATED, "pooled": True, "kept_copy": 8192, "slots": (False, True)}
 
@@ -511,3 +511,17 @@ def test_an_online_migration_fails_or_stops_at_each_step_and_ends_well(catalog_u
     else:
         assert out["end"] == ROLLED_BACK, (out["final"], out["status"])
         assert "rollback incomplete" not in (out["final"] or out["status"])["error"]
+
+
+def test_an_offline_run_recorded_with_the_older_dump_step_resumes_without_copying_again(catalog_url):
+    async def scenario():
+        row_id, agents, box = await _migrated(catalog_url, "older-plan", Options(yes=True, online=False),
+                                              ("unlock", "tenant.unlock", "fail"), "failed_after_cutover")
+        # As the plan before the copy and keep steps recorded it: one dump step that copied and kept the file.
+        return await _settled_again(catalog_url, row_id, agents, box,
+                                    "UPDATE migration_steps SET step = 'dump' WHERE migration_id = %s"
+                                    " AND step = 'copy'", resume=True)
+
+    end, seen = asyncio.run(scenario())
+    assert [kind for _, kind in seen] == ["tenant.unlock", "gateway.sync"], seen
+    assert end == {**MIGRATED, "pooled": True, "kept_copy": 8192}

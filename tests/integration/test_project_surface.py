@@ -221,6 +221,12 @@ def test_a_dedicated_apis_settings_are_shown_without_secrets_and_changed_by_key(
     assert fleet.api("POST", f"projects/{s['hash']}/repair").status_code == 200
     assert _api_env(s["hash"])["PGRST_SERVER_TIMING_ENABLED"] == "true"
 
+    # A stopped project stays stopped: its settings change once it runs again.
+    assert fleet.api("POST", f"projects/{s['hash']}/lifecycle", {"action": "stop"}).status_code == 200
+    stopped = fleet.api("PATCH", path, {"env": {"PGRST_DB_MAX_ROWS": "9"}})
+    assert stopped.status_code == 400 and "is stopped: start it first" in stopped.json()["error"]
+    assert fleet.api("GET", path).json()["chosen"] == {"PGRST_SERVER_TIMING_ENABLED": "true"}
+
     pooled = fleet.create("Pooled Tuning")["summary"]
     refused = fleet.api("GET", f"projects/{pooled['hash']}/api-env")
     assert refused.status_code == 400 and "applies to v1_dedicated projects" in refused.json()["error"]
