@@ -18,6 +18,9 @@ class JobKind:
     params: type[Params]
     result: type[Result]
     idempotent: bool
+    # Whether the catalog keeps the result once its caller has it (not for what only passes
+    # through, like a project's log lines).
+    keeps_output: bool = True
 
     def parse_params(self, raw: Any) -> Params:
         return self.params.from_wire(raw)
@@ -26,10 +29,10 @@ class JobKind:
         return self.result.from_wire(raw)
 
 
-def _kind(params: type[Params], result: type[Result], idempotent: bool) -> JobKind:
+def _kind(params: type[Params], result: type[Result], idempotent: bool, keeps_output: bool = True) -> JobKind:
     if not params.KIND or params.KIND != result.KIND:
         raise TypeError(f"{params.__name__} and {result.__name__} name different kinds")
-    return JobKind(params.KIND, params, result, idempotent)
+    return JobKind(params.KIND, params, result, idempotent, keeps_output)
 
 
 _ALL = [
@@ -49,7 +52,8 @@ _ALL = [
     _kind(stacks.StackStopParams, stacks.StackStopped, True),
     _kind(stacks.StackRemoveParams, stacks.StackRemoved, True),
     _kind(stacks.StackFindParams, stacks.StackFound, True),
-    _kind(stacks.StackLogsParams, stacks.StackLogs, True),
+    # Log lines pass through to whoever asked: the catalog does not keep them.
+    _kind(stacks.StackLogsParams, stacks.StackLogs, True, keeps_output=False),
     _kind(stacks.StackProbeParams, stacks.StackProbed, True),
     _kind(stacks.StackBootstrapParams, stacks.StackBootstrapped, True),
     _kind(stacks.StackImageInfoParams, stacks.StackImage, True),

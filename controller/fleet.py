@@ -268,6 +268,8 @@ class Fleet:
                     raise Timeout(message)
                 done = await self.catalog.get_job(done.id)
             if done.state != "failed":
+                if kind in KINDS and not KINDS[kind].keeps_output:
+                    await self.catalog.forget_job_output(done.id)
                 return done.output
             error = failure_error(done)
             delay = RETRY_BACKOFF_S * 2 ** (attempt - 1)

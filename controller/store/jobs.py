@@ -82,6 +82,10 @@ class JobStore(Store):
         )
         return [r["id"] for r in rows]
 
+    async def forget_job_output(self, job_id: str) -> None:
+        """Drops a finished job's output (its kind's results are not kept once delivered)."""
+        await self._one("UPDATE jobs SET output = NULL WHERE id = %s RETURNING 1", (job_id,))
+
     async def abandon_job(self, job_id: str, error: str) -> bool:
         """Closes one open job as failed (its caller gave up on it), so no reconnect sends it again and
         a late result changes nothing; False when it had already finished."""

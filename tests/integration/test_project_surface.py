@@ -146,6 +146,9 @@ def test_logs_of_a_dedicated_project_are_served_as_events_and_followed(fleet):
     events = [line for line in answer.text.splitlines() if line]
     assert events and all(line.startswith("data: {") for line in events)
     assert any("ready to accept connections" in line for line in events), events[-5:]
+    # The lines passed through: the catalog's job records keep none of them.
+    [(asked, kept)] = fleet.catalog_sql("SELECT count(*), count(output) FROM jobs WHERE kind = 'stack.logs'")
+    assert asked >= 1 and kept == 0
 
     for bad, message in (({"service": "web"}, "service must be api or db"), ({"tail": 0}, "tail must be between"),
                          ({"follow": "maybe"}, "follow must be")):
