@@ -18,7 +18,7 @@ import uuid
 import jwt
 
 from contract import names
-from contract.stacks import MANAGED_API_ENV, api_setting
+from contract.stacks import MANAGED_API_ENV, MAX_LOG_LINES, api_setting
 
 from .dumpfiles import DumpFiles
 from .store import Catalog, HashTaken, Project, User
@@ -41,7 +41,6 @@ PUSH_TIMEOUT_S = 300
 # Operations a project's activity lists at most, and the length of one's detail.
 MAX_ACTIVITY = 200
 MAX_DETAIL = 500
-MAX_LOG_TAIL = 2000
 MAX_API_ENV_KEYS = 32
 MAX_API_ENV_VALUE = 4096
 LOGS_TIMEOUT_S = 30
@@ -540,8 +539,8 @@ class Projects:
         staged stack): the last `tail`, or those after `since`."""
         if service not in ("api", "db"):
             raise BadRequest(f"service must be api or db, got {service[:40]!r}")
-        if not 1 <= tail <= MAX_LOG_TAIL:
-            raise BadRequest(f"tail must be between 1 and {MAX_LOG_TAIL} (got {tail})")
+        if not 1 <= tail <= MAX_LOG_LINES:
+            raise BadRequest(f"tail must be between 1 and {MAX_LOG_LINES} (got {tail})")
         if not project.docker_agent:
             raise BadRequest(f"{project.slug} is a pooled project: it has no containers of its own, and the lines "
                              "of the pooled API that concern it are not collected by the control plane yet")

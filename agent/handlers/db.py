@@ -128,8 +128,7 @@ async def tenant_dump(ctx: JobContext) -> dict:
                               table_count=p.table_count, progress=ctx.progress)
         moved = transfer.move(url, tenant, p.target_url, spool=spool, name=name, key=key,
                               expected_bytes=p.expected_bytes, table_count=p.table_count, progress=ctx.progress)
-        return {**moved["kept"], "restored": True, "tables": moved["tables"], "ledger_rows": moved["ledger_rows"],
-                "seconds": moved["seconds"]}
+        return _dumped(moved)
 
     return await asyncio.to_thread(run)
 
@@ -187,8 +186,13 @@ def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: b
         ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
     # else the stack restarts with its usual settings first (stack.bootstrap); the slot keeps every
     # change meanwhile, and tenant.sync_status starts applying them.
+    return {**_dumped(moved), "sync_lsn": lsn}
+
+
+def _dumped(moved: dict) -> dict:
+    """tenant.dump's result for a move that copied into the target and kept a file."""
     return {**moved["kept"], "restored": True, "tables": moved["tables"], "ledger_rows": moved["ledger_rows"],
-            "seconds": moved["seconds"], "sync_lsn": lsn}
+            "seconds": moved["seconds"]}
 
 
 async def tenant_dump_remove(ctx: JobContext) -> dict:

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from contract.stacks import MAX_LOG_LINES
+
 from ..errors import BadRequest, FluxError, NotImplementedHere
 from ..gateways import service_url
 from ..projects import POOLED_NOTE, kept_copy, list_item
@@ -159,7 +161,7 @@ async def project_logs(request: Request, hash: str, slug: str | None = None, ser
                 return
             await asyncio.sleep(LOG_POLL_S)
             try:
-                batch = await s.projects.logs(project, service, MAX_LOG_BATCH, batch["until"])
+                batch = await s.projects.logs(project, service, MAX_LOG_LINES, batch["until"])
             except FluxError as exc:
                 yield event({"error": exc.message})
                 return
@@ -167,8 +169,6 @@ async def project_logs(request: Request, hash: str, slug: str | None = None, ser
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-
-MAX_LOG_BATCH = 2000
 
 
 @router.get("/projects/{hash_}/metadata")

@@ -341,6 +341,12 @@ async def copy(run: Run) -> dict:
             "seconds": out["seconds"], "phases": out["phases"]}
 
 
+def _tenant_bytes(run: Run, project: Project) -> int:
+    """The tenant's size for a step after the cutover: as the preflight found it or, for a run
+    recorded without it, the kept pooled copy's."""
+    return max((run.outputs.get("preflight") or {}).get("total_bytes", 0), project.kept_copy_bytes or 0)
+
+
 async def keep(run: Run) -> dict:
     """After the cutover: the kept dump of the pooled copy, read-only since the flip and unchanged
     since the lock, so the file holds exactly what the stack started from."""
@@ -349,7 +355,7 @@ async def keep(run: Run) -> dict:
     if kept:  # made by an earlier attempt whose end was not recorded, or by an older plan's dump step
         return {"host": kept[0].agent, "path": kept[0].path, "bytes": kept[0].bytes, "sha256": kept[0].sha256}
     before = run.outputs.get("preflight") or {}
-    size = max(before.get("total_bytes", 0), project.kept_copy_bytes or 0)
+    size = _tenant_bytes(run, project)
     # A name per attempt: a file an attempt wrote but never recorded cannot block the next one.
     params = {**run.tenant(project), "name": f"{project.slug}-{project.hash}-{run.row.id[:8]}-{secrets.token_hex(3)}",
               "expected_bytes": size, "table_count": before.get("table_count", 0), "frozen_copy": True}
@@ -493,7 +499,7 @@ async def confirm(run: Run) -> dict:
     if not back.get("reverse"):
         return {"checked": False, "reason": back.get("reason") or "the pooled copy does not follow the stack"}
     project = await run.project()
-    budget = data_timeout(max((run.outputs.get("preflight") or {}).get("total_bytes", 0), project.kept_copy_bytes or 0))
+    budget = data_timeout(_tenant_bytes(run, project))
     back = {**run.tenant(project), "direction": "back", "target_url": run.projects.admin_url(project)}
     try:
         # Resumed first where the db agent restarted since follow_back.
