@@ -25,10 +25,11 @@ from .rpc import wire
 from .store import Catalog, Job
 from .errors import BadRequest, Conflict, FluxError, NotFound, Revoked, Timeout, TooLarge, Unavailable
 from .secretbox import SecretBox
+from .transfers import Transfers
 
 log = logging.getLogger(__name__)
 
-ROLES = ("db", "docker", "gateway")
+ROLES = ("db", "docker", "gateway", "backup")
 AGENT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PING_TIMEOUT_S = 5.0
 # A job whose failure is retryable, of a kind safe to send again, is sent this many times at
@@ -125,6 +126,8 @@ def failure_error(job: Job) -> FluxError:
 class Fleet:
     def __init__(self, catalog: Catalog, box: SecretBox, heartbeat_seconds: int = 10):
         self.catalog = catalog
+        # Files on their way between hosts, relayed by this controller (transfers.py).
+        self.transfers = Transfers()
         self.box = box
         self.heartbeat_seconds = heartbeat_seconds
         self.sessions: dict[str, Session] = {}

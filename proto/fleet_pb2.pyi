@@ -28,6 +28,28 @@ FAILURE_KIND_INVALID: FailureKind
 FAILURE_KIND_INTERNAL: FailureKind
 FAILURE_KIND_FOREIGN: FailureKind
 
+class Chunk(_message.Message):
+    __slots__ = ("transfer_id", "data", "last")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    data: bytes
+    last: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class SendResult(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
+class ReceiveRequest(_message.Message):
+    __slots__ = ("transfer_id",)
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    def __init__(self, transfer_id: _Optional[str] = ...) -> None: ...
+
 class RenewRequest(_message.Message):
     __slots__ = ("csr_pem",)
     CSR_PEM_FIELD_NUMBER: _ClassVar[int]

@@ -117,6 +117,16 @@ class FleetStub:
                 request_serializer=proto_dot_fleet__pb2.RenewRequest.SerializeToString,
                 response_deserializer=proto_dot_fleet__pb2.RenewResponse.FromString,
                 _registered_method=True)
+        self.Send = channel.stream_unary(
+                '/flux.fleet.v1.Fleet/Send',
+                request_serializer=proto_dot_fleet__pb2.Chunk.SerializeToString,
+                response_deserializer=proto_dot_fleet__pb2.SendResult.FromString,
+                _registered_method=True)
+        self.Receive = channel.unary_stream(
+                '/flux.fleet.v1.Fleet/Receive',
+                request_serializer=proto_dot_fleet__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=proto_dot_fleet__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -137,6 +147,22 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Send(self, request_iterator, context):
+        """The bytes of a transfer the controller opened (a backup file, a dump) from the agent it
+        names as their sender. The first chunk names the transfer; the last one is marked. gRPC's
+        flow control paces the sender to the reader at the other end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Receive(self, request, context):
+        """The bytes of a transfer the controller opened, for the agent it names as their receiver.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +175,16 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Renew,
                     request_deserializer=proto_dot_fleet__pb2.RenewRequest.FromString,
                     response_serializer=proto_dot_fleet__pb2.RenewResponse.SerializeToString,
+            ),
+            'Send': grpc.stream_unary_rpc_method_handler(
+                    servicer.Send,
+                    request_deserializer=proto_dot_fleet__pb2.Chunk.FromString,
+                    response_serializer=proto_dot_fleet__pb2.SendResult.SerializeToString,
+            ),
+            'Receive': grpc.unary_stream_rpc_method_handler(
+                    servicer.Receive,
+                    request_deserializer=proto_dot_fleet__pb2.ReceiveRequest.FromString,
+                    response_serializer=proto_dot_fleet__pb2.Chunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -205,6 +241,60 @@ class Fleet:
             '/flux.fleet.v1.Fleet/Renew',
             proto_dot_fleet__pb2.RenewRequest.SerializeToString,
             proto_dot_fleet__pb2.RenewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Send(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/flux.fleet.v1.Fleet/Send',
+            proto_dot_fleet__pb2.Chunk.SerializeToString,
+            proto_dot_fleet__pb2.SendResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Receive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flux.fleet.v1.Fleet/Receive',
+            proto_dot_fleet__pb2.ReceiveRequest.SerializeToString,
+            proto_dot_fleet__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,

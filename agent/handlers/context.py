@@ -26,6 +26,8 @@ class JobContext:
     guards: WriteGuards = field(default_factory=WriteGuards)
     # The online syncs this agent runs (tenant.dump with sync, tenant.sync_*).
     syncs: Syncs = field(default_factory=Syncs)
+    # Files to or from the controller (runtime/transfers.py); None where there is no connection.
+    transfers: object | None = None
 
 
 Handler = Callable[[JobContext], Awaitable[dict]]

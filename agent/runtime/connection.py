@@ -30,6 +30,7 @@ from .. import handlers
 from ..adapters.changes import Syncs
 from ..adapters.guards import WriteGuards
 from .spool import JobRecord, Spool
+from .transfers import Transfers
 from .systemd import notify
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Agent:
         # The write guards this agent holds for migrations, for as long as it runs.
         self.guards = WriteGuards()
         self.syncs = Syncs()
+        # Files sent to or read from the controller by jobs, over the current connection.
+        self.transfers = Transfers()
         self.outbox: asyncio.Queue | None = None
         # Lease requests not answered yet: nonce to when it was sent (monotonic).
         self.lease_requests: dict[str, float] = {}
@@ -118,7 +121,7 @@ class Agent:
             result = await handlers.run(request.kind, request.params, job_id=record.id, progress=progress,
                                     collect_facts=self.collect_facts, settings=self.settings,
                                     gateway=self.gateway, state_dir=self.state.path, guards=self.guards,
-                                    syncs=self.syncs)
+                                    syncs=self.syncs, transfers=self.transfers)
             self.spool.finish(record, True, result.to_wire(), "", False)
         except AgentError as exc:
             self.spool.finish(record, False, None, exc.message, exc.retryable, exc.kind)
@@ -214,6 +217,7 @@ class Agent:
         heartbeats = leases = None
         try:
             call = wire.open_stream(channel, self._requests(outbox))
+            self.transfers.bind(channel, asyncio.get_running_loop())
             self.outbox = outbox
             self.sent_on_stream = set()
             async for message in call:
@@ -247,6 +251,7 @@ class Agent:
             raise wire.translate(exc, f"connection to {host_port}") from None
         finally:
             self.outbox = None
+            self.transfers.bind(None, None)
             for task in (heartbeats, leases):
                 if task is not None:
                     task.cancel()

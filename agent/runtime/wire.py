@@ -185,6 +185,20 @@ def open_stream(channel, requests):
     return fleet_pb2_grpc.FleetStub(channel).Connect(requests)
 
 
+def open_send(channel, chunks):
+    """Starts sending a transfer's bytes; `chunks` is an async iterator of `chunk()`s."""
+    return fleet_pb2_grpc.FleetStub(channel).Send(chunks)
+
+
+def open_receive(channel, transfer_id: str):
+    """Starts reading a transfer's bytes: each `read()` of the call gives a Chunk, or grpc.aio.EOF."""
+    return fleet_pb2_grpc.FleetStub(channel).Receive(pb.ReceiveRequest(transfer_id=transfer_id))
+
+
+def chunk(transfer_id: str, data: bytes = b"", last: bool = False) -> pb.Chunk:
+    return pb.Chunk(transfer_id=transfer_id, data=data, last=last)
+
+
 def mtls_channel(address: str, ca_pem: bytes, key_pem: bytes, cert_pem: bytes, server_name: str):
     credentials = grpc.ssl_channel_credentials(ca_pem, key_pem, cert_pem)
     options = [

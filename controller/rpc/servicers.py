@@ -98,6 +98,44 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         log.info("agent %s renewed its certificate until %s", name, issued.not_after.isoformat())
         return wire.encode_renew_response(issued.cert_pem)
 
+    async def _agent(self, context) -> str:
+        identity = _peer_identity(context)
+        if identity is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        name, serial = identity
+        agent = await self.fleet.catalog.get_agent(name)
+        if agent is None or agent.cert_serial != serial or agent.revoked_at is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate is not current for this agent")
+        return name
+
+    async def Send(self, request_iterator, context):
+        name = await self._agent(context)
+
+        async def chunks():
+            async for chunk in request_iterator:
+                yield chunk.transfer_id, chunk.data, chunk.last
+
+        try:
+            sent = await self.fleet.transfers.accept(name, chunks())
+        except FluxError as exc:
+            await context.abort(_status(exc), exc.message)
+        return wire.send_result(sent)
+
+    async def Receive(self, request, context):
+        name = await self._agent(context)
+        try:
+            transfer = self.fleet.transfers.receiving(request.transfer_id, name)
+        except FluxError as exc:
+            await context.abort(_status(exc), exc.message)
+        try:
+            async for data in transfer.chunks():
+                yield wire.chunk(data)
+        except FluxError as exc:
+            await context.abort(_status(exc), exc.message)
+        except asyncio.CancelledError:
+            transfer.fail(f"agent {name} stopped receiving")
+            raise
+
     async def Connect(self, request_iterator, context):
         identity = _peer_identity(context)
         if identity is None:

@@ -194,3 +194,11 @@ def ack(job_id: str) -> pb.ControllerMessage:
 def failure_metadata(kind: FailureKind) -> tuple[tuple[str, str], ...]:
     """Trailing metadata that tells a refused agent the kind of its refusal."""
     return ((FAILURE_METADATA_KEY, kind.value),)
+
+
+def send_result(sent: int) -> pb.SendResult:
+    return pb.SendResult(bytes=sent)
+
+
+def chunk(data: bytes) -> pb.Chunk:
+    return pb.Chunk(data=data)
