@@ -56,6 +56,18 @@ class ApiClient:
         except httpx.HTTPError as exc:
             raise CliError(f"lost the connection to the control plane at {self.settings.api_base}: {exc}") from None
 
+    def download(self, path: str, params: dict, timeout: float = 6 * 3600):
+        """GETs a byte stream; yields (headers, chunk) as the chunks arrive."""
+        try:
+            with self._http.stream("GET", path, params=params, headers={"Accept": "application/octet-stream"},
+                                   timeout=httpx.Timeout(30, read=timeout)) as response:
+                if response.status_code >= 400:
+                    _lines(response)
+                for data in response.iter_bytes():
+                    yield response.headers, data
+        except httpx.HTTPError as exc:
+            raise CliError(f"the download from {self.settings.api_base} broke off: {exc}") from None
+
     def stream(self, path: str, body: dict | None, timeout: float = 6 * 3600):
         """POSTs `body` (GETs when None) and yields the NDJSON objects of the answer as they arrive."""
         headers = {"Accept": "application/x-ndjson", "Content-Type": "application/json"}

@@ -60,8 +60,9 @@ class Demo:
         for project in self.api.get("list"):
             if project["slug"] == "bloom-atelier":
                 self.say(f"removing the previous demo project ({project['hash']})")
-                self.api.request("DELETE", f"projects/{project['hash']}", params={"slug": project["slug"]},
-                                 timeout=300)
+                # The demo's own throwaway project: no backup needed to remove it.
+                self.api.request("DELETE", f"projects/{project['hash']}",
+                                 params={"slug": project["slug"], "skipBackupCheck": "true"}, timeout=300)
         created = self.api.post("create", {"name": NAME, "mode": "v2_shared"}, timeout=300)
         slug, hash_ = created["summary"]["slug"], created["summary"]["hash"]
         url, secret = created["summary"]["apiUrl"], created["projectJwtSecret"]
@@ -77,9 +78,15 @@ class Demo:
         before = self.request("GET", url, "/orders?select=product_id,quantity&order=id", tokens["ada"])
         self.say(f"ada's orders through the Service URL (pooled): {json.dumps(before)}")
 
+        made = self.api.post(f"projects/{hash_}/backups", {"verify": True}, timeout=600)["backup"]
+        if made["restoreVerificationStatus"] != "restore_verified":
+            raise CliError(f"the demo's backup did not verify: {made['restoreVerificationError'] or made['error']}")
+        self.say(f"backed up {slug} to {made['backupHost']} ({made['rows']} rows) and verified it by a restore "
+                 "into a scratch database")
+        # A real migrate needs that restore-verified backup: no skipBackupCheck.
         base = {"slug": slug, "hash": hash_, "to": "v1_dedicated", "yes": True, "staged": False, "dumpOnly": False,
                 "preserveJwtSecret": True, "newJwtSecret": False, "lockWrites": True, "dropSourceAfter": False,
-                "skipBackupCheck": True}
+                "skipBackupCheck": False}
         dry = self.api.post("migrate", {**base, "dryRun": True, "yes": False}, timeout=300)
         self.say("dry run: " + " → ".join(dry["plan"]["steps"]))
         for table in dry["preflight"]["tables"]:

@@ -192,7 +192,7 @@ PACKAGING = pathlib.Path(__file__).resolve().parents[1] / "packaging"
 STANDIN = PACKAGING / "images" / "postgrest-standin" / "postgrest_standin.py"
 IMAGE_BUILDER = PACKAGING / "images" / "build.py"
 PORTS = ("http", "grpc", "enroll", "gateway", "forward_auth", "pool_api", "pool_admin")
-AGENTS = {"dev-db": "db", "dev-gateway": "gateway", "dev-docker": "docker"}
+AGENTS = {"dev-db": "db", "dev-gateway": "gateway", "dev-docker": "docker", "dev-backup": "backup"}
 # The stand-in image has Python, not curl: its health check asks PostgREST's port with it.
 STANDIN_HEALTHCHECK = ["CMD", "python3", "-c",
                        "import socket; socket.create_connection(('127.0.0.1', 3000), 2).close()"]
@@ -327,6 +327,8 @@ class DevFleet:
             self.say(f"dedicated stacks use {images['postgrest']}, a PostgREST STAND-IN (not PostgREST)")
             return {"docker": {"postgres_image": images["postgres"], "postgrest_image": images["postgrest"],
                                "api_healthcheck": STANDIN_HEALTHCHECK, "memory_limit": "256m"}}
+        if AGENTS[name] == "backup":
+            return {"backup": {"dir": str(self.dir / "agents" / name / "backups")}}
         return {"gateway": {
             # Caddy's admin API has no authentication: a unix socket in the agent's private directory.
             "caddy_admin": str(self.dir / "agents" / name / "caddy-admin.sock"),

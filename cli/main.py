@@ -298,13 +298,18 @@ _stack_command("repair", "Re-converge a dedicated stack: missing parts come back
 @cli.command()
 @project_options
 @click.option("--yes", is_flag=True, help="confirm: the project's data is deleted for good")
+@click.option("--skip-backup-check", is_flag=True,
+              help="delete without a restore-verified backup newer than the last push")
 @click.option("--json", "as_json", is_flag=True)
-def delete(slug, hash_, yes, as_json):
-    """Delete a project: its stack or tenant schema, its route and its catalog row."""
+def delete(slug, hash_, yes, skip_backup_check, as_json):
+    """Delete a project: its stack or tenant schema, its route and its catalog row.
+
+    Its backups stay on the backup host (`flux backup restore ID --to-new-project NAME`)."""
     slug, hash_ = resolve(slug, hash_)
     if not yes:
         raise CliError(f"deleting {slug} removes its data for good; pass --yes to confirm", exit_code=2)
-    result = client().request("DELETE", f"projects/{hash_}", params={"slug": slug}, timeout=600)
+    params = {"slug": slug, **({"skipBackupCheck": "true"} if skip_backup_check else {})}
+    result = client().request("DELETE", f"projects/{hash_}", params=params, timeout=600)
     emit(result, as_json, lambda r: click.echo(f"Deleted {r['deleted']} ({r['hash']})."
                                                + (f" Left alone: {r['untouched']}" if r.get("untouched") else "")))
 
@@ -488,10 +493,12 @@ def push(path, slug, hash_, dry_run, as_json):
 @click.option("--online/--offline", default=None,
               help="sync by logical replication and pause writes only for the cutover (the default where the "
                    "shared cluster and the tenant allow it), or copy with writes held throughout")
+@click.option("--skip-backup-check", is_flag=True,
+              help="go ahead without a restore-verified backup newer than the last push (not advised)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per line, ending with the result object")
 @click.pass_context
 def migrate(ctx, slug, hash_, target, dry_run, dump_only, staged, yes, new_jwt_secret, no_lock_writes,
-            drop_source_after, online, as_json):
+            drop_source_after, online, skip_backup_check, as_json):
     """Move a v2_shared project to its own dedicated stack (v1_dedicated), losing nothing.
 
     Safe order: --dry-run, then optionally --dump-only --yes, then --staged --yes or the full
@@ -513,7 +520,7 @@ def migrate(ctx, slug, hash_, target, dry_run, dump_only, staged, yes, new_jwt_s
     body = {"slug": slug, "hash": hash_, "to": target, "dryRun": dry_run, "yes": yes, "staged": staged,
             "dumpOnly": dump_only, "preserveJwtSecret": not new_jwt_secret, "newJwtSecret": new_jwt_secret,
             "lockWrites": not no_lock_writes, "noLockWrites": no_lock_writes,
-            "dropSourceAfter": drop_source_after, "skipBackupCheck": True,
+            "dropSourceAfter": drop_source_after, "skipBackupCheck": skip_backup_check,
             **({} if online is None else {"online": online})}
     api = client()
     if dry_run:
@@ -680,6 +687,208 @@ def dumps_list(slug, hash_, removed_too, as_json):
         click.echo(f"Dump files are removed {r['retentionDays']:g} days after they were written.")
         for problem in r.get("problems", []):
             click.secho(f"warning: {problem}", fg="yellow", err=True)
+
+    emit(result, as_json, render)
+
+
+@cli.command()
+@project_options
+@click.option("--schema-only", is_flag=True, help="definitions only, no rows")
+@click.option("--data-only", is_flag=True, help="rows only, no definitions")
+@click.option("--clean", is_flag=True, help="begin with DROP ... IF EXISTS for each object")
+@click.option("--public-only", is_flag=True, help="a dedicated project: its API schema only, not the whole database")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="file to write (default: standard output)")
+def dump(slug, hash_, schema_only, data_only, clean, public_only, output):
+    """Print the project's data as pg_dump's plain SQL, as it is now (psql reads it).
+
+    A pooled project's dump is its tenant schema; a dedicated one's is its whole database. The
+    dump is checked to be complete: one cut short is an error (and with -o, no file is left).
+    """
+    import os
+
+    if schema_only and data_only:
+        raise click.UsageError("--schema-only and --data-only exclude each other")
+    slug, hash_ = resolve(slug, hash_)
+    params = {"slug": slug, **{key: "1" for key, on in (("schemaOnly", schema_only), ("dataOnly", data_only),
+                                                         ("clean", clean), ("publicOnly", public_only)) if on}}
+    target = open(f"{output}.partial", "wb") if output else sys.stdout.buffer
+    tail = b""
+    try:
+        for _, data in client().download(f"projects/{hash_}/dump", params):
+            target.write(data)
+            tail = (tail + data)[-200:]
+        if b"PostgreSQL database dump complete" not in tail:
+            raise CliError("the dump was cut short (no \"dump complete\" line at its end)")
+    except BaseException:
+        if output:
+            target.close()
+            os.unlink(f"{output}.partial")
+        raise
+    if output:
+        target.close()
+        os.replace(f"{output}.partial", output)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        target.flush()
+
+
+@cli.group()
+def backup():
+    """Backups: pg_dump archives kept encrypted on a backup host, proven by a restore.
+
+    A real migrate and a delete need the project's newest backup to be restore-verified and
+    newer than its last push: `flux backup create --verify` makes one.
+    """
+
+
+def _backup_rows(items: list[dict]) -> list[list[str]]:
+    return [[b["id"], (b["createdAt"] or "")[:19], b["status"], size(b["sizeBytes"]) if b["sizeBytes"] else "-",
+             b["rows"] if b["rows"] is not None else "-", b["artifactValidationStatus"] or "-",
+             b["restoreVerificationStatus"] or "-", b["backupHost"]] for b in items]
+
+
+_BACKUP_HEADERS = ["ID", "CREATED", "STATUS", "SIZE", "ROWS", "ARTIFACT", "RESTORE", "HOST"]
+
+
+def _render_backup(b: dict) -> None:
+    _table(_backup_rows([b]), _BACKUP_HEADERS)
+    if b.get("restoreVerificationError"):
+        click.secho(f"verification failed: {b['restoreVerificationError']}", fg="red", err=True)
+    elif b.get("error"):
+        click.secho(f"failed: {b['error']}", fg="red", err=True)
+
+
+@backup.command("create")
+@project_options
+@click.option("--verify", is_flag=True, help="then restore it into a scratch database and compare (what the gate needs)")
+@click.option("--json", "as_json", is_flag=True)
+def backup_create(slug, hash_, verify, as_json):
+    """Make a backup now: pg_dump next to the data, stored encrypted on a backup host."""
+    slug, hash_ = resolve(slug, hash_)
+    if not as_json:
+        click.echo(f"Backing up {slug}" + (" and verifying the backup..." if verify else "..."), err=True)
+    result = client().post(f"projects/{hash_}/backups", {"verify": verify}, params={"slug": slug}, timeout=6 * 3600)
+    emit(result, as_json, lambda r: _render_backup(r["backup"]))
+    b = result["backup"]
+    if b["status"] != "complete" or (verify and b["restoreVerificationStatus"] != "restore_verified"):
+        sys.exit(1)
+
+
+@backup.command("list")
+@project_options
+@click.option("--json", "as_json", is_flag=True)
+def backup_list(slug, hash_, as_json):
+    """List the project's backups, newest first, and its schedule."""
+    slug, hash_ = resolve(slug, hash_)
+    result = client().get(f"projects/{hash_}/backups", params={"slug": slug})
+
+    def render(r):
+        if not r["backups"]:
+            click.echo(f"No backups of {slug}; `flux backup create --verify` makes one.")
+        else:
+            _table(_backup_rows(r["backups"]), _BACKUP_HEADERS)
+        sched = r.get("schedule")
+        if sched:
+            click.echo(f"Schedule: every {sched['everySeconds']}s, keeping {sched['keepDaily']} daily and "
+                       f"{sched['keepWeekly']} weekly; next at {sched['nextAt'][:19]}"
+                       + (f" (last run failed: {sched['lastError']})" if sched.get("lastError") else ""))
+
+    emit(result, as_json, render)
+
+
+@backup.command("verify")
+@click.argument("backup_id", default="latest")
+@project_options
+@click.option("--json", "as_json", is_flag=True)
+def backup_verify(backup_id, slug, hash_, as_json):
+    """Check a backup (default: the newest): its file against the catalog, then a restore into a
+    scratch database compared with its manifest. The scratch database is removed after."""
+    slug, hash_ = resolve(slug, hash_)
+    result = client().post(f"projects/{hash_}/backups/{backup_id}/verify", params={"slug": slug}, timeout=6 * 3600)
+    emit(result, as_json, lambda r: _render_backup(r["backup"]))
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@backup.command("download")
+@click.argument("backup_id", default="latest")
+@project_options
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
+              help="file to write the pg_dump archive to (custom format: pg_restore reads it)")
+def backup_download(backup_id, slug, hash_, output):
+    """Download a backup (default: the newest) as its pg_dump archive, checked against its sha256."""
+    import hashlib
+    import os
+
+    slug, hash_ = resolve(slug, hash_)
+    partial = f"{output}.partial"
+    digest = hashlib.sha256()
+    expected = None
+    with open(partial, "wb") as out:
+        for headers, data in client().download(f"projects/{hash_}/backups/{backup_id}/download", {"slug": slug}):
+            expected = headers.get("x-flux-sha256")
+            out.write(data)
+            digest.update(data)
+    if expected is None or digest.hexdigest() != expected:
+        os.unlink(partial)
+        raise CliError(f"the download does not match its sha256 ({digest.hexdigest()}, expected {expected}); "
+                       "nothing was written")
+    os.replace(partial, output)
+    click.echo(f"{output}: sha256 {expected} (restore with pg_restore)")
+
+
+@backup.command("restore")
+@click.argument("backup_id")
+@click.option("--to-new-project", "new_name", metavar="NAME",
+              help="restore into a new dedicated project NAME instead of the backup's own project")
+@click.option("--yes", is_flag=True, help="confirm: restoring into the project replaces its data with the backup's")
+@click.option("--json", "as_json", is_flag=True)
+def backup_restore(backup_id, new_name, yes, as_json):
+    """Restore a restore-verified backup into its project (under maintenance, in one transaction),
+    or into a new dedicated project; the result is compared with the backup's manifest."""
+    if new_name is None and not yes:
+        raise CliError("restoring into the project replaces its data with the backup's; pass --yes to confirm "
+                       "(or --to-new-project NAME)", exit_code=2)
+    result = client().post(f"backups/{backup_id}/restore", {"toNewProject": new_name} if new_name else {},
+                           timeout=6 * 3600)
+
+    def render(r):
+        where = f"new project {r['project']} ({r['hash']})" if r.get("created") else f"{r['project']} ({r['hash']})"
+        click.echo(f"Restored backup {r['backupId']} into {where}: {r['tables']} tables, {r['rows']} rows.")
+        for problem in r["problems"]:
+            click.secho(f"differs from the backup: {problem}", fg="red", err=True)
+
+    emit(result, as_json, render)
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@backup.command("schedule")
+@project_options
+@click.option("--every", help="how often, like 24h or 6h (at least 1m)")
+@click.option("--keep-daily", type=click.IntRange(0, 1000), default=7, show_default=True,
+              help="keep the newest backup of each of this many days")
+@click.option("--keep-weekly", type=click.IntRange(0, 1000), default=4, show_default=True,
+              help="keep the newest backup of each of this many weeks")
+@click.option("--off", is_flag=True, help="stop the schedule (backups made so far are kept)")
+@click.option("--json", "as_json", is_flag=True)
+def backup_schedule(slug, hash_, every, keep_daily, keep_weekly, off, as_json):
+    """Have the controller back the project up (and verify it) on a schedule, with retention."""
+    if bool(every) == off:
+        raise click.UsageError("give --every DURATION, or --off")
+    slug, hash_ = resolve(slug, hash_)
+    body = {"everySeconds": None if off else parse_duration(every), "keepDaily": keep_daily,
+            "keepWeekly": keep_weekly}
+    result = client().request("PUT", f"projects/{hash_}/backup-schedule", json_body=body, params={"slug": slug})
+
+    def render(r):
+        if r["schedule"] is None:
+            click.echo(f"No backup schedule for {slug}.")
+        else:
+            sched = r["schedule"]
+            click.echo(f"{slug} is backed up every {sched['everySeconds']}s (keeping {sched['keepDaily']} daily, "
+                       f"{sched['keepWeekly']} weekly); next at {sched['nextAt'][:19]}.")
 
     emit(result, as_json, render)
 

@@ -8,7 +8,7 @@ those after a failure the agent marks retryable, and no other.
 from dataclasses import dataclass
 from typing import Any
 
-from . import diagnostics, gateways, stacks, tenants
+from . import backups, diagnostics, gateways, stacks, tenants
 from .messages import ContractError, Params, Result
 
 
@@ -78,6 +78,18 @@ _ALL = [
     _kind(tenants.TenantSyncCheckParams, tenants.TenantSyncChecked, True),
     # Grants back what the freeze recorded; granting twice changes nothing.
     _kind(tenants.TenantThawParams, tenants.TenantThawed, True),
+    # A transfer carries each attempt's bytes once: the controller opens a new one to try again.
+    _kind(backups.TenantBackupParams, backups.TenantBackupMade, False),
+    _kind(backups.StackBackupParams, backups.StackBackupMade, False),
+    _kind(backups.BackupStoreParams, backups.BackupStored, False),
+    _kind(backups.BackupSendParams, backups.BackupSent, False),
+    _kind(backups.BackupCheckParams, backups.BackupChecked, True),
+    _kind(backups.BackupRemoveParams, backups.BackupRemoved, True),
+    _kind(backups.ScratchVerifyParams, backups.ScratchVerified, False),
+    _kind(backups.TenantRestoreParams, backups.TenantRestored, False),
+    _kind(backups.StackRestoreParams, backups.StackRestored, False),
+    _kind(backups.TenantDumpStreamParams, backups.TenantDumpStreamed, False),
+    _kind(backups.StackDumpStreamParams, backups.StackDumpStreamed, False),
 ]
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in _ALL}

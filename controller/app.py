@@ -11,6 +11,7 @@ import uvicorn
 from .http import create_app
 from .store import Catalog
 from .config import ConfigError, StateDir
+from .backups import Backups
 from .dumpfiles import DumpFiles
 from .fleet import Fleet
 from .gateways import LEASE_S, Gateways
@@ -64,12 +65,17 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     dump_files = DumpFiles(catalog, fleet, box, config.dump_retention_days)
     projects = Projects(catalog, fleet, box, gateways, dump_files)
     migrations = Migrations(catalog, fleet, projects, gateways)
+    backups = Backups(catalog, fleet, box, projects,
+                      config.backup_max_age_hours * 3600 if config.backup_max_age_hours else None)
+    abandoned = await catalog.abandon_running_backups()
+    if abandoned:
+        log.warning("%d backup(s) were being made when the controller stopped; marked failed", abandoned)
 
     servers = RpcServers(state, catalog, fleet, ca)
     fleet_port, enroll_port = await servers.start(fleet_listen.grpc_address(), enroll_listen.host, enroll_listen.port)
 
     advertised = advertise_host or (enroll_listen.host if enroll_listen.host not in ("0.0.0.0", "::") else "127.0.0.1")
-    app = create_app(catalog, fleet, projects, migrations, ca.fingerprint, f"{advertised}:{enroll_port}")
+    app = create_app(catalog, fleet, projects, migrations, ca.fingerprint, f"{advertised}:{enroll_port}", backups)
     web = uvicorn.Server(uvicorn.Config(
         app, host=http.host, port=http.port, log_level="warning", access_log=False,
         lifespan="off", server_header=False))
@@ -95,12 +101,14 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     recovery = asyncio.gather(projects.recover(), migrations.recover())
     retention = asyncio.create_task(dump_files.keep_retention())
     windows = asyncio.create_task(migrations.reversals.keep_windows())
+    schedules = asyncio.create_task(backups.keep_schedules())
     gateways.start()
 
     await stop.wait()
     recovery.cancel()
     retention.cancel()
     windows.cancel()
+    schedules.cancel()
     gateways.stop()
     notify("STOPPING=1")
     log.info("stopping")

@@ -28,6 +28,9 @@ class ControllerConfig:
     base_domain: str
     # Dump files a migrate writes are removed this many days after they were written.
     dump_retention_days: float = DEFAULT_DUMP_RETENTION_DAYS
+    # The backup gate (a real migrate, a delete) also wants the newest verified backup younger
+    # than this; None: newer than the project's last push is enough.
+    backup_max_age_hours: float | None = None
 
 
 def check_dump_retention(days) -> float:
@@ -35,6 +38,15 @@ def check_dump_retention(days) -> float:
         raise ConfigError(f"dump retention must be a number of days above 0 and at most "
                           f"{MAX_DUMP_RETENTION_DAYS:g}, got {days!r}")
     return float(days)
+
+
+def check_backup_max_age(hours) -> float | None:
+    if hours is None or hours == 0:
+        return None
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not 0 < hours <= 24 * 3650:
+        raise ConfigError(f"the backup gate's maximum age must be a number of hours above 0 (0 turns it off), "
+                          f"got {hours!r}")
+    return float(hours)
 
 
 class StateDir:
@@ -70,9 +82,11 @@ class StateDir:
         raw = json.loads(self.read(CONFIG_FILE))
         return ControllerConfig(
             catalog_url=raw["catalog_url"], base_domain=raw["base_domain"],
-            dump_retention_days=check_dump_retention(raw.get("dump_retention_days", DEFAULT_DUMP_RETENTION_DAYS)))
+            dump_retention_days=check_dump_retention(raw.get("dump_retention_days", DEFAULT_DUMP_RETENTION_DAYS)),
+            backup_max_age_hours=check_backup_max_age(raw.get("backup_max_age_hours")))
 
     def save_config(self, config: ControllerConfig) -> None:
         body = {"catalog_url": config.catalog_url, "base_domain": config.base_domain,
-                "dump_retention_days": config.dump_retention_days}
+                "dump_retention_days": config.dump_retention_days,
+                "backup_max_age_hours": config.backup_max_age_hours}
         self.write(CONFIG_FILE, (json.dumps(body, indent=2) + "\n").encode(), secret=True)

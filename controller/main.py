@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from . import __version__, store as catalog_mod
 from .store import Catalog
 from .config import CONFIG_FILE, DEFAULT_DUMP_RETENTION_DAYS, ConfigError, ControllerConfig, StateDir, \
-    check_dump_retention
+    check_backup_max_age, check_dump_retention
 from .errors import FluxError
 from .gateways import LEASE_S
 from .pki import CertificateAuthority, create_ca
@@ -37,7 +37,8 @@ def _check_catalog_url(url: str) -> str:
 
 
 async def initialise(state: StateDir, catalog_url: str | None, base_domain: str | None,
-                     admin_name: str, extra_names: list[str], dump_retention_days: float | None = None) -> dict:
+                     admin_name: str, extra_names: list[str], dump_retention_days: float | None = None,
+                     backup_max_age_hours: float | None = None) -> dict:
     """Brings a state directory and its catalog to the current version; idempotent."""
     changes: list[str] = []
     previous = state.load_config() if state.has(CONFIG_FILE) else None
@@ -49,6 +50,9 @@ async def initialise(state: StateDir, catalog_url: str | None, base_domain: str 
         catalog_url=_check_catalog_url(catalog_url) if catalog_url else previous.catalog_url,
         base_domain=base_domain or (previous.base_domain if previous else "localhost"),
         dump_retention_days=check_dump_retention(dump_retention_days),
+        backup_max_age_hours=check_backup_max_age(
+            backup_max_age_hours if backup_max_age_hours is not None
+            else (previous.backup_max_age_hours if previous else None)),
     )
 
     conn = await catalog_mod.connect(config.catalog_url)
@@ -143,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"days a dump file written by a migrate is kept on its db host before the "
                       f"controller removes it (default {DEFAULT_DUMP_RETENTION_DAYS:g}; kept when omitted); "
                       "a running controller applies a new value once restarted")
+    init.add_argument("--backup-max-age-hours", type=float, metavar="HOURS",
+                      help="the backup gate (before a real migrate or a delete) also wants the newest "
+                      "restore-verified backup younger than this; 0 turns it off (the default: newer than the "
+                      "project's last push is enough; kept when omitted)")
     init.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     users = sub.add_parser("users", help="manage users of this control plane")
@@ -177,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         state = StateDir(args.state_dir)
         if args.command == "init":
             result = asyncio.run(initialise(state, args.catalog_url, args.base_domain,
-                                            args.admin_name, args.san, args.dump_retention_days))
+                                            args.admin_name, args.san, args.dump_retention_days,
+                                            args.backup_max_age_hours))
             print(json.dumps(result)) if args.json else _print_init(result)
             return 0
         if args.command == "users":

@@ -201,7 +201,10 @@ class Projects:
 
     # create
 
-    async def create(self, user: User, name: str, mode: str = POOLED, host: str | None = None) -> tuple[Project, str]:
+    async def create(self, user: User, name: str, mode: str = POOLED, host: str | None = None,
+                     tenant_names: bool = False) -> tuple[Project, str]:
+        """A new project; with `tenant_names` a dedicated one names its schema and roles as a migrated
+        project does (a restore of a pooled tenant's backup brings them)."""
         name = (name or "").strip()
         if not name or len(name) > MAX_NAME:
             raise BadRequest(f"project name must be 1-{MAX_NAME} characters")
@@ -232,7 +235,7 @@ class Projects:
             try:
                 project = await self.catalog.insert_project(
                     project_id, user.id, name, slug, self.hashes(), mode,
-                    names.tenant_schema(short_id) if mode == POOLED else "api",
+                    names.tenant_schema(short_id) if mode == POOLED or tenant_names else "api",
                     self.box.seal(secret.encode(), f"project:{project_id}"), db_agent, **dedicated)
                 break
             except HashTaken:

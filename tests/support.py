@@ -397,7 +397,7 @@ class LocalFleet:
     def close(self) -> None:
         # Stacks live in the Docker engine, which outlives the fleet: delete every project.
         for project in self.api("GET", "list").json():
-            self.api("DELETE", f"projects/{project['hash']}", params={"slug": project["slug"]})
+            self.api("DELETE", f"projects/{project['hash']}", params={"slug": project["slug"], "skipBackupCheck": "true"})
         self.fleet.down()
         for datadir in self.fleet.data_dirs():
             shutil.rmtree(datadir.parent, ignore_errors=True)

@@ -9,10 +9,10 @@ from contract.jobs import KINDS
 from contract.messages import ContractError, Result
 
 from ..errors import AgentError
-from . import db, diag, docker, gateway
+from . import backup, db, diag, docker, gateway
 from .context import Handler, JobContext
 
-HANDLERS: dict[str, Handler] = {**diag.HANDLERS, **db.HANDLERS, **docker.HANDLERS, **gateway.HANDLERS}
+HANDLERS: dict[str, Handler] = {**backup.HANDLERS, **diag.HANDLERS, **db.HANDLERS, **docker.HANDLERS, **gateway.HANDLERS}
 
 
 async def run(kind: str, params: Any, **context) -> Result:

@@ -15,7 +15,7 @@ from .identity import (certificate_expiry, check_fingerprint, fetch_pinned_ca,
                        new_key_and_csr, parse_address)
 from .wire import enroll as enroll_rpc
 
-ROLES = ("db", "docker", "gateway")
+ROLES = ("db", "docker", "gateway", "backup")
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 # systemd's RestartPreventExitStatus: a revoked agent must not be restarted in a loop.
 EXIT_REVOKED = 78
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the controller's enrollment address (default port 7444)")
     en.add_argument("--token", required=True, help="one-time join token (flx_join_...)")
     en.add_argument("--name", required=True, help="this agent's name, unique in the fleet")
-    en.add_argument("--roles", required=True, help="comma-separated: db, docker, gateway")
+    en.add_argument("--roles", required=True, help="comma-separated: db, docker, gateway, backup")
     en.add_argument("--state-dir", required=True, help="where the key, certificate and spool live")
     en.add_argument("--ca-fingerprint", required=True, metavar="sha256:HEX",
                     help="fingerprint of the controller's CA, shown with the join token")

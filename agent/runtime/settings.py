@@ -9,7 +9,8 @@
      "gateway": {"caddy_admin": "/var/lib/flux-agent/caddy-admin.sock", "listen": "127.0.0.1:8443",
                  "auth_listen": "127.0.0.1:8444", "pool_upstream": "127.0.0.1:3000",
                  "pool_jwt_secret": "...", "manage_caddy": true, "caddy_bin": "caddy",
-                 "max_token_lifetime_s": 7776000}}
+                 "max_token_lifetime_s": 7776000},
+     "backup":  {"dir": "/var/lib/flux-agent/backups"}}
 
 The file holds credentials (0600). The controller never sees these values.
 
@@ -61,6 +62,13 @@ class DockerSettings:
 
 
 DEFAULT_MAX_TOKEN_LIFETIME_S = 90 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    # Where this backup host keeps backup files (one directory per project). Files are encrypted
+    # under keys this host never holds.
+    dir: str
 
 
 @dataclass(frozen=True)
@@ -124,4 +132,9 @@ def load(state: StateDir) -> dict:
         settings["gateway"] = _check_gateway(_build(GatewaySettings, raw["gateway"], "gateway"))
     if "docker" in raw:
         settings["docker"] = _build(DockerSettings, raw["docker"], "docker")
+    if "backup" in raw:
+        backup = _build(BackupSettings, raw["backup"], "backup")
+        if not isinstance(backup.dir, str) or not backup.dir.startswith("/"):
+            raise AgentError(f"{SETTINGS_FILE}: backup.dir must be an absolute path (where backup files are kept)")
+        settings["backup"] = backup
     return settings

@@ -14,7 +14,7 @@ from ..fleet import Fleet
 from ..migrate import Migrations
 from ..projects import Projects
 from ..store import Catalog
-from . import agents, migrations, projects, users
+from . import agents, backups, migrations, projects, users
 from .access import ApiGuard, BodyLimits, FailureLimiter
 from .common import PREFIX, Services, error_response, log, validation_message
 from .dashboard import mount as mount_dashboard
@@ -23,7 +23,7 @@ MAX_JOB_REQUEST_BYTES = 32 * 1024 * 1024
 
 
 def create_app(catalog: Catalog, fleet: Fleet, projects_: Projects, migrations_: Migrations, ca_fingerprint: str,
-               enroll_address: str) -> FastAPI:
+               enroll_address: str, backups_=None) -> FastAPI:
     app = FastAPI(
         title="Flux control plane API",
         version=__version__,
@@ -31,7 +31,8 @@ def create_app(catalog: Catalog, fleet: Fleet, projects_: Projects, migrations_:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.services = Services(catalog, fleet, projects_, migrations_, ca_fingerprint, enroll_address)
+    app.state.services = Services(catalog, fleet, projects_, migrations_, ca_fingerprint, enroll_address,
+                                  backups_)
 
     @app.exception_handler(FluxError)
     async def flux_error(_: Request, exc: FluxError):
@@ -57,6 +58,6 @@ def create_app(catalog: Catalog, fleet: Fleet, projects_: Projects, migrations_:
                                                # Diagnostic jobs (admins only) may probe the fleet's own limit.
                                                ("POST", f"{PREFIX}/agents/[^/]+/jobs"): MAX_JOB_REQUEST_BYTES}),
                        limiter=limiter)
-    for module in (users, agents, projects, migrations):
+    for module in (users, agents, projects, backups, migrations):
         app.include_router(module.router)
     return app

@@ -31,6 +31,7 @@ class Services:
     migrations: Migrations
     ca_fingerprint: str
     enroll_address: str
+    backups: object = None
 
 
 def services(request: Request) -> Services:

@@ -35,6 +35,12 @@ async def migrate(request: Request, user: User = Depends(current_user), s: Servi
     options = Options.from_request(body)
     if options.dry_run:
         return await s.migrations.dry_run(project, options)
+    # The gate is on a migrate that moves the project: a dump-only or staged run leaves it serving where it is.
+    if not (options.dump_only or options.staged or body.get("skipBackupCheck", False)):
+        try:
+            await s.backups.gate(project, "a real migrate")
+        except BadRequest as exc:
+            return JSONResponse({"ok": False, "phase": "backup", "error": exc.message}, status_code=400)
     return await follow(s, request, await s.migrations.start(project, options))
 
 async def follow(s: Services, request: Request, row):

@@ -12,7 +12,7 @@ from contract.stacks import MAX_LOG_LINES
 
 from ..errors import BadRequest, FluxError, NotImplementedHere
 from ..gateways import service_url
-from ..projects import POOLED_NOTE, kept_copy, list_item
+from ..projects import POOLED_NOTE, check_hash, kept_copy, list_item
 from ..store import User
 from .common import PREFIX, Services, current_user, flag, query_flag, read_json, services
 
@@ -97,11 +97,6 @@ async def project_credentials(hash_: str, user: User = Depends(current_user), s:
 @router.get("/projects/{hash_}/migrations")
 async def project_migrations(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
     return await s.projects.migrations(await s.projects.get(user, hash_))
-
-@router.get("/projects/{hash_}/backups")
-async def project_backups(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
-    await s.projects.get(user, hash_)
-    return {"backups": []}
 
 @router.get("/projects/{hash_}/dumps")
 async def project_dumps(hash_: str, slug: str | None = None, all: bool = False, user: User = Depends(current_user),
@@ -219,7 +214,10 @@ async def project_delete(hash_: str, slug: str | None = None, force: str | None 
                          s: Services = Depends(services)):
     """Deletes the project (mode `catalog`); with force=1 and no project of the user's under the
     hash, an admin removes the Docker objects left behind under it (mode `orphan`)."""
-    query_flag(skipBackupCheck, "skipBackupCheck")  # no backup gate yet: checked for its form only
+    if not query_flag(skipBackupCheck, "skipBackupCheck"):
+        project = await s.catalog.project_by_hash(user.id, check_hash(hash_))
+        if project is not None and project.lifecycle == "active":
+            await s.backups.gate(await s.projects.get(user, hash_, slug), "delete")
     return await s.projects.nuke(user, hash_, slug, query_flag(force, "force"))
 
 @router.post("/projects/{hash_}/maintenance")

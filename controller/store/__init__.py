@@ -4,6 +4,7 @@ Every other module reaches the catalog through `Catalog`.
 """
 
 from .agents import Agent, AgentStore
+from .backups import BackupStore
 from .base import Migration, Store, available_migrations, connect, migrate, pending_migrations
 from .dumps import DumpFile, DumpFileStore
 from .jobs import Job, JobStore
@@ -12,7 +13,7 @@ from .projects import HashTaken, Project, ProjectStore
 from .users import ApiToken, User, UserStore
 
 
-class Catalog(UserStore, AgentStore, JobStore, ProjectStore, MigrationStore, DumpFileStore, Store):
+class Catalog(BackupStore, UserStore, AgentStore, JobStore, ProjectStore, MigrationStore, DumpFileStore, Store):
     """Every aggregate's queries over one connection pool."""
 
 

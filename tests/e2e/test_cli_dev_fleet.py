@@ -26,7 +26,7 @@ def fleet(tmp_path_factory):
     yield flux, json.loads(up.stdout), directory, env
     # Stacks live in the Docker engine, which outlives the fleet: delete every project.
     for project in json.loads(flux("list", "--json").stdout):
-        flux("delete", "-p", project["slug"], "--hash", project["hash"], "--yes")
+        flux("delete", "-p", project["slug"], "--hash", project["hash"], "--yes", "--skip-backup-check")
     flux("dev", "down", "--dir", str(directory))
     remove_dev_data(directory)
 
@@ -52,7 +52,8 @@ def test_dev_up_starts_a_fleet_the_cli_can_use(fleet):
 
     listed = json.loads(flux("agents", "list", "--json").stdout)
     assert [(a["name"], a["roles"], a["connected"]) for a in listed] == [
-        ("dev-db", ["db"], True), ("dev-docker", ["docker"], True), ("dev-gateway", ["gateway"], True)]
+        ("dev-backup", ["backup"], True), ("dev-db", ["db"], True), ("dev-docker", ["docker"], True),
+        ("dev-gateway", ["gateway"], True)]
     docker_facts = next(a for a in listed if a["name"] == "dev-docker")["facts"]
     assert docker_facts["tools"]["docker"]
     assert "dev-gateway" in flux("agents", "list").stdout
@@ -68,7 +69,7 @@ def test_dev_up_starts_a_fleet_the_cli_can_use(fleet):
         assert key in shown
     again = json.loads(flux("dev", "up", "--dir", str(directory), "--json").stdout)
     assert set(again["reused"]) == {"catalog cluster", "shared cluster", "docker engine", "controller", "dev-db",
-                                    "dev-gateway", "dev-docker", "pooled-postgrest"}
+                                    "dev-gateway", "dev-docker", "dev-backup", "pooled-postgrest"}
     assert again["token"] == info["token"]
 
 

@@ -158,9 +158,9 @@ def test_project_detail_shows_credentials_only_on_request_and_the_fleet_page(fle
 
     page.goto(f"{base}/fleet")
     rows = page.locator("tbody tr")
-    assert rows.count() == 3
+    assert rows.count() == 4
     text = page.locator("tbody").inner_text()
-    for name in ("dev-db", "dev-docker", "dev-gateway"):
+    for name in ("dev-backup", "dev-db", "dev-docker", "dev-gateway"):
         assert name in text
     assert "connected" in text and "pg_dump" in text
     page.get_by_role("button", name="Sign out").click()

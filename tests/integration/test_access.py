@@ -35,6 +35,12 @@ ROUTES = {
     ("GET", f"{P}/projects/{{hash_}}/credentials"): "any",
     ("GET", f"{P}/projects/{{hash_}}/migrations"): "any",
     ("GET", f"{P}/projects/{{hash_}}/backups"): "any",
+    ("POST", f"{P}/projects/{{hash_}}/backups"): "any",
+    ("POST", f"{P}/projects/{{hash_}}/backups/{{backup_id}}/verify"): "any",
+    ("GET", f"{P}/projects/{{hash_}}/backups/{{backup_id}}/download"): "any",
+    ("POST", f"{P}/backups/{{backup_id}}/restore"): "any",
+    ("PUT", f"{P}/projects/{{hash_}}/backup-schedule"): "any",
+    ("GET", f"{P}/projects/{{hash_}}/dump"): "any",
     ("GET", f"{P}/projects/{{hash_}}/dumps"): "any",
     ("GET", f"{P}/projects/{{hash_}}/activity"): "any",
     ("GET", f"{P}/logs"): "any",
@@ -59,7 +65,7 @@ ROUTES = {
     ("POST", f"{P}/push"): "any",
 }
 PARAMS = {"name": "no-such-agent", "job_id": "job-00000000", "hash_": "abcdef0", "token_id": "987654",
-          "migration_id": str(uuid.uuid4())}
+          "migration_id": str(uuid.uuid4()), "backup_id": str(uuid.uuid4())}
 
 
 def _operator(controller, name: str = "op") -> str:

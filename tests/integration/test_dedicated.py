@@ -154,7 +154,7 @@ def test_delete_removes_everything(fleet):
     without_yes = run(script("flux"), "delete", "-p", s["slug"], "--hash", s["hash"], check=False,
                       env={"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token})
     assert without_yes.returncode == 2 and "--yes" in without_yes.stderr
-    deleted = run(script("flux"), "delete", "-p", s["slug"], "--hash", s["hash"], "--yes",
+    deleted = run(script("flux"), "delete", "-p", s["slug"], "--hash", s["hash"], "--yes", "--skip-backup-check",
                   env={"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token})
     assert f"Deleted {s['slug']}" in deleted.stdout
     leftover = docker("ps", "-a", "--filter", f"label=flux.hash={s['hash']}", "--format", "{{.Names}}")
@@ -189,7 +189,7 @@ def test_another_projects_container_under_its_name_is_left_alone(fleet):
         assert docker("inspect", "-f", "{{.State.Status}}", n["db"]) == "running"
         assert next(p for p in fleet.api("GET", "list").json() if p["hash"] == h)["status"] == "corrupted"
 
-        deleted = fleet.api("DELETE", f"projects/{h}", params={"slug": project["summary"]["slug"]})
+        deleted = fleet.api("DELETE", f"projects/{h}", params={"slug": project["summary"]["slug"], "skipBackupCheck": "true"})
         assert deleted.status_code == 200, deleted.text
         assert n["api"] in deleted.json()["untouched"]
         assert held() == f"created {other}"

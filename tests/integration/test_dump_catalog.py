@@ -141,7 +141,7 @@ def test_a_file_gone_from_the_host_is_reported_and_does_not_stop_a_delete(fleet)
     assert states == {first["path"]: "missing", second["path"]: "changed"}
     project_id = _project_id(fleet, project)
 
-    deleted = _cli(fleet, "delete", "-p", s["slug"], "--hash", s["hash"], "--yes")
+    deleted = _cli(fleet, "delete", "-p", s["slug"], "--hash", s["hash"], "--yes", "--skip-backup-check")
     assert f"Deleted {s['slug']}" in deleted.stdout
     assert not os.path.exists(second["path"])
     assert fleet.catalog_sql("SELECT count(*) FROM dump_files WHERE project_id = %s", (project_id,)) == [(0,)]
@@ -163,7 +163,7 @@ def test_a_migrated_project_keeps_its_dump_files_listed_and_delete_removes_them(
     assert all(d["state"] == "kept" for d in listed)
     project_id = _project_id(fleet, project)
 
-    assert fleet.api("DELETE", f"projects/{s['hash']}", params={"slug": s["slug"]}).status_code == 200
+    assert fleet.api("DELETE", f"projects/{s['hash']}", params={"slug": s["slug"], "skipBackupCheck": "true"}).status_code == 200
     assert not os.path.exists(dumped["path"]) and not os.path.exists(full["path"])
     assert not pathlib.Path(full["path"]).parent.exists()
     assert fleet.catalog_sql("SELECT count(*) FROM dump_files WHERE project_id = %s", (project_id,)) == [(0,)]

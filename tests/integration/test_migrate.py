@@ -239,7 +239,8 @@ def test_no_lock_writes_is_honoured_and_drop_source_after_removes_the_source(fle
     assert "lock" not in dry["plan"]["steps"] and "drop_source" in dry["plan"]["steps"]
     assert any("--no-lock-writes" in w for w in dry["preflight"]["warnings"])
     cli = run(script("flux"), "migrate", "-p", project["summary"]["slug"], "--hash", project["summary"]["hash"],
-              "--to", "v1_dedicated", "--yes", "--no-lock-writes", "--drop-source-after", timeout=600,
+              "--to", "v1_dedicated", "--yes", "--no-lock-writes", "--drop-source-after", "--skip-backup-check",
+              timeout=600,
               env={"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token})
     assert "Migration complete. Project is now v1_dedicated." in cli.stdout
     assert "warning: --no-lock-writes" in cli.stderr
@@ -263,7 +264,7 @@ def _start_streaming(fleet, project, on_event=None, **flags) -> tuple[str, threa
     """Starts a migration and returns its id while it runs; `on_event(event)` hears each event of
     its stream as it comes, on the stream's thread."""
     body = {"slug": project["summary"]["slug"], "hash": project["summary"]["hash"], "to": "v1_dedicated",
-            "yes": True, **flags}
+            "yes": True, "skipBackupCheck": True, **flags}
     box: dict = {}
     started = threading.Event()
 
@@ -564,6 +565,7 @@ def test_a_failure_after_cutover_is_not_a_rollback_and_resume_finishes_it(fleet)
     with psycopg.connect(fleet.fleet.cluster("shared").url("flux_shared")) as reader:
         reader.execute(f"SELECT count(*) FROM {schema}.todos")
         out = run(script("flux"), "migrate", "-p", s["slug"], "--hash", s["hash"], "--to", "v1_dedicated", "--yes",
+                  "--skip-backup-check",
                   "--drop-source-after", check=False, env=env, timeout=300)
         assert out.returncode == 1, out.stdout + out.stderr
         assert "failed after cutover in phase drop_source" in out.stderr and "rolled back" not in out.stderr

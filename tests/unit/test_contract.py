@@ -69,6 +69,17 @@ ROUTE = {"project_id": PROJECT_ID, "hosts": ["api--my-app--a1b2c3d.example.test"
          "schema": f"t_{SHORT_ID}_api", "app_role": f"t_{SHORT_ID}_role", "jwt_secret": "s" * 48,
          "upstream": "pool", "maintenance": False}
 
+KEY = "A" * 43 + "="
+BACKUP_ID = "5e0c3b1a-2d4f-4a6b-8c9d-0e1f2a3b4c5d"
+MANIFEST = {"schema": f"t_{SHORT_ID}_api", "owner": f"t_{SHORT_ID}_ddl",
+            "tables": {"todos": {"rows": 3, "checksum": "-12345", "bytes": 16384}}, "sequences": {"todos_id_seq": 3},
+            "ledger": [{"version": "0001", "filename": "0001_init.sql", "checksum": "0" * 64,
+                        "applied_at": "2026-11-27 03:12:45+00"}],
+            "roles": [f"t_{SHORT_ID}_ddl", f"t_{SHORT_ID}_role"], "server_version": "15.6"}
+MADE = {"bytes": 2120, "sha256": "f" * 64, "archive_bytes": 2048, "archive_sha256": "e" * 64, "manifest": MANIFEST,
+        "seconds": 0.4}
+RESTORED = {"problems": [], "tables": 1, "rows": 3, "archive_bytes": 2048, "seconds": 0.9}
+
 # An example of each kind's params and result, as the controller sends and the agent returns them.
 EXAMPLES = {
     "facts.collect": ({}, {"hostname": "db-1", "agent_version": "0.1.0", "tools": {"pg_dump": "15.6"},
@@ -147,6 +158,27 @@ EXAMPLES = {
                            "target_url": "postgresql://postgres:pw@127.0.0.1:41235/postgres"},
                           {"lsn": "0/1A2B400", "tables": {"todos": 3}, "seconds": 0.3,
                            "problems": ["table todos: source 3 rows, target 2 rows"]}),
+    "tenant.backup": ({**TENANT, "transfer_id": "ab" * 16, "backup_key": KEY}, MADE),
+    "stack.backup": ({**STACK, **SECRETS, "transfer_id": "ab" * 16, "backup_key": KEY}, MADE),
+    "backup.store": ({"project_id": PROJECT_ID, "backup_id": BACKUP_ID, "transfer_id": "ab" * 16},
+                     {"path": f"/var/lib/flux-agent/backups/{PROJECT_ID}/{BACKUP_ID}.fluxbackup", "bytes": 2120,
+                      "sha256": "f" * 64}),
+    "backup.send": ({"project_id": PROJECT_ID, "backup_id": BACKUP_ID, "transfer_id": "ab" * 16},
+                    {"bytes": 2120, "sha256": "f" * 64}),
+    "backup.check": ({"project_id": PROJECT_ID, "backup_ids": [BACKUP_ID]},
+                     {"files": [{"backup_id": BACKUP_ID, "exists": True, "bytes": 2120, "sha256": "f" * 64}]}),
+    "backup.remove": ({"project_id": PROJECT_ID, "backup_ids": [BACKUP_ID]}, {"removed": [BACKUP_ID], "missing": []}),
+    "scratch.verify": ({"backup_id": BACKUP_ID, "transfer_id": "ab" * 16, "backup_key": KEY, "manifest": MANIFEST},
+                       RESTORED),
+    "tenant.restore": ({**TENANT, "transfer_id": "ab" * 16, "backup_key": KEY, "manifest": MANIFEST}, RESTORED),
+    "stack.restore": ({**STACK, **SECRETS, "transfer_id": "ab" * 16, "backup_key": KEY, "manifest": MANIFEST,
+                       "renames": {f"t_{SHORT_ID}_api": "t_aaaaaaaaaaaa_api"}}, RESTORED),
+    "tenant.dump_stream": ({**TENANT, "transfer_id": "ab" * 16, "flags": {"schema_only": True, "data_only": False,
+                                                                          "clean": True, "api_schema_only": False}},
+                           {"bytes": 4096, "seconds": 0.2}),
+    "stack.dump_stream": ({**STACK, **SECRETS, "transfer_id": "ab" * 16,
+                           "flags": {"schema_only": False, "data_only": True, "clean": False, "api_schema_only": True}},
+                          {"bytes": 4096, "seconds": 0.2}),
 }
 
 
