@@ -825,11 +825,16 @@ def backup_download(backup_id, slug, hash_, output):
     partial = f"{output}.partial"
     digest = hashlib.sha256()
     expected = None
-    with open(partial, "wb") as out:
-        for headers, data in client().download(f"projects/{hash_}/backups/{backup_id}/download", {"slug": slug}):
-            expected = headers.get("x-flux-sha256")
-            out.write(data)
-            digest.update(data)
+    try:
+        with open(partial, "wb") as out:
+            for headers, data in client().download(f"projects/{hash_}/backups/{backup_id}/download", {"slug": slug}):
+                expected = headers.get("x-flux-sha256")
+                out.write(data)
+                digest.update(data)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
     if expected is None or digest.hexdigest() != expected:
         os.unlink(partial)
         raise CliError(f"the download does not match its sha256 ({digest.hexdigest()}, expected {expected}); "

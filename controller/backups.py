@@ -31,7 +31,7 @@ from typing import AsyncIterator
 from contract import names
 from formats.sealedfile import DumpFileError, decrypt
 
-from .errors import BadRequest, Conflict, FluxError, NotFound, Unavailable
+from .errors import BadRequest, Conflict, FluxError, NotFound, Timeout, Unavailable
 from .fleet import Fleet
 from .secretbox import SecretBox
 from .store import Catalog, Project, User
@@ -45,6 +45,7 @@ KEY_BYTES = 32
 MAKE_TIMEOUT_S = 6 * 3600
 CHECK_TIMEOUT_S = 600
 SCHEDULE_TICK_S = 5.0
+SCHEDULES_AT_ONCE = 2
 MIN_EVERY_S = 60
 REMEDY = "flux backup create --verify"
 
@@ -76,28 +77,31 @@ def entry(row: dict) -> dict:
 
 
 def to_remove(rows: list[dict], keep_daily: int, keep_weekly: int) -> list[dict]:
-    """The complete backups retention removes: kept are the newest of each of the last `keep_daily`
-    days that have one, the newest of each of the last `keep_weekly` ISO weeks that have one, and
-    always the newest backup and the newest restore-verified one (the gate's)."""
+    """The backups retention removes. Of the complete ones it keeps, for each of the last
+    `keep_daily` days and `keep_weekly` ISO weeks that have one, the newest restore-verified one of
+    that period (or its newest, when none is verified), and always the newest backup and the
+    newest restore-verified one (the gate's). Failed backups older than the newest complete one
+    go too (a failed one may have left a file)."""
     done = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: r["created_at"], reverse=True)
     keep: set[str] = set()
-    days: list = []
-    weeks: list = []
-    for row in done:
-        day = row["created_at"].astimezone(datetime.timezone.utc).date()
-        week = day.isocalendar()[:2]
-        if day not in days and len(days) < keep_daily:
-            days.append(day)
-            keep.add(row["id"])
-        if week not in weeks and len(weeks) < keep_weekly:
-            weeks.append(week)
-            keep.add(row["id"])
+    for span, count in ((lambda d: d, keep_daily), (lambda d: d.isocalendar()[:2], keep_weekly)):
+        periods: dict = {}
+        for row in done:
+            period = span(row["created_at"].astimezone(datetime.timezone.utc).date())
+            if period not in periods and len(periods) >= count:
+                continue
+            best = periods.get(period)
+            if best is None or (best["restore_status"] != "restore_verified"
+                                and row["restore_status"] == "restore_verified"):
+                periods[period] = row
+        keep |= {row["id"] for row in periods.values()}
     if done:
         keep.add(done[0]["id"])
         verified = [r for r in done if r["restore_status"] == "restore_verified"]
         if verified:
             keep.add(verified[0]["id"])
-    return [r for r in done if r["id"] not in keep]
+    failed = [r for r in rows if r["status"] == "failed" and done and r["created_at"] < done[0]["created_at"]]
+    return [r for r in done if r["id"] not in keep] + failed
 
 
 class Backups:
@@ -108,6 +112,9 @@ class Backups:
         self.projects = projects
         self.max_age = datetime.timedelta(seconds=max_age_s) if max_age_s else None
         self._locks: dict[str, asyncio.Lock] = {}
+        # Schedules running now, by project id; a few at once, so one long backup holds up no other.
+        self._scheduled: dict[str, asyncio.Task] = {}
+        self._schedule_slots = asyncio.Semaphore(SCHEDULES_AT_ONCE)
 
     def _lock(self, project_id: str) -> asyncio.Lock:
         return self._locks.setdefault(project_id, asyncio.Lock())
@@ -173,10 +180,11 @@ class Backups:
             made, stored = await self._relay(
                 (source, job, {**params, "backup_key": key}),
                 (agent, "backup.store", {"project_id": project.id, "backup_id": backup_id}), MAKE_TIMEOUT_S)
-        except FluxError as exc:
-            await self.catalog.update_backup(backup_id, status="failed", error=exc.message,
-                                             completed_at=datetime.datetime.now(datetime.timezone.utc))
-            await self.catalog.record_operation(project.id, "backup", "failed", exc.message[:200])
+        except BaseException as exc:
+            message = exc.message if isinstance(exc, FluxError) else f"stopped: {type(exc).__name__}"
+            await asyncio.shield(self.catalog.update_backup(
+                backup_id, status="failed", error=message, completed_at=datetime.datetime.now(datetime.timezone.utc)))
+            await asyncio.shield(self.catalog.record_operation(project.id, "backup", "failed", message[:200]))
             raise
         now = datetime.datetime.now(datetime.timezone.utc)
         matches = stored["sha256"] == made["sha256"] and stored["bytes"] == made["bytes"]
@@ -294,16 +302,26 @@ class Backups:
         async def archive() -> AsyncIterator[bytes]:
             queue: asyncio.Queue = asyncio.Queue(maxsize=4)
             loop = asyncio.get_running_loop()
+            failure: list[BaseException] = []
 
             async def stored() -> None:
                 try:
                     async for data in stored_bytes:
                         await queue.put(data)
-                finally:
                     await queue.put(None)
+                except BaseException as exc:
+                    if not isinstance(exc, asyncio.CancelledError):
+                        failure.append(exc)
+                    # The reading thread waits for the end mark, whatever happened here.
+                    while True:
+                        try:
+                            queue.put_nowait(None)
+                            break
+                        except asyncio.QueueFull:
+                            queue.get_nowait()
+                    raise
 
             pump = asyncio.create_task(stored())
-
             pending = bytearray()
             ended = False
 
@@ -328,11 +346,13 @@ class Backups:
                     yield chunk
                 await pump
             except DumpFileError as exc:
-                if pump.done() and not pump.cancelled() and pump.exception() is not None:
-                    raise pump.exception() from None
+                await asyncio.gather(pump, return_exceptions=True)
+                if failure:
+                    raise failure[0] from None
                 raise Unavailable(f"backup {row['id']} does not decrypt: {exc.message}") from None
             finally:
                 pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
                 await stored_bytes.aclose()
 
         return row, archive()
@@ -422,16 +442,26 @@ class Backups:
             await self.projects.set_maintenance(project, True)
             try:
                 restored = await self._restore_job(project, row)
-            except FluxError as exc:
+            except Timeout as exc:
+                # The agent did not answer: its transaction may still commit. Writes stay held.
                 await self.catalog.record_operation(project.id, "restore", "failed", exc.message[:200])
-                raise
-            finally:
+                raise Timeout(f"{exc.message}; {project.slug} stays in maintenance (writes get 503) until its data "
+                              "is checked: `flux backup restore` again, or lift it with POST "
+                              f"projects/{project.hash}/maintenance") from None
+            except FluxError as exc:
+                # The restore is one transaction that did not commit: the project is as it was.
+                await self.catalog.record_operation(project.id, "restore", "failed", exc.message[:200])
                 if not was:
                     await self.projects.set_maintenance(await self.catalog.project(project.id), False)
+                raise
+            if not was and not restored["problems"]:
+                await self.projects.set_maintenance(await self.catalog.project(project.id), False)
         outcome = "failed" if restored["problems"] else "succeeded"
         await self.catalog.record_operation(project.id, "restore", outcome, row["id"])
         return {"ok": not restored["problems"], "backupId": row["id"], "project": project.slug, "hash": project.hash,
-                "tables": restored["tables"], "rows": restored["rows"], "problems": restored["problems"]}
+                "tables": restored["tables"], "rows": restored["rows"], "problems": restored["problems"],
+                **({"maintenance": "kept on: the restored data differs from the backup's manifest"}
+                   if restored["problems"] and not was else {})}
 
     async def _restore_new(self, user: User, row: dict, name: str) -> dict:
         source_schema = row["manifest"]["schema"]
@@ -463,8 +493,8 @@ class Backups:
     async def gate(self, project: Project, action: str) -> None:
         """Raises unless the newest complete backup is restore-verified and new enough for `action`."""
         done = [r for r in await self.catalog.backups_of(project.id) if r["status"] == "complete"]
-        remedy = (f"run `{REMEDY} -p {project.hash}` (or `flux backup verify latest -p {project.hash}`), "
-                  f"or pass --skip-backup-check")
+        where = f"-p {project.slug} --hash {project.hash}"
+        remedy = f"run `{REMEDY} {where}` (or `flux backup verify latest {where}`), or pass --skip-backup-check"
         if not done:
             raise BadRequest(f"{action} of {project.slug} needs a restore-verified backup and it has none: {remedy}")
         newest = done[0]
@@ -519,28 +549,43 @@ class Backups:
         return removed
 
     async def run_due(self) -> int:
-        ran = 0
+        """Starts every due schedule that is not running yet, at most SCHEDULES_AT_ONCE at a time."""
+        started = 0
         for schedule in await self.catalog.due_backup_schedules():
-            next_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
-                seconds=schedule["every_seconds"])
-            error = None
-            project = await self.catalog.project(str(schedule["project_id"]))
+            project_id = str(schedule["project_id"])
+            if project_id in self._scheduled:
+                continue
+            task = asyncio.create_task(self._run_schedule(schedule))
+            self._scheduled[project_id] = task
+            task.add_done_callback(lambda _t, key=project_id: self._scheduled.pop(key, None))
+            started += 1
+        return started
+
+    async def _run_schedule(self, schedule: dict) -> None:
+        project_id = str(schedule["project_id"])
+        error = None
+        async with self._schedule_slots:
+            project = await self.catalog.project(project_id)
             try:
                 if project is not None and project.lifecycle == "active":
                     await self.create(project, "schedule", verify=True)
                     await self.prune(project.id, schedule["keep_daily"], schedule["keep_weekly"])
-                    ran += 1
-            except FluxError as exc:
-                error = exc.message
-                log.warning("scheduled backup of %s failed: %s", project.slug if project else schedule["project_id"],
-                            exc.message)
-            await self.catalog.schedule_ran(str(schedule["project_id"]), next_at, error)
-        return ran
+            except Exception as exc:  # noqa: BLE001 - said in the schedule and the log; the next run tries again
+                error = exc.message if isinstance(exc, FluxError) else f"{type(exc).__name__}: {exc}"
+                log.warning("scheduled backup of %s failed: %s", project.slug if project else project_id, error)
+            finally:
+                next_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+                    seconds=schedule["every_seconds"])
+                await asyncio.shield(self.catalog.schedule_ran(project_id, next_at, error))
 
     async def keep_schedules(self) -> None:
-        while True:
-            try:
-                await self.run_due()
-            except Exception:  # the next tick tries again
-                log.exception("backup schedules failed")
-            await asyncio.sleep(SCHEDULE_TICK_S)
+        try:
+            while True:
+                try:
+                    await self.run_due()
+                except Exception:  # the next tick tries again
+                    log.exception("backup schedules failed")
+                await asyncio.sleep(SCHEDULE_TICK_S)
+        finally:
+            for task in list(self._scheduled.values()):
+                task.cancel()

@@ -8,7 +8,7 @@ sender's stream and gRPC's flow control holds the sender back, so a transfer hol
 `QUEUE_CHUNKS` chunks in the controller's memory whatever its size. Nothing of it is written to
 the catalog or to the controller's disk.
 
-A transfer ends once: finished (the sender's last chunk was read) or failed with a reason that
+A transfer ends once: delivered (the receiver read the last chunk) or failed with a reason that
 both ends are given. Whoever opened it fails it when either job ends badly, so neither end waits
 on the other for longer than its own job's timeout.
 """
@@ -24,6 +24,8 @@ QUEUE_CHUNKS = 8
 CHUNK_BYTES = 1 << 20
 # The controller itself as a transfer's receiver (downloads and dump streams).
 CONTROLLER = ""
+# Both ends of a transfer start within this (their jobs were sent to connected agents).
+CONNECT_S = 60.0
 
 _END = object()
 
@@ -39,14 +41,15 @@ class Transfer:
         self.receiver = receiver
         self.bytes = 0
         self.error: str | None = None
-        self.finished = False
+        # The receiver has read the last chunk: nothing can fail the transfer any more.
+        self.delivered = False
         self.sending = False
-        self.receiving = False
+        self.receiving = receiver == CONTROLLER
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_CHUNKS)
 
     @property
     def ended(self) -> bool:
-        return self.finished or self.error is not None
+        return self.delivered or self.error is not None
 
     async def put(self, data: bytes) -> None:
         """Hands a chunk on; waits while the queue is full. Raises once the transfer failed."""
@@ -58,10 +61,12 @@ class Transfer:
         self.bytes += len(data)
 
     async def finish(self) -> None:
+        """Marks the end once every chunk is queued; raises if the transfer failed meanwhile."""
         if self.error is not None:
             raise TransferFailed(self.error)
-        self.finished = True
         await self._queue.put(_END)
+        if self.error is not None:
+            raise TransferFailed(self.error)
 
     def fail(self, reason: str) -> None:
         """Ends the transfer without its bytes: both ends stop with `reason`."""
@@ -80,6 +85,7 @@ class Transfer:
             if item is _END:
                 if self.error is not None:
                     raise TransferFailed(self.error)
+                self.delivered = True
                 return
             yield item
 
@@ -88,9 +94,18 @@ class Transfers:
     def __init__(self):
         self._open: dict[str, Transfer] = {}
 
-    def open(self, sender: str, receiver: str) -> Transfer:
+    def open(self, sender: str, receiver: str, connect_s: float = CONNECT_S) -> Transfer:
+        """A new transfer; it fails unless both ends have started within `connect_s`."""
         transfer = Transfer(secrets.token_hex(16), sender, receiver)
         self._open[transfer.id] = transfer
+
+        def check() -> None:
+            if not transfer.ended and not (transfer.sending and transfer.receiving):
+                missing = [f"{side} {name or 'controller'}" for side, name, started in (
+                    ("sender", sender, transfer.sending), ("receiver", receiver, transfer.receiving)) if not started]
+                transfer.fail(f"the {' and the '.join(missing)} did not start within {connect_s:g}s")
+
+        asyncio.get_running_loop().call_later(connect_s, check)
         return transfer
 
     def close(self, transfer: Transfer, reason: str = "the transfer was abandoned") -> None:

@@ -6,10 +6,11 @@ The archive travels and rests encrypted under the project's backup key (the dump
 dumpfile.py: chunks sealed with AES-256-GCM). The backup host stores the bytes it is sent and
 can check their size and sha256, never read them.
 
-A restore is one transaction: `pre` (roles the archive names, the schema emptied and made
+A restore is one transaction: `pre` (BEGIN, roles the archive names, the schema emptied and made
 again for its owner, the session switched to that owner), the archive's SQL as pg_restore writes
-it, then `post` (ledger rows, renames). Any error, or an archive that does not decrypt to its
-end, and nothing of it is committed. The archive's own statements run as the schema's owner, so
+it, then `post` (ledger rows, renames, and the one COMMIT). Any error, an archive that does not
+decrypt to its end, or input that stops before the COMMIT (the agent killed), and nothing of it
+is committed. The archive's own statements run as the schema's owner, so
 what a tenant wrote (a check constraint's function, an index expression) never runs as a
 superuser of a shared cluster.
 """
@@ -18,6 +19,7 @@ import hashlib
 import os
 import pathlib
 import re
+import secrets
 import subprocess
 import threading
 import time
@@ -273,15 +275,23 @@ def remove(root: pathlib.Path, project_id: str, backup_ids: list[str]) -> dict:
 
 # restoring one
 
+def _guarded(body: str) -> str:
+    """`body` as a DO block, quoted with a dollar tag that cannot occur in it (names come from tenants)."""
+    tag = f"$r{secrets.token_hex(8)}$"
+    while tag in body:
+        tag = f"$r{secrets.token_hex(8)}$"
+    return f"DO {tag} BEGIN {body} END {tag};"
+
+
 def pre_sql(facts: dict, schema: str, extra_drop: str | None = None, auth_usage: bool = False) -> str:
     """Roles the archive names, its schema empty and owned as before, the session as its owner.
 
     With `auth_usage` those roles may use the `auth` schema (auth.uid()), as every role may on a
     shared cluster: a database of its own (a stack, a scratch one) grants it to its API roles only."""
-    out = ["SET client_min_messages = warning;"]
+    out = ["SET client_min_messages = warning;", "BEGIN;"]
     for role in sorted({facts["owner"], *facts["roles"]}):
-        out.append(f"DO $do$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {literal(role)}) THEN "
-                   f"CREATE ROLE {ident(role)} NOLOGIN; END IF; END $do$;")
+        out.append(_guarded(f"IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {literal(role)}) THEN "
+                            f"CREATE ROLE {ident(role)} NOLOGIN; END IF;"))
         if auth_usage:
             out.append(f"GRANT USAGE ON SCHEMA auth TO {ident(role)};")
     for name in {schema, extra_drop} - {None}:
@@ -307,14 +317,22 @@ def post_sql(facts: dict, schema: str, renames: dict | None = None, grants: list
         if old == schema:
             out.append(f"ALTER SCHEMA {ident(old)} RENAME TO {ident(new)};")
         else:
-            out.append(f"DO $do$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = {literal(old)}) AND NOT EXISTS "
-                       f"(SELECT FROM pg_roles WHERE rolname = {literal(new)}) THEN ALTER ROLE {ident(old)} "
-                       f"RENAME TO {ident(new)}; END IF; END $do$;")
+            out.append(_guarded(f"IF EXISTS (SELECT FROM pg_roles WHERE rolname = {literal(old)}) AND NOT EXISTS "
+                                f"(SELECT FROM pg_roles WHERE rolname = {literal(new)}) THEN ALTER ROLE {ident(old)} "
+                                f"RENAME TO {ident(new)}; END IF;"))
     out += grants or []
+    # The only commit: input that ends before it (the agent stopped) is rolled back by the server.
+    out.append("COMMIT;")
     return "\n".join(out) + "\n"
 
 
 _CREATE_SCHEMA = re.compile(rb'^CREATE SCHEMA ("?)(.+)\1;\s*$')
+
+
+def _errors(text: str) -> str:
+    """psql's ERROR lines only: its DETAIL and CONTEXT lines can quote a tenant's rows."""
+    errors = [line.strip() for line in text.splitlines() if "ERROR:" in line]
+    return "; ".join(errors)[-800:] or "psql failed"
 
 
 def restore(reader, key: bytes, schema: str, restore_argv: list[str], psql_argv: list[str], env: dict | None,
@@ -322,7 +340,7 @@ def restore(reader, key: bytes, schema: str, restore_argv: list[str], psql_argv:
     """Decrypts the archive `reader` gives and restores it in one transaction (see the module)."""
     say = progress or (lambda *a: None)
     started = time.monotonic()
-    psql = subprocess.Popen([*psql_argv, "-X", "-q", "-1", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
+    psql = subprocess.Popen([*psql_argv, "-X", "-q", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     psql_tail = _Tail(psql.stderr)
     restorer = subprocess.Popen([*restore_argv, "-f", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -352,10 +370,17 @@ def restore(reader, key: bytes, schema: str, restore_argv: list[str], psql_argv:
     try:
         psql.stdin.write(pre.encode())
         lines = 0
+        in_copy = schema_made = False
         for line in restorer.stdout:
-            match = _CREATE_SCHEMA.match(line)
-            if match and match.group(2).decode(errors="replace").replace('""', '"') == schema:
-                continue  # made by `pre`, for its owner
+            if in_copy:
+                in_copy = line != b"\\.\n"
+            elif line.startswith(b"COPY ") and line.rstrip().endswith(b"FROM stdin;"):
+                in_copy = True
+            elif not schema_made:
+                match = _CREATE_SCHEMA.match(line)
+                if match and match.group(2).decode(errors="replace").replace('""', '"') == schema:
+                    schema_made = True
+                    continue  # made by `pre`, for its owner
             psql.stdin.write(line)
             lines += 1
             if lines % 100_000 == 0:
@@ -372,11 +397,12 @@ def restore(reader, key: bytes, schema: str, restore_argv: list[str], psql_argv:
         psql.stdin.write(post.encode())
         psql.stdin.close()
         if psql.wait() != 0:
-            raise AgentError(f"the restore was rolled back: {psql_tail.text()}", kind=FailureKind.INVALID)
+            raise AgentError(f"the restore was rolled back: {_errors(psql_tail.text(4000))}", kind=FailureKind.INVALID)
         committed = True
     except BrokenPipeError:
         psql.wait()
-        raise AgentError(f"the restore was rolled back: {psql_tail.text()}", kind=FailureKind.INVALID) from None
+        raise AgentError(f"the restore was rolled back: {_errors(psql_tail.text(4000))}",
+                         kind=FailureKind.INVALID) from None
     finally:
         if not committed:
             _stop(psql)  # input cut short: psql -1 never commits it

@@ -10,6 +10,19 @@ from .common import PREFIX, Services, current_user, flag, query_flag, read_json,
 router = APIRouter(prefix=PREFIX)
 
 
+async def _started(chunks):
+    """The stream once its first bytes came: a failure before them is an error answer, not a cut stream."""
+    first = await anext(chunks, b"")
+
+    async def body():
+        if first:
+            yield first
+        async for data in chunks:
+            yield data
+
+    return body()
+
+
 @router.get("/projects/{hash_}/backups")
 async def project_backups(hash_: str, slug: str | None = None, user: User = Depends(current_user),
                           s: Services = Depends(services)):
@@ -48,6 +61,7 @@ async def download_backup(hash_: str, backup_id: str, slug: str | None = None, u
                           s: Services = Depends(services)):
     """The backup's pg_dump archive (custom format, for pg_restore), with its size and sha256 in headers."""
     row, archive = await s.backups.download(await s.projects.get(user, hash_, slug), backup_id)
+    archive = await _started(archive)
     name = f"{row['slug']}-{row['created_at'].strftime('%Y%m%dT%H%M%SZ')}-{row['id'][:8]}.dump"
     return StreamingResponse(archive, media_type="application/octet-stream", headers={
         "Content-Disposition": f'attachment; filename="{name}"', "Content-Length": str(row["archive_bytes"]),
@@ -96,6 +110,6 @@ async def dump_project(hash_: str, slug: str | None = None, schemaOnly: str | No
     project = await s.projects.get(user, hash_, slug)
     flags = {"schema_only": query_flag(schemaOnly, "schemaOnly"), "data_only": query_flag(dataOnly, "dataOnly"),
              "clean": query_flag(clean, "clean"), "api_schema_only": query_flag(publicOnly, "publicOnly")}
-    chunks = await s.backups.dump(project, flags)
+    chunks = await _started(await s.backups.dump(project, flags))
     return StreamingResponse(chunks, media_type="application/sql", headers={
         "Content-Disposition": f'attachment; filename="{project.slug}-{project.hash}.sql"', "Cache-Control": "no-store"})

@@ -24,10 +24,16 @@ def test_keeps_the_newest_of_each_day_and_week():
     assert len(removed) == 38
 
 
-def test_never_removes_the_newest_nor_the_newest_verified_nor_what_is_not_complete():
+def test_never_removes_the_newest_nor_the_newest_verified_nor_one_being_made():
     rows = [_backup(0, 1, verified=False), _backup(1, 2), _backup(2, 3, status="failed"),
             _backup(3, 4, status="running")]
-    removed = {r["id"] for r in to_remove(rows, keep_daily=0, keep_weekly=1)}
-    assert removed == set()
+    # The failed one goes: older than a complete one, and it may have left a file.
+    assert {r["id"] for r in to_remove(rows, keep_daily=0, keep_weekly=1)} == {"b2"}
     rows.append(_backup(4, 30))
-    assert {r["id"] for r in to_remove(rows, keep_daily=1, keep_weekly=0)} == {"b4"}
+    assert {r["id"] for r in to_remove(rows, keep_daily=1, keep_weekly=0)} == {"b2", "b4"}
+
+
+def test_a_period_keeps_its_verified_backup_over_a_newer_unverified_one():
+    rows = [_backup(0, 1), _backup(1, 25, verified=False), _backup(2, 26), _backup(3, 27, verified=False)]
+    # Yesterday's slot goes to b2 (verified), not b1 (newer, not verified).
+    assert {r["id"] for r in to_remove(rows, keep_daily=2, keep_weekly=0)} == {"b1", "b3"}

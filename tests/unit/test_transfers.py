@@ -85,3 +85,32 @@ def test_a_stream_cut_short_or_a_failed_end_fails_both_sides():
             await accepted
 
     asyncio.run(main())
+
+
+def test_an_end_that_never_starts_fails_the_transfer_in_time():
+    async def main():
+        transfers = Transfers()
+        t = transfers.open("db-1", "backup-1", connect_s=0.05)
+        many = [(t.id if i == 0 else "", b"x", False) for i in range(QUEUE_CHUNKS * 3)]
+        accepted = asyncio.create_task(transfers.accept("db-1", _chunks(many)))
+        with pytest.raises(TransferFailed, match="receiver backup-1 did not start within 0.05s"):
+            await asyncio.wait_for(accepted, 5)
+        late = transfers.open("db-1", "backup-1", connect_s=0.05)
+        await asyncio.sleep(0.1)
+        assert late.error == "the sender db-1 and the receiver backup-1 did not start within 0.05s"
+
+    asyncio.run(main())
+
+
+def test_a_failure_after_the_last_chunk_was_queued_still_reaches_both_ends():
+    async def main():
+        transfers = Transfers()
+        t = transfers.open("db-1", "backup-1")
+        items = [(t.id if i == 0 else "", b"x", False) for i in range(QUEUE_CHUNKS)] + [("", b"", True)]
+        accepted = asyncio.create_task(transfers.accept("db-1", _chunks(items)))
+        await asyncio.sleep(0.05)  # the queue is full: the end mark waits
+        transfers.close(t, "backup.store on backup-1 failed: disk full")
+        with pytest.raises(TransferFailed, match="disk full"):
+            await asyncio.wait_for(accepted, 5)
+
+    asyncio.run(main())
