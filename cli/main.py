@@ -324,7 +324,8 @@ def delete(slug, hash_, yes, skip_backup_check, as_json):
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line: {line, at}")
 def logs(slug, hash_, service, tail, follow, as_json):
     """Print the lines a dedicated project's api or db container wrote (a pooled project's staged
-    stack's too). The lines of the pooled API are not collected per project yet."""
+    stack's too). A pooled project's api lines are the requests the gateways served for it:
+    method, path, status, time taken, size and client address."""
     slug, hash_ = resolve(slug, hash_)
     params = {"slug": slug, "hash": hash_, "service": service, "tail": tail, "follow": "1" if follow else "0"}
     try:

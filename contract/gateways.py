@@ -1,6 +1,8 @@
-"""gateway.sync: the route table, sent to gateway agents whole or as a delta, in parts."""
+"""gateway.sync: the route table, sent to gateway agents whole or as a delta, in parts; gateway.logs:
+the requests a gateway served for a project."""
 
 from .messages import Message, Params, Result, message
+from .stacks import MAX_LOG_LINES, LogLine
 
 
 @message
@@ -53,3 +55,31 @@ class GatewaySynced(Result):
     version: int | None = None
     received_parts: int | None = None
     parts: int | None = None
+
+
+# gateway.logs
+
+
+@message
+class GatewayLogsParams(Params):
+    """Requests the gateway served for these hosts (one project's): the last `tail`, or those after `since`."""
+
+    KIND = "gateway.logs"
+    hosts: list[str]
+    tail: int = 100
+    # A timestamp this gateway gave a line before (ISO 8601, microseconds): only later lines.
+    since: str | None = None
+
+    def check(self) -> None:
+        if not self.hosts or len(self.hosts) > 16:
+            self.refuse("hosts", "must name 1 to 16 hosts")
+        if not 1 <= self.tail <= MAX_LOG_LINES:
+            self.refuse("tail", f"must be between 1 and {MAX_LOG_LINES}")
+
+
+@message
+class GatewayLogs(Result):
+    KIND = "gateway.logs"
+    lines: list[LogLine]
+    # Where the next call takes up (its since): the last line's time, or this host's time now.
+    until: str

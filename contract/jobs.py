@@ -46,6 +46,8 @@ _ALL = [
     # Parts build on each other and on the table the gateway holds: controller/gateways.py
     # decides what to send next (the whole table after a conflict).
     _kind(gateways.GatewaySyncParams, gateways.GatewaySynced, False),
+    # Reads only; its lines pass through to whoever asked, like a stack's.
+    _kind(gateways.GatewayLogsParams, gateways.GatewayLogs, True, keeps_output=False),
     _kind(stacks.StackProvisionParams, stacks.StackProvisioned, True),
     _kind(stacks.StackObserveParams, stacks.StackObserved, True),
     _kind(stacks.StackStartParams, stacks.StackStarted, True),

@@ -539,17 +539,40 @@ class Projects:
 
     async def logs(self, project: Project, service: str, tail: int, since: str | None = None) -> dict:
         """Lines of the project's own api or db container (a dedicated project's, or a pooled one's
-        staged stack): the last `tail`, or those after `since`."""
+        staged stack): the last `tail`, or those after `since`. A pooled project's api lines are the
+        requests the gateways served for it."""
         if service not in ("api", "db"):
             raise BadRequest(f"service must be api or db, got {service[:40]!r}")
         if not 1 <= tail <= MAX_LOG_LINES:
             raise BadRequest(f"tail must be between 1 and {MAX_LOG_LINES} (got {tail})")
         if not project.docker_agent:
-            raise BadRequest(f"{project.slug} is a pooled project: it has no containers of its own, and the lines "
-                             "of the pooled API that concern it are not collected by the control plane yet")
+            if service == "db":
+                raise BadRequest(f"{project.slug} is a pooled project: its database is the shared cluster, whose "
+                                 "lines are not any one project's; service=api shows the requests it served")
+            return await self._gateway_lines(project, tail, since)
         return await self.fleet.run(project.docker_agent, "stack.logs",
                                     {**self.stack_params(project), "service": service, "tail": tail, "since": since},
                                     timeout=LOGS_TIMEOUT_S)
+
+    async def _gateway_lines(self, project: Project, tail: int, since: str | None) -> dict:
+        """The requests every connected gateway logged for the project's hosts, merged by time. The
+        cursor (`until`, given back as `since`) holds each gateway's own place."""
+        cursor = dict(part.split("=", 1) for part in (since or "").split(";") if "=" in part)
+        hosts = self.gateways.route(project)["hosts"]
+        agents = sorted(a.name for a in await self.catalog.list_agents()
+                        if a.revoked_at is None and "gateway" in a.roles and self.fleet.connected(a.name))
+        if not agents:
+            raise Unavailable("no gateway agent is connected to say which requests the project served")
+        lines, until = [], {}
+        for agent in agents:
+            out = await self.fleet.run(agent, "gateway.logs",
+                                       {"hosts": hosts, "tail": tail, "since": cursor.get(agent) or None},
+                                       timeout=LOGS_TIMEOUT_S)
+            lines += out["lines"]
+            until[agent] = out["until"]
+        lines.sort(key=lambda line: line["at"])
+        return {"lines": lines[-tail:] if since is None else lines, "running": True,
+                "until": ";".join(f"{agent}={at}" for agent, at in until.items())}
 
     def api_env(self, project: Project) -> dict:
         """The environment of a dedicated project's PostgREST: what Flux sets (secrets hidden) and

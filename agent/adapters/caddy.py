@@ -14,6 +14,7 @@ this gateway unhealthy and moved on without it; see controller/gateways.py).
 """
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -34,6 +35,25 @@ from ..errors import AgentError
 from ..runtime.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+
+ACCESS_LOG_NAME = "flux"
+ACCESS_LOGGER = f"http.log.access.{ACCESS_LOG_NAME}"
+ACCESS_LOG_ROLL_MB = 64
+# How far back in the access log a request for a project's lines looks.
+ACCESS_LOG_SCAN_BYTES = 8 << 20
+MAX_LINE_CHARS = 4096
+
+
+def _iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _epoch(stamp: str) -> float:
+    try:
+        return datetime.datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        raise AgentError(f"since must be a time this gateway gave, got {stamp[:40]!r}",
+                         kind=FailureKind.INVALID) from None
 
 STATE_FILE = "gateway-state.json"
 DEFAULT_SNI = "gateway.flux.internal"
@@ -191,11 +211,18 @@ class Gateway:
                                    "body": json.dumps({"error": "no project at this host"})}]})
         return {
             "admin": {"listen": f"unix/{self.admin_socket}"},
-            "logging": {"logs": {"default": {"level": "ERROR"}}},
+            "logging": {"logs": {
+                "default": {"level": "ERROR", "exclude": [ACCESS_LOGGER]},
+                # One JSON line per request, for `gateway.logs`; Caddy redacts credentials in it.
+                "access": {"level": "INFO", "include": [ACCESS_LOGGER], "encoder": {"format": "json"},
+                           "writer": {"output": "file", "filename": str(self.access_log),
+                                      "roll_size_mb": ACCESS_LOG_ROLL_MB, "roll_keep": 1}},
+            }},
             "apps": {
                 "http": {"servers": {"flux": {
                     "listen": [s.listen],
                     "routes": routes,
+                    "logs": {"default_logger_name": ACCESS_LOG_NAME},
                     "automatic_https": {"disable_redirects": True},
                     # An upstream that does not answer (a stopped stack) still gets a JSON error.
                     "errors": {"routes": [{"handle": [{
@@ -294,6 +321,51 @@ class Gateway:
                 await asyncio.sleep(0.1)
             log.info("gateway: started Caddy (pid %d), edge on %s", self.caddy.pid, self.settings.listen)
         await self.load_caddy_config()
+
+    # the requests served
+
+    @property
+    def access_log(self) -> pathlib.Path:
+        return self.state_dir / "access.log"
+
+    def access_lines(self, hosts: list[str], tail: int, since: str | None) -> dict:
+        """The requests Caddy logged for `hosts`: the last `tail` of the newest ACCESS_LOG_SCAN_BYTES
+        of its access log, or those after `since`, oldest first."""
+        wanted = {h.lower() for h in hosts}
+        after = _epoch(since) if since else None
+        now = time.time()
+        found = []
+        try:
+            with open(self.access_log, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                start = max(0, handle.tell() - ACCESS_LOG_SCAN_BYTES)
+                handle.seek(start)
+                data = handle.read()
+        except FileNotFoundError:
+            data = b""
+        lines = data.split(b"\n")
+        if start:
+            lines = lines[1:]  # the first one is cut
+        for raw in lines:
+            try:
+                entry = json.loads(raw)
+                request = entry["request"]
+                host = str(request.get("host", "")).split(":")[0].lower()
+                at = float(entry["ts"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if host not in wanted or (after is not None and at <= after):
+                continue
+            found.append((at, f"{request.get('method', '?')} {request.get('uri', '?')} {entry.get('status', '?')} "
+                              f"{float(entry.get('duration') or 0) * 1000:.1f}ms {entry.get('size', 0)}B "
+                              f"{request.get('remote_ip', '')}"[:MAX_LINE_CHARS]))
+        found = found[-tail:] if after is None else found[:tail]
+        if found:
+            until = _iso(found[-1][0] if after is not None else max(now, found[-1][0]))
+        else:
+            # Nothing new: the next call asks again from the same point, so a line written late is not skipped.
+            until = since if after is not None else _iso(now)
+        return {"lines": [{"at": _iso(at), "line": line} for at, line in found], "until": until}
 
     # forward_auth
 

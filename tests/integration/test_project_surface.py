@@ -1,6 +1,10 @@
 """The project routes existing clients call besides create, list, push and migrate: activity,
 metadata, and the hosted service's routes a self-hosted fleet answers 501 to; on a real fleet."""
 
+import json
+import subprocess
+import time
+
 import pytest
 
 from tests.support import LocalFleet, wait_until
@@ -155,8 +159,8 @@ def test_logs_of_a_dedicated_project_are_served_as_events_and_followed(fleet):
         refused = fleet.api("GET", "logs", params={**params, **bad})
         assert refused.status_code == 400 and message in refused.json()["error"], refused.text
     pooled = fleet.create("Logless Notes")["summary"]
-    refused = fleet.api("GET", "logs", params={"slug": pooled["slug"], "hash": pooled["hash"]})
-    assert refused.status_code == 400 and "pooled project" in refused.json()["error"]
+    refused = fleet.api("GET", "logs", params={"slug": pooled["slug"], "hash": pooled["hash"], "service": "db"})
+    assert refused.status_code == 400 and "shared cluster" in refused.json()["error"]
 
     # Followed through our CLI: a line the database writes after it started comes through.
     env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token, "PATH": "/usr/bin:/bin"}
@@ -258,3 +262,44 @@ def test_our_cli_shows_and_changes_activity_metadata_and_api_settings(fleet):
     assert refused.returncode == 1 and "is set by Flux" in refused.stderr
     activity = json.loads(flux("activity", "--json").stdout)["activity"]
     assert [a["kind"] for a in activity][:2] == ["api-env", "create"]
+
+
+def test_a_pooled_projects_api_lines_are_the_requests_the_gateway_served_for_it(fleet):
+    import threading
+
+    from tests.support import app_token, script
+
+    project = fleet.create("Served Notes")
+    other = fleet.create("Other Notes")
+    s = project["summary"]
+    assert fleet.push(project, {"001_notes.sql": NOTES + "grant select on public.notes to authenticated;"}
+                      ).status_code == 200
+    token = app_token(project["projectJwtSecret"])
+    assert fleet.gateway("GET", fleet.host(project), "/notes?body=neq.first-marker", token).status_code == 200
+    assert fleet.gateway("GET", fleet.host(other), "/notes?body=neq.other-marker", token).status_code == 401
+    params = {"slug": s["slug"], "hash": s["hash"], "service": "api"}
+
+    def lines():
+        answer = fleet.api("GET", "logs", params=params)
+        assert answer.status_code == 200, answer.text
+        return [json.loads(line[6:])["line"] for line in answer.text.splitlines() if line.startswith("data: ")]
+
+    seen = wait_until(lambda: [line for line in lines() if "first-marker" in line], 15, "the request's line")
+    assert seen[0].startswith("GET /notes?body=neq.first-marker 200 ")
+    assert not [line for line in lines() if "other-marker" in line]
+    assert all(token not in line for line in lines())
+    # Followed: a request made after the follow began comes through, once.
+    env = {"FLUX_API_BASE": fleet.info["api_base"], "FLUX_API_TOKEN": fleet.token, "PATH": "/usr/bin:/bin"}
+    follower = subprocess.Popen([script("flux"), "logs", "-p", s["slug"], "--hash", s["hash"], "--tail", "1", "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        followed: list[str] = []
+        threading.Thread(target=lambda: followed.extend(iter(follower.stdout.readline, "")), daemon=True).start()
+        wait_until(lambda: followed, 15, "the follow to start")
+        assert fleet.gateway("GET", fleet.host(project), "/notes?body=neq.second-marker", token).status_code == 200
+        wait_until(lambda: any("second-marker" in line for line in followed), 30, "the new request to be followed")
+        time.sleep(2.5)
+        assert len([line for line in followed if "second-marker" in line]) == 1
+    finally:
+        follower.terminate()
+        follower.wait(10)
