@@ -102,6 +102,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     retention = asyncio.create_task(dump_files.keep_retention())
     windows = asyncio.create_task(migrations.reversals.keep_windows())
     schedules = asyncio.create_task(backups.keep_schedules())
+    watch = asyncio.create_task(catalog.keep_watch())
     gateways.start()
 
     await stop.wait()
@@ -109,6 +110,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     retention.cancel()
     windows.cancel()
     schedules.cancel()
+    watch.cancel()
     gateways.stop()
     notify("STOPPING=1")
     log.info("stopping")

@@ -144,10 +144,17 @@ class Projects:
         return [list_item(p, self.base_domain) for p in await self.observed(projects)]
 
     async def observe(self, project: Project) -> str:
-        """The dedicated stack's status as its docker agent sees it now; the last known one if it cannot say."""
+        """The dedicated stack's status as its docker agent sees it now: `unknown` when that agent is
+        not connected or cannot reach its Docker engine (nobody can say whether it runs); the last
+        known one after any other failure."""
+        if not self.fleet.connected(project.docker_agent):
+            return "unknown"
         try:
             seen = await self.fleet.run(project.docker_agent, "stack.observe", self.stack_params(project),
                                         timeout=OBSERVE_TIMEOUT_S)
+        except Unavailable as exc:
+            log.warning("cannot observe %s now: %s", project.slug, exc.message)
+            return "unknown"
         except FluxError as exc:
             log.info("cannot observe %s now: %s", project.slug, exc.message)
             return project.observed_status or "missing"

@@ -42,6 +42,8 @@ ACCESS_LOG_ROLL_MB = 64
 # How far back in the access log a request for a project's lines looks.
 ACCESS_LOG_SCAN_BYTES = 8 << 20
 MAX_LINE_CHARS = 4096
+# How often the gateway checks that its Caddy answers.
+CADDY_CHECK_S = 1.0
 
 
 def _iso(epoch: float) -> str:
@@ -116,6 +118,8 @@ class Gateway:
         self.table = RouteTable([], 0)
         self._minted_tokens: dict[tuple, tuple[float, str]] = {}
         self.caddy: subprocess.Popen | None = None
+        self._supervisor: asyncio.Task | None = None
+        self.caddy_restarts = 0
         self.auth_server: uvicorn.Server | None = None
         self._staging: Staging | None = None
         # Monotonic time until which this gateway may serve, and the length of its last grant.
@@ -451,8 +455,32 @@ class Gateway:
                 raise AgentError(f"cannot serve forward_auth on {self.settings.auth_listen}")
             await asyncio.sleep(0.05)
         await self.ensure_caddy()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        """Checks every CADDY_CHECK_S that Caddy answers with this gateway's configuration; a Caddy
+        that died is started again (an adopted one too, when this agent manages Caddy), one that
+        lost its configuration gets it back. Each is logged as a warning."""
+        while True:
+            await asyncio.sleep(CADDY_CHECK_S)
+            try:
+                if not await self._caddy_up():
+                    code = self.caddy.poll() if self.caddy is not None else None
+                    self.caddy_restarts += 1
+                    log.warning("gateway: Caddy stopped answering%s; starting it again (restart %d)",
+                                f" (it exited with code {code})" if code is not None else "", self.caddy_restarts)
+                    await self.ensure_caddy()
+                elif not await self._caddy_has_our_config():
+                    log.warning("gateway: Caddy lost this gateway's configuration; loading it again")
+                    await self.load_caddy_config()
+            except AgentError as exc:
+                log.error("gateway: Caddy cannot be brought back yet: %s", exc.message)
+            except Exception:  # noqa: BLE001 - the next check tries again
+                log.exception("gateway: checking Caddy failed")
 
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         if self.auth_server is not None:
             self.auth_server.should_exit = True
             await self._serve_task

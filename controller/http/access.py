@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..errors import Forbidden
+from ..errors import Forbidden, Unavailable
 from ..tokens import is_well_formed_api_token, token_hash
 
 ADMIN = "admin"
@@ -127,7 +127,11 @@ class ApiGuard:
             await send(message)
 
         if path.startswith(self.prefix) and path not in self.public_paths:
-            user = await self._authenticate(scope, secured_send)
+            try:
+                user = await self._authenticate(scope, secured_send)
+            except Unavailable as exc:
+                await _send_json(secured_send, 503, {"error": exc.message}, [(b"retry-after", b"2")])
+                return
             if user is None:
                 return
             scope.setdefault("state", {})["user"] = user

@@ -5,7 +5,7 @@ Every other module reaches the catalog through `Catalog`.
 
 from .agents import Agent, AgentStore
 from .backups import BackupStore
-from .base import Migration, Store, available_migrations, connect, migrate, pending_migrations
+from .base import CatalogUnavailable, Migration, Store, available_migrations, connect, migrate, pending_migrations
 from .dumps import DumpFile, DumpFileStore
 from .jobs import Job, JobStore
 from .migrations import MigrationRow, MigrationStore, StepRow
@@ -17,5 +17,5 @@ class Catalog(BackupStore, UserStore, AgentStore, JobStore, ProjectStore, Migrat
     """Every aggregate's queries over one connection pool."""
 
 
-__all__ = ["Agent", "ApiToken", "Catalog", "DumpFile", "HashTaken", "Job", "Migration", "MigrationRow", "Project", "StepRow",
+__all__ = ["Agent", "ApiToken", "Catalog", "CatalogUnavailable", "DumpFile", "HashTaken", "Job", "Migration", "MigrationRow", "Project", "StepRow",
            "User", "available_migrations", "connect", "migrate", "pending_migrations"]

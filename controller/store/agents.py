@@ -44,7 +44,7 @@ class AgentStore(Store):
         `register()` signs the certificate and returns (serial, not_after); it runs
         only once the token and the name have been checked.
         """
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             token = await (await conn.execute(
                 "SELECT roles, expires_at, used_at, expires_at < now() AS expired"
                 " FROM join_tokens WHERE token_hash = %s FOR UPDATE",

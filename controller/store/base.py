@@ -4,6 +4,9 @@ Schema changes are numbered SQL files in `schema/`, applied in order and recorde
 `schema_migrations`.
 """
 
+import asyncio
+import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -13,6 +16,25 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import FluxError, Unavailable
+
+log = logging.getLogger(__name__)
+
+# A request waits at most this for a pooled connection; a catalog known to be down is answered at once.
+CATALOG_WAIT_S = 5.0
+# How often the catalog is asked whether it answers (it is back within about this after it returns).
+WATCH_EVERY_S = 1.0
+
+
+class CatalogUnavailable(Unavailable):
+    def __init__(self, message: str = "catalog unavailable: the controller cannot reach its PostgreSQL; "
+                                      "try again shortly"):
+        super().__init__(message)
+
+
+def _lost_connection(exc: psycopg.OperationalError) -> bool:
+    """A connection that failed or went away (not a query the server refused)."""
+    return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
+
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -83,10 +105,14 @@ class Store:
     """The pool every aggregate's queries run on."""
 
     def __init__(self, url: str, *, max_size: int = 10):
+        self._url = url
         self._pool = AsyncConnectionPool(
-            url, min_size=1, max_size=max_size, open=False,
+            url, min_size=1, max_size=max_size, open=False, timeout=CATALOG_WAIT_S,
             kwargs={"autocommit": True, "row_factory": dict_row},
         )
+        # False from the moment a request or the watch finds the catalog gone until the watch
+        # reaches it again: requests meanwhile are answered 503 at once.
+        self.available = True
 
     async def open(self) -> None:
         try:
@@ -97,12 +123,54 @@ class Store:
     async def close(self) -> None:
         await self._pool.close()
 
+    @contextlib.asynccontextmanager
+    async def _connection(self):
+        """A pooled connection; CatalogUnavailable while the catalog cannot be reached."""
+        if not self.available:
+            raise CatalogUnavailable()
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout:
+            self._gone(f"no connection within {CATALOG_WAIT_S:g}s")
+            raise CatalogUnavailable() from None
+        except psycopg.OperationalError as exc:
+            if not _lost_connection(exc):
+                raise
+            self._gone(str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost")
+            raise CatalogUnavailable() from None
+
+    def _gone(self, why: str) -> None:
+        if self.available:
+            log.error("catalog unavailable (%s); answering 503 until it is back", why)
+        self.available = False
+
+    async def _reachable(self) -> bool:
+        try:
+            async with await psycopg.AsyncConnection.connect(self._url, connect_timeout=2) as conn:
+                await conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    async def keep_watch(self) -> None:
+        """Asks the catalog every WATCH_EVERY_S whether it answers, until cancelled."""
+        while True:
+            if await self._reachable():
+                if not self.available:
+                    await self._pool.check()  # connections from before it went away are dropped
+                    self.available = True
+                    log.warning("catalog is reachable again")
+            else:
+                self._gone("it does not answer")
+            await asyncio.sleep(WATCH_EVERY_S)
+
     async def _one(self, query: str, params: tuple = ()) -> dict | None:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             return await (await conn.execute(query, params)).fetchone()
 
     async def _all(self, query: str, params: tuple = ()) -> list[dict]:
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             return await (await conn.execute(query, params)).fetchall()
 
     async def pending_schema_versions(self) -> list[int]:

@@ -112,7 +112,7 @@ class MigrationStore(Store):
 
     async def flip(self, project_id: str, migration_id: str, jwt_secret_sealed: str | None) -> None:
         """The catalog side of cutover: the project is dedicated from this commit on."""
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE projects SET mode = 'v1_dedicated', observed_status = 'running',"
                 " jwt_secret_sealed = coalesce(%s, jwt_secret_sealed) WHERE id = %s",
@@ -122,7 +122,7 @@ class MigrationStore(Store):
 
     async def unflip(self, project_id: str, migration_id: str, jwt_secret_sealed: str) -> None:
         """Undoes a flip whose route switch failed: the migration is before cutover again."""
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("UPDATE projects SET mode = 'v2_shared', jwt_secret_sealed = %s WHERE id = %s",
                                (jwt_secret_sealed, project_id))
             await conn.execute("UPDATE migrations SET phase = 'flip', updated_at = now() WHERE id = %s",

@@ -110,7 +110,7 @@ class ProjectStore(Store):
     async def delete_project(self, project_id: str) -> None:
         """Deletes the project and the records of its removed dump files; a dump file still kept
         stops it (the foreign key restricts), so no file is forgotten while it may exist."""
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("DELETE FROM dump_files WHERE project_id = %s AND removed_at IS NOT NULL",
                                (project_id,))
             try:
@@ -125,7 +125,7 @@ class ProjectStore(Store):
             raise ValueError(column)
         query = sql.SQL("SELECT {c} AS agent, count(*) AS n FROM projects WHERE {c} IS NOT NULL GROUP BY {c}"
                         ).format(c=sql.Identifier(column))
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             rows = await (await conn.execute(query)).fetchall()
         return {r["agent"]: r["n"] for r in rows}
 

@@ -64,7 +64,7 @@ class UserStore(Store):
         return await self._one("SELECT 1 FROM users LIMIT 1") is not None
 
     async def create_user(self, name: str, token_hash: str, cli_role: str = "admin", plan: str = "pro") -> User:
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             try:
                 row = await (await conn.execute(
                     "INSERT INTO users (name, cli_role, plan) VALUES (%s, %s, %s)"

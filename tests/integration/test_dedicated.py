@@ -224,3 +224,43 @@ def test_bad_input_is_refused(fleet):
     pooled = fleet.create("Pooled One")
     lifecycle = fleet.api("POST", f"projects/{pooled['summary']['hash']}/lifecycle", {"action": "stop"})
     assert lifecycle.status_code == 400 and "v1_dedicated" in lifecycle.json()["error"]
+
+
+def test_projects_of_a_docker_agent_that_is_away_or_without_its_engine_are_listed_unknown(fleet):
+    import os
+    import sys
+    import time
+
+    from tests.support import wait_until
+
+    project, _, _ = _dedicated(fleet, "Unseen Stack")
+    h = project["summary"]["hash"]
+
+    def status() -> str:
+        return next(p for p in fleet.api("GET", "list").json() if p["hash"] == h)["status"]
+
+    def connected(name: str) -> bool:
+        return next(a for a in fleet.api("GET", "agents").json() if a["name"] == name)["connected"]
+
+    assert status() == "running"
+    fleet.stop_process("dev-docker")
+    wait_until(lambda: not connected("dev-docker"), 30, "the docker agent to be away")
+    started = time.monotonic()
+    assert status() == "unknown"
+    assert time.monotonic() - started < 3  # nobody waits for an agent that is not there
+
+    # Back, but without its Docker engine: it says so, and the project is still unknown.
+    agent_dir = fleet.fleet.dir / "agents" / "dev-docker"
+    lost = subprocess.Popen([sys.executable, "-m", "agent.runtime.main", "run", "--state-dir", str(agent_dir)],
+                            env={**os.environ, "DOCKER_HOST": f"unix://{agent_dir}/no-engine.sock"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: connected("dev-docker"), 30, "the docker agent to connect")
+        assert status() == "unknown"
+        log = (fleet.fleet.dir / "logs" / "controller.log").read_text(errors="replace")
+        assert "cannot observe unseen-stack now: cannot reach the Docker engine" in log
+    finally:
+        lost.terminate()
+        lost.wait(15)
+    fleet.restart()
+    wait_until(lambda: connected("dev-docker") and status() == "running", 60, "the project to be seen running")

@@ -148,3 +148,31 @@ def test_a_gateway_cut_off_from_the_controller_stops_serving_when_its_lease_runs
         gateway.stop()
         proxy.close()
         fleet.api("POST", "agents/gw-cut/revoke")
+
+
+def test_a_caddy_that_dies_is_started_again_within_seconds_and_reported(fleet):
+    import signal
+    import time
+
+    from tests.support import pid_alive
+
+    project, token = _tenant(fleet, "Caddy Crash")
+    host = fleet.host(project)
+    assert fleet.gateway("GET", host, "/todos", token).status_code == 200
+    state = fleet.fleet.dir / "agents" / "dev-gateway"
+    pid = int((state / "caddy.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(pid), 10, "Caddy to die")
+    killed = time.monotonic()
+
+    def serving():
+        try:
+            return fleet.gateway("GET", host, "/todos", token).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(serving, 15, "the gateway to serve again")
+    assert time.monotonic() - killed < 10
+    assert int((state / "caddy.pid").read_text()) != pid
+    log = (fleet.fleet.dir / "logs" / "dev-gateway.log").read_text(errors="replace")
+    assert "Caddy stopped answering (it exited with code -9); starting it again (restart 1)" in log
