@@ -355,8 +355,9 @@ class Gateway:
                 entry = json.loads(raw)
                 request = entry["request"]
                 host = str(request.get("host", "")).split(":")[0].lower()
-                at = float(entry["ts"])
-            except (ValueError, KeyError, TypeError, AttributeError):
+                # To the microsecond, as the cursor says it: a line at the cursor is never sent again.
+                at = _epoch(_iso(float(entry["ts"])))
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError, OSError):
                 continue
             if host not in wanted or (after is not None and at <= after):
                 continue

@@ -110,3 +110,25 @@ def test_the_pinned_profile_survives_a_client_connection_header(tmp_path):
     # ... and the proxy to the API sets the profile again after its own hop-by-hop removal.
     assert upstream["headers"]["request"]["set"]["Accept-Profile"] == pinned["set"]["Accept-Profile"]
     assert upstream["headers"]["request"]["set"]["Content-Profile"] == pinned["set"]["Content-Profile"]
+
+
+def test_a_followed_access_log_sends_each_request_once(tmp_path):
+    gateway = _gateway(tmp_path)
+    base = time.time() - 10
+    entries = [{"ts": base + i + 0.1234567, "status": 200, "duration": 0.0031, "size": 2,
+                "request": {"host": HOST if i != 1 else "other.localhost", "method": "GET", "uri": f"/notes?n={i}",
+                            "remote_ip": "127.0.0.1"}} for i in range(4)]
+    gateway.access_log.write_text("".join(json.dumps(e) + "\n" for e in entries[:3]) + "not json\n")
+    first = gateway.access_lines([HOST], 100, None)
+    assert [line["line"].split()[1] for line in first["lines"]] == ["/notes?n=0", "/notes?n=2"]
+    assert first["lines"][0]["line"] == "GET /notes?n=0 200 3.1ms 2B 127.0.0.1"
+    cursor = first["lines"][-1]["at"]
+    # Sub-microsecond stamps: the line at the cursor is not sent again, however often it is asked.
+    for _ in range(3):
+        again = gateway.access_lines([HOST], 100, cursor)
+        assert again["lines"] == [] and again["until"] == cursor
+    with open(gateway.access_log, "a") as log:
+        log.write(json.dumps(entries[3]) + "\n")
+    later = gateway.access_lines([HOST], 100, cursor)
+    assert [line["line"].split()[1] for line in later["lines"]] == ["/notes?n=3"]
+    assert gateway.access_lines([HOST], 100, later["until"])["lines"] == []
