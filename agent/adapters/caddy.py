@@ -22,6 +22,7 @@ import pathlib
 import shutil
 import subprocess
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import httpx
@@ -42,6 +43,8 @@ ACCESS_LOG_ROLL_MB = 64
 # How far back in the access log a request for a project's lines looks.
 ACCESS_LOG_SCAN_BYTES = 8 << 20
 MAX_LINE_CHARS = 4096
+# Verified tokens the gateway remembers (each until it expires).
+VERIFIED_TOKENS_KEPT = 10_000
 # How often the gateway checks that its Caddy answers.
 CADDY_CHECK_S = 1.0
 
@@ -119,6 +122,8 @@ class Gateway:
         self._minted_tokens: dict[tuple, tuple[float, str]] = {}
         self.caddy: subprocess.Popen | None = None
         self._supervisor: asyncio.Task | None = None
+        # Tokens checked already, with their expiry and claims, least recently used first.
+        self._verified_tokens: OrderedDict[tuple, tuple[float, dict]] = OrderedDict()
         self.caddy_restarts = 0
         self.auth_server: uvicorn.Server | None = None
         self._staging: Staging | None = None
@@ -390,9 +395,7 @@ class Gateway:
         if scheme.lower() != "bearer" or not token:
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": "missing bearer token"}
         try:
-            claims = jwt.decode(token, route.jwt_secret, algorithms=["HS256"],
-                                options={"require": ["exp", "sub"] if route.pooled else ["exp"]})
-            self._check_lifetime(claims)
+            claims = self._verified(route, token)
         except jwt.PyJWTError as exc:
             return 401, {"WWW-Authenticate": "Bearer"}, {"error": f"invalid token: {exc}"}
         if route.pooled:
@@ -404,6 +407,27 @@ class Gateway:
         else:
             minted = token
         return 200, {"X-Flux-Authorization": f"Bearer {minted}", **profile}, None
+
+    def _verified(self, route: Route, token: str) -> dict:
+        """The token's claims once checked; a token checked before answers from the cache until it
+        expires, so a request costs no signature check after the first. Keyed by the route's secret
+        too: a rotated secret never accepts a token signed with the one before."""
+        key = (route.project_id, route.jwt_secret, token)
+        cached = self._verified_tokens.get(key)
+        if cached is not None:
+            if cached[0] > time.time():
+                self._verified_tokens.move_to_end(key)
+                return cached[1]
+            del self._verified_tokens[key]
+        claims = jwt.decode(token, route.jwt_secret, algorithms=["HS256"],
+                            options={"require": ["exp", "sub"] if route.pooled else ["exp"]})
+        self._check_lifetime(claims)
+        exp = claims["exp"]
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            self._verified_tokens[key] = (float(exp), claims)
+            if len(self._verified_tokens) > VERIFIED_TOKENS_KEPT:
+                self._verified_tokens.popitem(last=False)
+        return claims
 
     def _check_lifetime(self, claims: dict) -> None:
         """Refuses tokens meant to live longer than the gateway allows: a leaked one must run out."""

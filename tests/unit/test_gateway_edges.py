@@ -132,3 +132,33 @@ def test_a_followed_access_log_sends_each_request_once(tmp_path):
     later = gateway.access_lines([HOST], 100, cursor)
     assert [line["line"].split()[1] for line in later["lines"]] == ["/notes?n=3"]
     assert gateway.access_lines([HOST], 100, later["until"])["lines"] == []
+def test_a_verified_token_is_not_checked_again_until_it_expires(tmp_path, monkeypatch):
+    gateway = _gateway(tmp_path)
+    checks = []
+    decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: checks.append(1) or decode(*a, **k))
+    token = _token(exp=int(time.time()) + 2)
+    for _ in range(3):
+        assert gateway.verify(HOST, "GET", f"Bearer {token}")[0] == 200
+    assert len(checks) == 1
+    # A token with a bad signature is never remembered.
+    forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, "another-secret-of-32-bytes-or-more!!",
+                        algorithm="HS256")
+    for _ in range(2):
+        assert gateway.verify(HOST, "GET", f"Bearer {forged}")[0] == 401
+    assert len(checks) == 3
+    # Past its expiry it is checked again, and refused.
+    time.sleep(2.1)
+    expired = gateway.verify(HOST, "GET", f"Bearer {token}")
+    assert expired[0] == 401 and "expired" in expired[2]["error"] and len(checks) == 4
+
+
+def test_a_rotated_secret_refuses_tokens_remembered_under_the_old_one(tmp_path):
+    gateway = _gateway(tmp_path)
+    token = _token(exp=int(time.time()) + 600)
+    assert gateway.verify(HOST, "GET", f"Bearer {token}")[0] == 200
+    route = gateway.table.by_host[HOST]
+    rotated = _route({**{k: getattr(route, k) for k in ("project_id", "hosts", "mode", "schema", "upstream",
+                                                         "app_role")}, "jwt_secret": "a-new-secret-of-32-bytes-or-more!!!!"})
+    gateway.table = RouteTable([rotated if r.project_id == route.project_id else r for r in gateway.table.routes], 2)
+    assert gateway.verify(HOST, "GET", f"Bearer {token}")[0] == 401
