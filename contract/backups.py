@@ -236,6 +236,10 @@ class DumpFlags(Message):
     # A dedicated database: its API schema only (a pooled tenant's dump is its schema anyway).
     api_schema_only: bool = False
 
+    def check(self) -> None:
+        if self.schema_only and self.data_only:
+            self.refuse("schema_only", "schema_only and data_only exclude each other")
+
 
 @message
 class DumpStreamed(Result):
@@ -249,10 +253,6 @@ class TenantDumpStreamParams(TenantRef):
     transfer_id: str
     flags: DumpFlags
 
-    def check(self) -> None:
-        if self.flags.schema_only and self.flags.data_only:
-            self.refuse("flags", "schema_only and data_only exclude each other")
-
 
 @message
 class TenantDumpStreamed(DumpStreamed):
@@ -264,11 +264,6 @@ class StackDumpStreamParams(StackWithSecrets):
     KIND = "stack.dump_stream"
     transfer_id: str
     flags: DumpFlags
-
-    def check(self) -> None:
-        super().check()
-        if self.flags.schema_only and self.flags.data_only:
-            self.refuse("flags", "schema_only and data_only exclude each other")
 
 
 @message

@@ -24,7 +24,7 @@ from .dumpfiles import DumpFiles
 from .store import Catalog, HashTaken, Project, User
 from .errors import BadRequest, Conflict, FluxError, Forbidden, NotFound, Unavailable
 from .fleet import Fleet, ForeignObjects
-from .gateways import Gateways, service_url
+from .gateways import Gateways, legacy_host, service_host, service_url
 from .secretbox import SecretBox
 
 log = logging.getLogger(__name__)
@@ -565,7 +565,7 @@ class Projects:
         """The requests every connected gateway logged for the project's hosts, merged by time. The
         cursor (`until`, given back as `since`) holds each gateway's own place."""
         cursor = dict(part.split("=", 1) for part in (since or "").split(";") if "=" in part)
-        hosts = self.gateways.route(project)["hosts"]
+        hosts = [service_host(project, self.base_domain), legacy_host(project, self.base_domain)]
         agents = sorted(a.name for a in await self.catalog.list_agents()
                         if a.revoked_at is None and "gateway" in a.roles and self.fleet.connected(a.name))
         if not agents:

@@ -21,6 +21,8 @@ from ..adapters.dumpfile import parse_key
 from ..errors import AgentError
 from ..runtime.settings import DockerSettings
 from .context import Handler, JobContext
+from .db import _db_settings
+from .docker import _stack
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,7 @@ def _summary(problems: list[str], facts: dict, restored: dict) -> dict:
 
 
 def _shared_url(ctx: JobContext) -> str:
-    db = ctx.settings.get("db")
-    if db is None:
-        raise AgentError("this agent has no db settings (shared_cluster_url) in settings.json")
-    return db.shared_cluster_url
+    return _db_settings(ctx).shared_cluster_url
 
 
 async def tenant_backup(ctx: JobContext) -> dict:
@@ -108,10 +107,6 @@ async def tenant_dump_stream(ctx: JobContext) -> dict:
 
 
 # docker agents: a dedicated stack, and scratch containers
-
-
-def _stack(ctx: JobContext) -> tuple[stacks.StackSpec, DockerSettings]:
-    return stacks.StackSpec.from_params(ctx.params), ctx.settings.get("docker") or DockerSettings()
 
 
 async def stack_backup(ctx: JobContext) -> dict:
