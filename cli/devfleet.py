@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from .devhosts import Hosts, free_subnet
 from .errors import CliError
 
 STATE_FILE = "dev.json"
@@ -50,13 +51,21 @@ SHARED_CLUSTER_SETTINGS = {"wal_level": "logical", "max_slot_wal_keep_size": "'4
 
 
 class PostgresCluster:
-    """A PostgreSQL cluster on 127.0.0.1, password-authenticated, owned by `postgres` under root."""
+    """A PostgreSQL cluster, password-authenticated, owned by `postgres` under root.
 
-    def __init__(self, datadir: pathlib.Path, port: int, password: str, user: str = "flux"):
+    It listens on 127.0.0.1 of its host; on a separate network host (`enter` is the command
+    prefix that runs a program there) it also listens on `host`, the host's own address, and
+    accepts clients of `subnet`."""
+
+    def __init__(self, datadir: pathlib.Path, port: int, password: str, user: str = "flux",
+                 host: str = "127.0.0.1", enter: list[str] | None = None, subnet: str | None = None):
         self.datadir = datadir
         self.port = port
         self.password = password
         self.user = user
+        self.host = host
+        self.enter = enter or []
+        self.subnet = subnet
         self.bindir = pg_bindir()
         self.as_postgres = os.geteuid() == 0
 
@@ -64,6 +73,7 @@ class PostgresCluster:
         command = [str(self.bindir / args[0]), *args[1:]]
         if self.as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]
+        command = [*self.enter, *command]
         proc = subprocess.run(command, capture_output=True, text=True)
         if check and proc.returncode != 0:
             raise CliError(f"{args[0]} failed: {(proc.stderr or proc.stdout).strip()}")
@@ -78,7 +88,7 @@ class PostgresCluster:
         return self.datadir.parent / (self.datadir.name + ".log")
 
     def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{dbname}"
 
     def initialised(self) -> bool:
         return (self.datadir / "PG_VERSION").exists()
@@ -94,12 +104,16 @@ class PostgresCluster:
                       f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions")
         finally:
             pwfile.unlink(missing_ok=True)
-        conf = {"listen_addresses": "'127.0.0.1'", "port": str(self.port),
+        listen = "127.0.0.1" if self.host == "127.0.0.1" else f"127.0.0.1,{self.host}"
+        conf = {"listen_addresses": f"'{listen}'", "port": str(self.port),
                 "unix_socket_directories": f"'{self.datadir}'", "max_connections": "200",
                 **(settings or {})}
         with open(self.datadir / "postgresql.auto.conf", "a") as handle:
             for key, value in conf.items():
                 handle.write(f"{key} = {value}\n")
+        if self.subnet:
+            with open(self.datadir / "pg_hba.conf", "a") as handle:
+                handle.write(f"host all all {self.subnet} scram-sha-256\n")
 
     def running(self) -> bool:
         return self.initialised() and self._run("pg_ctl", "status", "-D", str(self.datadir),
@@ -122,13 +136,13 @@ class PostgresCluster:
     def create_database(self, name: str) -> None:
         env = {**os.environ, "PGPASSWORD": self.password}
         exists = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres",
+            ["psql", "-h", self.host, "-p", str(self.port), "-U", self.user, "-d", "postgres",
              "-Atc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
             capture_output=True, text=True, env=env)
         if exists.returncode != 0:
             raise CliError(f"cannot query the catalog cluster: {exists.stderr.strip()}")
         if exists.stdout.strip() != "1":
-            subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name],
+            subprocess.run(["createdb", "-h", self.host, "-p", str(self.port), "-U", self.user, name],
                            check=True, capture_output=True, env=env)
 
 
@@ -192,7 +206,13 @@ PACKAGING = pathlib.Path(__file__).resolve().parents[1] / "packaging"
 STANDIN = PACKAGING / "images" / "postgrest-standin" / "postgrest_standin.py"
 IMAGE_BUILDER = PACKAGING / "images" / "build.py"
 PORTS = ("http", "grpc", "enroll", "gateway", "forward_auth", "pool_api", "pool_admin")
+# Each agent's roles; with --hosts, the role names the host it runs on too.
 AGENTS = {"dev-db": "db", "dev-gateway": "gateway", "dev-docker": "docker", "dev-backup": "backup"}
+CLUSTER_HOSTS = {"catalog": "controller", "shared": "db"}
+HOST_RUNS = {"controller": ["controller", "catalog cluster"],
+             "db": ["dev-db", "shared cluster", "pooled-postgrest"],
+             "docker": ["dev-docker", "its own Docker engine"], "gateway": ["dev-gateway", "caddy"],
+             "backup": ["dev-backup"]}
 # The stand-in image has Python, not curl: its health check asks PostgREST's port with it.
 STANDIN_HEALTHCHECK = ["CMD", "python3", "-c",
                        "import socket; socket.create_connection(('127.0.0.1', 3000), 2).close()"]
@@ -215,11 +235,28 @@ def install_packages(packages: list[str], say) -> None:
 
 
 class DevFleet:
-    def __init__(self, directory: pathlib.Path, say=None):
+    def __init__(self, directory: pathlib.Path, say=None, hosts: bool = False):
         self.dir = directory.expanduser().resolve()
         self.say = say or Progress(quiet=True)
         self.state_path = self.dir / STATE_FILE
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        if hosts and "hosts" not in self.state:
+            if self.state.get("clusters"):
+                raise CliError(f"the fleet in {self.dir} runs on this machine's loopback, not on separate "
+                               "hosts; use another --dir for --hosts")
+            if os.geteuid() != 0:
+                raise CliError("--hosts needs root: it creates network namespaces and a bridge")
+            self.state["hosts"] = {"tag": self.state.setdefault("tag", secrets.token_hex(6))[:6],
+                                   "subnet": free_subnet()}
+        # A fleet made with --hosts stays on its hosts.
+        self.hosts = Hosts(**self.state["hosts"]) if "hosts" in self.state else None
+
+    def _enter(self, host: str) -> list[str]:
+        """The command prefix that runs a program on `host` (nothing on a one-host fleet)."""
+        return self.hosts.enter(host) if self.hosts else []
+
+    def _address(self, host: str) -> str:
+        return self.hosts.address(host) if self.hosts else "127.0.0.1"
 
     def _save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -252,7 +289,9 @@ class DevFleet:
                               "password": secrets.token_urlsafe(24)}
             self._save()
         c = clusters[role]
-        return PostgresCluster(pathlib.Path(c["datadir"]), c["port"], c["password"])
+        host = CLUSTER_HOSTS[role]
+        return PostgresCluster(pathlib.Path(c["datadir"]), c["port"], c["password"], host=self._address(host),
+                               enter=self._enter(host), subnet=self.hosts.subnet if self.hosts else None)
 
     @property
     def ports(self) -> dict:
@@ -260,7 +299,7 @@ class DevFleet:
 
     @property
     def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.ports['http']}/api"
+        return f"http://{self._address('controller')}:{self.ports['http']}/api"
 
     def _verify(self) -> bool:
         try:
@@ -277,12 +316,13 @@ class DevFleet:
             raise CliError(f"controller refused {path}: {response.json().get('error')}")
         return response.json()
 
-    def _ensure_process(self, key: str, command: list[str], env: dict | None = None) -> bool:
-        """Starts a process unless the one recorded under `key` still runs; True when reused."""
+    def _ensure_process(self, key: str, command: list[str], env: dict | None = None, host: str = "") -> bool:
+        """Starts a process (on `host`, when the fleet has hosts) unless the one recorded under `key`
+        still runs; True when reused."""
         pids = self.state.setdefault("pids", {})
         if pid_alive(pids.get(key)):
             return True
-        pids[key] = spawn(command, self._log(key), env)
+        pids[key] = spawn([*(self._enter(host) if host else []), *command], self._log(key), env)
         self._save()
         return False
 
@@ -294,7 +334,7 @@ class DevFleet:
             if not cluster.initialised():
                 self.say(f"initialising the {role} cluster in {cluster.datadir}")
                 cluster.init(SHARED_CLUSTER_SETTINGS if role == "shared" else None)
-            self.say(f"starting the {role} PostgreSQL cluster on 127.0.0.1:{cluster.port}")
+            self.say(f"starting the {role} PostgreSQL cluster on {cluster.host}:{cluster.port}")
             cluster.start()
         cluster.create_database(database)
         return cluster
@@ -311,6 +351,43 @@ class DevFleet:
         self._ensure_process("dockerd", ["dockerd"])
         wait_for(docker_running, 60, "the Docker engine", self._log("dockerd"))
 
+    @property
+    def _docker_host_run(self) -> pathlib.Path:
+        # Short: containerd's socket paths under it must fit a unix socket address.
+        return pathlib.Path("/run/flux-dev") / self.hosts.tag
+
+    @property
+    def _docker_host_socket(self) -> str:
+        return f"unix://{self._docker_host_run / 'docker.sock'}"
+
+    def _docker_host_engine(self, reused: list[str]) -> None:
+        """The docker host's own Docker engine, in its namespace, with the local images loaded."""
+        run_dir = self._docker_host_run
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+        def serving() -> bool:
+            return subprocess.run(["docker", "-H", self._docker_host_socket, "info"],
+                                  capture_output=True).returncode == 0
+
+        if self._ensure_process("docker-host-engine", [
+                "dockerd", "--data-root", str(self.dir / "docker-host"), "--exec-root", str(run_dir / "exec"),
+                "--pidfile", str(run_dir / "docker.pid"), "-H", self._docker_host_socket], host="docker"):
+            reused.append("docker host engine")
+        else:
+            self.say(f"starting the docker host's own Docker engine ({self._docker_host_socket})")
+        wait_for(serving, 60, "the docker host's Docker engine", self._log("docker-host-engine"))
+        for image in self.state["images"].values():
+            present = subprocess.run(["docker", "-H", self._docker_host_socket, "image", "inspect", image],
+                                     capture_output=True).returncode == 0
+            if not present:
+                self.say(f"loading {image} into the docker host's engine")
+                save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+                load = subprocess.run(["docker", "-H", self._docker_host_socket, "load"], stdin=save.stdout,
+                                      capture_output=True, text=True)
+                save.stdout.close()
+                if save.wait() != 0 or load.returncode != 0:
+                    raise CliError(f"loading {image} into the docker host's engine failed: {load.stderr.strip()}")
+
     def _images(self) -> dict:
         self.say("checking the local images (built from Debian packages when missing, about a minute each)")
         proc = subprocess.run([sys.executable, str(IMAGE_BUILDER), "--json"], capture_output=True, text=True)
@@ -326,15 +403,16 @@ class DevFleet:
             images = self.state["images"]
             self.say(f"dedicated stacks use {images['postgrest']}, a PostgREST STAND-IN (not PostgREST)")
             return {"docker": {"postgres_image": images["postgres"], "postgrest_image": images["postgrest"],
-                               "api_healthcheck": STANDIN_HEALTHCHECK, "memory_limit": "256m"}}
+                               "api_healthcheck": STANDIN_HEALTHCHECK, "memory_limit": "256m",
+                               "publish_host": self._address("docker"), "advertise_host": self._address("docker")}}
         if AGENTS[name] == "backup":
             return {"backup": {"dir": str(self.dir / "agents" / name / "backups")}}
         return {"gateway": {
             # Caddy's admin API has no authentication: a unix socket in the agent's private directory.
             "caddy_admin": str(self.dir / "agents" / name / "caddy-admin.sock"),
-            "listen": f"127.0.0.1:{self.ports['gateway']}",
+            "listen": f"{self._address('gateway')}:{self.ports['gateway']}",
             "auth_listen": f"127.0.0.1:{self.ports['forward_auth']}",
-            "pool_upstream": f"127.0.0.1:{self.ports['pool_api']}",
+            "pool_upstream": f"{self._address('db')}:{self.ports['pool_api']}",
             "pool_jwt_secret": self._secret("pool_jwt"),
         }}
 
@@ -346,11 +424,19 @@ class DevFleet:
             ports.setdefault(name, free_port())
         self._save()
 
+        if self.hosts:
+            if self.hosts.exists():
+                reused.append("hosts")
+            else:
+                self.say(f"creating the hosts: namespaces on bridge {self.hosts.bridge} ({self.hosts.subnet})")
+            self.hosts.create()
         catalog = self._start_cluster("catalog", "flux_catalog", reused)
         shared = self._start_cluster("shared", "flux_shared", reused)
         self._ensure_docker(reused)
         self.state["images"] = self._images()
         self._save()
+        if self.hosts:
+            self._docker_host_engine(reused)
 
         controller_dir = self.dir / "controller"
         # init every time: it changes nothing on a current catalog and upgrades an older one.
@@ -375,12 +461,13 @@ class DevFleet:
         if pid_alive(self.state.get("pids", {}).get("controller")) and self._verify():
             reused.append("controller")
         else:
-            self.say(f"starting the controller (API on 127.0.0.1:{ports['http']})")
+            here = self._address("controller")
+            self.say(f"starting the controller (API on {here}:{ports['http']})")
             self.state.setdefault("pids", {}).pop("controller", None)
             self._ensure_process("controller", [
                 sys.executable, "-m", "controller.main", "run", "--state-dir", str(controller_dir),
-                "--http-listen", f"127.0.0.1:{ports['http']}", "--grpc-listen", f"127.0.0.1:{ports['grpc']}",
-                "--enroll-listen", f"127.0.0.1:{ports['enroll']}", "--advertise-host", "127.0.0.1"])
+                "--http-listen", f"{here}:{ports['http']}", "--grpc-listen", f"{here}:{ports['grpc']}",
+                "--enroll-listen", f"{here}:{ports['enroll']}", "--advertise-host", here], host="controller")
             wait_for(self._verify, 30, "the controller", self._log("controller"))
 
         for name, roles in AGENTS.items():
@@ -389,7 +476,7 @@ class DevFleet:
                 self.say(f"enrolling agent {name} ({roles}) with a join token")
                 token = self._api("POST", "agents/tokens", {"roles": roles.split(","), "ttl_seconds": 600})
                 enroll = subprocess.run(
-                    [sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
+                    [*self._enter(AGENTS[name]), sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
                      "--token", token["token"], "--name", name, "--roles", roles,
                      "--state-dir", str(agent_dir), "--ca-fingerprint", token["ca_fingerprint"]],
                     capture_output=True, text=True)
@@ -399,7 +486,9 @@ class DevFleet:
             fd = os.open(settings_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 json.dump(self._agent_settings(name, shared), handle, indent=2)
-            if self._ensure_process(name, [sys.executable, "-m", "agent.runtime.main", "run", "--state-dir", str(agent_dir)]):
+            env = {"DOCKER_HOST": self._docker_host_socket} if self.hosts and AGENTS[name] == "docker" else None
+            if self._ensure_process(name, [sys.executable, "-m", "agent.runtime.main", "run",
+                                           "--state-dir", str(agent_dir)], env, host=AGENTS[name]):
                 reused.append(name)
             else:
                 self.say(f"starting agent {name}")
@@ -409,10 +498,10 @@ class DevFleet:
             "PGRST_DB_URI": f"postgresql://authenticator:{self._secret('authenticator')}@127.0.0.1:{shared.port}/flux_shared",
             "PGRST_DB_CONFIG": "true", "PGRST_DB_SCHEMAS": "public", "PGRST_DB_ANON_ROLE": "anon",
             "PGRST_DB_PRE_REQUEST": "flux.pre_request", "PGRST_JWT_SECRET": self._secret("pool_jwt"),
-            "PGRST_SERVER_HOST": "127.0.0.1", "PGRST_SERVER_PORT": str(ports["pool_api"]),
+            "PGRST_SERVER_HOST": self._address("db"), "PGRST_SERVER_PORT": str(ports["pool_api"]),
             "PGRST_ADMIN_SERVER_PORT": str(ports["pool_admin"]),
         }
-        if self._ensure_process("pooled-postgrest", [sys.executable, str(STANDIN)], standin_env):
+        if self._ensure_process("pooled-postgrest", [sys.executable, str(STANDIN)], standin_env, host="db"):
             reused.append("pooled-postgrest")
 
         def agents_connected():
@@ -434,31 +523,39 @@ class DevFleet:
 
     def _pool_ready(self) -> bool:
         try:
-            return httpx.get(f"http://127.0.0.1:{self.ports['pool_admin']}/ready", timeout=2).status_code == 200
+            return httpx.get(f"http://{self._address('db')}:{self.ports['pool_admin']}/ready",
+                             timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
     def describe(self, reused: list[str]) -> dict:
         ports = self.ports
         clusters = self.state["clusters"]
+        at = self._address
+        hosts = {}
+        if self.hosts:
+            hosts = {"bridge": self.hosts.bridge, "subnet": self.hosts.subnet, "machine": at("machine"),
+                     "docker_host_engine": self._docker_host_socket,
+                     "hosts": [{**host, "runs": HOST_RUNS[host["name"]]} for host in self.hosts.describe()]}
         return {
             "api_base": self.api_base,
             "token": self.state["token"],
             "dir": str(self.dir),
             "base_domain": "localhost",
-            "gateway_url": f"https://127.0.0.1:{ports['gateway']}",
+            "gateway_url": f"https://{at('gateway')}:{ports['gateway']}",
             "gateway_ca": str(self.dir / "agents" / "dev-gateway" / "caddy-data" / "caddy" / "pki" / "authorities"
                               / "local" / "root.crt"),
-            "catalog": f"127.0.0.1:{clusters['catalog']['port']}",
-            "shared_cluster": f"127.0.0.1:{clusters['shared']['port']}",
-            "pooled_postgrest": f"127.0.0.1:{ports['pool_api']} (stand-in)",
-            "http": f"127.0.0.1:{ports['http']}",
-            "grpc": f"127.0.0.1:{ports['grpc']}",
-            "enroll": f"127.0.0.1:{ports['enroll']}",
+            "catalog": f"{at('controller')}:{clusters['catalog']['port']}",
+            "shared_cluster": f"{at('db')}:{clusters['shared']['port']}",
+            "pooled_postgrest": f"{at('db')}:{ports['pool_api']} (stand-in)",
+            "http": f"{at('controller')}:{ports['http']}",
+            "grpc": f"{at('controller')}:{ports['grpc']}",
+            "enroll": f"{at('controller')}:{ports['enroll']}",
             "agents": list(AGENTS),
             "images": self.state["images"],
             "reused": reused,
             "logs": str(self.dir / "logs"),
+            **hosts,
         }
 
     def down(self) -> list[str]:
@@ -466,7 +563,7 @@ class DevFleet:
             return []
         stopped = []
         pids = self.state.get("pids", {})
-        for key in [*AGENTS, "pooled-postgrest", "controller", "dockerd"]:
+        for key in [*AGENTS, "pooled-postgrest", "controller", "docker-host-engine", "dockerd"]:
             if pid_alive(pids.get(key)):
                 self.say(f"stopping {key}")
                 terminate(pids[key])
@@ -479,8 +576,13 @@ class DevFleet:
                     self.say(f"stopping the {role} cluster")
                     cluster.stop()
                     stopped.append(f"{role} cluster")
+        if self.hosts:
+            shutil.rmtree(self._docker_host_run, ignore_errors=True)
+            stopped += self.hosts.remove()
         self._save()
         return stopped
 
     def data_dirs(self) -> list[pathlib.Path]:
-        return [pathlib.Path(c["datadir"]) for c in self.state.get("clusters", {}).values()]
+        """What holds the fleet's data outside its state directory, for a caller that removes it."""
+        dirs = [pathlib.Path(c["datadir"]).parent for c in self.state.get("clusters", {}).values()]
+        return dirs + ([self.dir / "docker-host"] if self.hosts else [])

@@ -916,9 +916,14 @@ def _dev_dir(directory: str | None) -> pathlib.Path:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object describing the fleet")
 @click.option("--login/--no-login", default=True, show_default=True,
               help="store the fleet's API base and token in ~/.flux/config.json")
-def dev_up(directory, as_json, login):
-    """Start (or reuse) a catalog cluster, the controller and an agent on this machine."""
-    fleet = DevFleet(_dev_dir(directory), say=Progress(quiet=as_json))
+@click.option("--hosts", is_flag=True,
+              help="run the controller, db, docker, gateway and backup hosts each in a network namespace "
+                   "of its own, on a bridge made for the fleet (root only; the docker host gets its own "
+                   "Docker engine); a fleet made so keeps its hosts")
+def dev_up(directory, as_json, login, hosts):
+    """Start (or reuse) the catalog and shared clusters, the controller, one agent per role and the
+    pooled API stand-in on this machine."""
+    fleet = DevFleet(_dev_dir(directory), say=Progress(quiet=as_json), hosts=hosts)
     result = fleet.up()
     if login:
         config_mod.save(config_mod.Settings(result["api_base"], result["token"]))
@@ -929,6 +934,9 @@ def dev_up(directory, as_json, login):
                     "shared_cluster", "pooled_postgrest", "dir", "logs"):
             click.echo(f"  {key:16} {r[key]}")
         click.echo(f"  {'agents':16} {', '.join(r['agents'])}")
+        for host in r.get("hosts", []):
+            click.echo(f"  {'host ' + host['name']:16} {host['address']} (netns {host['netns']}: "
+                       f"{', '.join(host['runs'])})")
         click.echo(f"  {'token':16} {r['token']}")
 
     emit(result, as_json, render)
@@ -970,7 +978,8 @@ def dev_demo(directory, as_json):
 @click.option("--dir", "directory", help=DEV_DIR_HELP)
 @click.option("--json", "as_json", is_flag=True)
 def dev_down(directory, as_json):
-    """Stop everything `flux dev up` started; data is kept for the next `up`."""
+    """Stop everything `flux dev up` started; data is kept for the next `up`. A fleet on separate
+    hosts loses its namespaces, bridge and firewall rule too (`up` makes them again)."""
     stopped = DevFleet(_dev_dir(directory), say=Progress(quiet=as_json)).down()
     emit({"stopped": stopped}, as_json,
          lambda r: click.echo("Stopped: " + ", ".join(r["stopped"]) if r["stopped"] else "Nothing was running."))

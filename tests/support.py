@@ -288,17 +288,18 @@ class CuttableProxy:
 class LocalFleet:
     """A whole local fleet (`flux dev up`) for tests of both engines and the gateway."""
 
-    def __init__(self, directory: pathlib.Path):
+    def __init__(self, directory: pathlib.Path, hosts: bool = False):
         from cli.devfleet import DevFleet
 
-        self.fleet = DevFleet(directory)
+        self.fleet = DevFleet(directory, hosts=hosts)
         try:
             self.info = self.fleet.up()
         except BaseException:
             self.fleet.down()
             raise
         self.token = self.info["token"]
-        self.gateway_port = int(self.info["gateway_url"].rsplit(":", 1)[1])
+        self.gateway_address, port = self.info["gateway_url"].removeprefix("https://").rsplit(":", 1)
+        self.gateway_port = int(port)
         self.base_domain = self.info["base_domain"]
 
     def api(self, method: str, path: str, body=None, token: str | None = None, **kwargs):
@@ -334,7 +335,7 @@ class LocalFleet:
         if not sni:
             context.check_hostname = False
         with httpx.Client(verify=context, timeout=30) as http:
-            return http.request(method, f"https://127.0.0.1:{self.gateway_port}{path}", headers=headers,
+            return http.request(method, f"https://{self.gateway_address}:{self.gateway_port}{path}", headers=headers,
                                 extensions={"sni_hostname": host} if sni else {}, **kwargs)
 
     def shared_sql(self, query: str, params=()):
@@ -395,12 +396,15 @@ class LocalFleet:
         return json.loads(out.stdout)["token"]
 
     def close(self) -> None:
+        if getattr(self, "closed", False):
+            return
+        self.closed = True
         # Stacks live in the Docker engine, which outlives the fleet: delete every project.
         for project in self.api("GET", "list").json():
             self.api("DELETE", f"projects/{project['hash']}", params={"slug": project["slug"], "skipBackupCheck": "true"})
         self.fleet.down()
-        for datadir in self.fleet.data_dirs():
-            shutil.rmtree(datadir.parent, ignore_errors=True)
+        for directory in self.fleet.data_dirs():
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def app_token(secret: str, **claims) -> str:

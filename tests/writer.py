@@ -13,8 +13,8 @@ import httpx
 
 class Writer:
     def __init__(self, gateway_port: int, ca_file: str, host: str, token: str, path: str = "/writes",
-                 rate: float = 50, body=lambda i: {"id": i}):
-        self.url = f"https://127.0.0.1:{gateway_port}{path}"
+                 rate: float = 50, body=lambda i: {"id": i}, address: str = "127.0.0.1"):
+        self.url = f"https://{address}:{gateway_port}{path}"
         self.host, self.token, self.rate, self.body = host, token, rate, body
         self.context = ssl.create_default_context(cafile=ca_file)
         # (id, monotonic time of the answer) of each acknowledged write, in order.
