@@ -251,7 +251,10 @@ def create(name, mode, host, as_json):
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def list_projects(as_json):
-    """List your projects with their engine (MODE) and API URL."""
+    """List your projects with their engine (MODE), status and API URL.
+
+    A dedicated project's status is what its docker agent last reported (agents report on change
+    and every 30 s); `unknown` when that agent is away or cannot reach its Docker engine."""
     result = client().get("list")
 
     def render(items):
@@ -265,6 +268,10 @@ def list_projects(as_json):
                 click.echo(f"{p['slug']} ({p['hash']}) keeps its pooled copy, read-only "
                            f"({size(p['pooledCopy']['bytes'] or 0)}): `flux migrate cleanup -p {p['slug']} "
                            f"--hash {p['hash']} --yes` drops it")
+        unknown = [p["slug"] for p in items if p["status"] == "unknown"]
+        if unknown:
+            click.echo(f"Status unknown for {', '.join(unknown[:5])}{' and others' if len(unknown) > 5 else ''}: "
+                       "the docker agent is away or cannot reach its Docker engine (`flux agents list`).")
 
     emit(result, as_json, render)
 

@@ -135,6 +135,8 @@ class Fleet:
         self._progress_listeners: dict[str, list] = {}
         # Told the name of every agent that says hello (a new connection).
         self.hello_listeners: list = []
+        # Awaited with the agent's name and each StatusReport it sends.
+        self.report_listeners: list = []
         # Seconds of lease for a gateway that asks for one; 0 refuses (see gateways.py).
         self.lease_granter = lambda name: 0
 
@@ -164,10 +166,14 @@ class Fleet:
     async def handle(self, session: Session, event: wire.AgentEvent) -> None:
         if isinstance(event, wire.Hello):
             await self.catalog.agent_seen(session.name, event.facts.as_dict())
+            await self.catalog.stacks_unreported(session.name)
             for job in await self.catalog.open_jobs(session.name):
                 await self._send_job(session, job)
             for listener in self.hello_listeners:
                 listener(session.name)
+        elif isinstance(event, wire.StatusReport):
+            for listener in self.report_listeners:
+                await listener(session.name, event)
         elif isinstance(event, wire.LeaseRequest):
             session.send(wire.lease_grant(event.nonce, self.lease_granter(session.name)))
         elif isinstance(event, wire.Heartbeat):

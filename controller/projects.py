@@ -77,12 +77,14 @@ def check_hash(value: str) -> str:
 
 def list_item(project: Project, base_domain: str) -> dict:
     status = "running" if project.mode == POOLED else (project.observed_status or "missing")
+    reported = project.status_reported_at
     return {
         "slug": project.slug,
         "hash": project.hash,
         "name": project.name,
         "mode": project.mode,
         "status": status,
+        **({"statusReportedAt": reported.isoformat()} if reported else {}),
         "lifecycleState": project.lifecycle,
         "apiUrl": service_url(project, base_domain),
         **({"pooledCopy": kept_copy(project)} if project.kept_copy_bytes is not None else {}),
@@ -110,6 +112,10 @@ class Projects:
         self.hashes = hashes
         # One change of a project's API settings at a time (each reads the settings the last one left).
         self._api_env_locks: dict[str, asyncio.Lock] = {}
+        # The engine error each docker agent last reported ("" when none), to log changes once.
+        self._engine_errors: dict[str, str] = {}
+        if fleet is not None:
+            fleet.report_listeners.append(self.on_stack_report)
 
     @property
     def base_domain(self) -> str:
@@ -133,10 +139,33 @@ class Projects:
         return project
 
     async def observed(self, projects: list[Project]) -> list[Project]:
-        """The projects with the status their docker agents observe now."""
-        statuses = await asyncio.gather(*(self.observe(p) if p.mode == DEDICATED and p.lifecycle == "active"
-                                          else asyncio.sleep(0, p.observed_status) for p in projects))
-        return [dataclasses.replace(p, observed_status=s) for p, s in zip(projects, statuses)]
+        """The projects with the status their docker agents last reported, and when; no agent is
+        asked. `unknown` when the agent is away, has not reported since it connected, or cannot
+        reach its Docker engine: nobody can say whether the stack runs."""
+        reports = await self.catalog.stack_reports()
+        seen = []
+        for p in projects:
+            if p.mode == DEDICATED and p.lifecycle == "active":
+                at, engine_error = reports.get(p.docker_agent, (None, ""))
+                known = at is not None and not engine_error and self.fleet.connected(p.docker_agent)
+                p = dataclasses.replace(p, observed_status=p.observed_status if known else "unknown",
+                                        status_reported_at=at)
+            seen.append(p)
+        return seen
+
+    async def on_stack_report(self, agent: str, report) -> None:
+        """A docker agent's report of its stacks (on change, on connect, and periodically)."""
+        statuses = {project_id: STATUS.get(state, "corrupted") for project_id, state in report.stacks.items()}
+        changed = await self.catalog.stacks_reported(agent, statuses, report.engine_error)
+        if report.engine_error != self._engine_errors.get(agent, ""):
+            if report.engine_error:
+                log.warning("agent %s cannot reach its Docker engine (%s); its projects are listed unknown",
+                            agent, report.engine_error)
+            else:
+                log.info("agent %s reaches its Docker engine again", agent)
+        self._engine_errors[agent] = report.engine_error
+        if changed:
+            log.info("agent %s reports a new status for %d project(s)", agent, len(changed))
 
     async def listing(self, user: User) -> list[dict]:
         projects = [p for p in await self.catalog.projects_of(user.id)

@@ -108,18 +108,35 @@ class Facts(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., agent_version: _Optional[str] = ..., tools: _Optional[_Mapping[str, str]] = ..., spool_free_bytes: _Optional[int] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "job_event", "pong", "lease_request")
+    __slots__ = ("hello", "heartbeat", "job_event", "pong", "lease_request", "status_report")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     JOB_EVENT_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
     LEASE_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    STATUS_REPORT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     job_event: JobEvent
     pong: Pong
     lease_request: LeaseRequest
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., job_event: _Optional[_Union[JobEvent, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., lease_request: _Optional[_Union[LeaseRequest, _Mapping]] = ...) -> None: ...
+    status_report: StatusReport
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., job_event: _Optional[_Union[JobEvent, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., lease_request: _Optional[_Union[LeaseRequest, _Mapping]] = ..., status_report: _Optional[_Union[StatusReport, _Mapping]] = ...) -> None: ...
+
+class StatusReport(_message.Message):
+    __slots__ = ("stacks", "engine_error")
+    class StacksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    STACKS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    stacks: _containers.ScalarMap[str, str]
+    engine_error: str
+    def __init__(self, stacks: _Optional[_Mapping[str, str]] = ..., engine_error: _Optional[str] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("nonce",)

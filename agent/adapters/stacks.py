@@ -476,17 +476,50 @@ def observe(spec: StackSpec) -> dict:
     states = {name: present[name].status if name in present else "missing" for name in (spec.db, spec.api)}
     foreign = [c.name for c in present.values() if c.labels.get("flux.project") != spec.project_id]
     unexpected = [name for name in present if name not in (spec.db, spec.api)]
-    if foreign or unexpected:
-        state = "Drift"
-    elif all(s == "missing" for s in states.values()):
-        state = "Missing"
-    elif all(s == "running" for s in states.values()):
-        state = "Running"
-    elif all(s in ("exited", "created") for s in states.values()):
-        state = "Stopped"
-    else:
-        state = "Partial"
+    state = "Drift" if foreign or unexpected else _state(list(states.values()))
     return {"state": state, "containers": states, "foreign": foreign + unexpected}
+
+
+def _state(containers: list[str]) -> str:
+    """A stack's state from its containers' ("missing" for one that is not there)."""
+    if all(s == "missing" for s in containers):
+        return "Missing"
+    if all(s == "running" for s in containers):
+        return "Running"
+    if all(s in ("exited", "created") for s in containers):
+        return "Stopped"
+    return "Partial"
+
+
+def report() -> dict[str, str]:
+    """Every stack in the engine from one listing: project id (its flux.project label) to Running,
+    Stopped, Partial, or Drift when a container of another owner holds one of its names."""
+    engine = client()
+    try:
+        # Every container named like a stack's (a name filter matches a substring), ours or not.
+        listed = engine.api.containers(all=True, filters={"name": "flux-"})
+    except DockerException as exc:
+        raise AgentError(f"cannot reach the Docker engine: {exc}", retryable=True,
+                         kind=FailureKind.UNAVAILABLE) from None
+    finally:
+        engine.close()
+    owners = {}
+    stacks: dict[str, dict[str, str]] = {}
+    prefixes: dict[str, str] = {}
+    for container in listed:
+        labels = container.get("Labels") or {}
+        project, component = labels.get("flux.project"), labels.get("flux.component")
+        for name in container.get("Names") or []:
+            owners[name.lstrip("/")] = project
+        if labels.get("flux.managed") == "true" and project and component in ("db", "api"):
+            stacks.setdefault(project, {"db": "missing", "api": "missing"})[component] = container.get("State", "")
+            prefixes[project] = f"flux-{labels.get('flux.hash')}-{labels.get('flux.slug')}"
+    seen = {}
+    for project, states in stacks.items():
+        held = [c for c, s in states.items() if s == "missing"
+                and owners.get(f"{prefixes[project]}-{c}", project) != project]
+        seen[project] = "Drift" if held else _state(list(states.values()))
+    return seen
 
 
 def stop(spec: StackSpec) -> dict:

@@ -22,7 +22,7 @@ from . import facts as facts_mod
 from . import wire
 from .config import AgentConfig, StateDir
 from . import settings as settings_mod
-from ..adapters import tenants
+from ..adapters import stacks, tenants
 from ..errors import AgentError, Revoked
 from ..adapters.caddy import Gateway
 from .identity import certificate_expiry, needs_renewal, new_key_and_csr
@@ -34,6 +34,10 @@ from .transfers import Transfers
 from .systemd import notify
 
 log = logging.getLogger(__name__)
+
+# How often a docker agent looks at its stacks, and resends them unchanged.
+STATUS_POLL_S = 2.0
+STATUS_RESEND_S = 30.0
 
 
 def finish_renewal(state: StateDir) -> None:
@@ -80,6 +84,8 @@ class Agent:
         self.sent_on_stream: set[str] = set()
         self.running: dict[str, asyncio.Task] = {}
         self.heartbeat_seconds = 10
+        # Set when the stacks may have changed (a job ended): a docker agent reports them at once.
+        self.report_now = asyncio.Event()
 
     def facts(self) -> wire.Facts:
         return wire.Facts(
@@ -132,6 +138,7 @@ class Agent:
             self.running.pop(record.id, None)
         log.info("job %s (%s) finished: %s", record.id, record.kind, "ok" if record.ok else record.error)
         self._send_result(record)
+        self.report_now.set()
         if request.kind == "gateway.sync" and record.ok:
             self.request_lease()
 
@@ -206,6 +213,27 @@ class Agent:
             await asyncio.sleep(self.heartbeat_seconds)
             self.send(wire.heartbeat(self.facts()))
 
+    async def _status_reports(self) -> None:
+        """A docker agent's stacks: sent once per connection at its start, then whenever they change
+        (looked at every STATUS_POLL_S, and at once after a job), and every STATUS_RESEND_S anyway so
+        the controller knows how fresh they are."""
+        last, sent_at = None, 0.0
+        while True:
+            self.report_now.clear()
+            try:
+                report = (await asyncio.to_thread(stacks.report), "")
+            except AgentError as exc:
+                report = ({}, exc.message)
+            except Exception as exc:  # whatever the engine's client raises, the controller hears of it
+                report = ({}, f"cannot ask the Docker engine: {type(exc).__name__}: {exc}")
+            if report != last or time.monotonic() - sent_at >= STATUS_RESEND_S:
+                self.send(wire.status_report(*report))
+                last, sent_at = report, time.monotonic()
+            try:
+                await asyncio.wait_for(self.report_now.wait(), STATUS_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+
     async def session(self, backoff: Backoff) -> None:
         """One connection, until it ends; raises AgentError saying why."""
         host_port = self.config.controller
@@ -214,7 +242,7 @@ class Agent:
             self.state.read("cert.pem"), self.config.server_name,
         )
         outbox: asyncio.Queue = asyncio.Queue()
-        heartbeats = leases = None
+        heartbeats = leases = reports = None
         try:
             call = wire.open_stream(channel, self._requests(outbox))
             self.transfers.bind(channel, asyncio.get_running_loop())
@@ -236,6 +264,8 @@ class Agent:
                         heartbeats = asyncio.create_task(self._heartbeats())
                     if leases is None and self.gateway is not None:
                         leases = asyncio.create_task(self._leases())
+                    if reports is None and "docker" in self.config.roles:
+                        reports = asyncio.create_task(self._status_reports())
                 elif isinstance(event, wire.JobRequest):
                     self.on_job(event)
                 elif isinstance(event, wire.Ping):
@@ -252,7 +282,7 @@ class Agent:
         finally:
             self.outbox = None
             self.transfers.bind(None, None)
-            for task in (heartbeats, leases):
+            for task in (heartbeats, leases, reports):
                 if task is not None:
                     task.cancel()
             await channel.close()

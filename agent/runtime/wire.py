@@ -88,6 +88,10 @@ def pong(nonce: str) -> pb.AgentMessage:
     return pb.AgentMessage(pong=pb.Pong(nonce=nonce))
 
 
+def status_report(stacks: dict[str, str], engine_error: str) -> pb.AgentMessage:
+    return pb.AgentMessage(status_report=pb.StatusReport(stacks=stacks, engine_error=engine_error))
+
+
 def lease_request(nonce: str) -> pb.AgentMessage:
     return pb.AgentMessage(lease_request=pb.LeaseRequest(nonce=nonce))
 

@@ -93,7 +93,14 @@ class EnrollRequest:
     csr_pem: bytes = b""
 
 
-AgentEvent = Hello | Heartbeat | JobProgress | JobResult | Pong | LeaseRequest
+@dataclass(frozen=True)
+class StatusReport:
+    """A docker agent's stacks: project id to state (Running, Stopped, Partial, Drift)."""
+    stacks: dict[str, str]
+    engine_error: str
+
+
+AgentEvent = Hello | Heartbeat | JobProgress | JobResult | Pong | LeaseRequest | StatusReport
 
 
 def _facts(msg: pb.Facts) -> Facts:
@@ -131,6 +138,8 @@ def decode_agent_message(msg: pb.AgentMessage) -> AgentEvent | None:
         return Pong(msg.pong.nonce)
     if kind == "lease_request":
         return LeaseRequest(msg.lease_request.nonce)
+    if kind == "status_report":
+        return StatusReport(dict(msg.status_report.stacks), msg.status_report.engine_error)
     if kind == "job_event":
         event = msg.job_event
         which = event.WhichOneof("event")

@@ -106,6 +106,32 @@ class AgentStore(Store):
         )
         return row is not None
 
+    async def stacks_unreported(self, name: str) -> None:
+        """A docker agent connected (again): what it reported before is not current until it reports."""
+        await self._one("UPDATE agents SET stacks_reported_at = NULL WHERE name = %s RETURNING 1", (name,))
+
+    async def stacks_reported(self, name: str, statuses: dict[str, str], engine_error: str) -> list[str]:
+        """Records a docker agent's report of its stacks. With its engine reachable, each of its active
+        dedicated projects takes the status reported for it (`missing` when absent); returns the ids
+        of those whose status changed."""
+        await self._one("UPDATE agents SET stacks_reported_at = now(), engine_error = %s WHERE name = %s"
+                        " RETURNING 1", (engine_error, name))
+        if engine_error:
+            return []
+        reported = json.dumps(statuses)
+        rows = await self._all(
+            "UPDATE projects SET observed_status = coalesce(%s::jsonb ->> id::text, 'missing')"
+            " WHERE docker_agent = %s AND mode = 'v1_dedicated' AND lifecycle = 'active'"
+            " AND observed_status IS DISTINCT FROM coalesce(%s::jsonb ->> id::text, 'missing')"
+            " RETURNING id::text", (reported, name, reported))
+        return [r["id"] for r in rows]
+
+    async def stack_reports(self) -> dict[str, tuple[datetime.datetime | None, str]]:
+        """Each docker agent's last report: when (None: not since it connected) and its engine error."""
+        rows = await self._all("SELECT name, stacks_reported_at, engine_error FROM agents"
+                               " WHERE 'docker' = ANY(roles)")
+        return {r["name"]: (r["stacks_reported_at"], r["engine_error"]) for r in rows}
+
     async def agent_seen(self, name: str, facts: dict | None) -> None:
         if facts is None:
             await self._one(

@@ -42,6 +42,8 @@ class Project:
     kept_copy_bytes: int | None = None
     # PostgREST settings its owner chose for its dedicated API (PGRST_* keys Flux does not set).
     api_env: dict = field(default_factory=dict)
+    # Not a column: when its docker agent last reported the status (set by Projects.observed).
+    status_reported_at: datetime.datetime | None = None
 
     @property
     def short_id(self) -> str:

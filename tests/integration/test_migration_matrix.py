@@ -71,6 +71,7 @@ class Agents:
         self.dumps: list[str] = []
         self.lease_granter = None
         self.hello_listeners: list = []
+        self.report_listeners: list = []
 
     def connected(self, name: str) -> bool:
         return True

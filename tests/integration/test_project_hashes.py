@@ -22,6 +22,7 @@ class ConnectedFleet:
 
     def __init__(self):
         self.jobs: list[tuple[str, str]] = []
+        self.report_listeners: list = []
 
     def connected(self, name: str) -> bool:
         return True
