@@ -15,6 +15,7 @@ from .backups import Backups
 from .dumpfiles import DumpFiles
 from .fleet import Fleet
 from .gateways import LEASE_S, Gateways
+from .leader import Leadership
 from .pki import CertificateAuthority
 from .migrate import Migrations
 from .projects import Projects
@@ -67,10 +68,6 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     migrations = Migrations(catalog, fleet, projects, gateways)
     backups = Backups(catalog, fleet, box, projects,
                       config.backup_max_age_hours * 3600 if config.backup_max_age_hours else None)
-    abandoned = await catalog.abandon_running_backups()
-    if abandoned:
-        log.warning("%d backup(s) were being made when the controller stopped; marked failed", abandoned)
-
     servers = RpcServers(state, catalog, fleet, ca)
     fleet_port, enroll_port = await servers.start(fleet_listen.grpc_address(), enroll_listen.host, enroll_listen.port)
 
@@ -93,29 +90,47 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
             raise ConfigError(f"cannot serve HTTP on {http.host}:{http.port}")
         await asyncio.sleep(0.05)
     http_port = web.servers[0].sockets[0].getsockname()[1]
-    log.info("controller ready: http %s:%s, fleet gRPC port %s, enrollment port %s",
-             http.host, http_port, fleet_port, enroll_port)
+    http_host = advertise_host or (http.host if http.host not in ("0.0.0.0", "::") else "127.0.0.1")
+    leadership = Leadership(catalog, f"{advertised}:{fleet_port}", f"{advertised}:{fleet_port}",
+                            f"{http_host}:{http_port}")
+    fleet.leadership = leadership
+
+    async def lead() -> None:
+        """What only the leader does; cancelled when it stops leading."""
+        abandoned = await catalog.abandon_running_backups()
+        if abandoned:
+            log.warning("%d backup(s) were being made when the last leader stopped; marked failed", abandoned)
+        gateways.start()
+        try:
+            await asyncio.gather(projects.recover(), migrations.recover(), dump_files.keep_retention(),
+                                 migrations.reversals.keep_windows(), backups.keep_schedules(),
+                                 fleet.keep_announcing_controllers())
+        finally:
+            gateways.stop()
+
+    def step_down() -> None:
+        for session in list(fleet.sessions.values()):
+            session.close(f"controller {leadership.id} is no longer the leader")
+
+    # Leads at once when the lease is free (or was its own); else it follows.
+    await leadership.renew()
+    leading = asyncio.create_task(leadership.keep(lead, step_down))
+    log.info("controller ready: http %s:%s, fleet gRPC port %s, enrollment port %s; %s",
+             http.host, http_port, fleet_port, enroll_port, leadership.describe())
     print(f"flux-controller ready http={http.host}:{http_port} grpc={fleet_port} "
           f"enroll={enroll_port}", flush=True)
     notify("READY=1\nSTATUS=serving")
-    recovery = asyncio.gather(projects.recover(), migrations.recover())
-    retention = asyncio.create_task(dump_files.keep_retention())
-    windows = asyncio.create_task(migrations.reversals.keep_windows())
-    schedules = asyncio.create_task(backups.keep_schedules())
     watch = asyncio.create_task(catalog.keep_watch())
-    gateways.start()
 
     await stop.wait()
-    recovery.cancel()
-    retention.cancel()
-    windows.cancel()
-    schedules.cancel()
+    leading.cancel()
+    await leadership.stop()
     watch.cancel()
-    gateways.stop()
     notify("STOPPING=1")
     log.info("stopping")
     for session in list(fleet.sessions.values()):
         session.close("controller is shutting down")
     web.should_exit = True
     await asyncio.gather(servers.stop(2), web_task)
+    await leadership.release()
     await catalog.close()

@@ -29,6 +29,9 @@ from .transfers import Transfers
 
 log = logging.getLogger(__name__)
 
+# How often the leader looks for controllers that joined or left, to tell the agents.
+ANNOUNCE_EVERY_S = 5
+
 ROLES = ("db", "docker", "gateway", "backup")
 AGENT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PING_TIMEOUT_S = 5.0
@@ -139,6 +142,12 @@ class Fleet:
         self.report_listeners: list = []
         # Seconds of lease for a gateway that asks for one; 0 refuses (see gateways.py).
         self.lease_granter = lambda name: 0
+        # Which controller leads when several share the catalog (leader.py); None: this one, alone.
+        self.leadership = None
+
+    def leading(self) -> bool:
+        """Agents connect to, and jobs are run by, the leading controller only."""
+        return self.leadership is None or self.leadership.leading
 
     def connected(self, name: str) -> bool:
         return name in self.sessions
@@ -154,9 +163,41 @@ class Fleet:
     def detach(self, session: Session) -> None:
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
+            if self.leadership is not None:
+                asyncio.get_running_loop().create_task(self._disconnected(session.name))
         for future in session.pings.values():
             if not future.done():
                 future.set_exception(Unavailable(f"agent {session.name} disconnected"))
+
+    async def keep_announcing_controllers(self) -> None:
+        """Tells connected agents of every controller on the catalog when one joins or leaves (new
+        connections hear of them in their welcome)."""
+        told = None
+        while True:
+            try:
+                addresses = await self.catalog.controller_addresses()
+            except FluxError:
+                addresses = told
+            if addresses != told:
+                for session in list(self.sessions.values()):
+                    session.send(wire.controller_list(addresses))
+                told = addresses
+            await asyncio.sleep(ANNOUNCE_EVERY_S)
+
+    async def wait_connected(self, names: list[str], timeout: float) -> bool:
+        """Waits until every one of the agents is connected, at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not all(self.connected(name) for name in names):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+    async def _disconnected(self, name: str) -> None:
+        try:
+            await self.catalog.agent_connected(name, None, was=self.leadership.id)
+        except FluxError as exc:
+            log.warning("cannot record that agent %s disconnected: %s", name, exc.message)
 
     def revoke(self, name: str) -> None:
         session = self.sessions.get(name)
@@ -167,6 +208,8 @@ class Fleet:
         if isinstance(event, wire.Hello):
             await self.catalog.agent_seen(session.name, event.facts.as_dict())
             await self.catalog.stacks_unreported(session.name)
+            if self.leadership is not None:
+                await self.catalog.agent_connected(session.name, self.leadership.id)
             for job in await self.catalog.open_jobs(session.name):
                 await self._send_job(session, job)
             for listener in self.hello_listeners:

@@ -143,11 +143,15 @@ class Projects:
         asked. `unknown` when the agent is away, has not reported since it connected, or cannot
         reach its Docker engine: nobody can say whether the stack runs."""
         reports = await self.catalog.stack_reports()
+        leading = self.fleet.leading()
         seen = []
         for p in projects:
             if p.mode == DEDICATED and p.lifecycle == "active":
-                at, engine_error = reports.get(p.docker_agent, (None, ""))
-                known = at is not None and not engine_error and self.fleet.connected(p.docker_agent)
+                at, engine_error, connected_to = reports.get(p.docker_agent, (None, "", None))
+                # A follower knows agents' streams from the catalog: open to the leader, or not current.
+                connected = (self.fleet.connected(p.docker_agent) if leading
+                             else connected_to is not None and connected_to == self.fleet.leadership.leader_id)
+                known = at is not None and not engine_error and connected
                 p = dataclasses.replace(p, observed_status=p.observed_status if known else "unknown",
                                         status_reported_at=at)
             seen.append(p)

@@ -201,18 +201,26 @@ class Pong(_message.Message):
     def __init__(self, nonce: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("welcome", "job", "ping", "ack", "lease")
+    __slots__ = ("welcome", "job", "ping", "ack", "lease", "controllers")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     job: JobRequest
     ping: Ping
     ack: ResultAck
     lease: LeaseGrant
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., job: _Optional[_Union[JobRequest, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., lease: _Optional[_Union[LeaseGrant, _Mapping]] = ...) -> None: ...
+    controllers: ControllerList
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., job: _Optional[_Union[JobRequest, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., ack: _Optional[_Union[ResultAck, _Mapping]] = ..., lease: _Optional[_Union[LeaseGrant, _Mapping]] = ..., controllers: _Optional[_Union[ControllerList, _Mapping]] = ...) -> None: ...
+
+class ControllerList(_message.Message):
+    __slots__ = ("addresses",)
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaseGrant(_message.Message):
     __slots__ = ("nonce", "seconds")
@@ -223,10 +231,12 @@ class LeaseGrant(_message.Message):
     def __init__(self, nonce: _Optional[str] = ..., seconds: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("heartbeat_seconds",)
+    __slots__ = ("heartbeat_seconds", "controllers")
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLERS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_seconds: int
-    def __init__(self, heartbeat_seconds: _Optional[int] = ...) -> None: ...
+    controllers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, heartbeat_seconds: _Optional[int] = ..., controllers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobRequest(_message.Message):
     __slots__ = ("job_id", "kind", "params_json")

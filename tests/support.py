@@ -108,6 +108,17 @@ class Controller:
     def api_base(self) -> str:
         return f"http://127.0.0.1:{self.ports['http']}/api"
 
+    def replica(self, state_dir: pathlib.Path) -> "Controller":
+        """A second controller on the same catalog, from a copy of this one's state directory (the
+        fleet's CA, master key and settings), as an operator sets one up on another host."""
+        shutil.copytree(self.state_dir, state_dir, ignore=shutil.ignore_patterns("*.log"))
+        other = Controller.__new__(Controller)
+        other.state_dir, other.catalog_url = state_dir, self.catalog_url
+        other.init_result, other.token, other.ca_fingerprint = self.init_result, self.token, self.ca_fingerprint
+        other.ports = {"http": free_port(), "grpc": free_port(), "enroll": free_port()}
+        other.proc, other.started_once, other.log = None, False, state_dir / "controller.log"
+        return other
+
     def start(self, env: dict | None = None, heartbeat_seconds: int = 2) -> "Controller":
         # A free port can be taken by another process's outgoing connection before the controller
         # binds it: a first start picks new ones and tries again; a restart keeps its ports.

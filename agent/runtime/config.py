@@ -9,7 +9,7 @@
 import json
 import os
 import pathlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..errors import AgentError
 
@@ -22,6 +22,8 @@ class AgentConfig:
     roles: list[str]
     controller: str
     server_name: str
+    # Every controller's address as the last one connected to told it (the leader first tried).
+    controllers: list[str] = field(default_factory=list)
 
 
 class StateDir:
@@ -48,7 +50,8 @@ class StateDir:
 
     def load(self) -> AgentConfig:
         raw = json.loads(self.read(CONFIG_FILE))
-        return AgentConfig(**{k: raw[k] for k in ("name", "roles", "controller", "server_name")})
+        return AgentConfig(**{k: raw[k] for k in ("name", "roles", "controller", "server_name")},
+                           controllers=list(raw.get("controllers", [])))
 
     def save(self, config: AgentConfig) -> None:
         self.write(CONFIG_FILE, (json.dumps(asdict(config), indent=2) + "\n").encode())

@@ -6,6 +6,7 @@ the controller acknowledges them, a bounded number of times (see spool.py).
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -35,6 +36,8 @@ from .systemd import notify
 
 log = logging.getLogger(__name__)
 
+# The longest wait between two tries when there are several controllers to go round.
+FAILOVER_DELAY_S = 1.5
 # How often a docker agent looks at its stacks, and resends them unchanged.
 STATUS_POLL_S = 2.0
 STATUS_RESEND_S = 30.0
@@ -86,6 +89,12 @@ class Agent:
         self.heartbeat_seconds = 10
         # Set when the stacks may have changed (a job ended): a docker agent reports them at once.
         self.report_now = asyncio.Event()
+        # Which of the controllers' addresses the next connection tries (see addresses()).
+        self.attempt = 0
+
+    def addresses(self) -> list[str]:
+        """The controller it enrolled through first, then every other one it was told of."""
+        return [self.config.controller, *(a for a in self.config.controllers if a != self.config.controller)]
 
     def facts(self) -> wire.Facts:
         return wire.Facts(
@@ -213,6 +222,14 @@ class Agent:
             await asyncio.sleep(self.heartbeat_seconds)
             self.send(wire.heartbeat(self.facts()))
 
+    def _know_controllers(self, addresses) -> None:
+        """Keeps every controller's address, to go round them when the one it uses goes away (none
+        when there is one controller)."""
+        if list(addresses) != self.config.controllers:
+            self.config = dataclasses.replace(self.config, controllers=list(addresses))
+            self.state.save(self.config)
+            log.info("controllers on this fleet: %s", ", ".join(addresses) or "one")
+
     async def _status_reports(self) -> None:
         """A docker agent's stacks: sent once per connection at its start, then whenever they change
         (looked at every STATUS_POLL_S, and at once after a job), and every STATUS_RESEND_S anyway so
@@ -236,7 +253,8 @@ class Agent:
 
     async def session(self, backoff: Backoff) -> None:
         """One connection, until it ends; raises AgentError saying why."""
-        host_port = self.config.controller
+        addresses = self.addresses()
+        host_port = addresses[self.attempt % len(addresses)]
         channel = wire.mtls_channel(
             host_port, self.state.read("ca.pem"), self.state.read("key.pem"),
             self.state.read("cert.pem"), self.config.server_name,
@@ -253,6 +271,7 @@ class Agent:
                 if isinstance(event, wire.Welcome):
                     log.info("connected to the controller at %s as %s", host_port, self.config.name)
                     backoff.reset()
+                    self._know_controllers(event.controllers)
                     if needs_renewal(self.state.read("cert.pem")):
                         await self._renew(channel)
                         raise AgentError("certificate renewed; reconnecting with it", retryable=True)
@@ -266,6 +285,8 @@ class Agent:
                         leases = asyncio.create_task(self._leases())
                     if reports is None and "docker" in self.config.roles:
                         reports = asyncio.create_task(self._status_reports())
+                elif isinstance(event, wire.ControllerList):
+                    self._know_controllers(event.addresses)
                 elif isinstance(event, wire.JobRequest):
                     self.on_job(event)
                 elif isinstance(event, wire.Ping):
@@ -315,6 +336,11 @@ class Agent:
                 raise
             except AgentError as exc:
                 delay = backoff.next_delay()
+                # The next controller, if there are several: this one is away or does not lead. A
+                # new leader takes over within seconds: the agent goes round them quickly.
+                self.attempt += 1
+                if len(self.addresses()) > 1:
+                    delay = min(delay, FAILOVER_DELAY_S)
                 log.warning("%s; reconnecting in %.1fs", exc.message, delay)
                 try:
                     await asyncio.wait_for(stop.wait(), delay)

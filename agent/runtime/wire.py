@@ -34,6 +34,12 @@ class Facts:
 @dataclass(frozen=True)
 class Welcome:
     heartbeat_seconds: int
+    controllers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ControllerList:
+    addresses: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class Enrolled:
     server_name: str
 
 
-ControllerEvent = Welcome | JobRequest | Ping | Ack | LeaseGrant
+ControllerEvent = Welcome | JobRequest | Ping | Ack | LeaseGrant | ControllerList
 
 
 def _facts(facts: Facts) -> pb.Facts:
@@ -119,7 +125,7 @@ def decode(msg: pb.ControllerMessage) -> ControllerEvent | None:
     """None for a message this agent does not understand (a newer controller)."""
     kind = msg.WhichOneof("body")
     if kind == "welcome":
-        return Welcome(msg.welcome.heartbeat_seconds or 10)
+        return Welcome(msg.welcome.heartbeat_seconds or 10, tuple(msg.welcome.controllers))
     if kind == "job":
         try:
             params = json.loads(msg.job.params_json or "{}")
@@ -132,6 +138,8 @@ def decode(msg: pb.ControllerMessage) -> ControllerEvent | None:
         return Ack(msg.ack.job_id)
     if kind == "lease":
         return LeaseGrant(msg.lease.nonce, msg.lease.seconds)
+    if kind == "controllers":
+        return ControllerList(tuple(msg.controllers.addresses))
     return None
 
 

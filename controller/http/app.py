@@ -18,6 +18,7 @@ from . import agents, backups, migrations, projects, users
 from .access import ApiGuard, BodyLimits, FailureLimiter
 from .common import PREFIX, Services, error_response, log, validation_message
 from .dashboard import mount as mount_dashboard
+from .follower import FollowTheLeader
 
 MAX_JOB_REQUEST_BYTES = 32 * 1024 * 1024
 
@@ -60,4 +61,6 @@ def create_app(catalog: Catalog, fleet: Fleet, projects_: Projects, migrations_:
                        limiter=limiter)
     for module in (users, agents, projects, backups, migrations):
         app.include_router(module.router)
+    # Outermost: a follower forwards before its own guard reads the request.
+    app.add_middleware(FollowTheLeader, fleet=fleet)
     return app

@@ -29,7 +29,10 @@ from .plan import (ASSUMED_BYTES_PER_S, Options, Run, check, cut_over, online_ob
 log = logging.getLogger(__name__)
 
 # How long a migration that could not be settled at start waits before the next try.
-RECOVERY_RETRY_S = 30
+RECOVERY_RETRY_S = 10
+# How long settling waits for the migration's agents to connect (after a controller's restart or a
+# new leader, they reconnect within seconds).
+RECOVERY_AGENTS_WAIT_S = 20
 
 
 def step_states(row: MigrationRow, recorded: list[StepRow]) -> list[dict]:
@@ -429,6 +432,11 @@ class Migrations:
         while left:
             again = []
             for row in left:
+                project = await self.catalog.project(row.project_id)
+                if project is not None:
+                    await self.fleet.wait_connected([a for a in (project.db_agent, project.docker_agent) if a],
+                                                    RECOVERY_AGENTS_WAIT_S)
+                log.info("settling migration %s, left running in phase %s", row.id, row.phase)
                 try:
                     await self._settle(row)
                     log.info("settled migration %s left in phase %s", row.id, row.phase)

@@ -148,12 +148,17 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"agent {name} is revoked",
                                 wire.failure_metadata(FailureKind.REVOKED))
 
+        if not self.fleet.leading():
+            # The agent tries the next controller it knows of.
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{self.fleet.leadership.describe()}: agents connect to the leader")
         session = Session(name)
         self.fleet.attach(session)
         log.info("agent %s connected from %s", name, context.peer())
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
-            yield wire.welcome(self.fleet.heartbeat_seconds)
+            yield wire.welcome(self.fleet.heartbeat_seconds, await self.fleet.catalog.controller_addresses()
+                               if self.fleet.leadership is not None else [])
             while True:
                 get = asyncio.create_task(session.outbox.get())
                 closed = asyncio.create_task(session.closed.wait())

@@ -172,8 +172,12 @@ def encode_renew_response(cert_pem: bytes) -> pb.RenewResponse:
     return pb.RenewResponse(certificate_pem=cert_pem)
 
 
-def welcome(heartbeat_seconds: int) -> pb.ControllerMessage:
-    return pb.ControllerMessage(welcome=pb.Welcome(heartbeat_seconds=heartbeat_seconds))
+def controller_list(addresses: list[str]) -> pb.ControllerMessage:
+    return pb.ControllerMessage(controllers=pb.ControllerList(addresses=addresses))
+
+
+def welcome(heartbeat_seconds: int, controllers: list[str] = ()) -> pb.ControllerMessage:
+    return pb.ControllerMessage(welcome=pb.Welcome(heartbeat_seconds=heartbeat_seconds, controllers=controllers))
 
 
 def job_request(job_id: str, kind: str, params: dict) -> pb.ControllerMessage:

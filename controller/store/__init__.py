@@ -5,6 +5,7 @@ Every other module reaches the catalog through `Catalog`.
 
 from .agents import Agent, AgentStore
 from .backups import BackupStore
+from .controllers import ControllerStore, Lease
 from .base import CatalogUnavailable, Migration, Store, available_migrations, connect, migrate, pending_migrations
 from .dumps import DumpFile, DumpFileStore
 from .jobs import Job, JobStore
@@ -13,9 +14,9 @@ from .projects import HashTaken, Project, ProjectStore
 from .users import ApiToken, User, UserStore
 
 
-class Catalog(BackupStore, UserStore, AgentStore, JobStore, ProjectStore, MigrationStore, DumpFileStore, Store):
+class Catalog(ControllerStore, BackupStore, UserStore, AgentStore, JobStore, ProjectStore, MigrationStore, DumpFileStore, Store):
     """Every aggregate's queries over one connection pool."""
 
 
-__all__ = ["Agent", "ApiToken", "Catalog", "CatalogUnavailable", "DumpFile", "HashTaken", "Job", "Migration", "MigrationRow", "Project", "StepRow",
+__all__ = ["Agent", "ApiToken", "Catalog", "CatalogUnavailable", "DumpFile", "HashTaken", "Job", "Lease", "Migration", "MigrationRow", "Project", "StepRow",
            "User", "available_migrations", "connect", "migrate", "pending_migrations"]

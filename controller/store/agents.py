@@ -126,11 +126,12 @@ class AgentStore(Store):
             " RETURNING id::text", (reported, name, reported))
         return [r["id"] for r in rows]
 
-    async def stack_reports(self) -> dict[str, tuple[datetime.datetime | None, str]]:
-        """Each docker agent's last report: when (None: not since it connected) and its engine error."""
-        rows = await self._all("SELECT name, stacks_reported_at, engine_error FROM agents"
+    async def stack_reports(self) -> dict[str, tuple[datetime.datetime | None, str, str | None]]:
+        """Each docker agent's last report: when (None: not since it connected), its engine error, and
+        the controller its stream is open to."""
+        rows = await self._all("SELECT name, stacks_reported_at, engine_error, connected_to FROM agents"
                                " WHERE 'docker' = ANY(roles)")
-        return {r["name"]: (r["stacks_reported_at"], r["engine_error"]) for r in rows}
+        return {r["name"]: (r["stacks_reported_at"], r["engine_error"], r["connected_to"]) for r in rows}
 
     async def agent_seen(self, name: str, facts: dict | None) -> None:
         if facts is None:

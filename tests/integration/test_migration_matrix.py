@@ -76,6 +76,12 @@ class Agents:
     def connected(self, name: str) -> bool:
         return True
 
+    def leading(self) -> bool:
+        return True
+
+    async def wait_connected(self, names: list[str], timeout: float) -> bool:
+        return True
+
     def watch(self, project_id, event: dict) -> None:
         if event.get("event") == "phase":
             self.step = event["phase"]

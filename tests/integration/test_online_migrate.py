@@ -1,6 +1,7 @@
 """The online migrate end to end: the stack filled from a replication slot's snapshot and kept in
 sync by the db agent, writes paused only for the cutover, nothing acknowledged lost, no slot left."""
 
+import json
 import subprocess
 import threading
 import time
@@ -291,3 +292,98 @@ def test_discarding_a_staged_stack_ends_its_sync(fleet):
     status = fleet.api("GET", f"projects/{project['summary']['hash']}/migration").json()
     assert status["stagedSync"] == {**status["stagedSync"], "active": False, "ended": "the staged stack was discarded"}
     assert fleet.push(project, {"003_more.sql": "create table public.more (id int primary key);"}).status_code == 200
+
+
+def test_a_leader_killed_mid_migrate_is_replaced_and_the_migration_settled(fleet, tmp_path):
+    """Two controllers on the fleet's catalog; the leader is killed while the migration syncs.
+    The other one takes the lease, the agents fail over to it, and it settles the migration (rolled
+    back, as a restarted controller does before the flip): no acknowledged write is lost, no slot
+    or lock is left, and the project serves on."""
+    import shutil
+    import sys
+
+    import httpx
+
+    from tests.support import READY, free_port
+
+    project = _new(fleet, "Failover Shop")
+    schema = _schema(fleet, project)
+    h = project["summary"]["hash"]
+    fleet.shared_sql(f"INSERT INTO {schema}.todos (owner, title) SELECT 'seed', 'seed ' || g"
+                     " FROM generate_series(1, 20000) g")
+    second_dir = tmp_path / "second"
+    shutil.copytree(fleet.fleet.dir / "controller", second_dir)
+    ports = {name: free_port() for name in ("http", "grpc", "enroll")}
+    log = tmp_path / "second.log"
+    second = subprocess.Popen(
+        [sys.executable, "-m", "controller.main", "run", "--state-dir", str(second_dir),
+         "--http-listen", f"127.0.0.1:{ports['http']}", "--grpc-listen", f"127.0.0.1:{ports['grpc']}",
+         "--enroll-listen", f"127.0.0.1:{ports['enroll']}"], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    second_api = f"http://127.0.0.1:{ports['http']}/api/cli/v1"
+    headers = {"Authorization": f"Bearer {fleet.token}"}
+    try:
+        wait_until(lambda: READY.search(log.read_text()), 30, "the second controller")
+        assert "(follower; the leader is" in log.read_text()
+        # The leader tells the connected agents of the new controller.
+        agents = ["dev-db", "dev-docker", "dev-gateway", "dev-backup"]
+
+        def known(name: str) -> list:
+            return json.loads((fleet.fleet.dir / "agents" / name / "agent.json").read_text()).get("controllers", [])
+
+        wait_until(lambda: all(f"127.0.0.1:{ports['grpc']}" in known(a) for a in agents), 20,
+                   "the agents to hear of the second controller")
+
+        def migration() -> dict:
+            return httpx.get(f"{second_api}/projects/{h}/migration", headers=headers, timeout=30).json()
+
+        with Writer(fleet, project) as writer:
+            time.sleep(1)
+            outcome = {}
+
+            def run():
+                try:
+                    outcome["response"] = fleet.migrate(project)
+                except httpx.HTTPError as exc:  # the controller it asked is killed
+                    outcome["error"] = exc
+
+            runner = threading.Thread(target=run)
+            runner.start()
+            wait_until(lambda: migration().get("sync"), 120, "the migration to sync")
+            fleet.kill_process("controller")
+            killed = time.monotonic()
+            wait_until(lambda: "settling migration" in log.read_text(), 15,
+                       "the new leader to take the migration up within 15 s")
+            taken_up = time.monotonic() - killed
+            settled = wait_until(lambda: (m := migration()).get("state") not in (None, "running") and m, 120,
+                                 "the migration to be settled")
+            settled_after = time.monotonic() - killed
+            runner.join(30)
+            time.sleep(1)
+        assert "error" in outcome or outcome["response"].status_code >= 500, outcome
+        assert settled["state"] in ("rolled_back", "succeeded"), settled
+        assert "leading the controllers on this catalog" in log.read_text()
+        listed = httpx.get(f"{second_api}/list", headers=headers, timeout=30).json()
+        item = next(p for p in listed if p["hash"] == h)
+        acked = {f"w{i}" for i in writer.acked_ids}
+        if settled["state"] == "rolled_back":
+            assert item["mode"] == "v2_shared"
+            kept = {r[0] for r in fleet.shared_sql(f"SELECT title FROM {schema}.todos WHERE owner = 'writer'")}
+        else:
+            kept = set(_dedicated_sql(project, f"SELECT title FROM {schema}.todos WHERE owner = 'writer'").split())
+        assert len(acked) > 20 and acked <= kept, sorted(acked - kept)[:10]
+        assert _sync_objects(fleet) == []
+        [(maintenance,)] = fleet.catalog_sql("SELECT maintenance FROM projects WHERE hash = %s", (h,))
+        assert maintenance is False
+        # Writes go on through the gateway after the settle.
+        token = app_token(project["projectJwtSecret"], sub="writer")
+        after = fleet.gateway("POST", fleet.host(project), "/todos", token=token, json={"title": "after"})
+        assert after.status_code in (200, 201), after.text
+        print(f"new leader took the migration up {taken_up:.1f}s after the kill; settled "
+              f"({settled['state']}) after {settled_after:.1f}s")
+    finally:
+        # The fleet's own controller comes back (a follower), then leads again once this one stops.
+        fleet.restart()
+        second.terminate()
+        second.wait(30)
+        wait_until(lambda: fleet.api("GET", "agents").headers.get("Flux-Controller", "").endswith("leader"), 15,
+                   "the fleet's controller to lead again")
