@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests import faults
 from tests.integration.test_migrate import FILES, _schema
 from tests.support import LocalFleet, app_token, pid_alive
 from tests.writer import Writer
@@ -139,6 +140,15 @@ def test_a_migrate_moves_the_data_from_the_db_host_to_the_docker_host(fleet):
     token = app_token(project["projectJwtSecret"], sub="writer")
     served = fleet.gateway("GET", fleet.host(project), "/todos?select=title", token=token)
     assert served.status_code == 200 and {row["title"] for row in served.json()} >= acked
+
+
+@pytest.mark.parametrize("case", ["kill-db-agent@sync", "partition-db-docker-5s@sync"])
+def test_a_fault_during_a_migrate_ends_well(fleet, case):
+    """A few cases of `bench/faults.py`'s matrix (tests/faults.py has the checks)."""
+    fault, phase = case.split("@")
+    outcome = faults.Matrix(fleet).run(fault, phase)
+    assert outcome.hit, outcome.row()
+    assert outcome.acked > 20 and outcome.passed, outcome.row()
 
 
 def test_down_removes_the_hosts_and_leaves_the_machines_engine(fleet):
