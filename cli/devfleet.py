@@ -211,7 +211,8 @@ AGENTS = {"dev-db": "db", "dev-gateway": "gateway", "dev-docker": "docker", "dev
 CLUSTER_HOSTS = {"catalog": "controller", "shared": "db"}
 HOST_RUNS = {"controller": ["controller", "catalog cluster"],
              "db": ["dev-db", "shared cluster", "pooled-postgrest"],
-             "docker": ["dev-docker", "its own Docker engine"], "gateway": ["dev-gateway", "caddy"],
+             "docker": ["dev-docker", "its own Docker engine (dockerd, containerd)"],
+             "gateway": ["dev-gateway", "caddy"],
              "backup": ["dev-backup"]}
 # The stand-in image has Python, not curl: its health check asks PostgREST's port with it.
 STANDIN_HEALTHCHECK = ["CMD", "python3", "-c",
@@ -361,21 +362,35 @@ class DevFleet:
         return f"unix://{self._docker_host_run / 'docker.sock'}"
 
     def _docker_host_engine(self, reused: list[str]) -> None:
-        """The docker host's own Docker engine, in its namespace, with the local images loaded."""
+        """The docker host's own Docker engine, in its namespace, with the local images loaded.
+
+        As on a server: containerd runs on its own (a dockerd that dies takes no container with
+        it) and dockerd has live restore on (one started again takes the running containers back)."""
         run_dir = self._docker_host_run
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        containerd = run_dir / "containerd.sock"
 
         def serving() -> bool:
             return subprocess.run(["docker", "-H", self._docker_host_socket, "info"],
                                   capture_output=True).returncode == 0
 
+        if not self._ensure_process("docker-host-containerd", [
+                "containerd", "--address", str(containerd), "--root", str(self.dir / "docker-host" / "containerd"),
+                "--state", str(run_dir / "containerd")], host="docker"):
+            wait_for(containerd.exists, 30, "the docker host's containerd", self._log("docker-host-containerd"))
         if self._ensure_process("docker-host-engine", [
                 "dockerd", "--data-root", str(self.dir / "docker-host"), "--exec-root", str(run_dir / "exec"),
-                "--pidfile", str(run_dir / "docker.pid"), "-H", self._docker_host_socket], host="docker"):
+                "--pidfile", str(run_dir / "docker.pid"), "-H", self._docker_host_socket,
+                "--containerd", str(containerd), "--live-restore"], host="docker"):
             reused.append("docker host engine")
         else:
             self.say(f"starting the docker host's own Docker engine ({self._docker_host_socket})")
         wait_for(serving, 60, "the docker host's Docker engine", self._log("docker-host-engine"))
+        stopped = self.state.pop("stopped_stacks", [])
+        if stopped:
+            # What `down` stopped (live restore would have kept them running without a fleet).
+            subprocess.run(["docker", "-H", self._docker_host_socket, "start", *stopped], capture_output=True)
+            self._save()
         for image in self.state["images"].values():
             present = subprocess.run(["docker", "-H", self._docker_host_socket, "image", "inspect", image],
                                      capture_output=True).returncode == 0
@@ -563,7 +578,19 @@ class DevFleet:
             return []
         stopped = []
         pids = self.state.get("pids", {})
-        for key in [*AGENTS, "pooled-postgrest", "controller", "docker-host-engine", "dockerd"]:
+        if self.hosts and pid_alive(pids.get("docker-host-engine")):
+            # Live restore keeps containers running when dockerd stops: the stacks stop first, and
+            # the next `up` starts them again.
+            running = subprocess.run(["docker", "-H", self._docker_host_socket, "ps", "--format", "{{.Names}}"],
+                                     capture_output=True, text=True).stdout.split()
+            if running:
+                self.say(f"stopping {len(running)} container(s) on the docker host")
+                subprocess.run(["docker", "-H", self._docker_host_socket, "stop", "-t", "15", *running],
+                               capture_output=True)
+                self.state["stopped_stacks"] = running
+                stopped.append(f"{len(running)} container(s) on the docker host")
+        for key in [*AGENTS, "pooled-postgrest", "controller", "docker-host-engine", "docker-host-containerd",
+                    "dockerd"]:
             if pid_alive(pids.get(key)):
                 self.say(f"stopping {key}")
                 terminate(pids[key])
@@ -577,6 +604,12 @@ class DevFleet:
                     cluster.stop()
                     stopped.append(f"{role} cluster")
         if self.hosts:
+            # A dockerd that was killed leaves its data root mounted on itself.
+            data_root = str(self.dir / "docker-host")
+            for mount in reversed(pathlib.Path("/proc/mounts").read_text().splitlines()):
+                target = mount.split()[1]
+                if target == data_root or target.startswith(data_root + "/"):
+                    subprocess.run(["umount", "-l", target], capture_output=True)
             shutil.rmtree(self._docker_host_run, ignore_errors=True)
             stopped += self.hosts.remove()
         self._save()

@@ -129,11 +129,13 @@ class Matrix:
         return int(open(os.path.join(datadir, "postmaster.pid")).read().split()[0])
 
     def _caddy(self) -> int:
-        agent = self.fleet.fleet.state["pids"]["dev-gateway"]
-        children = subprocess.run(["pgrep", "-P", str(agent), "caddy"], capture_output=True, text=True).stdout.split()
-        if not children:
-            raise RuntimeError("the gateway agent runs no Caddy")
-        return int(children[0])
+        # Not necessarily the agent's child: an agent started again adopts the Caddy that runs.
+        config = self.fleet.fleet.dir / "agents" / "dev-gateway" / "caddy.json"
+        found = subprocess.run(["pgrep", "-f", f"caddy run --config {config}"], capture_output=True,
+                               text=True).stdout.split()
+        if not found:
+            raise RuntimeError("no Caddy runs for the gateway agent")
+        return int(found[0])
 
     def inject(self, fault: Fault) -> None:
         if fault.kind == "kill":
