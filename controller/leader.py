@@ -63,9 +63,10 @@ class Leadership:
         try:
             await self.catalog.controller_seen(self.id, self.grpc_address, self.http_address)
             lease = await self.catalog.take_lease(self.id, self.ttl)
-        except FluxError as exc:
+        except Exception as exc:  # whatever it is, the lease is not renewed and the loop goes on
             if self.leading:
-                log.warning("cannot renew the leader's lease: %s", exc.message)
+                log.warning("cannot renew the leader's lease: %s",
+                            exc.message if isinstance(exc, FluxError) else f"{type(exc).__name__}: {exc}")
             return
         if lease.holder == self.id:
             self._leading_until = asked + self.ttl - MARGIN_S
