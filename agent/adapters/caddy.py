@@ -27,13 +27,13 @@ from dataclasses import asdict, dataclass
 
 import httpx
 import jwt
-import uvicorn
 
 from contract.failures import FailureKind
 
 from ..runtime.config import write_atomic
 from ..errors import AgentError
 from ..runtime.settings import GatewaySettings
+from . import forwardauth
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Gateway:
         # Tokens checked already, with their expiry and claims, least recently used first.
         self._verified_tokens: OrderedDict[tuple, tuple[float, dict]] = OrderedDict()
         self.caddy_restarts = 0
-        self.auth_server: uvicorn.Server | None = None
+        self.auth_server: asyncio.AbstractServer | None = None
         self._staging: Staging | None = None
         # Monotonic time until which this gateway may serve, and the length of its last grant.
         self.lease_until = 0.0
@@ -455,30 +455,13 @@ class Gateway:
         self._minted_tokens[key] = (exp, token)
         return token
 
-    async def asgi(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        method = headers.get("x-forwarded-method", scope["method"])
-        status, extra, body = self.verify(headers.get("host", ""), method, headers.get("authorization", ""))
-        payload = json.dumps(body).encode() if body is not None else b""
-        out = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        out += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": payload})
-
     async def start(self) -> None:
         self.load_saved()
         host, _, port = self.settings.auth_listen.rpartition(":")
-        self.auth_server = uvicorn.Server(uvicorn.Config(
-            self.asgi, host=host, port=int(port), log_level="warning", access_log=False, interface="asgi3",
-            lifespan="off", server_header=False, date_header=False, proxy_headers=False))
-        self.auth_server.install_signal_handlers = lambda: None
-        self._serve_task = asyncio.create_task(self.auth_server.serve())
-        while not self.auth_server.started:
-            if self._serve_task.done():
-                raise AgentError(f"cannot serve forward_auth on {self.settings.auth_listen}")
-            await asyncio.sleep(0.05)
+        try:
+            self.auth_server = await forwardauth.serve(self.verify, host, int(port))
+        except OSError as exc:
+            raise AgentError(f"cannot serve forward_auth on {self.settings.auth_listen}: {exc.strerror}") from None
         await self.ensure_caddy()
         self._supervisor = asyncio.create_task(self._supervise())
 
@@ -507,8 +490,11 @@ class Gateway:
         if self._supervisor is not None:
             self._supervisor.cancel()
         if self.auth_server is not None:
-            self.auth_server.should_exit = True
-            await self._serve_task
+            self.auth_server.close()
+            try:  # Caddy's keep-alive connections need not end for the agent to stop
+                await asyncio.wait_for(self.auth_server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                pass
         if self.caddy is not None and self.caddy.poll() is None:
             self.caddy.terminate()
             try:
