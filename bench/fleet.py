@@ -147,6 +147,7 @@ def main() -> int:
         figures = {
             "agents": args.agents,
             "enroll_s": round(enroll_s, 2),
+            "enroll_per_s": round(args.agents / enroll_s, 1),
             "connect_s": round(connect_s, 2),
             "pings": len(rtts),
             "ping_p50_ms": round(statistics.median(rtts), 2),

@@ -1,133 +1,176 @@
-"""Gateway benchmark: authenticated reads through Caddy + the gateway agent versus
-straight to the same pooled PostgREST, in one run, at a fixed request rate.
+"""Gateway benchmark: the latency Caddy + the gateway agent add, at a fixed request rate, with
+`wrk` (apt-get install wrk) as the load generator and a fixed-response upstream, so neither the
+load nor the upstream is the bottleneck.
 
-Starts a local fleet, creates a project with a small table, then sends open-loop
-traffic (requests start on schedule whether or not earlier ones finished) first
-directly to the pooled PostgREST (with a pool token, as the gateway would mint),
-then through the gateway (HTTPS, the app's token). Prints p50/p99 of both and the
-latency the gateway adds. The last line of output is one JSON object with the figures.
+Starts a local fleet and creates a pooled project; then stops the pooled PostgREST stand-in and
+serves the same port with a Caddy that answers a fixed JSON body (Go, no database). wrk sends
+the same read, paced to the rate (each of its connections waits between requests):
 
-    python bench/gateway.py [--rps 1000] [--seconds 5]
+- direct: plain HTTP to the upstream;
+- gateway: HTTPS through Caddy, the app's token checked by the gateway agent's forward-auth
+  (cached after the first request), a pool token minted, on to the same upstream;
+- gateway, new token each request: 20,000 tokens in turn, more than the gateway's verified-token
+  cache holds, so every request pays the JWT verification (what the cache saves).
+
+Prints each path's achieved rate and p50/p99; the last line of output is one JSON object.
+
+    python bench/gateway.py [--rps 1000] [--seconds 10]
 """
 
 import argparse
-import asyncio
 import json
 import pathlib
-import ssl
-import statistics
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
-import httpx
-import jwt
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import LocalFleet, app_token  # noqa: E402
+from tests.support import LocalFleet, app_token, wait_until  # noqa: E402
 
-SCHEMA_SQL = """
-create table public.items (id serial primary key, name text not null);
-insert into public.items (name) select 'item ' || g from generate_series(1, 20) g;
-grant select on public.items to authenticated;
-"""
+ITEMS = json.dumps([{"id": i, "name": f"item {i}"} for i in range(1, 11)])
+PATH = "/items?select=id,name&limit=10"
+MISS_TOKENS = 20000
 
 
-async def paced(client: httpx.AsyncClient, url: str, headers: dict, rps: int, seconds: float,
-                extensions: dict) -> tuple[list[float], int]:
-    latencies: list[float] = []
-    errors = 0
-    interval = 1 / rps
-    start = time.perf_counter()
-    tasks = []
+def fixed_upstream(port: int, work: pathlib.Path) -> subprocess.Popen:
+    config = {"admin": {"disabled": True}, "apps": {"http": {"servers": {"fixed": {
+        "listen": [f"127.0.0.1:{port}"],
+        "routes": [{"handle": [{"handler": "static_response", "status_code": 200, "body": ITEMS,
+                                "headers": {"Content-Type": ["application/json"]}}]}]}}}}}
+    path = work / "fixed.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.Popen(["caddy", "run", "--config", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=open(work / "fixed.log", "wb"))
+    import httpx
 
-    async def one() -> None:
-        nonlocal errors
-        began = time.perf_counter()
+    def up() -> bool:
         try:
-            response = await client.get(url, headers=headers, extensions=extensions)
-            if response.status_code != 200:
-                errors += 1
-                return
+            return httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200
         except httpx.HTTPError:
-            errors += 1
-            return
-        latencies.append((time.perf_counter() - began) * 1000)
+            return False
 
-    for i in range(int(rps * seconds)):
-        delay = start + i * interval - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one()))
-    await asyncio.gather(*tasks)
-    return latencies, errors
+    wait_until(up, 20, "the fixed-response upstream")
+    return proc
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+class HostsEntry:
+    """wrk sends the URL's host as the TLS server name, so the project's host must resolve: an
+    /etc/hosts line for it while the benchmark runs (removed after)."""
+
+    PATH = pathlib.Path("/etc/hosts")
+
+    def __init__(self, host: str):
+        self.line = f"127.0.0.1 {host} # flux bench/gateway.py\n"
+
+    def __enter__(self):
+        with open(self.PATH, "a") as handle:
+            handle.write(self.line)
+        return self
+
+    def __exit__(self, *exc):
+        kept = [l for l in self.PATH.read_text().splitlines(keepends=True) if l != self.line]
+        self.PATH.write_text("".join(kept))
 
 
-async def measure(fleet: LocalFleet, project: dict, rps: int, seconds: float) -> dict:
-    host = fleet.host(project)
-    detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
-    schema = detail["apiSchema"]
-    role = schema.removesuffix("_api") + "_role"
-    pool_secret = fleet.fleet.state["secrets"]["pool_jwt"]
-    pool_token = jwt.encode({"sub": "bench", "role": role, "exp": int(time.time()) + 3600}, pool_secret,
-                            algorithm="HS256")
-    direct_url = f"http://127.0.0.1:{fleet.fleet.ports['pool_api']}/items?select=id,name&limit=10"
-    direct_headers = {"Authorization": f"Bearer {pool_token}", "Accept-Profile": schema}
-    gateway_url = f"https://127.0.0.1:{fleet.gateway_port}/items?select=id,name&limit=10"
-    gateway_headers = {"Host": host, "Authorization": f"Bearer {app_token(project['projectJwtSecret'], sub='bench')}"}
-    tls = ssl.create_default_context(cafile=fleet.info["gateway_ca"])
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    results = {}
-    async with httpx.AsyncClient(limits=limits, timeout=30) as direct, \
-            httpx.AsyncClient(limits=limits, timeout=30, verify=tls) as gateway:
-        for client, url, headers, ext in ((direct, direct_url, direct_headers, {}),
-                                          (gateway, gateway_url, gateway_headers, {"sni_hostname": host})):
-            await paced(client, url, headers, min(rps, 200), 1, ext)  # warm connections and caches
-        for name, client, url, headers, ext in (("direct", direct, direct_url, direct_headers, {}),
-                                                ("gateway", gateway, gateway_url, gateway_headers,
-                                                 {"sni_hostname": host})):
-            print(f"{name}: {rps} requests/s for {seconds:g}s", file=sys.stderr, flush=True)
-            started = time.perf_counter()
-            latencies, errors = await paced(client, url, headers, rps, seconds, ext)
-            elapsed = time.perf_counter() - started
-            results[name] = {"p50": statistics.median(latencies), "p99": pct(latencies, 0.99),
-                             "errors": errors, "achieved_rps": len(latencies) / elapsed}
-    return results
+def lua(headers: dict, delay_ms: int, tokens: list[str] | None = None) -> str:
+    lines = [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    if tokens:
+        lines.append("local tokens = {" + ",".join(json.dumps(t) for t in tokens) + "}")
+        lines.append("local i = math.random(#tokens)")
+    lines.append("request = function()")
+    if tokens:
+        lines.append('  i = i % #tokens + 1; wrk.headers["Authorization"] = "Bearer " .. tokens[i]')
+    lines.append(f"  return wrk.format(nil, {json.dumps(PATH)})")
+    lines.append("end")
+    lines.append(f"delay = function() return {delay_ms} end")
+    lines.append("""done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"errors":%d,"non2xx":%d,"p50_us":%d,"p99_us":%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end""")
+    return "\n".join(lines) + "\n"
+
+
+def wrk(url: str, script: str, connections: int, seconds: float, work: pathlib.Path) -> dict:
+    path = work / "script.lua"
+    path.write_text(script)
+    proc = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:g}s", "-s", str(path), url],
+                          capture_output=True, text=True, timeout=seconds + 120)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    out = json.loads(line.removeprefix("RESULT "))
+    out["achieved_rps"] = out["requests"] / (out["duration_us"] / 1e6)
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rps", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
-    fleet = LocalFleet(pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-gw-")) / "dev")
+    for tool in ("wrk", "caddy"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is missing: apt-get install -y {tool}")
+    # Paced connections: each waits `delay` ms between requests, so the rate is about
+    # connections / (delay + latency); 50 requests/s per connection.
+    connections = max(2, args.rps // 50)
+    delay_ms = max(0, round(connections * 1000 / args.rps) - 1)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-gw-"))
+    fleet = LocalFleet(work / "dev")
+    upstream = None
     try:
         project = fleet.create("Gateway Bench")
-        pushed = fleet.push(project, {"001_items.sql": SCHEMA_SQL})
-        pushed.raise_for_status()
-        r = asyncio.run(measure(fleet, project, args.rps, args.seconds))
+        secret = project["projectJwtSecret"]
+        fleet.stop_process("pooled-postgrest")
+        port = fleet.fleet.ports["pool_api"]
+        upstream = fixed_upstream(port, work)
+        host = fleet.host(project)
+        direct_url = f"http://127.0.0.1:{port}{PATH}"
+        gateway_url = f"https://{host}:{fleet.gateway_port}{PATH}"
+        token = app_token(secret, sub="bench")
+        answer = fleet.gateway("GET", host, PATH, token=token)
+        if answer.status_code != 200 or answer.json() != json.loads(ITEMS):
+            raise RuntimeError(f"the gateway does not reach the fixed upstream: {answer.status_code} {answer.text[:200]}")
+        now = int(time.time())
+        import jwt
+
+        tokens = [jwt.encode({"sub": f"u{i}", "iat": now, "exp": now + 3600}, secret, algorithm="HS256")
+                  for i in range(MISS_TOKENS)]
+        runs = {}
+        with HostsEntry(host):
+            for name, url, script in (
+                    ("direct", direct_url, lua({}, delay_ms)),
+                    ("gateway", gateway_url, lua({"Host": host, "Authorization": f"Bearer {token}"}, delay_ms)),
+                    ("gateway_uncached", gateway_url, lua({"Host": host}, delay_ms, tokens))):
+                wrk(url, script, connections, 2, work)  # warm connections, caches and Caddy
+                print(f"{name}: {args.rps} requests/s for {args.seconds:g}s ({connections} paced connections)",
+                      file=sys.stderr, flush=True)
+                runs[name] = wrk(url, script, connections, args.seconds, work)
     finally:
+        if upstream is not None:
+            upstream.terminate()
+            upstream.wait(10)
         fleet.close()
-    figures = {
-        "rps": args.rps,
-        "direct_achieved_rps": round(r["direct"]["achieved_rps"], 1),
-        "gateway_achieved_rps": round(r["gateway"]["achieved_rps"], 1),
-        "direct_errors": r["direct"]["errors"],
-        "gateway_errors": r["gateway"]["errors"],
-        "direct_p50_ms": round(r["direct"]["p50"], 3),
-        "direct_p99_ms": round(r["direct"]["p99"], 3),
-        "gateway_p50_ms": round(r["gateway"]["p50"], 3),
-        "gateway_p99_ms": round(r["gateway"]["p99"], 3),
-        "added_p50_ms": round(r["gateway"]["p50"] - r["direct"]["p50"], 3),
-        "added_p99_ms": round(r["gateway"]["p99"] - r["direct"]["p99"], 3),
-    }
+    ms = {name: {"p50": r["p50_us"] / 1000, "p99": r["p99_us"] / 1000} for name, r in runs.items()}
+    figures = {"rps": args.rps, "seconds": args.seconds, "connections": connections, "load": "wrk",
+               "upstream": "fixed response (caddy)"}
+    for name, r in runs.items():
+        figures[f"{name}_achieved_rps"] = round(r["achieved_rps"], 1)
+        figures[f"{name}_errors"] = r["errors"] + r["non2xx"]
+        figures[f"{name}_p50_ms"] = round(ms[name]["p50"], 3)
+        figures[f"{name}_p99_ms"] = round(ms[name]["p99"], 3)
+    figures["added_p50_ms"] = round(ms["gateway"]["p50"] - ms["direct"]["p50"], 3)
+    figures["added_p99_ms"] = round(ms["gateway"]["p99"] - ms["direct"]["p99"], 3)
+    figures["uncached_over_cached_p50"] = round(ms["gateway_uncached"]["p50"] / ms["gateway"]["p50"], 2)
+    for name in runs:
+        print(f"{name:17} {figures[name + '_achieved_rps']:7.1f} req/s  p50 {figures[name + '_p50_ms']:.3f} ms  "
+              f"p99 {figures[name + '_p99_ms']:.3f} ms  errors {figures[name + '_errors']}")
     print(json.dumps(figures))
     return 0
 
