@@ -46,6 +46,10 @@ class FollowTheLeader(BaseHTTPMiddleware):
 
     async def forward(self, request: Request, leadership):
         target = leadership.lease.http_address
+        if leadership.lease.holder == leadership.id:
+            # Its own lease, which it could not renew (the catalog is away): nobody to forward to.
+            return error_response(503, f"controller {leadership.id} cannot renew its lease as the leader "
+                                       "(is the catalog unavailable?); try again shortly")
         if leadership.lease.holder is None or not target:
             return error_response(503, f"{leadership.describe()}: no controller leads right now; "
                                        "try again in a few seconds")

@@ -36,6 +36,14 @@ def test_a_catalog_outage_is_answered_503_at_once_and_recovered_from(tmp_path, o
         assert all(seconds < 1.0 for _, seconds, _ in answers[1:]), answers
         assert controller.api("GET", "agents").status_code == 503
         assert "catalog unavailable" in controller.log.read_text()
+        # Past its lease, the controller no longer leads: what it would forward to a leader is
+        # refused at once (it is the last leader it knows, and never forwards to itself).
+        wait_until(lambda: controller.api("GET", "list").headers.get("Flux-Controller", "").endswith("follower"),
+                   10, "the controller to stop leading")
+        started = time.monotonic()
+        refused = controller.api("GET", "agents", timeout=10)
+        assert refused.status_code == 503 and "cannot renew its lease" in refused.json()["error"], refused.text
+        assert time.monotonic() - started < 2
 
         own_catalog.start()
         back = time.monotonic()
