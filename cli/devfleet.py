@@ -311,8 +311,14 @@ class DevFleet:
         return response.status_code == 200
 
     def _api(self, method: str, path: str, body: dict | None = None):
-        response = httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, timeout=30,
-                                 headers={"Authorization": f"Bearer {self.state['token']}"})
+        deadline = time.monotonic() + 15
+        while True:
+            response = httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, timeout=30,
+                                     headers={"Authorization": f"Bearer {self.state['token']}"})
+            # 503: the controller is coming back (its catalog, or its lease as the leader).
+            if response.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if response.status_code >= 400:
             raise CliError(f"controller refused {path}: {response.json().get('error')}")
         return response.json()

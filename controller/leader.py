@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 5.0
 RENEW_EVERY_S = 1.0
+RETAKE_EVERY_S = 0.2
 # The leader steps down this long before its lease runs out by its own clock.
 MARGIN_S = 1.0
 
@@ -86,7 +87,8 @@ class Leadership:
                 log.warning("no longer the leader: stopping the leader's work")
                 await self._end_task()
                 step_down()
-            await asyncio.sleep(RENEW_EVERY_S)
+            # A lease of its own that lapsed (the catalog was away) is taken back as soon as it can be.
+            await asyncio.sleep(RENEW_EVERY_S if self.leading or self.lease.holder != self.id else RETAKE_EVERY_S)
 
     async def _end_task(self) -> None:
         task, self._task = self._task, None

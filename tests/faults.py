@@ -151,8 +151,18 @@ class Matrix:
         if fault.kind == "partition":
             self._iptables(fault.target, "-D", fault.peer)
         elif fault.kind in ("kill", "postmaster"):
-            # What a supervisor (systemd) does: start what died. The gateway agent restarts Caddy itself.
-            self.fleet.restart()
+            # What a supervisor (systemd, Restart=on-failure) does: start what died, again if it
+            # fails (a killed postmaster's backends may hold its memory for a moment). The
+            # gateway agent restarts Caddy itself.
+            for attempt in range(3):
+                try:
+                    self.fleet.restart()
+                    return
+                except Exception as exc:  # noqa: BLE001 - the last attempt's error is the case's
+                    if attempt == 2:
+                        raise
+                    self.say(f"  restarting after {fault.name} failed ({exc}); again in 2 s")
+                    time.sleep(2)
 
     # the project
 
@@ -175,7 +185,12 @@ class Matrix:
         fault = FAULTS[fault_name]
         out = Outcome(f"{fault_name}@{phase}")
         fleet = self.fleet
-        project = fleet.create(f"Fault {fault_name} {phase}")
+        try:
+            # The fleet may still be coming back from the last case's fault.
+            project = wait_until(lambda: self._create(f"Fault {fault_name} {phase}"), 60, "a new project")
+        except AssertionError as exc:
+            out.problems.append(f"cannot create the case's project: {exc}")
+            return out
         h = project["summary"]["hash"]
         try:
             assert fleet.push(project, FILES).status_code == 200
@@ -214,6 +229,13 @@ class Matrix:
         finally:
             self._cleanup(project)
         return out
+
+    def _create(self, name: str) -> dict | None:
+        try:
+            response = self.fleet.api("POST", "create", {"name": name, "mode": "v2_shared"}, timeout=60)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 201 else None
 
     def _migrate(self, project: dict) -> None:
         try:
