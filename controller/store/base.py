@@ -110,6 +110,12 @@ class Store:
             url, min_size=1, max_size=max_size, open=False, timeout=CATALOG_WAIT_S,
             kwargs={"autocommit": True, "row_factory": dict_row},
         )
+        # The leader's lease has a connection of its own: renewing it never waits behind requests
+        # for a pooled one (thousands of agents connecting at once fill the pool's queue).
+        self._lease_pool = AsyncConnectionPool(
+            url, min_size=1, max_size=1, open=False, timeout=CATALOG_WAIT_S,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+        )
         # False from the moment a request or the watch finds the catalog gone until the watch
         # reaches it again: requests meanwhile are answered 503 at once.
         self.available = True
@@ -117,23 +123,26 @@ class Store:
     async def open(self) -> None:
         try:
             await self._pool.open(wait=True, timeout=15)
+            await self._lease_pool.open(wait=True, timeout=15)
         except PoolTimeout:
             raise Unavailable("cannot connect to the catalog") from None
 
     async def close(self) -> None:
         await self._pool.close()
+        await self._lease_pool.close()
 
     @contextlib.asynccontextmanager
-    async def _connection(self):
+    async def _connection(self, pool: AsyncConnectionPool | None = None):
         """A pooled connection; CatalogUnavailable while the catalog cannot be reached."""
         if not self.available:
             raise CatalogUnavailable()
         try:
-            async with self._pool.connection() as conn:
+            async with (pool or self._pool).connection() as conn:
                 yield conn
         except PoolTimeout:
-            self._gone(f"no connection within {CATALOG_WAIT_S:g}s")
-            raise CatalogUnavailable() from None
+            # A pool this busy is not a catalog gone: the watch says when it is.
+            raise CatalogUnavailable(f"catalog busy: no connection to it within {CATALOG_WAIT_S:g}s; "
+                                     "try again shortly") from None
         except psycopg.OperationalError as exc:
             if not _lost_connection(exc):
                 raise
@@ -158,15 +167,18 @@ class Store:
         while True:
             if await self._reachable():
                 if not self.available:
-                    await self._pool.check()  # connections from before it went away are dropped
+                    # Connections from before it went away are dropped.
+                    await self._pool.check()
+                    await self._lease_pool.check()
                     self.available = True
                     log.warning("catalog is reachable again")
             else:
                 self._gone("it does not answer")
             await asyncio.sleep(WATCH_EVERY_S)
 
-    async def _one(self, query: str, params: tuple = ()) -> dict | None:
-        async with self._connection() as conn:
+    async def _one(self, query: str, params: tuple | dict = (), *, lease: bool = False) -> dict | None:
+        """The first row of a query; with `lease`, on the lease's own connection."""
+        async with self._connection(self._lease_pool if lease else None) as conn:
             return await (await conn.execute(query, params)).fetchone()
 
     async def _all(self, query: str, params: tuple = ()) -> list[dict]:

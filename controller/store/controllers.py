@@ -20,7 +20,7 @@ class ControllerStore(Store):
             "INSERT INTO controllers (id, grpc_address, http_address) VALUES (%s, %s, %s)"
             " ON CONFLICT (id) DO UPDATE SET grpc_address = excluded.grpc_address,"
             " http_address = excluded.http_address, seen_at = now() RETURNING 1",
-            (controller_id, grpc_address, http_address))
+            (controller_id, grpc_address, http_address), lease=True)
 
     async def take_lease(self, controller_id: str, ttl_seconds: float) -> Lease:
         """Renews the lease when this controller holds it, takes it when it ran out; then the lease
@@ -36,7 +36,7 @@ class ControllerStore(Store):
             "       UNION ALL SELECT holder, epoch, expires_at FROM controller_lease"
             "       WHERE id = 1 AND NOT EXISTS (SELECT 1 FROM taken)) l"
             " LEFT JOIN controllers c ON c.id = l.holder",
-            {"me": controller_id, "ttl": ttl_seconds})
+            {"me": controller_id, "ttl": ttl_seconds}, lease=True)
         if not row["current"]:
             return Lease(None, row["epoch"], None, None)
         return Lease(row["holder"], row["epoch"], row["http_address"], row["grpc_address"])
@@ -44,7 +44,7 @@ class ControllerStore(Store):
     async def release_lease(self, controller_id: str) -> None:
         """Ends this controller's lease now (a clean stop), so another one leads at once."""
         await self._one("UPDATE controller_lease SET expires_at = '-infinity' WHERE id = 1 AND holder = %s"
-                        " RETURNING 1", (controller_id,))
+                        " RETURNING 1", (controller_id,), lease=True)
 
     async def controller_addresses(self) -> list[str]:
         """The fleet gRPC address of every controller seen in the last week, for agents to fail over;

@@ -120,3 +120,52 @@ def test_with_no_leader_a_follower_says_so_instead_of_forwarding(controller, tmp
         assert _lease(catalog_sql)[0] == f"127.0.0.1:{second.ports['grpc']}"
     finally:
         second.stop()
+
+
+def test_the_lease_is_renewed_while_requests_hold_every_pooled_connection(catalog_url):
+    """Thousands of agents connecting at once fill the request pool's queue: the leader's lease has
+    a connection of its own and stays renewed (else the leader steps down and drops them all)."""
+    import asyncio
+
+    from controller.leader import MARGIN_S, Leadership
+    from controller.store import Catalog
+    from tests.integration.test_project_hashes import migrate
+
+    migrate(catalog_url)
+
+    async def scenario() -> tuple[bool, list[bool], str]:
+        catalog = Catalog(catalog_url, max_size=1)
+        await catalog.open()
+        leadership = Leadership(catalog, "busy:1", "busy:1", "busy:2", ttl_seconds=2 + MARGIN_S)
+        keep = asyncio.create_task(leadership.keep(lambda: asyncio.sleep(3600), lambda: None))
+        try:
+            await asyncio.sleep(0.5)
+            led_before = leadership.leading
+            held = asyncio.Event()
+
+            async def hold_the_pool():
+                async with catalog._connection() as conn:
+                    held.set()
+                    await conn.execute("SELECT pg_sleep(12)")
+
+            holder = asyncio.create_task(hold_the_pool())
+            await held.wait()
+            leading = []
+            for _ in range(10):  # 5 s: longer than the lease, and than a request waits for the pool
+                await asyncio.sleep(0.5)
+                leading.append(leadership.leading)
+            try:
+                await catalog.get_agent("nobody")
+                busy = "answered"
+            except Exception as exc:  # the request pool is full: a 503 that says so
+                busy = getattr(exc, "message", str(exc))
+            await holder
+            return led_before, leading, busy
+        finally:
+            keep.cancel()
+            await catalog.close()
+
+    led_before, leading, busy = asyncio.run(scenario())
+    assert led_before
+    assert all(leading), leading
+    assert busy.startswith("catalog busy"), busy
