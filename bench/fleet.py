@@ -76,9 +76,10 @@ def worker(dirs: list[str]) -> None:
     asyncio.run(main())
 
 
-def peak_rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak) of a process, in MiB."""
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -152,7 +153,8 @@ def main() -> int:
             "pings": len(rtts),
             "ping_p50_ms": round(statistics.median(rtts), 2),
             "ping_p99_ms": round(percentile(rtts, 0.99), 2),
-            "controller_rss_mb": round(peak_rss_mb(controller.proc.pid), 1),
+            "controller_rss_mb": round(rss_mb(controller.proc.pid, "VmRSS"), 1),
+            "controller_peak_rss_mb": round(rss_mb(controller.proc.pid, "VmHWM"), 1),
         }
     finally:
         for proc in processes:

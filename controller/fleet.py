@@ -68,23 +68,31 @@ def check_roles(roles: list[str]) -> list[str]:
 
 
 class Session:
-    """One connected agent's stream."""
+    """One connected agent's stream. Its outbox ends with CLOSED once the stream is to end: one
+    queue and no other waiter per agent, since a controller holds thousands of them."""
+
+    __slots__ = ("name", "outbox", "closed", "close_reason", "revoked", "pings")
+    CLOSED = object()
 
     def __init__(self, name: str):
         self.name = name
         self.outbox: asyncio.Queue = asyncio.Queue()
-        self.closed = asyncio.Event()
+        self.closed = False
         self.close_reason: str | None = None
         self.revoked = False
         self.pings: dict[str, asyncio.Future] = {}
 
     def send(self, message) -> None:
-        self.outbox.put_nowait(message)
+        if not self.closed:
+            self.outbox.put_nowait(message)
 
-    def close(self, reason: str, *, revoked: bool = False) -> None:
+    def close(self, reason: str | None, *, revoked: bool = False) -> None:
+        """Ends the stream, with `reason` told to the agent (None: it ended by itself)."""
         self.close_reason = reason
         self.revoked = revoked
-        self.closed.set()
+        if not self.closed:
+            self.closed = True
+            self.outbox.put_nowait(self.CLOSED)
 
 
 class AgentFailed(FluxError):
@@ -144,6 +152,8 @@ class Fleet:
         self.lease_granter = lambda name: 0
         # Which controller leads when several share the catalog (leader.py); None: this one, alone.
         self.leadership = None
+        # The controllers' addresses as last announced to agents (keep_announcing_controllers).
+        self._controllers: list[str] | None = None
 
     def leading(self) -> bool:
         """Agents connect to, and jobs are run by, the leading controller only."""
@@ -181,8 +191,17 @@ class Fleet:
             if addresses != told:
                 for session in list(self.sessions.values()):
                     session.send(wire.controller_list(addresses))
-                told = addresses
+                told = self._controllers = addresses
             await asyncio.sleep(ANNOUNCE_EVERY_S)
+
+    async def controllers(self) -> list[str]:
+        """Every controller's address for an agent's welcome: as last announced, or from the catalog
+        until the first announcement (one query per connection is too many when thousands connect)."""
+        if self.leadership is None:
+            return []
+        if self._controllers is None:
+            return await self.catalog.controller_addresses()
+        return self._controllers
 
     async def wait_connected(self, names: list[str], timeout: float) -> bool:
         """Waits until every one of the agents is connected, at most `timeout` seconds."""
@@ -206,10 +225,8 @@ class Fleet:
 
     async def handle(self, session: Session, event: wire.AgentEvent) -> None:
         if isinstance(event, wire.Hello):
-            await self.catalog.agent_seen(session.name, event.facts.as_dict())
-            await self.catalog.stacks_unreported(session.name)
-            if self.leadership is not None:
-                await self.catalog.agent_connected(session.name, self.leadership.id)
+            await self.catalog.agent_hello(session.name, event.facts.as_dict(),
+                                           self.leadership.id if self.leadership is not None else None)
             for job in await self.catalog.open_jobs(session.name):
                 await self._send_job(session, job)
             for listener in self.hello_listeners:

@@ -28,6 +28,8 @@ GRPC_OPTIONS = [
 FLEET_OPTIONS = GRPC_OPTIONS + [
     ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+    # TLS records of 4 KiB: each agent's connection holds a buffer of one record (16 KiB by default).
+    ("grpc.tsi.max_frame_size", 4096),
 ]
 
 # The enrollment port answers before any token is checked, so everything it holds for a

@@ -157,18 +157,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         log.info("agent %s connected from %s", name, context.peer())
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
-            yield wire.welcome(self.fleet.heartbeat_seconds, await self.fleet.catalog.controller_addresses()
-                               if self.fleet.leadership is not None else [])
-            while True:
-                get = asyncio.create_task(session.outbox.get())
-                closed = asyncio.create_task(session.closed.wait())
-                done, _ = await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
-                    closed.cancel()
-                    yield get.result()
-                    continue
-                get.cancel()
-                break
+            yield wire.welcome(self.fleet.heartbeat_seconds, await self.fleet.controllers())
+            while (message := await session.outbox.get()) is not Session.CLOSED:
+                yield message
         finally:
             reader.cancel()
             self.fleet.detach(session)
@@ -190,6 +181,5 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         except Exception:
             log.exception("agent %s: error handling a message", session.name)
         finally:
-            if not session.closed.is_set():
-                session.close_reason = None
-                session.closed.set()
+            if not session.closed:
+                session.close(None)

@@ -106,9 +106,13 @@ class AgentStore(Store):
         )
         return row is not None
 
-    async def stacks_unreported(self, name: str) -> None:
-        """A docker agent connected (again): what it reported before is not current until it reports."""
-        await self._one("UPDATE agents SET stacks_reported_at = NULL WHERE name = %s RETURNING 1", (name,))
+    async def agent_hello(self, name: str, facts: dict, controller_id: str | None) -> None:
+        """An agent connected (again), to `controller_id` when controllers share the catalog: it is
+        seen, with its facts; what it reported of its stacks before is not current until it reports."""
+        await self._one(
+            "UPDATE agents SET last_seen = now(), facts = %s, stacks_reported_at = NULL,"
+            " connected_to = coalesce(%s, connected_to) WHERE name = %s RETURNING 1",
+            (json.dumps(facts), controller_id, name))
 
     async def stacks_reported(self, name: str, statuses: dict[str, str], engine_error: str) -> list[str]:
         """Records a docker agent's report of its stacks. With its engine reachable, each of its active
