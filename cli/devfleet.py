@@ -205,9 +205,12 @@ class Progress:
 PACKAGING = pathlib.Path(__file__).resolve().parents[1] / "packaging"
 STANDIN = PACKAGING / "images" / "postgrest-standin" / "postgrest_standin.py"
 IMAGE_BUILDER = PACKAGING / "images" / "build.py"
-PORTS = ("http", "grpc", "enroll", "gateway", "forward_auth", "pool_api", "pool_admin")
 # Each agent's roles; with --hosts, the role names the host it runs on too.
 AGENTS = {"dev-db": "db", "dev-gateway": "gateway", "dev-docker": "docker", "dev-backup": "backup"}
+# Prometheus metrics: the controller's and each agent's, on a port of their own.
+METRICS = ("controller", *AGENTS)
+PORTS = ("http", "grpc", "enroll", "gateway", "forward_auth", "pool_api", "pool_admin",
+         *(f"metrics_{name}" for name in METRICS))
 CLUSTER_HOSTS = {"catalog": "controller", "shared": "db"}
 HOST_RUNS = {"controller": ["controller", "catalog cluster"],
              "db": ["dev-db", "shared cluster", "pooled-postgrest"],
@@ -488,7 +491,8 @@ class DevFleet:
             self._ensure_process("controller", [
                 sys.executable, "-m", "controller.main", "run", "--state-dir", str(controller_dir),
                 "--http-listen", f"{here}:{ports['http']}", "--grpc-listen", f"{here}:{ports['grpc']}",
-                "--enroll-listen", f"{here}:{ports['enroll']}", "--advertise-host", here], host="controller")
+                "--enroll-listen", f"{here}:{ports['enroll']}", "--advertise-host", here,
+                "--metrics-listen", f"{here}:{ports['metrics_controller']}"], host="controller")
             wait_for(self._verify, 30, "the controller", self._log("controller"))
 
         for name, roles in AGENTS.items():
@@ -509,7 +513,9 @@ class DevFleet:
                 json.dump(self._agent_settings(name, shared), handle, indent=2)
             env = {"DOCKER_HOST": self._docker_host_socket} if self.hosts and AGENTS[name] == "docker" else None
             if self._ensure_process(name, [sys.executable, "-m", "agent.runtime.main", "run",
-                                           "--state-dir", str(agent_dir)], env, host=AGENTS[name]):
+                                           "--state-dir", str(agent_dir), "--metrics-listen",
+                                           f"{self._address(AGENTS[name])}:{ports[f'metrics_{name}']}"],
+                                    env, host=AGENTS[name]):
                 reused.append(name)
             else:
                 self.say(f"starting agent {name}")
@@ -573,6 +579,8 @@ class DevFleet:
             "grpc": f"{at('controller')}:{ports['grpc']}",
             "enroll": f"{at('controller')}:{ports['enroll']}",
             "agents": list(AGENTS),
+            "metrics": {name: f"http://{at('controller' if name == 'controller' else AGENTS[name])}:"
+                              f"{ports[f'metrics_{name}']}/metrics" for name in METRICS},
             "images": self.state["images"],
             "reused": reused,
             "logs": str(self.dir / "logs"),

@@ -941,6 +941,8 @@ def dev_up(directory, as_json, login, hosts):
                     "shared_cluster", "pooled_postgrest", "dir", "logs"):
             click.echo(f"  {key:16} {r[key]}")
         click.echo(f"  {'agents':16} {', '.join(r['agents'])}")
+        for name, address in r["metrics"].items():
+            click.echo(f"  {'metrics ' + name:16} {address}")
         for host in r.get("hosts", []):
             click.echo(f"  {'host ' + host['name']:16} {host['address']} (netns {host['netns']}: "
                        f"{', '.join(host['runs'])})")

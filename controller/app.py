@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import uvicorn
 
+import observe
+
+from . import metrics
 from .http import create_app
 from .store import Catalog
 from .config import ConfigError, StateDir
@@ -44,7 +47,7 @@ class Listen:
 
 async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_listen: Listen,
                 heartbeat_seconds: int = 10, advertise_host: str | None = None,
-                gateway_lease_seconds: int = LEASE_S) -> None:
+                gateway_lease_seconds: int = LEASE_S, metrics_listen: str | None = None) -> None:
     config = state.load_config()
     ca = CertificateAuthority(state.read("ca.pem"), state.read("ca.key"))
     catalog = Catalog(config.catalog_url)
@@ -94,6 +97,17 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     leadership = Leadership(catalog, f"{advertised}:{fleet_port}", f"{advertised}:{fleet_port}",
                             f"{http_host}:{http_port}")
     fleet.leadership = leadership
+    metrics.AGENTS_CONNECTED.set_function(lambda: len(fleet.sessions))
+    metrics.LEADING.set_function(lambda: 1 if leadership.leading else 0)
+    metrics_at = ""
+    if metrics_listen is not None:
+        try:
+            metrics_at = f" metrics={observe.serve_metrics(metrics_listen)}"
+        except OSError as exc:
+            await servers.stop(None)
+            web.should_exit = True
+            await web_task
+            raise ConfigError(str(exc)) from None
 
     async def lead() -> None:
         """What only the leader does; cancelled when it stops leading."""
@@ -118,7 +132,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     log.info("controller ready: http %s:%s, fleet gRPC port %s, enrollment port %s; %s",
              http.host, http_port, fleet_port, enroll_port, leadership.describe())
     print(f"flux-controller ready http={http.host}:{http_port} grpc={fleet_port} "
-          f"enroll={enroll_port}", flush=True)
+          f"enroll={enroll_port}{metrics_at}", flush=True)
     notify("READY=1\nSTATUS=serving")
     watch = asyncio.create_task(catalog.keep_watch())
 

@@ -21,6 +21,7 @@ from contract.failures import FailureKind
 from contract.jobs import KINDS, job_kind
 from contract.messages import ContractError
 
+from . import metrics
 from .rpc import wire
 from .store import Catalog, Job
 from .errors import BadRequest, Conflict, FluxError, NotFound, Revoked, Timeout, TooLarge, Unavailable
@@ -324,6 +325,20 @@ class Fleet:
         as a new job, up to MAX_ATTEMPTS times within `timeout`. `on_progress(dict)` hears the
         job's progress events as the agent streams them.
         """
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            output = await self._run(agent, kind, params, timeout, on_progress)
+            outcome = "succeeded"
+            return output
+        except Timeout:
+            outcome = "timeout"
+            raise
+        finally:
+            metrics.JOBS.labels(kind, outcome).inc()
+            metrics.JOB_SECONDS.labels(kind).observe(time.monotonic() - started)
+
+    async def _run(self, agent: str, kind: str, params: dict, timeout: float, on_progress) -> dict:
         deadline = time.monotonic() + timeout
         again = kind in KINDS and KINDS[kind].idempotent
         attempt = 1

@@ -8,6 +8,8 @@ import re
 import sys
 from urllib.parse import urlsplit
 
+import observe
+
 from . import __version__, store as catalog_mod
 from .store import Catalog
 from .config import CONFIG_FILE, DEFAULT_DUMP_RETENTION_DAYS, ConfigError, ControllerConfig, StateDir, \
@@ -176,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"how long a gateway serves without hearing from this controller (default {LEASE_S}); "
                      "also the longest a route change waits for a gateway that stopped answering")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", default="text", choices=observe.LOG_FORMATS,
+                     help="text lines, or one JSON object per line carrying the job, migration and "
+                     "request ids (default text)")
+    run.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free one, "
+                     "printed on the ready line); off by default")
     return parser
 
 
@@ -194,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result) if args.json else
                   f"User {result['user']} ({result['cliRole']}) added. API token (shown once): {result['token']}")
             return 0
-        logging.basicConfig(level=args.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        observe.configure_logging(args.log_level, args.log_format)
+        if args.metrics_listen is not None:
+            try:
+                observe.parse_listen(args.metrics_listen)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if not 1 <= args.heartbeat_seconds <= 300:
             raise ConfigError("--heartbeat-seconds must be between 1 and 300")
         if not 3 <= args.gateway_lease_seconds <= 3600:
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_seconds=args.heartbeat_seconds,
             gateway_lease_seconds=args.gateway_lease_seconds,
             advertise_host=args.advertise_host,
+            metrics_listen=args.metrics_listen,
         ))
         return 0
     except FluxError as exc:

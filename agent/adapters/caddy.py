@@ -30,6 +30,7 @@ import jwt
 
 from contract.failures import FailureKind
 
+from ..runtime import metrics
 from ..runtime.config import write_atomic
 from ..errors import AgentError
 from ..runtime.settings import GatewaySettings
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 ACCESS_LOG_NAME = "flux"
 ACCESS_LOGGER = f"http.log.access.{ACCESS_LOG_NAME}"
 ACCESS_LOG_ROLL_MB = 64
+# How often the gateway counts the requests its access log gained, and the most it reads at a time.
+COUNT_EVERY_S = 1.0
+ACCESS_LOG_READ_BYTES = 4 * 1024 * 1024
 # How far back in the access log a request for a project's lines looks.
 ACCESS_LOG_SCAN_BYTES = 8 << 20
 MAX_LINE_CHARS = 4096
@@ -107,6 +111,47 @@ class Staging:
     next_part: int = 0
 
 
+class AccessLogReader:
+    """Follows Caddy's JSON access log: each call gives the requests logged since the last one, as
+    (host, status, seconds). It starts at the end of the file; a file rolled over or truncated is
+    read from its start."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self._inode, self._offset = self._where()
+        self._partial = b""
+
+    def _where(self) -> tuple[int | None, int]:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None, 0
+        return stat.st_ino, stat.st_size
+
+    def new_entries(self) -> list[tuple[str, str, float]]:
+        inode, size = self._where()
+        if inode is None:
+            return []
+        if inode != self._inode or size < self._offset:
+            self._inode, self._offset, self._partial = inode, 0, b""
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read(ACCESS_LOG_READ_BYTES)
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        found = []
+        for raw in lines:
+            try:
+                entry = json.loads(raw)
+                host = str(entry["request"].get("host", "")).split(":")[0].lower()
+                found.append((host, str(int(entry["status"])), float(entry.get("duration") or 0)))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+        if len(self._partial) > ACCESS_LOG_READ_BYTES:
+            self._partial = b""  # no line is this long: not a line of Caddy's
+        return found
+
+
 class RouteTable:
     def __init__(self, routes: list[Route], version: int):
         self.version = version
@@ -122,6 +167,7 @@ class Gateway:
         self._minted_tokens: dict[tuple, tuple[float, str]] = {}
         self.caddy: subprocess.Popen | None = None
         self._supervisor: asyncio.Task | None = None
+        self._counter: asyncio.Task | None = None
         # Tokens checked already, with their expiry and claims, least recently used first.
         self._verified_tokens: OrderedDict[tuple, tuple[float, dict]] = OrderedDict()
         self.caddy_restarts = 0
@@ -464,6 +510,23 @@ class Gateway:
             raise AgentError(f"cannot serve forward_auth on {self.settings.auth_listen}: {exc.strerror}") from None
         await self.ensure_caddy()
         self._supervisor = asyncio.create_task(self._supervise())
+        self._counter = asyncio.create_task(self._count_requests())
+
+    async def _count_requests(self) -> None:
+        """Counts, every COUNT_EVERY_S, the requests Caddy logged since (by project, status and
+        duration) into the agent's metrics: the access log is their one source for pooled and
+        dedicated projects alike. Lines from before the agent started are not counted again."""
+        reader = AccessLogReader(self.access_log)
+        while True:
+            try:
+                for host, status, seconds in reader.new_entries():
+                    route = self.table.by_host.get(host)
+                    project = route.project_id if route is not None else "none"
+                    metrics.GATEWAY_REQUESTS.labels(project, status).inc()
+                    metrics.GATEWAY_REQUEST_SECONDS.labels(project).observe(seconds)
+            except Exception:  # noqa: BLE001 - counting never stops the gateway; the next tick tries again
+                log.exception("gateway: counting the access log's requests failed")
+            await asyncio.sleep(COUNT_EVERY_S)
 
     async def _supervise(self) -> None:
         """Checks every CADDY_CHECK_S that Caddy answers with this gateway's configuration; a Caddy
@@ -487,8 +550,9 @@ class Gateway:
                 log.exception("gateway: checking Caddy failed")
 
     async def stop(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        for task in (self._supervisor, self._counter):
+            if task is not None:
+                task.cancel()
         if self.auth_server is not None:
             self.auth_server.close()
             try:  # Caddy's keep-alive connections need not end for the agent to stop

@@ -17,9 +17,11 @@ import time
 import grpc
 import psycopg
 
+import observe
 from contract.failures import FailureKind
 
 from . import facts as facts_mod
+from . import metrics
 from . import wire
 from .config import AgentConfig, StateDir
 from . import settings as settings_mod
@@ -132,6 +134,9 @@ class Agent:
         def progress(phase: str, done: int, total: int, unit: str, message: str) -> None:
             self.send(wire.progress(record.id, phase, done, total, unit, message))
 
+        observe.JOB_ID.set(record.id)  # this task's log lines carry it
+        started = time.monotonic()
+        metrics.JOBS_RUNNING.inc()
         try:
             result = await handlers.run(request.kind, request.params, job_id=record.id, progress=progress,
                                     collect_facts=self.collect_facts, settings=self.settings,
@@ -145,6 +150,9 @@ class Agent:
             self.spool.finish(record, False, None, f"{type(exc).__name__}: {exc}", False, FailureKind.INTERNAL)
         finally:
             self.running.pop(record.id, None)
+            metrics.JOBS_RUNNING.dec()
+            metrics.JOBS.labels(request.kind, "succeeded" if record.ok else "failed").inc()
+            metrics.JOB_SECONDS.labels(request.kind).observe(time.monotonic() - started)
         log.info("job %s (%s) finished: %s", record.id, record.kind, "ok" if record.ok else record.error)
         self._send_result(record)
         self.report_now.set()
@@ -270,6 +278,7 @@ class Agent:
                 event = wire.decode(message)
                 if isinstance(event, wire.Welcome):
                     log.info("connected to the controller at %s as %s", host_port, self.config.name)
+                    metrics.CONNECTED.set(1)
                     backoff.reset()
                     self._know_controllers(event.controllers)
                     if needs_renewal(self.state.read("cert.pem")):
@@ -301,6 +310,7 @@ class Agent:
         except grpc.RpcError as exc:
             raise wire.translate(exc, f"connection to {host_port}") from None
         finally:
+            metrics.CONNECTED.set(0)
             self.outbox = None
             self.transfers.bind(None, None)
             for task in (heartbeats, leases, reports):

@@ -7,6 +7,8 @@ import logging
 import re
 import sys
 
+import observe
+
 from .. import __version__
 from .config import AgentConfig, StateDir
 from .connection import Agent
@@ -76,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="connect to the controller and execute jobs")
     run.add_argument("--state-dir", required=True)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", default="text", choices=observe.LOG_FORMATS,
+                     help="text lines, or one JSON object per line carrying the job id (default text)")
+    run.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free one, "
+                     "logged at start); off by default")
     return parser
 
 
@@ -90,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Enrolled {result['name']} ({', '.join(result['roles'])}) with the controller "
                       f"at {result['controller']}; certificate valid until {result['cert_expires_at']}.")
             return 0
-        logging.basicConfig(level=args.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        observe.configure_logging(args.log_level, args.log_format)
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        if args.metrics_listen is not None:
+            try:
+                logging.getLogger("agent").info("metrics at http://%s/metrics",
+                                                observe.serve_metrics(args.metrics_listen))
+            except (ValueError, OSError) as exc:
+                raise AgentError(str(exc)) from None
         asyncio.run(Agent(StateDir(args.state_dir)).run())
         return 0
     except Revoked as exc:

@@ -9,8 +9,11 @@ and adds the headers that keep pages with secrets out of frames and caches.
 import json
 import re
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+
+import observe
 
 from ..errors import Forbidden, Unavailable
 from ..tokens import is_well_formed_api_token, token_hash
@@ -104,6 +107,16 @@ def _security_headers(path: str, headers: list) -> list:
     return list(headers) + [(k, v) for k, v in add if k not in names]
 
 
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{8,64}")
+
+
+def _request_id(scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+            return value.decode()
+    return uuid.uuid4().hex
+
+
 class ApiGuard:
     """ASGI middleware in front of the whole app (API, dashboard and static files)."""
 
@@ -120,10 +133,14 @@ class ApiGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        # The log lines of this request carry its id; the response says it (a caller's own id, if sane).
+        request_id = _request_id(scope)
+        observe.REQUEST_ID.set(request_id)
 
         async def secured_send(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": _security_headers(path, message.get("headers", []))}
+                message = {**message, "headers": _security_headers(path, message.get("headers", []))
+                           + [(b"x-request-id", request_id.encode())]}
             await send(message)
 
         if path.startswith(self.prefix) and path not in self.public_paths:

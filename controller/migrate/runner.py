@@ -16,6 +16,9 @@ import time
 import uuid
 from dataclasses import asdict, replace
 
+import observe
+
+from .. import metrics
 from ..store import Catalog, MigrationRow, Project, StepRow
 from ..errors import BadRequest, FluxError, NotFound
 from ..fleet import Fleet
@@ -275,6 +278,7 @@ class Migrations:
 
     async def _drive(self, row: MigrationRow) -> dict:
         """Runs the plan to one of its end states, records it and tells the listeners."""
+        observe.MIGRATION_ID.set(row.id)  # this task's log lines carry it
         try:
             result = await self._execute(row)
             await self.catalog.finish_migration(row.id, "succeeded", None, result)
@@ -299,6 +303,12 @@ class Migrations:
         finally:
             self._tasks.pop(row.id, None)
             self._lag.pop(row.id, None)
+            for gauge in (metrics.REPLICATION_LAG_BYTES, metrics.REPLICATION_LAG_SECONDS):
+                try:
+                    gauge.remove(row.project_id)
+                except KeyError:
+                    pass
+        metrics.MIGRATIONS.labels(final["state"]).inc()
         self._emit(row.id, {"event": "result", **final})
         self._project_of.pop(row.id, None)
         return final
@@ -334,6 +344,8 @@ class Migrations:
             if "lag_bytes" in progress:
                 self._lag[row.id] = {"lagBytes": progress["lag_bytes"], "lagSeconds": progress["lag_s"],
                                      "transactions": progress["done"], "at": time.time()}
+                metrics.REPLICATION_LAG_BYTES.labels(row.project_id).set(progress["lag_bytes"])
+                metrics.REPLICATION_LAG_SECONDS.labels(row.project_id).set(progress["lag_s"])
             self._emit(row.id, {"event": "progress", **progress})
 
         return Run(row, Options(**row.options), self.catalog, self.fleet, self.projects, self.gateways, forward)
@@ -353,6 +365,7 @@ class Migrations:
         if "dump" in done and "copy" in plan.names:
             # Recorded by an older plan, whose dump step copied and kept the file at once.
             done |= {"copy", "keep"}
+        paused_at = None  # when this run paused writes (lock), for the pause's length at unlock
         for position, step in enumerate(plan.steps):
             if step.name in done:
                 continue
@@ -366,12 +379,18 @@ class Migrations:
             await self.catalog.step_started(row.id, step.name, position)
             self._emit(row.id, {"event": "phase", "phase": step.name, "at": time.time()})
             log.info("migration %s: %s", row.id, step.name)
+            started = time.monotonic()
+            if step.name == "lock":
+                paused_at = started
             try:
                 output = await step.action(run) or {}
             except FluxError as exc:
                 await self.catalog.step_finished(row.id, step.name, "failed", error=exc.message)
                 state, message = await self._settle_failure(row, step.name, exc.message)
                 raise MigrationFailed(step.name, message, state) from None
+            metrics.MIGRATION_STEP_SECONDS.labels(step.name).observe(time.monotonic() - started)
+            if step.name == "unlock" and paused_at is not None:
+                metrics.MIGRATION_PAUSE_SECONDS.observe(time.monotonic() - paused_at)
             run.outputs[step.name] = output
             await self.catalog.step_finished(row.id, step.name, "done", output=output)
         await self.catalog.migration_phase(row.id, "done")

@@ -387,3 +387,69 @@ def test_a_leader_killed_mid_migrate_is_replaced_and_the_migration_settled(fleet
         second.wait(30)
         wait_until(lambda: fleet.api("GET", "agents").headers.get("Flux-Controller", "").endswith("leader"), 15,
                    "the fleet's controller to lead again")
+
+
+def _scrape(address: str) -> dict[tuple, float]:
+    """Every sample at a /metrics address, by (name, sorted labels)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(address, timeout=10)
+    assert response.status_code == 200, response.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def _total(samples: dict, name: str, **labels) -> float:
+    return sum(value for (n, found), value in samples.items()
+               if n == name and all(dict(found).get(k) == v for k, v in labels.items()))
+
+
+def test_the_metrics_of_the_controller_and_agents_move_with_a_migrate(fleet):
+    """`flux dev up` gives every process's /metrics address; a migrate with a writer through the
+    gateway moves the jobs, the migration's steps and pause, and the gateway's requests."""
+    addresses = fleet.info["metrics"]
+    assert set(addresses) == {"controller", "dev-db", "dev-gateway", "dev-docker", "dev-backup"}
+
+    def settled():  # every agent on the fleet's controller (a test before may have failed it over)
+        samples = {name: _scrape(address) for name, address in addresses.items()}
+        return samples if (_total(samples["controller"], "flux_controller_agents_connected") == 4
+                           and _total(samples["controller"], "flux_controller_leading") == 1
+                           and all(_total(samples[n], "flux_agent_connected") == 1 for n in samples
+                                   if n != "controller")) else None
+
+    before = wait_until(settled, 30, "every agent connected to the leading controller, in its metrics")
+
+    project = _new(fleet, "Metered Shop")
+    project_id = fleet.catalog_sql("SELECT id FROM projects WHERE hash = %s", (project["summary"]["hash"],))[0][0]
+    lag_seen = []
+    with Writer(fleet, project) as writer:
+        time.sleep(1)
+        outcome = {}
+        runner = threading.Thread(target=lambda: outcome.update(response=fleet.migrate(project)))
+        runner.start()
+        while runner.is_alive():
+            samples = _scrape(addresses["controller"])
+            if ("flux_migration_replication_lag_bytes", (("project", str(project_id)),)) in samples:
+                lag_seen.append(True)
+            time.sleep(0.3)
+        runner.join()
+    time.sleep(2.5)  # the gateway counts its access log every second
+    assert outcome["response"].json()["state"] == "succeeded", outcome["response"].text
+    assert writer.acked_ids
+    after = {name: _scrape(address) for name, address in addresses.items()}
+    grew = lambda name, metric, **labels: _total(after[name], metric, **labels) - _total(before[name], metric, **labels)  # noqa: E731
+    assert grew("controller", "flux_controller_jobs_total") > 5
+    assert grew("controller", "flux_controller_job_duration_seconds_count", kind="tenant.sync_status") >= 1
+    assert grew("controller", "flux_migrations_total", outcome="succeeded") == 1
+    for step in ("provision", "sync", "catch_up", "lock", "drain", "flip", "unlock", "confirm"):
+        assert grew("controller", "flux_migration_step_duration_seconds_count", step=step) == 1, step
+    assert grew("controller", "flux_migration_write_pause_seconds_count") == 1
+    assert 0 < grew("controller", "flux_migration_write_pause_seconds_sum") < 30
+    assert lag_seen, "no replication lag was shown while the sync ran"
+    assert ("flux_migration_replication_lag_bytes", (("project", str(project_id)),)) not in after["controller"]
+    assert grew("dev-db", "flux_agent_jobs_total", outcome="succeeded") > 3
+    assert grew("dev-docker", "flux_agent_jobs_total", kind="stack.provision") >= 1
+    created = grew("dev-gateway", "flux_gateway_requests_total", project=str(project_id), status="201")
+    assert created >= len(writer.acked_ids) > 0, (created, len(writer.acked_ids))
+    assert grew("dev-gateway", "flux_gateway_request_duration_seconds_count", project=str(project_id)) >= created

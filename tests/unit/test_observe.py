@@ -1,0 +1,72 @@
+"""Logs as JSON lines carry the ids of their work; the gateway follows Caddy's access log."""
+
+import asyncio
+import json
+import logging
+import os
+
+import pytest
+
+import observe
+from agent.adapters.caddy import AccessLogReader
+
+
+def _record(message: str, *args) -> logging.LogRecord:
+    return logging.LogRecord("controller.migrate", logging.WARNING, __file__, 1, message, args, None)
+
+
+def test_a_json_line_carries_the_job_migration_and_request_it_was_logged_in():
+    formatter = observe.JsonLines()
+
+    async def in_a_job():
+        observe.JOB_ID.set("j-1")
+        observe.MIGRATION_ID.set("m-2")
+        return formatter.format(_record("step %s took %.1fs", "copy", 2.5))
+
+    line = json.loads(asyncio.run(in_a_job()))
+    assert line["message"] == "step copy took 2.5s"
+    assert line["level"] == "warning" and line["logger"] == "controller.migrate"
+    assert line["job"] == "j-1" and line["migration"] == "m-2" and "request" not in line
+    assert line["ts"].endswith("Z")
+    # Outside that task, nothing of it leaks into the next line.
+    assert "job" not in json.loads(formatter.format(_record("idle")))
+
+
+def test_a_json_line_holds_the_exception_on_one_line():
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        record = logging.LogRecord("agent", logging.ERROR, __file__, 1, "failed", (), __import__("sys").exc_info())
+    text = observe.JsonLines().format(record)
+    assert "\n" not in text and "ValueError: bad\\nvalue" in text
+
+
+def test_a_log_format_or_metrics_address_that_is_wrong_is_named():
+    with pytest.raises(ValueError, match="--log-format must be one of text, json"):
+        observe.configure_logging("info", "xml")
+    for bad in ("9100", "localhost:", "localhost:http", "host:70000"):
+        with pytest.raises(ValueError, match="--metrics-listen must be HOST:PORT"):
+            observe.parse_listen(bad)
+    assert observe.parse_listen("[::1]:0") == ("::1", 0)
+
+
+def _entry(host: str, status: int, duration: float) -> bytes:
+    return json.dumps({"request": {"host": host}, "status": status, "duration": duration}).encode() + b"\n"
+
+
+def test_the_access_log_reader_counts_each_request_once_across_partial_lines_and_rollover(tmp_path):
+    log = tmp_path / "access.log"
+    log.write_bytes(_entry("old.localhost", 200, 0.1))
+    reader = AccessLogReader(log)
+    assert reader.new_entries() == []  # what was there before is not counted
+    line = _entry("a.localhost:443", 201, 0.002)
+    with open(log, "ab") as handle:
+        handle.write(line[:10])
+    assert reader.new_entries() == []  # half a line waits for its end
+    with open(log, "ab") as handle:
+        handle.write(line[10:] + b"not json\n" + _entry("B.localhost", 503, 0.5))
+    assert reader.new_entries() == [("a.localhost", "201", 0.002), ("b.localhost", "503", 0.5)]
+    assert reader.new_entries() == []
+    os.rename(log, tmp_path / "access-1.log")  # Caddy rolls the file over
+    log.write_bytes(_entry("c.localhost", 404, 0.01))
+    assert reader.new_entries() == [("c.localhost", "404", 0.01)]
