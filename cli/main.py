@@ -14,9 +14,8 @@ import traceback
 
 import click
 
-from . import config as config_mod
+from . import __version__, config as config_mod
 from .client import ApiClient
-from .devfleet import DevFleet, Progress
 from .errors import CliError
 from .progress import MigrateProgress, render_dry_run, render_migration_status, size
 from .projectref import migration_files, resolve
@@ -99,10 +98,19 @@ def agents_token(roles, ttl, as_json):
     def render(r):
         click.echo(f"Join token (one use, expires {r['expires_at']}):\n  {r['token']}")
         click.echo(f"CA fingerprint: {r['ca_fingerprint']}")
-        click.echo("On the new host, run:")
-        click.echo(f"  flux-agent enroll --controller {r['enroll_address']} --token {r['token']} "
-                   f"--name NAME --roles {','.join(r['roles'])} --state-dir /var/lib/flux-agent "
-                   f"--ca-fingerprint {r['ca_fingerprint']}")
+        click.echo("On the new host, as root (NAME: the agent's name, unique in the fleet):")
+        click.echo(f"  apt install ./flux-agent_{__version__}_amd64.deb")
+        click.echo(f"  runuser -u flux-agent -- flux-agent enroll --controller {r['enroll_address']} "
+                   f"--token {r['token']} --name NAME --roles {','.join(r['roles'])} "
+                   f"--state-dir /var/lib/flux-agent --ca-fingerprint {r['ca_fingerprint']}")
+        drop_ins = [role for role in r["roles"] if role in ("docker", "gateway")]
+        if drop_ins:
+            click.echo("  mkdir -p /etc/systemd/system/flux-agent.service.d")
+            for role in drop_ins:
+                click.echo(f"  ln -sf /usr/share/flux-agent/systemd/{role}.conf "
+                           "/etc/systemd/system/flux-agent.service.d/")
+        click.echo("  # the roles' settings: /var/lib/flux-agent/settings.json (0600, owned by flux-agent)")
+        click.echo("  systemctl daemon-reload && systemctl enable --now flux-agent")
 
     emit(result, as_json, render)
 
@@ -918,6 +926,16 @@ def _dev_dir(directory: str | None) -> pathlib.Path:
     return pathlib.Path(directory) if directory else config_mod.config_dir() / "dev"
 
 
+def _devtools():
+    """The local fleet's module: part of a source checkout, not of the installed packages."""
+    try:
+        from devtools import fleet
+    except ImportError:
+        raise CliError("`flux dev` needs Flux's development tools, which the flux-cli package does not ship; "
+                       "run it from a source checkout (bash packaging/dev-setup.sh)") from None
+    return fleet
+
+
 @dev.command("up")
 @click.option("--dir", "directory", help=DEV_DIR_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object describing the fleet")
@@ -930,7 +948,8 @@ def _dev_dir(directory: str | None) -> pathlib.Path:
 def dev_up(directory, as_json, login, hosts):
     """Start (or reuse) the catalog and shared clusters, the controller, one agent per role and the
     pooled API stand-in on this machine."""
-    fleet = DevFleet(_dev_dir(directory), say=Progress(quiet=as_json), hosts=hosts)
+    devfleet = _devtools()
+    fleet = devfleet.DevFleet(_dev_dir(directory), say=devfleet.Progress(quiet=as_json), hosts=hosts)
     result = fleet.up()
     if login:
         config_mod.save(config_mod.Settings(result["api_base"], result["token"]))
@@ -958,10 +977,11 @@ def dev_demo(directory, as_json):
     """Bring up the local fleet, create Bloom Atelier on v2_shared with sample rows, and migrate it
     to v1_dedicated (dry run, staged, full) with progress shown; then list projects and read the
     same rows through the same Service URL."""
-    from .demo import Demo, print_list
+    devfleet = _devtools()
+    from devtools.demo import Demo, print_list
 
-    say = Progress(quiet=as_json)
-    info = DevFleet(_dev_dir(directory), say=say).up()
+    say = devfleet.Progress(quiet=as_json)
+    info = devfleet.DevFleet(_dev_dir(directory), say=say).up()
     config_mod.save(config_mod.Settings(info["api_base"], info["token"]))
     show = MigrateProgress()
 
@@ -989,7 +1009,8 @@ def dev_demo(directory, as_json):
 def dev_down(directory, as_json):
     """Stop everything `flux dev up` started; data is kept for the next `up`. A fleet on separate
     hosts loses its namespaces, bridge and firewall rule too (`up` makes them again)."""
-    stopped = DevFleet(_dev_dir(directory), say=Progress(quiet=as_json)).down()
+    devfleet = _devtools()
+    stopped = devfleet.DevFleet(_dev_dir(directory), say=devfleet.Progress(quiet=as_json)).down()
     emit({"stopped": stopped}, as_json,
          lambda r: click.echo("Stopped: " + ", ".join(r["stopped"]) if r["stopped"] else "Nothing was running."))
 

@@ -1,3 +1,8 @@
 """The Flux controller: catalog, HTTP API for the CLI, and the agents' gRPC service."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:  # the installed distribution's (pyproject.toml's, or the package's)
+    __version__ = metadata.version("flux-fleet")
+except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0"

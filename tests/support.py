@@ -16,7 +16,7 @@ import time
 
 import httpx
 
-from cli.devfleet import PostgresCluster, free_port, pid_alive  # noqa: F401  (re-exported for tests)
+from devtools.fleet import PostgresCluster, free_port, pid_alive  # noqa: F401  (re-exported for tests)
 
 READY = re.compile(r"flux-controller ready http=\S+:(\d+) grpc=(\d+) enroll=(\d+)")
 
@@ -300,7 +300,7 @@ class LocalFleet:
     """A whole local fleet (`flux dev up`) for tests of both engines and the gateway."""
 
     def __init__(self, directory: pathlib.Path, hosts: bool = False):
-        from cli.devfleet import DevFleet
+        from devtools.fleet import DevFleet
 
         self.fleet = DevFleet(directory, hosts=hosts)
         try:
@@ -377,7 +377,7 @@ class LocalFleet:
         return b"".join(read_sql(path, box.open(sealed, key_context(dump_id))))
 
     def stop_process(self, key: str) -> None:
-        from cli.devfleet import terminate
+        from devtools.fleet import terminate
 
         terminate(self.fleet.state["pids"][key])
 

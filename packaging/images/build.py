@@ -1,10 +1,11 @@
 """Builds the local images for hosts without an image registry, from Debian packages.
 
-    python packaging/images/build.py [--json]
+    python packaging/images/build.py [--json] [IMAGE ...]
 
 Each image is a Debian root file system made with debootstrap and loaded with
 `docker import`: a Postgres 15 server, and the PostgREST stand-in (NOT PostgREST;
-see postgrest-standin/). Tags carry a hash of their build inputs, so a second build
+see postgrest-standin/); and, when asked for, `host`: a Debian server with systemd as PID 1,
+which packaging/check-install.sh installs the packages on. Tags carry a hash of their build inputs, so a second build
 reuses what exists and a changed input builds anew. Prints the image names.
 """
 
@@ -92,16 +93,34 @@ IMAGES = {
          'CMD ["python3", "/app/postgrest_standin.py"]'],
         [],
     ),
+    # A server to install the packages on (packaging/check-install.sh): systemd as PID 1, the
+    # Python the packages' environments are made with, and a PostgreSQL for the catalog.
+    "host": Image(
+        "flux-local/systemd-host",
+        ["systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "postgresql-15", "adduser",
+         "procps", "iproute2", "ca-certificates", "curl"],
+        {},
+        ["ENV container=docker", "ENV LANG=C.UTF-8", 'CMD ["/sbin/init"]'],
+        [],
+    ),
 }
+# What the local fleet and the tests run; `host` is built when asked for by name.
+FLEET_IMAGES = ("postgres", "postgrest")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the image names as one JSON object")
     parser.add_argument("--names-only", action="store_true", help="print the names without building")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help=f"which images ({', '.join(IMAGES)}; default: {', '.join(FLEET_IMAGES)})")
     args = parser.parse_args()
+    unknown = [name for name in args.images if name not in IMAGES]
+    if unknown:
+        parser.error(f"no image {', '.join(unknown)}; the images are {', '.join(IMAGES)}")
     names = {}
-    for key, image in IMAGES.items():
+    for key in args.images or FLEET_IMAGES:
+        image = IMAGES[key]
         names[key] = image.tag
         if args.names_only:
             continue

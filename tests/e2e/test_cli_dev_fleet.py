@@ -63,9 +63,14 @@ def test_dev_up_starts_a_fleet_the_cli_can_use(fleet):
 
     token = flux("agents", "token", "--roles", "docker", "--ttl", "10m")
     assert "flux-agent enroll --controller" in token.stdout and "--roles docker" in token.stdout
+    # The whole install for the new host: the package, enrolling as its user, the role's drop-in.
+    assert "apt install ./flux-agent_" in token.stdout and "runuser -u flux-agent --" in token.stdout
+    assert "/usr/share/flux-agent/systemd/docker.conf" in token.stdout
+    assert "gateway.conf" not in token.stdout and "systemctl enable --now flux-agent" in token.stdout
 
     shown = flux("dev", "up", "--dir", str(directory)).stdout
-    for key in ("api_base", "gateway_url", "base_domain", "gateway_ca", "token"):
+    for key in ("api_base", "gateway_url", "base_domain", "gateway_ca", "token", "metrics controller",
+                "metrics dev-db"):
         assert key in shown
     again = json.loads(flux("dev", "up", "--dir", str(directory), "--json").stdout)
     assert set(again["reused"]) == {"catalog cluster", "shared cluster", "docker engine", "controller", "dev-db",

@@ -53,7 +53,7 @@ class ExtraGateway(AgentProc):
         super().stop()
         pid_file = self.state_dir / "caddy.pid"
         if pid_file.exists():
-            from cli.devfleet import pid_alive, terminate
+            from devtools.fleet import pid_alive, terminate
 
             pid = int(pid_file.read_text())
             if pid_alive(pid):

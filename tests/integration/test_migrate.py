@@ -466,7 +466,7 @@ def test_a_process_killed_during_the_online_cutover_ends_well_with_no_write_lost
 
 
 def test_missing_pg_dump_on_the_db_host_is_reported_by_the_dry_run_and_refused(fleet):
-    from cli.devfleet import spawn, terminate
+    from devtools.fleet import spawn, terminate
 
     project, _ = _tenant(fleet, "No Pg Dump", rows=1)
     agent_dir = fleet.fleet.dir / "agents" / "dev-db"

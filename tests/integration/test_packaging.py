@@ -63,3 +63,50 @@ def test_role_drop_ins_add_only_what_their_role_needs(dropin, key, value):
     parser.read(UNITS / "flux-agent.service.d" / dropin)
     assert parser["Service"][key] == value
     assert "SupplementaryGroups" not in _unit("flux-agent.service")["Service"]
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.skipif(shutil.which("docker") is None or shutil.which("dpkg-deb") is None
+                    or shutil.which("debootstrap") is None, reason="needs docker, dpkg-deb and debootstrap")
+def test_the_packages_install_run_under_systemd_and_upgrade():
+    """packaging/check-install.sh: the packages on a server with systemd as PID 1, installed as the
+    README's production steps say, then upgraded (see packaging/check_install.py for each check)."""
+    import json
+
+    root = UNITS.parents[1]
+    proc = subprocess.run(["bash", str(root / "packaging" / "check-install.sh")], capture_output=True, text=True,
+                          timeout=1400)
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and figures["passed"], figures.get("error") or proc.stderr[-3000:]
+    assert figures["flux-controller"]["type"] == figures["flux-agent"]["type"] == "notify"
+    assert figures["kill_agent"]["restarts"] == 1 and figures["kill_agent"]["reconnected_s"] < 60
+    assert max(figures["stop_s"].values()) <= 10
+    assert set(figures["hardening"]["refused"]) >= {"/etc", "/usr", "/var/lib"}
+    assert figures["upgrade"]["agent_reports"] == figures["to"] != figures["from"]
+    print(json.dumps(figures))
+
+
+def _shipped_files(deb: pathlib.Path, tmp_path: pathlib.Path) -> dict[str, bytes]:
+    import zipfile
+
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
+    [wheel] = tmp_path.glob("usr/share/*/wheels/flux_fleet-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_the_shipped_cli_has_no_dev_fleet_and_runs_no_apt(tmp_path):
+    """The packages' wheel leaves the development tools out: nothing shipped installs packages."""
+    import json
+
+    root = UNITS.parents[1]
+    proc = subprocess.run([sys.executable, str(root / "packaging" / "deb" / "build.py"), "--out",
+                           str(tmp_path / "dist")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    packages = json.loads(proc.stdout.strip().splitlines()[-1])["packages"]
+    assert set(packages) == {"flux-controller", "flux-agent", "flux-cli"}
+    files = _shipped_files(pathlib.Path(packages["flux-cli"]), tmp_path / "cli")
+    assert any(name.startswith("cli/main.py") for name in files)
+    assert not [name for name in files if name.startswith("devtools/")]
+    assert not [name for name, data in files.items() if name.endswith(".py") and b"apt-get" in data]

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from .devhosts import Hosts, free_subnet
-from .errors import CliError
+from cli.errors import CliError
+
+from .hosts import Hosts, free_subnet
 
 STATE_FILE = "dev.json"
 

@@ -13,9 +13,9 @@ import click
 import httpx
 import jwt
 
-from .client import ApiClient
-from .config import Settings
-from .errors import CliError
+from cli.client import ApiClient
+from cli.config import Settings
+from cli.errors import CliError
 
 NAME = "Bloom Atelier"
 MIGRATIONS = {

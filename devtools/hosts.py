@@ -17,7 +17,7 @@ import pathlib
 import subprocess
 from dataclasses import dataclass
 
-from .errors import CliError
+from cli.errors import CliError
 
 HOSTS = ("controller", "db", "docker", "gateway", "backup")
 # Where the fleet's /24 is taken from: the first one no route of this machine overlaps.
