@@ -12,7 +12,7 @@ import observe
 
 from . import metrics
 from .http import create_app
-from .store import Catalog
+from .store import Catalog, Retention
 from .config import ConfigError, StateDir
 from .backups import Backups
 from .dumpfiles import DumpFiles
@@ -25,6 +25,9 @@ from .projects import Projects
 from .rpc.server import RpcServers
 from .secretbox import SecretBox
 from .systemd import notify
+
+# How often the leader deletes what outlived its retention.
+HOUSEKEEPING_EVERY_S = 3600
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +121,20 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
         try:
             await asyncio.gather(projects.recover(), migrations.recover(), dump_files.keep_retention(),
                                  migrations.reversals.keep_windows(), backups.keep_schedules(),
-                                 fleet.keep_announcing_controllers())
+                                 fleet.keep_announcing_controllers(), keep_housekeeping())
         finally:
             gateways.stop()
+
+    async def keep_housekeeping() -> None:
+        """Forgets what outlived its retention (store/housekeeping.py), now and every hour."""
+        while True:
+            try:
+                deleted = await catalog.prune(Retention())
+                if any(deleted.values()):
+                    log.info("housekeeping deleted %s", ", ".join(f"{n} {t}" for t, n in deleted.items() if n))
+            except Exception:  # the next round tries again
+                log.exception("housekeeping failed")
+            await asyncio.sleep(HOUSEKEEPING_EVERY_S)
 
     def step_down() -> None:
         for session in list(fleet.sessions.values()):
