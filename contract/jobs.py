@@ -12,6 +12,25 @@ from . import backups, diagnostics, gateways, stacks, tenants
 from .messages import ContractError, Params, Result
 
 
+# The version of the first agents: every kind in it runs on them.
+FIRST_VERSION = "0.1.0"
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """(X, Y, Z) of an agent's version, or None when it cannot tell (an agent run from a source
+    tree that was never installed reports `0+source`)."""
+    parts = (text or "").split(".")
+    if not 1 <= len(parts) <= 4 or not all(part.isascii() and part.isdigit() for part in parts):
+        return None
+    return tuple(int(part) for part in parts)
+
+
+def runs_on(kind: "JobKind", agent_version: str) -> bool:
+    """Whether an agent of `agent_version` runs `kind` (an agent whose version is unknown is trusted)."""
+    have, need = parse_version(agent_version), parse_version(kind.since)
+    return have is None or have >= need
+
+
 @dataclass(frozen=True)
 class JobKind:
     name: str
@@ -21,6 +40,8 @@ class JobKind:
     # Whether the catalog keeps the result once its caller has it (not for what only passes
     # through, like a project's log lines).
     keeps_output: bool = True
+    # The first flux-agent version that runs it: an older agent is not sent it.
+    since: str = FIRST_VERSION
 
     def parse_params(self, raw: Any) -> Params:
         return self.params.from_wire(raw)

@@ -18,10 +18,10 @@ import time
 import uuid
 
 from contract.failures import FailureKind
-from contract.jobs import KINDS, job_kind
+from contract.jobs import KINDS, job_kind, runs_on
 from contract.messages import ContractError
 
-from . import metrics
+from . import __version__, metrics
 from .rpc import wire
 from .store import Catalog, Job
 from .errors import BadRequest, Conflict, FluxError, NotFound, Revoked, Timeout, TooLarge, Unavailable
@@ -100,6 +100,10 @@ class AgentFailed(FluxError):
     """An agent ran a job and it failed for a reason none of the other kinds names."""
 
     status = 502
+
+
+class AgentTooOld(Conflict):
+    """An agent whose version predates a job's kind: it is not sent it."""
 
 
 class ForeignObjects(Conflict):
@@ -292,6 +296,11 @@ class Fleet:
             raise NotFound(f"no agent named {agent}")
         if known.revoked_at is not None:
             raise Revoked(f"agent {agent} is revoked")
+        reported = known.facts.get("agent_version") or ""
+        if not runs_on(KINDS[kind], reported):
+            raise AgentTooOld(f"agent {agent} runs flux-agent {reported}, which cannot run {kind}: that needs "
+                              f"flux-agent {KINDS[kind].since} or later (this controller is {__version__}); "
+                              "upgrade the agent's package")
         # Refused here, before it is recorded: an agent could never take it, and it would be
         # sent again on every reconnect.
         _check_size(wire.job_request(job_id, kind, params), agent, kind)

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UNITS = ROOT / "packaging" / "systemd"
@@ -35,7 +36,8 @@ PYTHON_TAG = "cp311"
 
 class Package:
     def __init__(self, name: str, description: str, commands: dict[str, str], user: str | None = None,
-                 state_dir: str | None = None, unit: str | None = None, drop_ins: list[str] = ()):
+                 state_dir: str | None = None, unit: str | None = None, drop_ins: list[str] = (),
+                 on_upgrade: str = ""):
         self.name = name
         self.description = description
         # /usr/bin/<link> -> the environment's bin/<script>
@@ -44,6 +46,8 @@ class Package:
         self.state_dir = state_dir
         self.unit = unit
         self.drop_ins = list(drop_ins)
+        # Shell run on an upgrade, before the service restarts.
+        self.on_upgrade = on_upgrade
 
     @property
     def prefix(self) -> str:
@@ -57,7 +61,13 @@ class Package:
 PACKAGES = [
     Package("flux-controller", "Flux fleet controller: the catalog, the HTTP API and the agents' gRPC service",
             {"flux-controller": "flux-controller"}, user="flux", state_dir="/var/lib/flux-controller",
-            unit="flux-controller.service"),
+            unit="flux-controller.service",
+            # The catalog's schema follows the code: `init` applies what is new and changes nothing else.
+            on_upgrade="""if [ -f /var/lib/flux-controller/controller.json ]; then
+    runuser -u flux -- /usr/bin/flux-controller init --state-dir /var/lib/flux-controller >/dev/null \\
+        || echo "flux-controller: the catalog schema was not upgraded; run" \\
+            "runuser -u flux -- flux-controller init --state-dir /var/lib/flux-controller" >&2
+fi"""),
     Package("flux-agent", "Flux fleet agent: runs the controller's jobs on a database, Docker, gateway or "
             "backup host", {"flux-agent": "flux-agent"}, user="flux-agent", state_dir="/var/lib/flux-agent",
             unit="flux-agent.service", drop_ins=["docker.conf", "gateway.conf"]),
@@ -101,7 +111,10 @@ if [ "$1" = configure ]; then
         systemctl daemon-reload
         systemctl enable {package.unit} >/dev/null 2>&1 || true
         # An upgrade restarts a service that runs; a first install waits for `init` or `enroll`.
-        if [ -n "$2" ]; then systemctl try-restart {package.unit}; fi
+        if [ -n "$2" ]; then
+{textwrap.indent(package.on_upgrade or ":", " " * 12)}
+            systemctl try-restart {package.unit}
+        fi
     fi
 """
     text += "fi\n"

@@ -321,3 +321,25 @@ def test_a_job_its_caller_gave_up_on_is_never_sent_again_and_its_late_result_cha
         assert catalog.jobs[job.id].state == "failed"
 
     asyncio.run(main())
+
+
+def test_an_agent_older_than_a_kind_is_not_sent_it_and_the_error_names_both_versions():
+    from contract.jobs import FIRST_VERSION, KINDS, parse_version, runs_on
+
+    async def main():
+        fleet, catalog = _fleet()
+        catalog.agents["db-1"] = dataclasses.replace(catalog.agents["db-1"], facts={"agent_version": "0.0.9"})
+        agent = ScriptedAgent(fleet, [ok(WAITED)])
+        with pytest.raises(Conflict) as refused:
+            await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=5)
+        assert "flux-agent 0.0.9" in refused.value.message and f"flux-agent {FIRST_VERSION} or later" in refused.value.message
+        assert agent.received == [] and catalog.jobs == {}  # neither sent nor recorded
+        # Once it reports a version that runs the kind, it is sent it.
+        catalog.agents["db-1"] = dataclasses.replace(catalog.agents["db-1"], facts={"agent_version": FIRST_VERSION})
+        assert await fleet.run("db-1", "diag.wait", {"seconds": 0}, timeout=5) == WAITED
+
+    asyncio.run(main())
+    newer = dataclasses.replace(KINDS["diag.wait"], since="1.2.0")
+    assert not runs_on(newer, "1.1.9") and runs_on(newer, "1.2.0") and runs_on(newer, "1.10.0")
+    # An agent run from a source tree does not know its version: it is trusted.
+    assert parse_version("0+source") is None and runs_on(newer, "0+source")
