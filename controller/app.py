@@ -2,7 +2,9 @@
 the HTTP and gRPC servers, and runs them in one asyncio loop."""
 
 import asyncio
+import datetime
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -13,13 +15,13 @@ import observe
 from . import metrics
 from .http import create_app
 from .store import Catalog, Retention
-from .config import ConfigError, StateDir
+from .config import ConfigError, ControllerConfig, StateDir
 from .backups import Backups
 from .dumpfiles import DumpFiles
 from .fleet import Fleet
 from .gateways import LEASE_S, Gateways
 from .leader import Leadership
-from .pki import CertificateAuthority
+from .pki import CertificateAuthority, due_for_renewal, not_after, server_names
 from .migrate import Migrations
 from .projects import Projects
 from .rpc.server import RpcServers
@@ -48,11 +50,46 @@ class Listen:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def certificate_authority(state: StateDir, config: ControllerConfig) -> CertificateAuthority:
+    return CertificateAuthority(state.read("ca.pem"), state.read("ca.key"),
+                                datetime.timedelta(seconds=config.agent_cert_seconds),
+                                datetime.timedelta(seconds=config.server_cert_seconds))
+
+
+def renew_server_certificate(state: StateDir, ca: CertificateAuthority) -> bool:
+    """Issues the controller's certificate again, for the same names, once two thirds of its
+    lifetime are gone; new connections get it at once (rpc/server.py reads it per handshake)."""
+    current = state.read("server.pem")
+    if not due_for_renewal(current):
+        return False
+    issued, key = ca.issue_server(server_names(current))
+    # The key first: a certificate is never on disk without its key.
+    state.write("server.key.new", key, secret=True)
+    state.write("server.pem.new", issued.cert_pem)
+    os.replace(state.file("server.key.new"), state.file("server.key"))
+    os.replace(state.file("server.pem.new"), state.file("server.pem"))
+    log.info("issued the controller's certificate again, valid until %s (the last one until %s)",
+             issued.not_after.isoformat(), not_after(current).isoformat())
+    return True
+
+
+async def keep_server_certificate(state: StateDir, ca: CertificateAuthority) -> None:
+    """Checks the controller's certificate a few times per third of its lifetime, at most hourly."""
+    every = min(3600.0, max(1.0, ca.server_lifetime.total_seconds() / 30))
+    while True:
+        await asyncio.sleep(every)
+        try:
+            renew_server_certificate(state, ca)
+        except Exception:  # the next check tries again
+            log.exception("renewing the controller's certificate failed")
+
+
 async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_listen: Listen,
                 heartbeat_seconds: int = 10, advertise_host: str | None = None,
                 gateway_lease_seconds: int = LEASE_S, metrics_listen: str | None = None) -> None:
     config = state.load_config()
-    ca = CertificateAuthority(state.read("ca.pem"), state.read("ca.key"))
+    ca = certificate_authority(state, config)
+    renew_server_certificate(state, ca)
     catalog = Catalog(config.catalog_url)
     await catalog.open()
     behind = await catalog.pending_schema_versions()
@@ -149,11 +186,13 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
           f"enroll={enroll_port}{metrics_at}", flush=True)
     notify("READY=1\nSTATUS=serving")
     watch = asyncio.create_task(catalog.keep_watch())
+    certificate = asyncio.create_task(keep_server_certificate(state, ca))
 
     await stop.wait()
     leading.cancel()
     await leadership.stop()
     watch.cancel()
+    certificate.cancel()
     notify("STOPPING=1")
     log.info("stopping")
     for session in list(fleet.sessions.values()):

@@ -12,13 +12,13 @@ import observe
 
 from . import __version__, store as catalog_mod
 from .store import Catalog
-from .config import CONFIG_FILE, DEFAULT_DUMP_RETENTION_DAYS, ConfigError, ControllerConfig, StateDir, \
-    check_backup_max_age, check_dump_retention
+from .config import CONFIG_FILE, DEFAULT_AGENT_CERT_S, DEFAULT_DUMP_RETENTION_DAYS, DEFAULT_SERVER_CERT_S, \
+    ConfigError, ControllerConfig, StateDir, check_backup_max_age, check_dump_retention, parse_lifetime
 from .errors import FluxError
 from .gateways import LEASE_S
-from .pki import CertificateAuthority, create_ca
+from .pki import create_ca
 from .secretbox import new_master_key
-from .app import Listen, serve
+from .app import Listen, certificate_authority, serve
 from .tokens import new_api_token, token_hash
 
 log = logging.getLogger("controller")
@@ -40,7 +40,8 @@ def _check_catalog_url(url: str) -> str:
 
 async def initialise(state: StateDir, catalog_url: str | None, base_domain: str | None,
                      admin_name: str, extra_names: list[str], dump_retention_days: float | None = None,
-                     backup_max_age_hours: float | None = None) -> dict:
+                     backup_max_age_hours: float | None = None, agent_cert_lifetime: str | None = None,
+                     server_cert_lifetime: str | None = None) -> dict:
     """Brings a state directory and its catalog to the current version; idempotent."""
     changes: list[str] = []
     previous = state.load_config() if state.has(CONFIG_FILE) else None
@@ -55,6 +56,10 @@ async def initialise(state: StateDir, catalog_url: str | None, base_domain: str 
         backup_max_age_hours=check_backup_max_age(
             backup_max_age_hours if backup_max_age_hours is not None
             else (previous.backup_max_age_hours if previous else None)),
+        agent_cert_seconds=parse_lifetime(agent_cert_lifetime, "--agent-cert-lifetime") if agent_cert_lifetime
+        else (previous.agent_cert_seconds if previous else DEFAULT_AGENT_CERT_S),
+        server_cert_seconds=parse_lifetime(server_cert_lifetime, "--server-cert-lifetime") if server_cert_lifetime
+        else (previous.server_cert_seconds if previous else DEFAULT_SERVER_CERT_S),
     )
 
     conn = await catalog_mod.connect(config.catalog_url)
@@ -74,7 +79,7 @@ async def initialise(state: StateDir, catalog_url: str | None, base_domain: str 
         state.write("ca.key", ca_key, secret=True)
         state.write("ca.pem", ca_cert)
         changes.append("private CA created")
-    ca = CertificateAuthority(state.read("ca.pem"), state.read("ca.key"))
+    ca = certificate_authority(state, config)
     if not state.has("server.pem"):
         issued, key = ca.issue_server(extra_names)
         state.write("server.key", key, secret=True)
@@ -153,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the backup gate (before a real migrate or a delete) also wants the newest "
                       "restore-verified backup younger than this; 0 turns it off (the default: newer than the "
                       "project's last push is enough; kept when omitted)")
+    init.add_argument("--agent-cert-lifetime", metavar="DURATION",
+                      help="how long agents' certificates are valid, like 365d (the default), 12h or 90s; "
+                      "agents renew theirs once two thirds are gone (kept when omitted)")
+    init.add_argument("--server-cert-lifetime", metavar="DURATION",
+                      help="how long the controller's own certificate is valid (default 825d); it is issued "
+                      "again once two thirds are gone (kept when omitted)")
     init.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     users = sub.add_parser("users", help="manage users of this control plane")
@@ -194,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             result = asyncio.run(initialise(state, args.catalog_url, args.base_domain,
                                             args.admin_name, args.san, args.dump_retention_days,
-                                            args.backup_max_age_hours))
+                                            args.backup_max_age_hours, args.agent_cert_lifetime,
+                                            args.server_cert_lifetime))
             print(json.dumps(result)) if args.json else _print_init(result)
             return 0
         if args.command == "users":

@@ -100,10 +100,13 @@ def create_ca() -> tuple[bytes, bytes]:
 
 
 class CertificateAuthority:
-    def __init__(self, ca_cert_pem: bytes, ca_key_pem: bytes):
+    def __init__(self, ca_cert_pem: bytes, ca_key_pem: bytes, agent_lifetime: datetime.timedelta = AGENT_LIFETIME,
+                 server_lifetime: datetime.timedelta = SERVER_LIFETIME):
         self.cert_pem = ca_cert_pem
         self.cert = x509.load_pem_x509_certificate(ca_cert_pem)
         self._key = load_key(ca_key_pem)
+        self.agent_lifetime = agent_lifetime
+        self.server_lifetime = server_lifetime
 
     @property
     def fingerprint(self) -> str:
@@ -112,13 +115,15 @@ class CertificateAuthority:
     def _builder(self, subject: x509.Name, public_key, lifetime: datetime.timedelta):
         now = _now()
         not_after = min(now + lifetime, self.cert.not_valid_after_utc)
+        # Valid a little before now, for clocks behind this one: a tenth of a short lifetime.
+        backdate = min(datetime.timedelta(minutes=5), lifetime / 10)
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_before(now - backdate)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
@@ -141,7 +146,7 @@ class CertificateAuthority:
             except ValueError:
                 names.append(x509.DNSName(entry))
         builder = (
-            self._builder(_name(SERVER_NAME), key.public_key(), SERVER_LIFETIME)
+            self._builder(_name(SERVER_NAME), key.public_key(), self.server_lifetime)
             .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(names))), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         )
@@ -158,11 +163,32 @@ class CertificateAuthority:
         if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
             raise PKIError("certificate signing request must use an EC key")
         builder = (
-            self._builder(_name(name), csr.public_key(), AGENT_LIFETIME)
+            self._builder(_name(name), csr.public_key(), self.agent_lifetime)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
         return self._issue(builder)
+
+
+def server_names(pem: bytes) -> list[str]:
+    """The DNS names and addresses a server certificate was issued for (to issue it again)."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n.value) for n in names if isinstance(n, (x509.DNSName, x509.IPAddress))]
+
+
+def due_for_renewal(pem: bytes, now: datetime.datetime | None = None) -> bool:
+    """True once less than a third of the certificate's lifetime remains."""
+    cert = x509.load_pem_x509_certificate(pem)
+    now = now or _now()
+    return cert.not_valid_after_utc - now < (cert.not_valid_after_utc - cert.not_valid_before_utc) / 3
+
+
+def not_after(pem: bytes) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc
 
 
 def cert_serial(pem: bytes) -> int:

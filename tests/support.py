@@ -91,11 +91,11 @@ class PortTaken(Exception):
 class Controller:
     """`flux-controller` as a separate process, on fixed ports so it can be restarted."""
 
-    def __init__(self, state_dir: pathlib.Path, catalog_url: str):
+    def __init__(self, state_dir: pathlib.Path, catalog_url: str, init_args: tuple = ()):
         self.state_dir = state_dir
         self.catalog_url = catalog_url
         init = run(sys.executable, "-m", "controller.main", "init", "--catalog-url", catalog_url,
-                   "--state-dir", str(state_dir), "--json")
+                   "--state-dir", str(state_dir), "--json", *init_args)
         self.init_result = json.loads(init.stdout)
         self.token = self.init_result["admin_token"]
         self.ca_fingerprint = self.init_result["ca_fingerprint"]

@@ -28,7 +28,8 @@ from . import settings as settings_mod
 from ..adapters import stacks, tenants
 from ..errors import AgentError, Revoked
 from ..adapters.caddy import Gateway
-from .identity import certificate_expiry, needs_renewal, new_key_and_csr
+from .identity import (certificate_expired, certificate_expiry, needs_renewal, new_key_and_csr,
+                       seconds_until_renewal)
 from .. import handlers
 from ..adapters.changes import Syncs
 from ..adapters.guards import WriteGuards
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # The longest wait between two tries when there are several controllers to go round.
 FAILOVER_DELAY_S = 1.5
+# A connected agent looks at its certificate's age at least this often, and tries a failed renewal again after:
+RENEWAL_CHECK_S = 3600.0
+RENEWAL_RETRY_S = 30
 # How often a docker agent looks at its stacks, and resends them unchanged.
 STATUS_POLL_S = 2.0
 STATUS_RESEND_S = 30.0
@@ -184,6 +188,26 @@ class Agent:
             message = wire.result(record.id, False, None, record.error, False, record.failure)
         self.send(message)
 
+    async def _renew_in_time(self, channel, call) -> None:
+        """Renews the certificate while connected, once two thirds of its lifetime are gone, then
+        ends the stream: the next connection is made with the new certificate."""
+        while True:
+            wait = seconds_until_renewal(self.state.read("cert.pem"))
+            if wait > 0:
+                await asyncio.sleep(min(wait, RENEWAL_CHECK_S))
+                continue
+            try:
+                await self._renew(channel)
+            except (AgentError, grpc.RpcError) as exc:
+                message = exc.message if isinstance(exc, AgentError) else str(exc.details() or exc.code())
+                log.warning("renewing this agent's certificate failed (tried again in %ds): %s",
+                            RENEWAL_RETRY_S, message)
+                await asyncio.sleep(RENEWAL_RETRY_S)
+                continue
+            log.info("reconnecting with the renewed certificate")
+            call.cancel()
+            return
+
     async def _renew(self, channel) -> None:
         key_pem, csr_pem = new_key_and_csr(self.config.name)
         cert_pem = await wire.renew(channel, csr_pem)
@@ -263,12 +287,18 @@ class Agent:
         """One connection, until it ends; raises AgentError saying why."""
         addresses = self.addresses()
         host_port = addresses[self.attempt % len(addresses)]
+        if certificate_expired(self.state.read("cert.pem")):
+            raise AgentError(
+                f"this agent's certificate expired at {certificate_expiry(self.state.read('cert.pem'))}: it was "
+                "away longer than it could renew; enroll it again with a new join token (flux agents token) and "
+                f"the same --name {self.config.name} and --state-dir {self.state.path}, which keeps its spool "
+                "and settings; it connects as soon as that is done", retryable=True)
         channel = wire.mtls_channel(
             host_port, self.state.read("ca.pem"), self.state.read("key.pem"),
             self.state.read("cert.pem"), self.config.server_name,
         )
         outbox: asyncio.Queue = asyncio.Queue()
-        heartbeats = leases = reports = None
+        heartbeats = leases = reports = renewal = None
         try:
             call = wire.open_stream(channel, self._requests(outbox))
             self.transfers.bind(channel, asyncio.get_running_loop())
@@ -294,6 +324,8 @@ class Agent:
                         leases = asyncio.create_task(self._leases())
                     if reports is None and "docker" in self.config.roles:
                         reports = asyncio.create_task(self._status_reports())
+                    if renewal is None:
+                        renewal = asyncio.create_task(self._renew_in_time(channel, call))
                 elif isinstance(event, wire.ControllerList):
                     self._know_controllers(event.addresses)
                 elif isinstance(event, wire.JobRequest):
@@ -309,11 +341,16 @@ class Agent:
             raise AgentError("the controller closed the stream", retryable=True)
         except grpc.RpcError as exc:
             raise wire.translate(exc, f"connection to {host_port}") from None
+        except asyncio.CancelledError:
+            # The stream, not this task, was cancelled: the certificate was renewed under it.
+            if renewal is not None and renewal.done() and not asyncio.current_task().cancelling():
+                raise AgentError("certificate renewed; reconnecting with it", retryable=True) from None
+            raise
         finally:
             metrics.CONNECTED.set(0)
             self.outbox = None
             self.transfers.bind(None, None)
-            for task in (heartbeats, leases, reports):
+            for task in (heartbeats, leases, reports, renewal):
                 if task is not None:
                     task.cancel()
             await channel.close()

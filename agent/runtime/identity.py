@@ -87,6 +87,21 @@ def certificate_expiry(cert_pem: bytes) -> str:
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.isoformat()
 
 
+def certificate_expired(cert_pem: bytes) -> bool:
+    import datetime
+
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc <= datetime.datetime.now(datetime.timezone.utc)
+
+
+def seconds_until_renewal(cert_pem: bytes) -> float:
+    """How long until less than a third of the certificate's lifetime remains (0: it is due)."""
+    import datetime
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    due = cert.not_valid_after_utc - (cert.not_valid_after_utc - cert.not_valid_before_utc) / 3
+    return max(0.0, (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
 def needs_renewal(cert_pem: bytes, now=None) -> bool:
     """True once less than a third of the certificate's lifetime remains."""
     import datetime

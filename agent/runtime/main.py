@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -13,7 +14,7 @@ from .. import __version__
 from .config import AgentConfig, StateDir
 from .connection import Agent
 from ..errors import AgentError, Revoked
-from .identity import (certificate_expiry, check_fingerprint, fetch_pinned_ca,
+from .identity import (certificate_expired, certificate_expiry, check_fingerprint, fetch_pinned_ca,
                        new_key_and_csr, parse_address)
 from .wire import enroll as enroll_rpc
 
@@ -33,10 +34,16 @@ def parse_roles(text: str) -> list[str]:
 
 def enroll(args) -> dict:
     state = StateDir(args.state_dir)
+    previous = None
     if state.enrolled():
-        existing = state.load()
-        raise AgentError(f"{state.path} already holds an enrolled agent ({existing.name}); "
-                         "use another --state-dir, or remove it to enroll again")
+        previous = state.load()
+        # An agent away past its certificate's end enrolls again in place: its spool, settings and
+        # routes stay. One whose certificate is current renews it by itself.
+        if previous.name != args.name or not certificate_expired(state.read("cert.pem")):
+            raise AgentError(f"{state.path} already holds an enrolled agent ({previous.name}) whose certificate "
+                             f"is valid until {certificate_expiry(state.read('cert.pem'))}; use another "
+                             "--state-dir, or remove it to enroll again (only an agent whose certificate "
+                             "expired enrolls again in its own state directory, under its own name)")
     if not _NAME.match(args.name):
         raise AgentError(f"--name must be 1-63 lower-case letters, digits and hyphens; got {args.name!r}")
     roles = parse_roles(args.roles)
@@ -51,10 +58,13 @@ def enroll(args) -> dict:
     state.write("cert.pem", enrolled.certificate_pem)
     state.write("ca.pem", ca_pem)
     fleet_address = f"[{host}]:{enrolled.fleet_port}" if ":" in host else f"{host}:{enrolled.fleet_port}"
-    state.save(AgentConfig(name=args.name, roles=roles, controller=fleet_address,
-                           server_name=enrolled.server_name))
-    return {"name": args.name, "roles": roles, "controller": fleet_address,
-            "state_dir": str(state.path), "cert_expires_at": certificate_expiry(enrolled.certificate_pem)}
+    config = AgentConfig(name=args.name, roles=roles, controller=fleet_address, server_name=enrolled.server_name)
+    if previous is not None:  # the other controllers it knew of are still there
+        config = dataclasses.replace(previous, roles=roles, controller=fleet_address,
+                                     server_name=enrolled.server_name)
+    state.save(config)
+    return {"name": args.name, "roles": roles, "controller": fleet_address, "state_dir": str(state.path),
+            "cert_expires_at": certificate_expiry(enrolled.certificate_pem), "enrolled_again": previous is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:

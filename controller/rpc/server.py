@@ -53,14 +53,40 @@ ENROLL_OPTIONS = [
 ]
 
 
-def _server_credentials(state: StateDir, require_client_cert: bool):
-    chain = state.read("server.pem") + state.read("ca.pem")
-    return grpc.ssl_server_credentials(
-        [(state.read("server.key"), chain)],
-        root_certificates=state.read("ca.pem") if require_client_cert else None,
-        require_client_auth=require_client_cert,
-    )
+class _ServerCertificate:
+    """The controller's certificate as gRPC serves it: read again from the state directory on
+    the first handshake after it changed there (app.renew_server_certificate writes a new one)."""
 
+    def __init__(self, state: StateDir, require_client_cert: bool):
+        self.state = state
+        self.require_client_cert = require_client_cert
+        self._seen = self._stamp()
+
+    def _stamp(self) -> int:
+        # The certificate is replaced after its key: once it changed, both are new.
+        return self.state.file("server.pem").stat().st_mtime_ns
+
+    def configuration(self):
+        chain = self.state.read("server.pem") + self.state.read("ca.pem")
+        return grpc.ssl_server_certificate_configuration(
+            [(self.state.read("server.key"), chain)],
+            root_certificates=self.state.read("ca.pem") if self.require_client_cert else None)
+
+    def fetch(self):
+        """Called by gRPC on each new connection: a new configuration when the files changed, else None."""
+        try:
+            stamp = self._stamp()
+            if stamp == self._seen:
+                return None
+            configuration = self.configuration()
+        except Exception:  # noqa: BLE001 - a half-written pair: the next handshake looks again
+            return None
+        self._seen = stamp
+        return configuration
+
+    def credentials(self):
+        return grpc.dynamic_ssl_server_credentials(self.configuration(), self.fetch,
+                                                   require_client_authentication=self.require_client_cert)
 
 
 class RpcServers:
@@ -76,12 +102,12 @@ class RpcServers:
     async def start(self, fleet_address: str, enroll_host: str, enroll_port: int) -> tuple[int, int]:
         fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(self.fleet, self.ca), self.fleet_server)
         fleet_port = self.fleet_server.add_secure_port(
-            fleet_address, _server_credentials(self.state, require_client_cert=True))
+            fleet_address, _ServerCertificate(self.state, require_client_cert=True).credentials())
         enroll_service = EnrollmentService(self.catalog, self.ca, fleet_port, SERVER_NAME)
         fleet_pb2_grpc.add_EnrollmentServicer_to_server(enroll_service, self.enroll_server)
         enroll_socket = f"{self.private}/enroll.sock"
         self.enroll_server.add_secure_port(f"unix:{enroll_socket}",
-                                           _server_credentials(self.state, require_client_cert=False))
+                                           _ServerCertificate(self.state, require_client_cert=False).credentials())
         self.doorway = Doorway(enroll_socket, ENROLL_MAX_PER_SOURCE, ENROLL_MAX_CONNECTIONS)
         await self.fleet_server.start()
         await self.enroll_server.start()

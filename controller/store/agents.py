@@ -63,10 +63,14 @@ class AgentStore(Store):
                     f" (it grants {', '.join(token['roles'])})"
                 )
             existing = await (await conn.execute(
-                "SELECT revoked_at FROM agents WHERE name = %s FOR UPDATE", (name,)
+                "SELECT revoked_at, cert_expires_at, cert_expires_at < now() AS expired"
+                " FROM agents WHERE name = %s FOR UPDATE", (name,)
             )).fetchone()
-            if existing is not None and existing["revoked_at"] is None:
-                raise Conflict(f"an agent named {name} is already enrolled; revoke it first")
+            # An agent whose certificate ran out (it was away longer than its lifetime) enrolls
+            # again under its name with a new token; a current one must be revoked first.
+            if existing is not None and existing["revoked_at"] is None and not existing["expired"]:
+                raise Conflict(f"an agent named {name} is already enrolled (its certificate is valid until "
+                               f"{existing['cert_expires_at']:%Y-%m-%d %H:%M:%S} UTC); revoke it first")
             serial, not_after = register()
             row = await (await conn.execute(
                 "INSERT INTO agents (name, roles, cert_serial, cert_expires_at)"

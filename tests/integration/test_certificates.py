@@ -1,0 +1,99 @@
+"""Certificates over years, with lifetimes of seconds: a connected agent renews its certificate
+without waiting to reconnect, the controller issues its own again before it runs out, and an
+agent that was away past its certificate's end enrolls again in place, keeping its state."""
+
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+from cryptography import x509
+
+from tests.support import AgentProc, Controller, wait_until
+
+pytestmark = pytest.mark.integration
+
+LIFETIME = "30s"
+
+
+def _serial(pem: bytes) -> int:
+    return x509.load_pem_x509_certificate(pem).serial_number
+
+
+def _served_serial(controller: Controller, agent: AgentProc) -> int:
+    """The serial of the certificate the controller's gRPC port shows a new connection."""
+    context = ssl.create_default_context(cafile=str(agent.state_dir / "ca.pem"))
+    context.load_cert_chain(agent.state_dir / "cert.pem", agent.state_dir / "key.pem")
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", controller.ports["grpc"]), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="controller.flux.internal") as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def _connected(controller: Controller, name: str) -> bool:
+    return any(a["name"] == name and a["connected"] for a in controller.api("GET", "agents").json())
+
+
+def test_certificates_renew_while_connected_and_an_expired_agent_enrolls_again_in_place(tmp_path, catalog_url):
+    controller = Controller(tmp_path / "controller", catalog_url,
+                            ("--agent-cert-lifetime", LIFETIME, "--server-cert-lifetime", LIFETIME)).start()
+    try:
+        first_server = _serial((controller.state_dir / "server.pem").read_bytes())
+        online = AgentProc.enroll(controller, tmp_path / "agents", "online-1").start()
+        away = AgentProc.enroll(controller, tmp_path / "agents", "away-1")
+        # What its state directory holds besides its identity (spool, settings, routes) stays.
+        (away.state_dir / "kept.txt").write_text("kept")
+        issued = away.read("cert.pem")
+        try:
+            # A current certificate is not replaced by enrolling again: the agent renews it itself.
+            token = controller.join_token(["db"])
+            refused = subprocess.run(
+                [sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
+                 "--token", token["token"], "--name", "away-1", "--roles", "db", "--state-dir", str(away.state_dir),
+                 "--ca-fingerprint", token["ca_fingerprint"]], capture_output=True, text=True)
+            assert refused.returncode == 1 and "already holds an enrolled agent (away-1)" in refused.stderr
+
+            wait_until(lambda: _connected(controller, "online-1"), 30, "the online agent connected")
+            first = online.read("cert.pem")
+            first_end = x509.load_pem_x509_certificate(first).not_valid_after_utc
+            # Two thirds of 30 s on, the connected agent renews, and is back on its new certificate.
+            wait_until(lambda: _serial(online.read("cert.pem")) != _serial(first), 40, "the agent's renewal")
+            renewed_at = time.time()
+            assert renewed_at < first_end.timestamp(), "renewed only after the certificate had run out"
+            wait_until(lambda: _connected(controller, "online-1"), 20, "the agent back with its new certificate")
+            listed = next(a for a in controller.api("GET", "agents").json() if a["name"] == "online-1")
+            renewed = x509.load_pem_x509_certificate(online.read("cert.pem"))
+            assert listed["cert_expires_at"] == renewed.not_valid_after_utc.isoformat()
+            assert "renewed this agent's certificate" in online.log.read_text()
+
+            # The controller's own certificate was issued again, and new connections get it.
+            wait_until(lambda: _serial((controller.state_dir / "server.pem").read_bytes()) != first_server,
+                       30, "the controller's new certificate")
+            assert _served_serial(controller, online) == _serial((controller.state_dir / "server.pem").read_bytes())
+            assert "issued the controller's certificate again" in controller.log.read_text()
+
+            # The agent that was away is past its certificate's end: it says what to do.
+            wait_until(lambda: x509.load_pem_x509_certificate(issued).not_valid_after_utc.timestamp() < time.time(),
+                       40, "the away agent's certificate to run out")
+            away.start()
+            wait_until(lambda: "enroll it again with a new join token" in away.log.read_text(), 20,
+                       "the expired agent's message")
+            assert not _connected(controller, "away-1")
+            token = controller.join_token(["db"])
+            enrolled = subprocess.run(
+                [sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
+                 "--token", token["token"], "--name", "away-1", "--roles", "db", "--state-dir", str(away.state_dir),
+                 "--ca-fingerprint", token["ca_fingerprint"], "--json"], capture_output=True, text=True)
+            assert enrolled.returncode == 0, enrolled.stderr
+            assert '"enrolled_again": true' in enrolled.stdout
+            # The running agent connects with the new certificate as soon as it is there.
+            wait_until(lambda: _connected(controller, "away-1"), 30, "the agent enrolled again")
+            assert (away.state_dir / "kept.txt").read_text() == "kept"
+            assert (away.state_dir / "spool").is_dir()
+        finally:
+            online.stop()
+            away.stop()
+    finally:
+        controller.stop()
