@@ -24,9 +24,12 @@ must carry `exp` and live at most `max_token_lifetime_s`; the anon and service-r
 the controller issues last 90 days, so a smaller value refuses them.
 """
 
+import dataclasses
 import json
 import logging
 import re
+import types
+import typing
 from dataclasses import dataclass
 
 from .config import StateDir
@@ -35,6 +38,7 @@ from ..errors import AgentError
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
+ROLES = ("db", "docker", "gateway", "backup")
 _DURATION = re.compile(r"^\d+(ms|s|min)$")
 
 
@@ -96,15 +100,52 @@ def _check_gateway(gateway: GatewaySettings) -> GatewaySettings:
     return gateway
 
 
-def _build(cls, raw: dict, role: str):
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
+def _accepts(annotation, value) -> bool:
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return True
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind in (str, bool, list) and isinstance(value, kind):
+            return True
+    return False
+
+
+def _describe(annotation) -> str:
+    names = {str: "a string", int: "a whole number", float: "a number", bool: "true or false", list: "a list",
+             type(None): "null"}
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return " or ".join(names[kind] for kind in allowed)
+
+
+def _build(cls, raw, role: str):
+    if not isinstance(raw, dict):
+        raise AgentError(f"{SETTINGS_FILE}: {role} must be an object of settings, like {{\"{role}\": {{...}}}}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
     if unknown:
-        raise AgentError(f"{SETTINGS_FILE}: unknown {role} setting(s) {', '.join(unknown)}")
-    try:
-        return cls(**raw)
-    except TypeError as exc:
-        raise AgentError(f"{SETTINGS_FILE}: {role} settings are incomplete: {exc}") from None
+        raise AgentError(f"{SETTINGS_FILE}: unknown {role} setting(s) {', '.join(unknown)}; the {role} settings "
+                         f"are {', '.join(hints)}")
+    missing = [name for name, field in cls.__dataclass_fields__.items()
+               if name not in raw and field.default is dataclasses.MISSING]
+    if missing:
+        raise AgentError(f"{SETTINGS_FILE}: {role} settings lack {', '.join(f'{role}.{m}' for m in missing)}, "
+                         "which have no default")
+    for name, value in raw.items():
+        if not _accepts(hints[name], value):
+            # The value is not shown: it may be a password.
+            raise AgentError(f"{SETTINGS_FILE}: {role}.{name} must be {_describe(hints[name])}, "
+                             f"not {type(value).__name__ if value is not None else 'null'}")
+    return cls(**raw)
+
+
+def _check_address(value: str, where: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AgentError(f"{SETTINGS_FILE}: {where} must be HOST:PORT, like 127.0.0.1:8443, got {value!r}")
 
 
 def load(state: StateDir) -> dict:
@@ -115,21 +156,33 @@ def load(state: StateDir) -> dict:
         raw = json.loads(path.read_text())
     except ValueError as exc:
         raise AgentError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise AgentError(f"{path} must hold one JSON object, with a key per role (db, docker, gateway, backup)")
+    unknown = sorted(set(raw) - set(ROLES))
+    if unknown:
+        raise AgentError(f"{SETTINGS_FILE}: unknown role(s) {', '.join(map(repr, unknown))}; the roles are "
+                         f"{', '.join(ROLES)}")
     settings = {}
     if "db" in raw:
         if not isinstance(raw["db"], dict):
-            raise AgentError(f"{SETTINGS_FILE}: db must be an object")
+            raise AgentError(f"{SETTINGS_FILE}: db must be an object of settings, like {{\"db\": {{...}}}}")
         db_raw = dict(raw["db"])
         if db_raw.pop("dump_retention_days", None) is not None:
             log.warning("%s: db.dump_retention_days is no longer used: the controller removes dump files "
                         "(flux-controller init --dump-retention-days)", SETTINGS_FILE)
         db = _build(DbSettings, db_raw, "db")
+        if not db.shared_cluster_url.startswith(("postgresql://", "postgres://")):
+            raise AgentError(f"{SETTINGS_FILE}: db.shared_cluster_url must be a postgresql:// URL of the shared "
+                             "cluster's database, for a role that is a superuser")
         for key in ("runtime_statement_timeout", "push_statement_timeout"):
             if not _DURATION.match(getattr(db, key)):
                 raise AgentError(f"{SETTINGS_FILE}: db.{key} must look like 15s, 500ms or 2min")
         settings["db"] = db
     if "gateway" in raw:
-        settings["gateway"] = _check_gateway(_build(GatewaySettings, raw["gateway"], "gateway"))
+        gateway = _check_gateway(_build(GatewaySettings, raw["gateway"], "gateway"))
+        for key in ("listen", "auth_listen", "pool_upstream"):
+            _check_address(getattr(gateway, key), f"gateway.{key}")
+        settings["gateway"] = gateway
     if "docker" in raw:
         settings["docker"] = _build(DockerSettings, raw["docker"], "docker")
     if "backup" in raw:
