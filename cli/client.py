@@ -1,6 +1,7 @@
 """The HTTP client of the controller's API. Every failure becomes a CliError."""
 
 import json
+import ssl
 
 import httpx
 
@@ -14,8 +15,14 @@ class ApiClient:
         headers = {"Accept": "application/json"}
         if settings.token:
             headers["Authorization"] = f"Bearer {settings.token}"
+        verify = True
+        if settings.ca_file:
+            try:
+                verify = ssl.create_default_context(cafile=settings.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise CliError(f"cannot use the CA file {settings.ca_file}: {exc}") from None
         self._http = httpx.Client(base_url=f"{settings.api_base}/cli/v1/", headers=headers,
-                                  timeout=timeout)
+                                  timeout=timeout, verify=verify)
 
     def require_login(self) -> "ApiClient":
         if not self.settings.token:
@@ -28,6 +35,10 @@ class ApiClient:
             response = self._http.request(method, path, json=json_body, params=params,
                                           timeout=timeout or self._http.timeout)
         except httpx.HTTPError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise CliError(f"the control plane at {self.settings.api_base} shows a certificate this CLI does "
+                               "not trust: give it the fleet CA (ca.pem in the controller's state directory) with "
+                               "`flux login --ca-file ca.pem` or FLUX_CA_FILE") from None
             raise CliError(f"cannot reach the control plane at {self.settings.api_base}: {exc}") from None
         try:
             body = response.json() if response.content else {}

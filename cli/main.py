@@ -62,8 +62,10 @@ def cli():
 @cli.command()
 @click.option("--token", help="API token (flx_live_...); asked for when omitted on a terminal")
 @click.option("--api-base", help="controller API base, e.g. https://flux.example.com/api")
+@click.option("--ca-file", help="CA certificate (PEM) to check an https API base against: the fleet CA's "
+              "ca.pem from the controller's state directory, for `flux-controller run --http-tls`")
 @click.option("--json", "as_json", is_flag=True, help="print the verification result as JSON")
-def login(token, api_base, as_json):
+def login(token, api_base, ca_file, as_json):
     """Verify an API token with the controller and store it in ~/.flux/config.json."""
     current = config_mod.load()
     if not token:
@@ -74,7 +76,8 @@ def login(token, api_base, as_json):
     if not _TOKEN.match(token):
         raise CliError("that is not a Flux API token (expected flx_live_<32 hex>_<4 hex>)", exit_code=2)
     settings = config_mod.Settings(
-        config_mod.normalise_api_base(api_base) if api_base else current.api_base, token)
+        config_mod.normalise_api_base(api_base) if api_base else current.api_base, token,
+        config_mod.check_ca_file(ca_file) if ca_file else current.ca_file)
     verified = ApiClient(settings).get("auth/verify")
     path = config_mod.save(settings)
     emit(verified, as_json, lambda v: click.echo(

@@ -73,20 +73,23 @@ def renew_server_certificate(state: StateDir, ca: CertificateAuthority) -> bool:
     return True
 
 
-async def keep_server_certificate(state: StateDir, ca: CertificateAuthority) -> None:
-    """Checks the controller's certificate a few times per third of its lifetime, at most hourly."""
+async def keep_server_certificate(state: StateDir, ca: CertificateAuthority, renewed=None) -> None:
+    """Checks the controller's certificate a few times per third of its lifetime, at most hourly;
+    `renewed()` is called after it was issued again."""
     every = min(3600.0, max(1.0, ca.server_lifetime.total_seconds() / 30))
     while True:
         await asyncio.sleep(every)
         try:
-            renew_server_certificate(state, ca)
+            if renew_server_certificate(state, ca) and renewed is not None:
+                renewed()
         except Exception:  # the next check tries again
             log.exception("renewing the controller's certificate failed")
 
 
 async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_listen: Listen,
                 heartbeat_seconds: int = 10, advertise_host: str | None = None,
-                gateway_lease_seconds: int = LEASE_S, metrics_listen: str | None = None) -> None:
+                gateway_lease_seconds: int = LEASE_S, metrics_listen: str | None = None,
+                http_tls: bool = False) -> None:
     config = state.load_config()
     ca = certificate_authority(state, config)
     renew_server_certificate(state, ca)
@@ -115,10 +118,13 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     fleet_port, enroll_port = await servers.start(fleet_listen.grpc_address(), enroll_listen.host, enroll_listen.port)
 
     advertised = advertise_host or (enroll_listen.host if enroll_listen.host not in ("0.0.0.0", "::") else "127.0.0.1")
-    app = create_app(catalog, fleet, projects, migrations, ca.fingerprint, f"{advertised}:{enroll_port}", backups)
+    app = create_app(catalog, fleet, projects, migrations, ca.fingerprint, f"{advertised}:{enroll_port}", backups,
+                     forward_ca=str(state.file("ca.pem")) if http_tls else None)
+    tls = {"ssl_certfile": str(state.file("server.pem")), "ssl_keyfile": str(state.file("server.key"))} \
+        if http_tls else {}
     web = uvicorn.Server(uvicorn.Config(
         app, host=http.host, port=http.port, log_level="warning", access_log=False,
-        lifespan="off", server_header=False))
+        lifespan="off", server_header=False, **tls))
     web.install_signal_handlers = lambda: None
 
     stop = asyncio.Event()
@@ -180,13 +186,17 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     # Leads at once when the lease is free (or was its own); else it follows.
     await leadership.renew()
     leading = asyncio.create_task(leadership.keep(lead, step_down))
-    log.info("controller ready: http %s:%s, fleet gRPC port %s, enrollment port %s; %s",
-             http.host, http_port, fleet_port, enroll_port, leadership.describe())
+    log.info("controller ready: %s %s:%s, fleet gRPC port %s, enrollment port %s; %s",
+             "https" if http_tls else "http", http.host, http_port, fleet_port, enroll_port, leadership.describe())
     print(f"flux-controller ready http={http.host}:{http_port} grpc={fleet_port} "
           f"enroll={enroll_port}{metrics_at}", flush=True)
     notify("READY=1\nSTATUS=serving")
     watch = asyncio.create_task(catalog.keep_watch())
-    certificate = asyncio.create_task(keep_server_certificate(state, ca))
+    def reload_https() -> None:
+        # New HTTPS connections get the new certificate; open ones keep theirs.
+        web.config.ssl.load_cert_chain(state.file("server.pem"), state.file("server.key"))
+
+    certificate = asyncio.create_task(keep_server_certificate(state, ca, reload_https if http_tls else None))
 
     await stop.wait()
     leading.cancel()

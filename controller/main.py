@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"how long a gateway serves without hearing from this controller (default {LEASE_S}); "
                      "also the longest a route change waits for a gateway that stopped answering")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--http-tls", action="store_true",
+                     help="serve the HTTP API over HTTPS with the controller's certificate from the fleet CA "
+                     "(issued again with it before it runs out); clients trust the CA: `flux login --ca-file "
+                     "ca.pem` with the state directory's ca.pem")
     run.add_argument("--log-format", default="text", choices=observe.LOG_FORMATS,
                      help="text lines, or one JSON object per line carrying the job, migration and "
                      "request ids (default text)")
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway_lease_seconds=args.gateway_lease_seconds,
             advertise_host=args.advertise_host,
             metrics_listen=args.metrics_listen,
+            http_tls=args.http_tls,
         ))
         return 0
     except FluxError as exc:

@@ -104,9 +104,16 @@ class Controller:
         self.started_once = False
         self.log = state_dir / "controller.log"
 
+    # Added to `flux-controller run` (like --http-tls).
+    run_args: tuple = ()
+
+    @property
+    def tls(self) -> bool:
+        return "--http-tls" in self.run_args
+
     @property
     def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.ports['http']}/api"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.ports['http']}/api"
 
     def replica(self, state_dir: pathlib.Path) -> "Controller":
         """A second controller on the same catalog, from a copy of this one's state directory (the
@@ -140,7 +147,7 @@ class Controller:
              "--http-listen", f"127.0.0.1:{self.ports['http']}",
              "--grpc-listen", f"127.0.0.1:{self.ports['grpc']}",
              "--enroll-listen", f"127.0.0.1:{self.ports['enroll']}",
-             "--heartbeat-seconds", str(heartbeat_seconds)],
+             "--heartbeat-seconds", str(heartbeat_seconds), *self.run_args],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         wait_until(lambda: self.proc.poll() is not None
                    or READY.search(self.log.read_bytes()[offset:].decode(errors="replace")),
@@ -166,6 +173,10 @@ class Controller:
         if token:
             headers["Authorization"] = f"Bearer {self.token if token == 'admin' else token}"
         kwargs.setdefault("timeout", 30)
+        if self.tls:
+            import ssl
+
+            kwargs.setdefault("verify", ssl.create_default_context(cafile=str(self.state_dir / "ca.pem")))
         return httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, headers=headers, **kwargs)
 
     def join_token(self, roles: list[str], ttl: int = 600) -> dict:

@@ -24,7 +24,7 @@ MAX_JOB_REQUEST_BYTES = 32 * 1024 * 1024
 
 
 def create_app(catalog: Catalog, fleet: Fleet, projects_: Projects, migrations_: Migrations, ca_fingerprint: str,
-               enroll_address: str, backups_=None) -> FastAPI:
+               enroll_address: str, backups_=None, forward_ca: str | None = None) -> FastAPI:
     app = FastAPI(
         title="Flux control plane API",
         version=__version__,
@@ -62,5 +62,5 @@ def create_app(catalog: Catalog, fleet: Fleet, projects_: Projects, migrations_:
     for module in (users, agents, projects, backups, migrations):
         app.include_router(module.router)
     # Outermost: a follower forwards before its own guard reads the request.
-    app.add_middleware(FollowTheLeader, fleet=fleet)
+    app.add_middleware(FollowTheLeader, fleet=fleet, tls_ca=forward_ca)
     return app

@@ -8,6 +8,7 @@ answer says which controller gave it, in the `Flux-Controller` header.
 
 import asyncio
 import re
+import ssl
 
 import httpx
 from starlette.background import BackgroundTask
@@ -25,11 +26,15 @@ HOP = {"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
 
 
 class FollowTheLeader(BaseHTTPMiddleware):
-    def __init__(self, app, fleet):
+    def __init__(self, app, fleet, tls_ca: str | None = None):
         super().__init__(app)
         self.fleet = fleet
+        # Controllers on one catalog share their state (and so whether they serve HTTPS, with a
+        # certificate from the fleet CA): a follower forwards the way it serves.
+        self.scheme = "https" if tls_ca else "http"
         # No read timeout: a forwarded migrate streams its progress for as long as it runs.
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0, pool=5.0))
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0, pool=5.0),
+                                        verify=ssl.create_default_context(cafile=tls_ca) if tls_ca else True)
 
     async def dispatch(self, request: Request, call_next):
         leadership = self.fleet.leadership
@@ -55,7 +60,7 @@ class FollowTheLeader(BaseHTTPMiddleware):
                                        "try again in a few seconds")
         headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP]
         outgoing = self.client.build_request(
-            request.method, f"http://{target}{request.url.path}", params=request.url.query, headers=headers,
+            request.method, f"{self.scheme}://{target}{request.url.path}", params=request.url.query, headers=headers,
             content=request.stream() if request.method not in ("GET", "HEAD") else None)
         holder = leadership.lease.holder
         sending = asyncio.create_task(self.client.send(outgoing, stream=True))

@@ -2,6 +2,9 @@
 without waiting to reconnect, the controller issues its own again before it runs out, and an
 agent that was away past its certificate's end enrolls again in place, keeping its state."""
 
+import json
+import os
+import pathlib
 import socket
 import ssl
 import subprocess
@@ -32,15 +35,25 @@ def _served_serial(controller: Controller, agent: AgentProc) -> int:
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
 
 
+def _https_serial(controller: Controller) -> int:
+    context = ssl.create_default_context(cafile=str(controller.state_dir / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", controller.ports["http"]), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
 def _connected(controller: Controller, name: str) -> bool:
     return any(a["name"] == name and a["connected"] for a in controller.api("GET", "agents").json())
 
 
 def test_certificates_renew_while_connected_and_an_expired_agent_enrolls_again_in_place(tmp_path, catalog_url):
     controller = Controller(tmp_path / "controller", catalog_url,
-                            ("--agent-cert-lifetime", LIFETIME, "--server-cert-lifetime", LIFETIME)).start()
+                            ("--agent-cert-lifetime", LIFETIME, "--server-cert-lifetime", LIFETIME))
+    controller.run_args = ("--http-tls",)
+    controller.start()
     try:
         first_server = _serial((controller.state_dir / "server.pem").read_bytes())
+        assert _https_serial(controller) == first_server
         online = AgentProc.enroll(controller, tmp_path / "agents", "online-1").start()
         away = AgentProc.enroll(controller, tmp_path / "agents", "away-1")
         # What its state directory holds besides its identity (spool, settings, routes) stays.
@@ -71,7 +84,10 @@ def test_certificates_renew_while_connected_and_an_expired_agent_enrolls_again_i
             # The controller's own certificate was issued again, and new connections get it.
             wait_until(lambda: _serial((controller.state_dir / "server.pem").read_bytes()) != first_server,
                        30, "the controller's new certificate")
-            assert _served_serial(controller, online) == _serial((controller.state_dir / "server.pem").read_bytes())
+            renewed_server = _serial((controller.state_dir / "server.pem").read_bytes())
+            assert _served_serial(controller, online) == renewed_server
+            # The HTTPS API too, without a restart.
+            wait_until(lambda: _https_serial(controller) == renewed_server, 10, "the API's new certificate")
             assert "issued the controller's certificate again" in controller.log.read_text()
 
             # The agent that was away is past its certificate's end: it says what to do.
@@ -95,5 +111,37 @@ def test_certificates_renew_while_connected_and_an_expired_agent_enrolls_again_i
         finally:
             online.stop()
             away.stop()
+    finally:
+        controller.stop()
+
+
+def test_the_api_over_https_is_trusted_through_the_fleet_ca(tmp_path, catalog_url):
+    """`flux-controller run --http-tls`: the CLI reaches it with `flux login --ca-file`, and without
+    the CA it says what to do instead of a bare TLS error."""
+    controller = Controller(tmp_path / "controller", catalog_url)
+    controller.run_args = ("--http-tls",)
+    controller.start()
+    env = {**os.environ, "FLUX_CONFIG_DIR": str(tmp_path / "cli")}
+    env.pop("FLUX_API_BASE", None), env.pop("FLUX_API_TOKEN", None), env.pop("FLUX_CA_FILE", None)
+
+    def flux(*args):
+        return subprocess.run([str(pathlib.Path(sys.executable).parent / "flux"), *args], capture_output=True,
+                              text=True, env=env)
+
+    try:
+        untrusted = flux("login", "--token", controller.token, "--api-base", controller.api_base)
+        assert untrusted.returncode != 0 and "flux login --ca-file" in untrusted.stderr, untrusted.stderr
+        assert controller.token not in untrusted.stderr
+        login = flux("login", "--token", controller.token, "--api-base", controller.api_base,
+                     "--ca-file", str(controller.state_dir / "ca.pem"))
+        assert login.returncode == 0, login.stderr
+        listed = flux("agents", "list", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
+        # Plain HTTP on the same port gets nowhere.
+        import httpx
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{controller.ports['http']}/api/cli/v1/agents", timeout=5)
+        wrong = flux("login", "--token", controller.token, "--ca-file", str(tmp_path / "missing.pem"))
+        assert wrong.returncode == 2 and "cannot read the CA file" in wrong.stderr
     finally:
         controller.stop()
