@@ -33,6 +33,7 @@ from .identity import (certificate_expired, certificate_expiry, needs_renewal, n
 from .. import handlers
 from ..adapters.changes import Syncs
 from ..adapters.guards import WriteGuards
+from ..adapters.poolapi import PoolApi
 from .spool import JobRecord, Spool
 from .transfers import Transfers
 from .systemd import notify
@@ -79,6 +80,8 @@ class Agent:
         self.spool = Spool(state.spool)
         self.tools = facts_mod.tool_versions() if tools is None else tools
         self.settings = settings_mod.load(state)
+        # The pooled API, when this db agent runs it (settings db.pool_api).
+        self.pool_api: PoolApi | None = None
         self.gateway = (Gateway(state.path, self.settings["gateway"])
                         if "gateway" in self.config.roles and "gateway" in self.settings else None)
         # The write guards this agent holds for migrations, for as long as it runs.
@@ -365,6 +368,11 @@ class Agent:
             loop.add_signal_handler(sig, stop.set)
         if "db" in self.settings:
             await asyncio.to_thread(self._bootstrap_shared_cluster)
+            pool_api = self.settings["db"].pool_api
+            if pool_api is not None:
+                self.pool_api = PoolApi(self.state.path, pool_api["command"], pool_api.get("env", {}),
+                                        pool_api.get("ready_url"))
+                await self.pool_api.start()
         if self.gateway is not None:
             await self.gateway.start()
         notify("READY=1")
@@ -397,6 +405,8 @@ class Agent:
             task.cancel()
         if self.gateway is not None:
             await self.gateway.stop()
+        if self.pool_api is not None:
+            await self.pool_api.stop()
         self.guards.close()
         self.syncs.close()
         log.info("agent stopped")

@@ -16,3 +16,5 @@ GATEWAY_REQUESTS = Counter("flux_gateway_requests", "Requests this gateway's Cad
 GATEWAY_REQUEST_SECONDS = Histogram("flux_gateway_request_duration_seconds",
                                     "Time this gateway's Caddy took to answer a request, by project",
                                     ["project"], buckets=_REQUEST_BUCKETS)
+POOL_API_UP = Gauge("flux_agent_pool_api_up", "1 while the pooled API this db agent supervises runs")
+POOL_API_RESTARTS = Counter("flux_agent_pool_api_restarts", "Times the pooled API exited and was started again")

@@ -49,6 +49,9 @@ class DbSettings:
     runtime_connection_limit: int = 20
     runtime_statement_timeout: str = "15s"
     push_statement_timeout: str = "60s"
+    # The pooled API (PostgREST) this agent runs and supervises: {"command": [...], "env": {...},
+    # "ready_url": "http://127.0.0.1:3001/ready"}; None: it runs on its own.
+    pool_api: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,14 @@ def _accepts(annotation, value) -> bool:
             return True
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return True
-        if kind in (str, bool, list) and isinstance(value, kind):
+        if kind in (str, bool, list, dict) and isinstance(value, kind):
             return True
     return False
 
 
 def _describe(annotation) -> str:
     names = {str: "a string", int: "a whole number", float: "a number", bool: "true or false", list: "a list",
-             type(None): "null"}
+             dict: "an object", type(None): "null"}
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     return " or ".join(names[kind] for kind in allowed)
 
@@ -140,6 +143,24 @@ def _build(cls, raw, role: str):
             raise AgentError(f"{SETTINGS_FILE}: {role}.{name} must be {_describe(hints[name])}, "
                              f"not {type(value).__name__ if value is not None else 'null'}")
     return cls(**raw)
+
+
+def _check_pool_api(pool_api: dict) -> None:
+    unknown = sorted(set(pool_api) - {"command", "env", "ready_url"})
+    if unknown:
+        raise AgentError(f"{SETTINGS_FILE}: unknown db.pool_api setting(s) {', '.join(unknown)}; they are "
+                         "command, env and ready_url")
+    command = pool_api.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) and c for c in command):
+        raise AgentError(f"{SETTINGS_FILE}: db.pool_api.command must be a list of strings, the program first "
+                         '(like ["/usr/bin/postgrest", "/etc/postgrest.conf"])')
+    env = pool_api.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise AgentError(f"{SETTINGS_FILE}: db.pool_api.env must be an object of strings (its values are not shown)")
+    ready = pool_api.get("ready_url")
+    if ready is not None and not (isinstance(ready, str) and ready.startswith(("http://", "https://"))):
+        raise AgentError(f"{SETTINGS_FILE}: db.pool_api.ready_url must be an http:// URL, like PostgREST's "
+                         "admin /ready")
 
 
 def _check_address(value: str, where: str) -> None:
@@ -171,6 +192,8 @@ def load(state: StateDir) -> dict:
             log.warning("%s: db.dump_retention_days is no longer used: the controller removes dump files "
                         "(flux-controller init --dump-retention-days)", SETTINGS_FILE)
         db = _build(DbSettings, db_raw, "db")
+        if db.pool_api is not None:
+            _check_pool_api(db.pool_api)
         if not db.shared_cluster_url.startswith(("postgresql://", "postgres://")):
             raise AgentError(f"{SETTINGS_FILE}: db.shared_cluster_url must be a postgresql:// URL of the shared "
                              "cluster's database, for a role that is a superuser")

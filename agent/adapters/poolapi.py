@@ -1,0 +1,115 @@
+"""The pooled API (PostgREST in front of the shared cluster), run and supervised by the db agent.
+
+With `db.pool_api` in settings.json the agent starts the command at start (once the shared
+cluster's `authenticator` role has its password), writes its output to `pool-api.log` in the
+state directory, and starts it again whenever it exits, each time with a warning in the agent's
+log naming the exit code; it stops it when the agent stops, and it dies with the agent. Its
+environment is the setting's `env` (PGRST_DB_URI and the rest), which is never logged.
+"""
+
+import asyncio
+import ctypes
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import time
+
+import httpx
+
+from ..runtime import metrics
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 1.0
+# Restarts wait 1 s, then twice as long each time, up to this; a run of a minute resets it.
+MAX_RESTART_DELAY_S = 30.0
+STABLE_AFTER_S = 60.0
+LOG_FILE = "pool-api.log"
+
+
+def _die_with_parent() -> None:  # runs in the child, before exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class PoolApi:
+    def __init__(self, state_dir: pathlib.Path, command: list[str], env: dict[str, str], ready_url: str | None):
+        self.state_dir = state_dir
+        self.command = command
+        self.env = env
+        self.ready_url = ready_url
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._started_at = 0.0
+        self._delay = 1.0
+        self._task: asyncio.Task | None = None
+
+    @property
+    def log_path(self) -> pathlib.Path:
+        return self.state_dir / LOG_FILE
+
+    def _spawn(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.env},
+                                         preexec_fn=_die_with_parent, start_new_session=True)
+        self._started_at = time.monotonic()
+        metrics.POOL_API_UP.set(1)
+        log.info("pooled API started (pid %d): %s; its output goes to %s", self.proc.pid, self.command[0],
+                 self.log_path)
+
+    async def start(self) -> None:
+        try:
+            self._spawn()
+        except OSError as exc:
+            log.error("cannot start the pooled API (%s): %s; trying again", self.command[0], exc.strerror)
+            self.proc = None
+        self._task = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            code = self.proc.poll() if self.proc is not None else -1
+            if code is None:
+                if time.monotonic() - self._started_at > STABLE_AFTER_S:
+                    self._delay = 1.0
+                continue
+            metrics.POOL_API_UP.set(0)
+            self.restarts += 1
+            metrics.POOL_API_RESTARTS.inc()
+            log.warning("the pooled API exited with code %s (see %s); starting it again in %.0fs (restart %d)",
+                        code, self.log_path, self._delay, self.restarts)
+            await asyncio.sleep(self._delay)
+            self._delay = min(MAX_RESTART_DELAY_S, self._delay * 2)
+            try:
+                self._spawn()
+            except OSError as exc:
+                log.error("cannot start the pooled API (%s): %s", self.command[0], exc.strerror)
+                self.proc = None
+
+    async def ready(self) -> bool:
+        """Whether it answers its ready URL (without one: whether it runs)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        if not self.ready_url:
+            return True
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                return (await client.get(self.ready_url)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                await asyncio.to_thread(self.proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        metrics.POOL_API_UP.set(0)
