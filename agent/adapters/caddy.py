@@ -289,11 +289,31 @@ class Gateway:
                     # own certificate and are routed by their Host header.
                     "tls_connection_policies": [{"default_sni": DEFAULT_SNI}],
                 }}},
-                "tls": {"automation": {"policies": [{"issuers": [{"module": "internal"}]}]},
-                        "certificates": {"automate": [DEFAULT_SNI]}},
+                "tls": self._tls_app(),
                 "pki": {"certificate_authorities": {"local": {"install_trust": False}}},
             },
         }
+
+    def _tls_app(self) -> dict:
+        internal = {"module": "internal"}
+        if self.settings.tls_issuer != "acme":
+            return {"automation": {"policies": [{"issuers": [internal]}]},
+                    "certificates": {"automate": [DEFAULT_SNI]}}
+        acme = {"module": "acme"}
+        if self.settings.acme_email:
+            acme["email"] = self.settings.acme_email
+        if self.settings.acme_ca:
+            acme["ca"] = self.settings.acme_ca
+        # The gateway's own name keeps its internal certificate; a project's host gets a public one
+        # on its first request, once the agent says the host is a project's (GET /ask).
+        return {"automation": {"policies": [{"subjects": [DEFAULT_SNI], "issuers": [internal]},
+                                            {"issuers": [acme], "on_demand": True}],
+                               "on_demand": {"ask": f"http://{self.settings.auth_listen}{forwardauth.ASK_PATH}"}},
+                "certificates": {"automate": [DEFAULT_SNI]}}
+
+    def may_have_certificate(self, domain: str) -> bool:
+        """Whether Caddy may get a certificate for `domain`: a host of a route this gateway serves."""
+        return domain.lower() in self.table.by_host
 
     def _caddy_route(self, hosts: list[str], upstream: str) -> dict:
         profile = {"Accept-Profile": ["{http.reverse_proxy.header.X-Flux-Profile}"],
@@ -505,7 +525,7 @@ class Gateway:
         self.load_saved()
         host, _, port = self.settings.auth_listen.rpartition(":")
         try:
-            self.auth_server = await forwardauth.serve(self.verify, host, int(port))
+            self.auth_server = await forwardauth.serve(self.verify, host, int(port), ask=self.may_have_certificate)
         except OSError as exc:
             raise AgentError(f"cannot serve forward_auth on {self.settings.auth_listen}: {exc.strerror}") from None
         await self.ensure_caddy()

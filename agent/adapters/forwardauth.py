@@ -10,6 +10,7 @@ sends no body with these requests; one that comes anyway is read and ignored.
 import asyncio
 import json
 import logging
+import urllib.parse
 from http import HTTPStatus
 
 import httptools
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # A request's header block may hold at most this much (Caddy's own default limit is 1 MiB).
 MAX_HEADER_BYTES = 1 << 20
+# Caddy's on-demand TLS asks here whether a host may have a certificate.
+ASK_PATH = "/ask"
 
 
 def _reason(status: int) -> str:
@@ -28,8 +31,10 @@ def _reason(status: int) -> str:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, verify):
+    def __init__(self, verify, ask):
         self.verify = verify
+        self.ask = ask
+        self.url = b""
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.headers: dict[str, str] = {}
@@ -49,6 +54,10 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = {}
         self.header_bytes = 0
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
@@ -60,8 +69,15 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.headers.get("x-forwarded-method") or self.parser.get_method().decode("latin-1")
         try:
-            status, extra, body = self.verify(self.headers.get("host", ""), method,
-                                              self.headers.get("authorization", ""))
+            path, _, query = self.url.decode("latin-1").partition("?")
+            if path == ASK_PATH and self.ask is not None:
+                # Caddy asks before it gets a certificate on demand: only for a host a project has.
+                domain = (urllib.parse.parse_qs(query).get("domain") or [""])[0]
+                allowed = self.ask(domain)
+                status, extra, body = (200 if allowed else 404), {}, {"domain": domain[:253], "allowed": allowed}
+            else:  # Caddy's forward_auth asks /verify
+                status, extra, body = self.verify(self.headers.get("host", ""), method,
+                                                  self.headers.get("authorization", ""))
         except Exception:  # one bad request must not end the server: Caddy gets a 500 for it
             log.exception("gateway: forward_auth failed on a request")
             status, extra, body = 500, {}, {"error": "gateway error; see the gateway agent's log"}
@@ -89,7 +105,8 @@ class _TooLarge(Exception):
     pass
 
 
-async def serve(verify, host: str, port: int) -> asyncio.AbstractServer:
-    """Listens on host:port and answers each request with `verify`; the caller closes the server."""
+async def serve(verify, host: str, port: int, ask=None) -> asyncio.AbstractServer:
+    """Listens on host:port and answers each request with `verify`, and `GET /ask?domain=` with
+    `ask(domain)` (whether a certificate may be got for it); the caller closes the server."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Connection(verify), host, port, reuse_address=True)
+    return await loop.create_server(lambda: _Connection(verify, ask), host, port, reuse_address=True)

@@ -89,6 +89,12 @@ class GatewaySettings:
     manage_caddy: bool = True
     caddy_bin: str = "caddy"
     max_token_lifetime_s: int = DEFAULT_MAX_TOKEN_LIFETIME_S
+    # Who signs the Service URLs' certificates: Caddy's own CA ("internal", for development), or
+    # an ACME CA ("acme": Let's Encrypt unless acme_ca names another directory), each host's
+    # certificate got on demand, for hosts a project has only.
+    tls_issuer: str = "internal"
+    acme_email: str | None = None
+    acme_ca: str | None = None
 
 
 def _check_gateway(gateway: GatewaySettings) -> GatewaySettings:
@@ -96,6 +102,12 @@ def _check_gateway(gateway: GatewaySettings) -> GatewaySettings:
     if admin is not None and not admin.removeprefix("unix/").startswith("/"):
         raise AgentError(f"{SETTINGS_FILE}: gateway.caddy_admin must be the absolute path of a unix "
                          f"socket (Caddy's admin API has no authentication), got {admin!r}")
+    if gateway.tls_issuer not in ("internal", "acme"):
+        raise AgentError(f"{SETTINGS_FILE}: gateway.tls_issuer must be internal (Caddy's own CA) or acme "
+                         f"(public certificates), got {gateway.tls_issuer!r}")
+    if gateway.acme_ca is not None and not gateway.acme_ca.startswith(("https://", "http://")):
+        raise AgentError(f"{SETTINGS_FILE}: gateway.acme_ca must be the URL of an ACME directory, got "
+                         f"{gateway.acme_ca!r}")
     lifetime = gateway.max_token_lifetime_s
     if not isinstance(lifetime, int) or isinstance(lifetime, bool) or lifetime <= 0:
         raise AgentError(f"{SETTINGS_FILE}: gateway.max_token_lifetime_s must be a positive number of "

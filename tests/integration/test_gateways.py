@@ -31,7 +31,7 @@ def fleet(tmp_path_factory):
 class ExtraGateway(AgentProc):
     """A second gateway agent with its own Caddy, next to the fleet's."""
 
-    def __init__(self, fleet: LocalFleet, name: str, controller: str | None = None):
+    def __init__(self, fleet: LocalFleet, name: str, controller: str | None = None, **extra_settings):
         token = fleet.api("POST", "agents/tokens", {"roles": ["gateway"], "ttl_seconds": 600}).json()
         state = fleet.fleet.dir / "extra" / name
         run(sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
@@ -42,8 +42,10 @@ class ExtraGateway(AgentProc):
             self.point_at(controller)
         self.port = free_port()
         dev = json.loads((fleet.fleet.dir / "agents" / "dev-gateway" / "settings.json").read_text())["gateway"]
+        self.auth_listen = f"127.0.0.1:{free_port()}"
         settings = {"gateway": {**dev, "caddy_admin": str(state / "caddy-admin.sock"),
-                                "listen": f"127.0.0.1:{self.port}", "auth_listen": f"127.0.0.1:{free_port()}"}}
+                                "listen": f"127.0.0.1:{self.port}", "auth_listen": self.auth_listen,
+                                **extra_settings}}
         fd = os.open(state / "settings.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(settings, handle)
@@ -176,3 +178,28 @@ def test_a_caddy_that_dies_is_started_again_within_seconds_and_reported(fleet):
     assert int((state / "caddy.pid").read_text()) != pid
     log = (fleet.fleet.dir / "logs" / "dev-gateway.log").read_text(errors="replace")
     assert "Caddy stopped answering (it exited with code -9); starting it again (restart 1)" in log
+
+
+def test_a_gateway_with_acme_gets_certificates_on_demand_for_project_hosts_only(fleet):
+    """tls_issuer acme: Caddy takes the configuration (an ACME issuer, on demand), and asks the agent
+    before each certificate: yes for a project's host, no for any other name. (No ACME CA is
+    reachable here: nothing is issued.)"""
+    gateway = ExtraGateway(fleet, "gw-acme", tls_issuer="acme", acme_email="ops@example.com",
+                           acme_ca="https://127.0.0.1:9/directory")
+    project = fleet.create("Public Certificates")
+    try:
+        gateway.start()
+        wait_until(lambda: gateway.view()["state"] == "healthy", 60, "gw-acme healthy with its ACME configuration")
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(gateway.state_dir / "caddy-admin.sock")),
+                          headers={"Host": ""}, timeout=10) as admin:
+            loaded = admin.get("http://localhost/config/apps/tls/automation").json()
+        assert "policies" in loaded, loaded
+        acme = loaded["policies"][1]["issuers"][0]
+        assert acme["module"] == "acme" and acme["email"] == "ops@example.com" and loaded["policies"][1]["on_demand"]
+        assert loaded["on_demand"]["ask"] == f"http://{gateway.auth_listen}/ask"
+        ask = f"http://{gateway.auth_listen}/ask"
+        assert httpx.get(ask, params={"domain": fleet.host(project)}, timeout=10).status_code == 200
+        assert httpx.get(ask, params={"domain": "not-a-project.example.com"}, timeout=10).status_code == 404
+    finally:
+        gateway.stop()
+        fleet.api("POST", "agents/gw-acme/revoke")

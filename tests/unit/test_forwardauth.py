@@ -5,9 +5,9 @@ import asyncio
 from agent.adapters import forwardauth
 
 
-def run(verify, *requests: bytes, read_until_close: bool = False) -> bytes:
+def run(verify, *requests: bytes, read_until_close: bool = False, ask=None) -> bytes:
     async def main() -> bytes:
-        server = await forwardauth.serve(verify, "127.0.0.1", 0)
+        server = await forwardauth.serve(verify, "127.0.0.1", 0, ask=ask)
         port = server.sockets[0].getsockname()[1]
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -89,3 +89,19 @@ def test_a_header_value_with_a_line_break_is_left_out():
 def test_a_client_that_asks_to_close_is_closed_after_its_answer():
     data = run(lambda *a: (200, {}, None), request(extra="Connection: close\r\n"), read_until_close=True)
     assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close\r\n" in data
+
+
+def test_caddy_asks_whether_a_host_may_have_a_certificate_and_forward_auth_still_verifies():
+    def verify(host, method, authorization):
+        return 200, {"X-Flux-Authorization": "Bearer minted"}, None
+
+    answers = run(verify, b"GET /ask?domain=shop.example.com HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                  b"GET /ask?domain=evil.example HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                  b"GET /ask HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                  request(host="shop.example.com"),
+                  ask=lambda domain: domain == "shop.example.com")
+    replies = answers.split(b"HTTP/1.1 ")[1:]
+    assert [r.split(b" ", 1)[0] for r in replies] == [b"200", b"404", b"404", b"200"]
+    assert b'"allowed": true' in replies[0] and b'"domain": "evil.example"' in replies[1]
+    # Only the forward_auth answer carries a token.
+    assert b"X-Flux-Authorization: Bearer minted" in replies[3] and b"X-Flux-Authorization" not in replies[0]
