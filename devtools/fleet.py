@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import psycopg
 
 from cli.errors import CliError
 
@@ -458,6 +459,10 @@ class DevFleet:
         catalog = self._start_cluster("catalog", "flux_catalog", reused)
         shared = self._start_cluster("shared", "flux_shared", reused)
         self._ensure_docker(reused)
+        if not self.hosts and self.state.get("stopped_stacks"):
+            # What `down` stopped of its projects.
+            subprocess.run(["docker", "start", *self.state.pop("stopped_stacks")], capture_output=True)
+            self._save()
         self.state["images"] = self._images()
         self._save()
         if self.hosts:
@@ -588,11 +593,36 @@ class DevFleet:
             **hosts,
         }
 
+    def _running_stacks(self) -> list[str]:
+        """The running containers of this fleet's projects (by their flux.project label), on the
+        machine's engine; none known while its catalog is down."""
+        catalog = self.cluster("catalog") if "catalog" in self.state.get("clusters", {}) else None
+        if catalog is None or not catalog.running():
+            return []
+        try:
+            with psycopg.connect(catalog.url("flux_catalog"), connect_timeout=5) as conn:
+                ids = {r[0] for r in conn.execute("SELECT id::text FROM projects")}
+        except psycopg.Error:
+            return []
+        listed = subprocess.run(["docker", "ps", "--filter", "label=flux.managed=true", "--format",
+                                 '{{.Names}}\t{{.Label "flux.project"}}'], capture_output=True, text=True).stdout
+        return [name for name, _, project in (line.partition("\t") for line in listed.splitlines()) if project in ids]
+
     def down(self) -> list[str]:
         if not self.state:
             return []
         stopped = []
         pids = self.state.get("pids", {})
+        if not self.hosts and docker_running():
+            # Its projects' stacks, on the machine's engine (which it leaves running unless it started
+            # it); the next `up` starts them again.
+            running = self._running_stacks()
+            if running:
+                self.say(f"stopping {len(running)} container(s) of this fleet's projects")
+                subprocess.run(["docker", "stop", "-t", "15", *running], capture_output=True)
+                self.state["stopped_stacks"] = running
+                self._save()
+                stopped.append(f"{len(running)} container(s) of its projects")
         if self.hosts and pid_alive(pids.get("docker-host-engine")):
             # Live restore keeps containers running when dockerd stops: the stacks stop first, and
             # the next `up` starts them again.

@@ -117,13 +117,37 @@ def test_dev_down_stops_everything(tmp_path):
     state = json.loads((directory / "dev.json").read_text())
     pids = list(state["pids"].values())
     caddy_pid = int((directory / "agents" / "dev-gateway" / "caddy.pid").read_text())
+    # A dedicated project's stack is the fleet's too: down stops it, and up starts it again.
+    api = {"FLUX_API_BASE": f"http://127.0.0.1:{state['ports']['http']}/api",
+           "FLUX_API_TOKEN": state["token"], **env}
+    created = json.loads(run(script("flux"), "create", "Down Stack", "--mode", "v1_dedicated", "--json",
+                             env=api, timeout=300).stdout)
+    hash_ = created["summary"]["hash"]
+
+    def stack_states() -> set:
+        out = run("docker", "ps", "-a", "--filter", f"label=flux.hash={hash_}", "--format", "{{.State}}").stdout
+        return set(out.split())
+
+    assert stack_states() == {"running"}
+    engine_was_running = "dockerd" not in state["pids"]
     down = json.loads(run(script("flux"), "dev", "down", "--dir", str(directory), "--json", env=env).stdout)
     assert {"dev-db", "dev-gateway", "dev-docker", "pooled-postgrest", "controller", "shared cluster",
-            "catalog cluster"} <= set(down["stopped"])
+            "catalog cluster", "2 container(s) of its projects"} <= set(down["stopped"])
     assert not any(pid_alive(pid) for pid in pids + [caddy_pid])
     for cluster in state["clusters"].values():
         assert not os.path.exists(os.path.join(cluster["datadir"], "postmaster.pid"))
-    remove_dev_data(directory)
+    assert stack_states() == {"exited"}
+    # An engine it did not start keeps running.
+    if engine_was_running:
+        assert run("docker", "info", "--format", "{{.ID}}").returncode == 0
+    run(script("flux"), "dev", "up", "--dir", str(directory), "--json", env=env, timeout=180)
+    try:
+        assert stack_states() == {"running"}
+    finally:
+        run(script("flux"), "delete", "-p", "down-stack", "--hash", hash_, "--yes", "--skip-backup-check", env=api,
+            timeout=300, check=False)
+        run(script("flux"), "dev", "down", "--dir", str(directory), "--json", env=env)
+        remove_dev_data(directory)
 
 
 def test_projects_through_the_cli(fleet, tmp_path):
