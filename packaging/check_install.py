@@ -41,6 +41,14 @@ class CheckFailed(Exception):
     pass
 
 
+def _redacted(text: str) -> str:
+    """Tokens, bearer credentials and URL passwords left out of what a failure prints."""
+    text = re.sub(r"(--token\s+)\S+", r"\1[redacted]", text)
+    text = re.sub(r"(Bearer\s+)\S+", r"\1[redacted]", text)
+    text = re.sub(r"flx_(live|join)_\w+", "flx_[redacted]", text)
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@", r"\1[redacted]@", text)
+
+
 class Server:
     """A container with systemd as PID 1."""
 
@@ -76,8 +84,8 @@ class Server:
         proc = subprocess.run([*prefix, self.name, *command], capture_output=True, text=True, timeout=timeout,
                               input=stdin)
         if check and proc.returncode != 0:
-            raise CheckFailed(f"`{' '.join(command)}` failed ({proc.returncode}): "
-                              f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
+            raise CheckFailed(f"`{_redacted(' '.join(command))}` failed ({proc.returncode}): "
+                              f"{_redacted((proc.stderr or proc.stdout).strip()[-1500:])}")
         return proc
 
     def copy_in(self, source: pathlib.Path, target: str) -> None:
@@ -126,6 +134,10 @@ def install(server: Server, packages: dict, version: str) -> None:
         shown = server.run(command, "--version").stdout.strip()
         if not shown.endswith(version):
             raise CheckFailed(f"{command} --version says {shown!r}, not {version}")
+    # The environments run the system's interpreter (its security updates reach them), not a copy.
+    for prefix in ("/opt/flux-controller", "/opt/flux-agent", "/opt/flux-cli"):
+        if server.run("test", "-L", f"{prefix}/bin/python3", check=False).returncode != 0:
+            raise CheckFailed(f"{prefix}/bin/python3 is not a link to the system's python3")
 
 
 def api(server: Server, token: str, method: str, path: str, body: dict | None = None) -> dict | list:

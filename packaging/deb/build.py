@@ -87,8 +87,13 @@ if [ "$1" = configure ]; then
     python3 -m venv {package.prefix}.new
     {package.prefix}.new/bin/pip install --quiet --no-index --no-cache-dir --disable-pip-version-check \\
         --find-links {package.wheels} "flux-fleet=={version}"
-    # Its scripts name the interpreter by the path they were made at: they move with it.
-    sed -i "1s|^#!{package.prefix}.new/|#!{package.prefix}/|" {package.prefix}.new/bin/*
+    # Its scripts name the interpreter by the path they were made at: they move with it. Only
+    # regular files: bin/python* are links to the system's interpreter, which must stay links.
+    for script in {package.prefix}.new/bin/*; do
+        if [ -f "$script" ] && [ ! -L "$script" ]; then
+            sed -i "1s|^#!{package.prefix}.new/|#!{package.prefix}/|" "$script"
+        fi
+    done
     sed -i "s|{package.prefix}.new|{package.prefix}|g" {package.prefix}.new/bin/activate* {package.prefix}.new/pyvenv.cfg
     rm -rf {package.prefix}.old
     if [ -d {package.prefix} ]; then mv {package.prefix} {package.prefix}.old; fi
