@@ -92,19 +92,25 @@ def agents():
 @agents.command("token")
 @click.option("--roles", required=True, help="comma-separated roles the agent may take: db, docker, gateway")
 @click.option("--ttl", default="1h", show_default=True, help="how long the token stays valid (90s, 15m, 1h, 7d)")
+@click.option("--name", help="the only agent name the token enrolls; needed to enroll an agent again under its "
+              "own name once its certificate expired")
 @click.option("--json", "as_json", is_flag=True)
-def agents_token(roles, ttl, as_json):
+def agents_token(roles, ttl, name, as_json):
     """Create a one-time join token and print the enroll command to run on the new host."""
-    body = {"roles": [r.strip() for r in roles.split(",") if r.strip()], "ttl_seconds": parse_duration(ttl)}
+    body = {"roles": [r.strip() for r in roles.split(",") if r.strip()], "ttl_seconds": parse_duration(ttl),
+            **({"name": name} if name else {})}
     result = client().post("agents/tokens", body)
 
     def render(r):
         click.echo(f"Join token (one use, expires {r['expires_at']}):\n  {r['token']}")
         click.echo(f"CA fingerprint: {r['ca_fingerprint']}")
-        click.echo("On the new host, as root (NAME: the agent's name, unique in the fleet):")
+        if not r.get("name"):
+            click.echo("On the new host, as root (NAME: the agent's name, unique in the fleet):")
+        else:
+            click.echo(f"On the host of agent {r['name']}, as root:")
         click.echo(f"  apt install ./flux-agent_{__version__}_amd64.deb")
         click.echo(f"  runuser -u flux-agent -- flux-agent enroll --controller {r['enroll_address']} "
-                   f"--token {r['token']} --name NAME --roles {','.join(r['roles'])} "
+                   f"--token {r['token']} --name {r.get('name') or 'NAME'} --roles {','.join(r['roles'])} "
                    f"--state-dir /var/lib/flux-agent --ca-fingerprint {r['ca_fingerprint']}")
         drop_ins = [role for role in r["roles"] if role in ("docker", "gateway")]
         if drop_ins:

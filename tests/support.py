@@ -179,8 +179,9 @@ class Controller:
             kwargs.setdefault("verify", ssl.create_default_context(cafile=str(self.state_dir / "ca.pem")))
         return httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, headers=headers, **kwargs)
 
-    def join_token(self, roles: list[str], ttl: int = 600) -> dict:
-        response = self.api("POST", "agents/tokens", {"roles": roles, "ttl_seconds": ttl})
+    def join_token(self, roles: list[str], ttl: int = 600, name: str | None = None) -> dict:
+        response = self.api("POST", "agents/tokens", {"roles": roles, "ttl_seconds": ttl,
+                                                      **({"name": name} if name else {})})
         assert response.status_code == 201, response.text
         return response.json()
 

@@ -293,7 +293,8 @@ class Agent:
         if certificate_expired(self.state.read("cert.pem")):
             raise AgentError(
                 f"this agent's certificate expired at {certificate_expiry(self.state.read('cert.pem'))}: it was "
-                "away longer than it could renew; enroll it again with a new join token (flux agents token) and "
+                f"away longer than it could renew; enroll it again with a join token made for it (flux agents "
+                f"token --name {self.config.name}) and "
                 f"the same --name {self.config.name} and --state-dir {self.state.path}, which keeps its spool "
                 "and settings; it connects as soon as that is done", retryable=True)
         channel = wire.mtls_channel(

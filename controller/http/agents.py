@@ -24,6 +24,8 @@ MAX_JOIN_TOKEN_TTL = 30 * 24 * 3600
 class JoinTokenRequest(BaseModel):
     roles: list[str] = Field(description="roles the enrolling agent may take: db, docker, gateway")
     ttl_seconds: int = Field(3600, ge=60, le=MAX_JOIN_TOKEN_TTL)
+    name: str | None = Field(None, description="the only agent name it enrolls; needed to enroll an agent "
+                             "again under its own name once its certificate expired")
 
 
 class JobRequest(BaseModel):
@@ -48,11 +50,12 @@ async def known_agent(s: Services, name: str) -> Agent:
 @router.post("/agents/tokens", status_code=201)
 async def create_join_token(body: JoinTokenRequest, user: User = Depends(admin), s: Services = Depends(services)):
     roles = check_roles(body.roles)
+    name = check_agent_name(body.name) if body.name is not None else None
     token = new_join_token()
     expires_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
         seconds=body.ttl_seconds)
-    await s.catalog.create_join_token(token_hash(token), roles, expires_at, user.id)
-    return {"token": token, "roles": roles, "expires_at": expires_at.isoformat(),
+    await s.catalog.create_join_token(token_hash(token), roles, expires_at, user.id, name)
+    return {"token": token, "roles": roles, "expires_at": expires_at.isoformat(), "name": name,
             "ca_fingerprint": s.ca_fingerprint, "enroll_address": s.enroll_address}
 
 @router.get("/agents")

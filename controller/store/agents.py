@@ -28,12 +28,13 @@ def _agent(row: dict) -> Agent:
 
 class AgentStore(Store):
     async def create_join_token(
-        self, token_hash: str, roles: list[str], expires_at: datetime.datetime, user_id: int
+        self, token_hash: str, roles: list[str], expires_at: datetime.datetime, user_id: int,
+        agent_name: str | None = None,
     ) -> None:
         await self._one(
-            "INSERT INTO join_tokens (token_hash, roles, expires_at, created_by)"
-            " VALUES (%s, %s, %s, %s) RETURNING 1",
-            (token_hash, roles, expires_at, user_id),
+            "INSERT INTO join_tokens (token_hash, roles, expires_at, created_by, agent_name)"
+            " VALUES (%s, %s, %s, %s, %s) RETURNING 1",
+            (token_hash, roles, expires_at, user_id, agent_name),
         )
 
     async def enroll(
@@ -46,7 +47,7 @@ class AgentStore(Store):
         """
         async with self._connection() as conn, conn.transaction():
             token = await (await conn.execute(
-                "SELECT roles, expires_at, used_at, expires_at < now() AS expired"
+                "SELECT roles, expires_at, used_at, expires_at < now() AS expired, agent_name"
                 " FROM join_tokens WHERE token_hash = %s FOR UPDATE",
                 (token_hash,),
             )).fetchone()
@@ -66,11 +67,17 @@ class AgentStore(Store):
                 "SELECT revoked_at, cert_expires_at, cert_expires_at < now() AS expired"
                 " FROM agents WHERE name = %s FOR UPDATE", (name,)
             )).fetchone()
-            # An agent whose certificate ran out (it was away longer than its lifetime) enrolls
-            # again under its name with a new token; a current one must be revoked first.
-            if existing is not None and existing["revoked_at"] is None and not existing["expired"]:
-                raise Conflict(f"an agent named {name} is already enrolled (its certificate is valid until "
-                               f"{existing['cert_expires_at']:%Y-%m-%d %H:%M:%S} UTC); revoke it first")
+            if token["agent_name"] is not None and token["agent_name"] != name:
+                raise Conflict(f"join token was made for agent {token['agent_name']}, not {name}")
+            if existing is not None and existing["revoked_at"] is None:
+                if not existing["expired"]:
+                    raise Conflict(f"an agent named {name} is already enrolled (its certificate is valid until "
+                                   f"{existing['cert_expires_at']:%Y-%m-%d %H:%M:%S} UTC); revoke it first")
+                # Its certificate ran out (it was away longer than its lifetime): it enrolls again
+                # under its name, with a token made for that name only; no other host takes it over.
+                if token["agent_name"] != name:
+                    raise Conflict(f"agent {name} is enrolled and its certificate expired; enroll it again with "
+                                   f"a join token made for it (flux agents token --name {name})")
             serial, not_after = register()
             row = await (await conn.execute(
                 "INSERT INTO agents (name, roles, cert_serial, cert_expires_at)"

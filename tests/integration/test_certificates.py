@@ -94,10 +94,22 @@ def test_certificates_renew_while_connected_and_an_expired_agent_enrolls_again_i
             wait_until(lambda: x509.load_pem_x509_certificate(issued).not_valid_after_utc.timestamp() < time.time(),
                        40, "the away agent's certificate to run out")
             away.start()
-            wait_until(lambda: "enroll it again with a new join token" in away.log.read_text(), 20,
+            wait_until(lambda: "enroll it again with a join token made for it" in away.log.read_text(), 20,
                        "the expired agent's message")
             assert not _connected(controller, "away-1")
-            token = controller.join_token(["db"])
+
+            def enroll_again(token: dict) -> subprocess.CompletedProcess:
+                return subprocess.run(
+                    [sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
+                     "--token", token["token"], "--name", "away-1", "--roles", "db", "--state-dir",
+                     str(away.state_dir), "--ca-fingerprint", token["ca_fingerprint"], "--json"],
+                    capture_output=True, text=True)
+
+            # Not with just any token: a host could take the name (and its jobs) over.
+            taken = enroll_again(controller.join_token(["db"]))
+            assert taken.returncode == 1 and "flux agents token --name away-1" in taken.stderr, taken.stderr
+            assert "for agent online-1, not away-1" in enroll_again(controller.join_token(["db"], name="online-1")).stderr
+            token = controller.join_token(["db"], name="away-1")
             enrolled = subprocess.run(
                 [sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
                  "--token", token["token"], "--name", "away-1", "--roles", "db", "--state-dir", str(away.state_dir),
