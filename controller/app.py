@@ -77,11 +77,16 @@ async def keep_server_certificate(state: StateDir, ca: CertificateAuthority, ren
     """Checks the controller's certificate a few times per third of its lifetime, at most hourly;
     `renewed()` is called after it was issued again."""
     every = min(3600.0, max(1.0, ca.server_lifetime.total_seconds() / 30))
+    served = state.file("server.pem").stat().st_mtime_ns
     while True:
         await asyncio.sleep(every)
         try:
-            if renew_server_certificate(state, ca) and renewed is not None:
+            renew_server_certificate(state, ca)
+            # Whatever wrote it (this, or an operator): until it is taken, it is tried again.
+            current = state.file("server.pem").stat().st_mtime_ns
+            if current != served and renewed is not None:
                 renewed()
+            served = current
         except Exception:  # the next check tries again
             log.exception("renewing the controller's certificate failed")
 

@@ -88,7 +88,10 @@ class Session:
             self.outbox.put_nowait(message)
 
     def close(self, reason: str | None, *, revoked: bool = False) -> None:
-        """Ends the stream, with `reason` told to the agent (None: it ended by itself)."""
+        """Ends the stream, with `reason` told to the agent (None: it ended by itself); the first
+        reason given stands (a revocation is not turned into a step-down)."""
+        if self.closed and self.close_reason is not None:
+            return
         self.close_reason = reason
         self.revoked = revoked
         if not self.closed:

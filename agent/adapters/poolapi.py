@@ -29,11 +29,20 @@ STABLE_AFTER_S = 60.0
 LOG_FILE = "pool-api.log"
 
 
+# Looked up here, in the agent: the child, between fork and exec, only calls it (loading a library
+# there could deadlock on a lock another thread of the agent held at the fork).
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+PR_SET_PDEATHSIG = 1
+# pool-api.log is moved aside to pool-api.log.1 once this big, so a crash loop cannot fill the disk.
+MAX_LOG_BYTES = 16 * 1024 * 1024
+
+
 def _die_with_parent() -> None:  # runs in the child, before exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class PoolApi:
@@ -53,6 +62,11 @@ class PoolApi:
         return self.state_dir / LOG_FILE
 
     def _spawn(self) -> None:
+        try:
+            if self.log_path.stat().st_size > MAX_LOG_BYTES:
+                os.replace(self.log_path, self.log_path.with_name(LOG_FILE + ".1"))
+        except FileNotFoundError:
+            pass
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.env},

@@ -125,6 +125,7 @@ class Store:
             await self._pool.open(wait=True, timeout=15)
             await self._lease_pool.open(wait=True, timeout=15)
         except PoolTimeout:
+            await self.close()
             raise Unavailable("cannot connect to the catalog") from None
 
     async def close(self) -> None:
@@ -133,8 +134,9 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def _connection(self, pool: AsyncConnectionPool | None = None):
-        """A pooled connection; CatalogUnavailable while the catalog cannot be reached."""
-        if not self.available:
+        """A pooled connection; CatalogUnavailable while the catalog cannot be reached (the lease's
+        own connection tries anyway: one watch probe that timed out under load must not end a lease)."""
+        if not self.available and pool is not self._lease_pool:
             raise CatalogUnavailable()
         try:
             async with (pool or self._pool).connection() as conn:
