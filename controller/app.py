@@ -59,6 +59,14 @@ def certificate_authority(state: StateDir, config: ControllerConfig) -> Certific
 def renew_server_certificate(state: StateDir, ca: CertificateAuthority) -> bool:
     """Issues the controller's certificate again, for the same names, once two thirds of its
     lifetime are gone; new connections get it at once (rpc/server.py reads it per handshake)."""
+    # A renewal a crash cut short: finished once both new files were written (the key is moved in
+    # first, so a lone new certificate means its key is in place), else its lone new key dropped.
+    if state.has("server.pem.new"):
+        if state.has("server.key.new"):
+            os.replace(state.file("server.key.new"), state.file("server.key"))
+        os.replace(state.file("server.pem.new"), state.file("server.pem"))
+    elif state.has("server.key.new"):
+        state.file("server.key.new").unlink()
     current = state.read("server.pem")
     if not due_for_renewal(current):
         return False

@@ -57,6 +57,9 @@ class _Connection(asyncio.Protocol):
         self.url = b""
 
     def on_url(self, url: bytes) -> None:
+        self.header_bytes += len(url)
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise _TooLarge()
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:

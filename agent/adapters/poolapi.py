@@ -16,8 +16,6 @@ import signal
 import subprocess
 import time
 
-import httpx
-
 from ..runtime import metrics
 
 log = logging.getLogger(__name__)
@@ -46,11 +44,10 @@ def _die_with_parent() -> None:  # runs in the child, before exec
 
 
 class PoolApi:
-    def __init__(self, state_dir: pathlib.Path, command: list[str], env: dict[str, str], ready_url: str | None):
+    def __init__(self, state_dir: pathlib.Path, command: list[str], env: dict[str, str]):
         self.state_dir = state_dir
         self.command = command
         self.env = env
-        self.ready_url = ready_url
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._started_at = 0.0
@@ -104,18 +101,6 @@ class PoolApi:
             except OSError as exc:
                 log.error("cannot start the pooled API (%s): %s", self.command[0], exc.strerror)
                 self.proc = None
-
-    async def ready(self) -> bool:
-        """Whether it answers its ready URL (without one: whether it runs)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return False
-        if not self.ready_url:
-            return True
-        try:
-            async with httpx.AsyncClient(timeout=2) as client:
-                return (await client.get(self.ready_url)).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     async def stop(self) -> None:
         if self._task is not None:

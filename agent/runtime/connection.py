@@ -371,8 +371,7 @@ class Agent:
             await asyncio.to_thread(self._bootstrap_shared_cluster)
             pool_api = self.settings["db"].pool_api
             if pool_api is not None:
-                self.pool_api = PoolApi(self.state.path, pool_api["command"], pool_api.get("env", {}),
-                                        pool_api.get("ready_url"))
+                self.pool_api = PoolApi(self.state.path, pool_api["command"], pool_api.get("env", {}))
                 await self.pool_api.start()
         if self.gateway is not None:
             await self.gateway.start()

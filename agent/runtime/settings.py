@@ -49,8 +49,8 @@ class DbSettings:
     runtime_connection_limit: int = 20
     runtime_statement_timeout: str = "15s"
     push_statement_timeout: str = "60s"
-    # The pooled API (PostgREST) this agent runs and supervises: {"command": [...], "env": {...},
-    # "ready_url": "http://127.0.0.1:3001/ready"}; None: it runs on its own.
+    # The pooled API (PostgREST) this agent runs and supervises: {"command": [...], "env": {...}};
+    # None: it runs on its own.
     pool_api: dict | None = None
 
 
@@ -158,10 +158,10 @@ def _build(cls, raw, role: str):
 
 
 def _check_pool_api(pool_api: dict) -> None:
-    unknown = sorted(set(pool_api) - {"command", "env", "ready_url"})
+    unknown = sorted(set(pool_api) - {"command", "env"})
     if unknown:
         raise AgentError(f"{SETTINGS_FILE}: unknown db.pool_api setting(s) {', '.join(unknown)}; they are "
-                         "command, env and ready_url")
+                         "command and env")
     command = pool_api.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(c, str) and c for c in command):
         raise AgentError(f"{SETTINGS_FILE}: db.pool_api.command must be a list of strings, the program first "
@@ -169,10 +169,6 @@ def _check_pool_api(pool_api: dict) -> None:
     env = pool_api.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise AgentError(f"{SETTINGS_FILE}: db.pool_api.env must be an object of strings (its values are not shown)")
-    ready = pool_api.get("ready_url")
-    if ready is not None and not (isinstance(ready, str) and ready.startswith(("http://", "https://"))):
-        raise AgentError(f"{SETTINGS_FILE}: db.pool_api.ready_url must be an http:// URL, like PostgREST's "
-                         "admin /ready")
 
 
 def _check_address(value: str, where: str) -> None:

@@ -56,8 +56,7 @@ def test_the_db_agent_runs_the_pooled_api_and_starts_it_again_when_it_dies(tmp_p
                      "env": {"PGRST_DB_URI": f"postgresql://authenticator:{password}@127.0.0.1:{pg_cluster.port}/{shared}",
                              "PGRST_DB_SCHEMAS": "public", "PGRST_DB_ANON_ROLE": "anon",
                              "PGRST_JWT_SECRET": "x" * 32, "PGRST_SERVER_HOST": "127.0.0.1",
-                             "PGRST_SERVER_PORT": str(api_port), "PGRST_ADMIN_SERVER_PORT": str(admin_port)},
-                     "ready_url": f"http://127.0.0.1:{admin_port}/ready"}}}
+                             "PGRST_SERVER_PORT": str(api_port), "PGRST_ADMIN_SERVER_PORT": str(admin_port)}}}}
     (agent.state_dir / "settings.json").write_text(json.dumps(settings))
     os.chmod(agent.state_dir / "settings.json", 0o600)
     agent.start()
