@@ -84,20 +84,25 @@ def rss_mb(pid: int, field: str) -> float:
     return float("nan")
 
 
-async def ping_all(controller: Controller, names: list[str], rounds: int, concurrency: int) -> list[float]:
+async def ping_all(controller: Controller, names: list[str], rounds: int, concurrency: int) -> tuple[list[float], dict]:
+    """Round trips in ms, and the failed pings by answer ("503: catalog busy ...")."""
     rtts: list[float] = []
+    errors: dict[str, int] = {}
     limit = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {controller.token}"}
     async with httpx.AsyncClient(base_url=f"{controller.api_base}/cli/v1/", headers=headers, timeout=30) as http:
         async def one(name: str) -> None:
             async with limit:
                 response = await http.post(f"agents/{name}/ping")
-                response.raise_for_status()
+                if response.status_code != 200:
+                    why = f"{response.status_code}: {response.json().get('error', '')[:80]}"
+                    errors[why] = errors.get(why, 0) + 1
+                    return
                 rtts.append(response.json()["rtt_ms"])
 
         for _ in range(rounds):
             await asyncio.gather(*(one(n) for n in names))
-    return rtts
+    return rtts, errors
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -134,28 +139,39 @@ def main() -> int:
             proc.start()
             processes.append(proc)
         while True:
-            connected = sum(a["connected"] for a in controller.api("GET", "agents").json())
+            answer = controller.api("GET", "agents")
+            # 503 "catalog busy" while thousands of hellos hold the catalog pool: ask again.
+            connected = sum(a["connected"] for a in answer.json()) if answer.status_code == 200 else 0
             if connected == args.agents:
                 break
             if time.perf_counter() - started > 300:
                 raise SystemExit(f"only {connected} of {args.agents} agents connected after 300s")
-            time.sleep(0.2)
+            time.sleep(1)  # each look lists every agent: asked often, it slows the controller itself
         connect_s = time.perf_counter() - started
 
         print("pinging", file=sys.stderr, flush=True)
         names = [d.name for d in dirs]
-        rtts = asyncio.run(ping_all(controller, names, args.rounds, args.concurrency))
+        rtts, ping_errors = asyncio.run(ping_all(controller, names, args.rounds, args.concurrency))
+        if not rtts:
+            raise SystemExit(f"every ping failed: {ping_errors}")
         figures = {
             "agents": args.agents,
             "enroll_s": round(enroll_s, 2),
             "enroll_per_s": round(args.agents / enroll_s, 1),
             "connect_s": round(connect_s, 2),
             "pings": len(rtts),
+            "ping_errors": sum(ping_errors.values()),
             "ping_p50_ms": round(statistics.median(rtts), 2),
             "ping_p99_ms": round(percentile(rtts, 0.99), 2),
             "controller_rss_mb": round(rss_mb(controller.proc.pid, "VmRSS"), 1),
             "controller_peak_rss_mb": round(rss_mb(controller.proc.pid, "VmHWM"), 1),
         }
+    except BaseException:
+        if controller is not None and controller.log.exists():
+            # What the controller said of it, before its state directory goes.
+            said = [l for l in controller.log.read_text().splitlines() if " ERROR " in l or " WARNING " in l]
+            print("the controller's last errors and warnings:\n" + "\n".join(said[-20:]), file=sys.stderr)
+        raise
     finally:
         for proc in processes:
             proc.terminate()
@@ -164,6 +180,8 @@ def main() -> int:
             controller.stop()
         remove_cluster(cluster)
         shutil.rmtree(tmp, ignore_errors=True)
+    if ping_errors:
+        print(f"failed pings: {ping_errors}", file=sys.stderr)
     print(json.dumps(figures))
     return 0
 

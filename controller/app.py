@@ -177,7 +177,8 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
         try:
             await asyncio.gather(projects.recover(), migrations.recover(), dump_files.keep_retention(),
                                  migrations.reversals.keep_windows(), backups.keep_schedules(),
-                                 fleet.keep_announcing_controllers(), keep_housekeeping())
+                                 fleet.keep_announcing_controllers(), fleet.keep_recording_seen(),
+                                 keep_housekeeping())
         finally:
             gateways.stop()
 

@@ -36,6 +36,12 @@ ANNOUNCE_EVERY_S = 5
 ROLES = ("db", "docker", "gateway", "backup")
 AGENT_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 PING_TIMEOUT_S = 5.0
+# Catalog connections the agents' streams may hold at once (of the pool's 10): the rest stay free
+# for the API and the controller's own work, and when thousands of agents connect at once, their
+# hellos wait their turn here, on an open stream, instead of failing after the pool's 5 s wait.
+AGENT_CATALOG_SLOTS = 6
+# Heartbeats are recorded together, this often (an agent's last_seen is at most this much behind).
+SEEN_EVERY_S = 2.0
 # A job whose failure is retryable, of a kind safe to send again, is sent this many times at
 # most, waiting RETRY_BACKOFF_S, then twice that, between attempts (all within the caller's timeout).
 MAX_ATTEMPTS = 3
@@ -162,6 +168,10 @@ class Fleet:
         self.leadership = None
         # The controllers' addresses as last announced to agents (keep_announcing_controllers).
         self._controllers: list[str] | None = None
+        # Held around the catalog work an agent's stream asks for (its hello, heartbeats).
+        self.agent_catalog_slots = asyncio.Semaphore(AGENT_CATALOG_SLOTS)
+        # Agents whose heartbeat came since the last write, with their latest facts (keep_recording_seen).
+        self._seen: dict[str, dict | None] = {}
 
     def leading(self) -> bool:
         """Agents connect to, and jobs are run by, the leading controller only."""
@@ -202,6 +212,16 @@ class Fleet:
                 told = self._controllers = addresses
             await asyncio.sleep(ANNOUNCE_EVERY_S)
 
+    async def keep_recording_seen(self) -> None:
+        """Writes the heartbeats heard since the last round, every SEEN_EVERY_S."""
+        while True:
+            await asyncio.sleep(SEEN_EVERY_S)
+            seen, self._seen = self._seen, {}
+            try:
+                await self.catalog.agents_seen(seen)
+            except FluxError as exc:  # the next heartbeats come soon
+                log.warning("cannot record %d agents' heartbeats: %s", len(seen), exc.message)
+
     async def controllers(self) -> list[str]:
         """Every controller's address for an agent's welcome: as last announced, or from the catalog
         until the first announcement (one query per connection is too many when thousands connect)."""
@@ -222,7 +242,8 @@ class Fleet:
 
     async def _disconnected(self, name: str) -> None:
         try:
-            await self.catalog.agent_connected(name, None, was=self.leadership.id)
+            async with self.agent_catalog_slots:
+                await self.catalog.agent_connected(name, None, was=self.leadership.id)
         except FluxError as exc:
             log.warning("cannot record that agent %s disconnected: %s", name, exc.message)
 
@@ -233,9 +254,11 @@ class Fleet:
 
     async def handle(self, session: Session, event: wire.AgentEvent) -> None:
         if isinstance(event, wire.Hello):
-            await self.catalog.agent_hello(session.name, event.facts.as_dict(),
-                                           self.leadership.id if self.leadership is not None else None)
-            for job in await self.catalog.open_jobs(session.name):
+            async with self.agent_catalog_slots:
+                await self.catalog.agent_hello(session.name, event.facts.as_dict(),
+                                               self.leadership.id if self.leadership is not None else None)
+                jobs = await self.catalog.open_jobs(session.name)
+            for job in jobs:
                 await self._send_job(session, job)
             for listener in self.hello_listeners:
                 listener(session.name)
@@ -245,9 +268,8 @@ class Fleet:
         elif isinstance(event, wire.LeaseRequest):
             session.send(wire.lease_grant(event.nonce, self.lease_granter(session.name)))
         elif isinstance(event, wire.Heartbeat):
-            await self.catalog.agent_seen(
-                session.name, event.facts.as_dict() if event.facts else None
-            )
+            facts = event.facts.as_dict() if event.facts else None
+            self._seen[session.name] = facts if facts is not None else self._seen.get(session.name)
         elif isinstance(event, wire.Pong):
             future = session.pings.pop(event.nonce, None)
             if future is not None and not future.done():

@@ -103,7 +103,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         if identity is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         name, serial = identity
-        agent = await self.fleet.catalog.get_agent(name)
+        async with self.fleet.agent_catalog_slots:
+            agent = await self.fleet.catalog.get_agent(name)
         if agent is None or agent.cert_serial != serial or agent.revoked_at is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate is not current for this agent")
         return name

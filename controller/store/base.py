@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 CATALOG_WAIT_S = 5.0
 # How often the catalog is asked whether it answers (it is back within about this after it returns).
 WATCH_EVERY_S = 1.0
+# A probe that times out may be this process being busy rather than the catalog gone (thousands of
+# agents connecting at once): only this many in a row make it gone. A refused connection does at once.
+WATCH_TIMEOUTS_GONE = 3
 
 
 class CatalogUnavailable(Unavailable):
@@ -156,25 +159,31 @@ class Store:
             log.error("catalog unavailable (%s); answering 503 until it is back", why)
         self.available = False
 
-    async def _reachable(self) -> bool:
+    async def _probe(self) -> str | None:
+        """None when the catalog answers; "timeout" when it did not in time; else why it refused."""
         try:
             async with await psycopg.AsyncConnection.connect(self._url, connect_timeout=2) as conn:
-                await conn.execute("SELECT 1")
-            return True
+                await asyncio.wait_for(conn.execute("SELECT 1"), 2)
+            return None
+        except (psycopg.errors.ConnectionTimeout, asyncio.TimeoutError):
+            return "timeout"
         except psycopg.Error:
-            return False
+            return "refused"
 
     async def keep_watch(self) -> None:
         """Asks the catalog every WATCH_EVERY_S whether it answers, until cancelled."""
+        timeouts = 0
         while True:
-            if await self._reachable():
+            why = await self._probe()
+            timeouts = timeouts + 1 if why == "timeout" else 0
+            if why is None:
                 if not self.available:
                     # Connections from before it went away are dropped.
                     await self._pool.check()
                     await self._lease_pool.check()
                     self.available = True
                     log.warning("catalog is reachable again")
-            else:
+            elif why == "refused" or timeouts >= WATCH_TIMEOUTS_GONE:
                 self._gone("it does not answer")
             await asyncio.sleep(WATCH_EVERY_S)
 

@@ -261,7 +261,7 @@ async def _enrolled(catalog: Catalog) -> object:
         token = secrets.token_hex(16)
         await catalog.create_join_token(token, [role], expires, user.id)
         await catalog.enroll(token, name, [role], lambda: (secrets.randbits(64), expires))
-        await catalog.agent_seen(name, {"hostname": f"{name}.test"})
+        await catalog.agents_seen({name: {"hostname": f"{name}.test"}})
     return user
 
 

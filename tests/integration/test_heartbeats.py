@@ -1,0 +1,91 @@
+"""Heartbeats are written to the catalog together: one statement records every agent heard from
+since the last round, each with its latest facts (thousands of agents are not thousands of writes)."""
+
+import asyncio
+import datetime
+import secrets
+
+import pytest
+
+from controller.fleet import Fleet
+from controller.rpc import wire
+from controller.store import Catalog
+from tests.integration.test_project_hashes import migrate
+
+pytestmark = pytest.mark.integration
+
+
+async def _enroll(catalog: Catalog, names: list[str]) -> None:
+    user = await catalog.create_user("owner", secrets.token_hex(16))
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+    for name in names:
+        token = secrets.token_hex(16)
+        await catalog.create_join_token(token, ["db"], expires, user.id)
+        await catalog.enroll(token, name, ["db"], lambda: (secrets.randbits(64), expires))
+        await catalog.agent_hello(name, {"hostname": f"{name}.old"}, None)
+
+
+def test_one_write_records_every_heartbeat_and_keeps_facts_a_heartbeat_did_not_carry(catalog_url):
+    migrate(catalog_url)
+
+    async def scenario():
+        catalog = Catalog(catalog_url, max_size=2)
+        await catalog.open()
+        try:
+            await _enroll(catalog, ["hb-a", "hb-b", "hb-c"])
+            before = {n: await catalog.get_agent(n) for n in ("hb-a", "hb-b", "hb-c")}
+            await asyncio.sleep(0.05)
+            await catalog.agents_seen({"hb-a": {"hostname": "hb-a.new"}, "hb-b": None, "nobody": None})
+            return before, {n: await catalog.get_agent(n) for n in ("hb-a", "hb-b", "hb-c")}
+        finally:
+            await catalog.close()
+
+    before, after = asyncio.run(scenario())
+    assert after["hb-a"].facts == {"hostname": "hb-a.new"}
+    assert after["hb-a"].last_seen > before["hb-a"].last_seen
+    assert after["hb-b"].facts == {"hostname": "hb-b.old"}
+    assert after["hb-b"].last_seen > before["hb-b"].last_seen
+    assert after["hb-c"].last_seen == before["hb-c"].last_seen  # not heard from
+
+
+def test_the_fleet_writes_heartbeats_in_rounds_with_the_latest_facts(catalog_url, monkeypatch):
+    from controller import fleet as fleet_mod
+    from controller.fleet import Session
+    from controller.secretbox import SecretBox, new_master_key
+
+    migrate(catalog_url)
+    monkeypatch.setattr(fleet_mod, "SEEN_EVERY_S", 0.2)
+    writes = []
+
+    async def scenario():
+        catalog = Catalog(catalog_url, max_size=2)
+        await catalog.open()
+        recorded = catalog.agents_seen
+
+        async def counting(seen):
+            writes.append(dict(seen))
+            await recorded(seen)
+
+        catalog.agents_seen = counting
+        fleet = Fleet(catalog, SecretBox(new_master_key()))
+        rounds = None
+        try:
+            await _enroll(catalog, ["hb-x", "hb-y"])
+            for host in ("first", "second"):
+                facts = wire.Facts(hostname=host, agent_version="1", tools={}, spool_free_bytes=1, roles=["db"])
+                for name in ("hb-x", "hb-y"):
+                    await fleet.handle(Session(name), wire.Heartbeat(facts=facts))
+            assert writes == []  # nothing written per heartbeat
+            rounds = asyncio.create_task(fleet.keep_recording_seen())
+            await asyncio.sleep(0.5)
+            return {n: (await catalog.get_agent(n)).facts for n in ("hb-x", "hb-y")}
+        finally:
+            if rounds is not None:
+                rounds.cancel()
+            await catalog.close()
+
+    facts = asyncio.run(scenario())
+    assert facts["hb-x"]["hostname"] == "second" and facts["hb-y"]["hostname"] == "second"
+    # Four heartbeats, one write holding both agents (and rounds with nothing heard write nothing).
+    heard = [w for w in writes if w]
+    assert len(heard) == 1 and set(heard[0]) == {"hb-x", "hb-y"}, writes
