@@ -203,3 +203,46 @@ def test_a_gateway_with_acme_gets_certificates_on_demand_for_project_hosts_only(
     finally:
         gateway.stop()
         fleet.api("POST", "agents/gw-acme/revoke")
+
+
+def test_checking_caddy_every_second_keeps_one_admin_client_and_asks_for_a_small_answer(tmp_path, monkeypatch):
+    """The Caddy check runs on the event loop that answers every request's forward_auth: a new
+    HTTP client per check cost that loop tens of milliseconds a second (a CA bundle loaded each time),
+    a stall every request arriving then waited out (the gateway's p99). One client serves every check,
+    and each asks only for the server's listen address, not the whole configuration."""
+    import asyncio
+
+    from agent.adapters import caddy as caddy_mod
+    from agent.runtime.settings import GatewaySettings
+
+    monkeypatch.setattr(caddy_mod, "CADDY_CHECK_S", 0.05)
+    made, asked = [], []
+    real_client = httpx.AsyncClient
+
+    class CountingClient(real_client):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+        async def send(self, request, **kwargs):
+            asked.append(request.url.path)
+            return await super().send(request, **kwargs)
+
+    monkeypatch.setattr(caddy_mod.httpx, "AsyncClient", CountingClient)
+    settings = GatewaySettings(listen=f"127.0.0.1:{free_port()}", auth_listen=f"127.0.0.1:{free_port()}",
+                               pool_upstream="127.0.0.1:9", pool_jwt_secret="p" * 40)
+    gateway = caddy_mod.Gateway(tmp_path, settings)
+
+    async def scenario() -> bool:
+        await gateway.start()
+        try:
+            await asyncio.sleep(1)  # about twenty checks
+            return await gateway._caddy_has_our_config()
+        finally:
+            await gateway.stop()
+
+    assert asyncio.run(scenario())
+    checks = [path for path in asked if path == "/config/apps/http/servers/flux/listen"]
+    assert len(checks) >= 10, asked
+    assert len(made) == 1, f"{len(made)} admin clients made for {len(asked)} requests"
+    assert "/config/" not in asked  # the whole configuration (every route) is never fetched to check
