@@ -218,7 +218,8 @@ class Fleet:
             await asyncio.sleep(SEEN_EVERY_S)
             seen, self._seen = self._seen, {}
             try:
-                await self.catalog.agents_seen(seen)
+                for name in await self.catalog.agents_seen(seen):
+                    log.warning("agent %s reported facts the catalog cannot store; its earlier ones are kept", name)
             except FluxError as exc:  # the next heartbeats come soon
                 log.warning("cannot record %d agents' heartbeats: %s", len(seen), exc.message)
 

@@ -569,13 +569,14 @@ class Gateway:
         while True:
             await asyncio.sleep(CADDY_CHECK_S)
             try:
-                if not await self._caddy_up():
+                listen = await self._caddy_listen()  # one question answers both checks
+                if listen is None:
                     code = self.caddy.poll() if self.caddy is not None else None
                     self.caddy_restarts += 1
                     log.warning("gateway: Caddy stopped answering%s; starting it again (restart %d)",
                                 f" (it exited with code {code})" if code is not None else "", self.caddy_restarts)
                     await self.ensure_caddy()
-                elif not await self._caddy_has_our_config():
+                elif listen != [self.settings.listen]:
                     log.warning("gateway: Caddy lost this gateway's configuration; loading it again")
                     await self.load_caddy_config()
             except AgentError as exc:

@@ -4,6 +4,8 @@ import datetime
 import json
 from dataclasses import dataclass
 
+import psycopg
+
 from ..errors import Conflict, NotFound
 from .base import Store
 
@@ -148,15 +150,29 @@ class AgentStore(Store):
                                " WHERE 'docker' = ANY(roles)")
         return {r["name"]: (r["stacks_reported_at"], r["engine_error"], r["connected_to"]) for r in rows}
 
-    async def agents_seen(self, seen: dict[str, dict | None]) -> None:
+    async def agents_seen(self, seen: dict[str, dict | None]) -> list[str]:
         """Agents heard from (their heartbeats), each with its latest facts (None: as they were), in
-        one statement: thousands of agents' heartbeats are one write every few seconds."""
+        one statement: thousands of agents' heartbeats are one write every few seconds. Returns the
+        agents whose facts the catalog cannot hold (a NUL in a string): they are seen, facts as were,
+        and no other agent's heartbeat is lost for them."""
         if not seen:
-            return
-        names = list(seen)
+            return []
+        try:
+            await self._write_seen(seen)
+            return []
+        except psycopg.DataError:
+            refused = []
+            for name, facts in seen.items():
+                try:
+                    await self._write_seen({name: facts})
+                except psycopg.DataError:
+                    refused.append(name)
+                    await self._write_seen({name: None})
+            return refused
+
+    async def _write_seen(self, seen: dict[str, dict | None]) -> None:
         facts = [json.dumps(f) if f is not None else None for f in seen.values()]
         await self._one(
-            "WITH seen AS (SELECT * FROM unnest(%s::text[], %s::jsonb[]) AS s(name, facts)),"
-            " updated AS (UPDATE agents SET last_seen = now(), facts = coalesce(seen.facts, agents.facts)"
-            " FROM seen WHERE agents.name = seen.name RETURNING 1)"
-            " SELECT count(*) AS n FROM updated", (names, facts))
+            "UPDATE agents SET last_seen = now(), facts = coalesce(seen.facts, agents.facts)"
+            " FROM unnest(%s::text[], %s::jsonb[]) AS seen(name, facts) WHERE agents.name = seen.name"
+            " RETURNING 1", (list(seen), facts))

@@ -160,7 +160,7 @@ class Store:
         self.available = False
 
     async def _probe(self) -> str | None:
-        """None when the catalog answers; "timeout" when it did not in time; else why it refused."""
+        """None when the catalog answers; "timeout" when it did not in time; else "refused"."""
         try:
             async with await psycopg.AsyncConnection.connect(self._url, connect_timeout=2) as conn:
                 await asyncio.wait_for(conn.execute("SELECT 1"), 2)

@@ -89,3 +89,26 @@ def test_the_fleet_writes_heartbeats_in_rounds_with_the_latest_facts(catalog_url
     # Four heartbeats, one write holding both agents (and rounds with nothing heard write nothing).
     heard = [w for w in writes if w]
     assert len(heard) == 1 and set(heard[0]) == {"hb-x", "hb-y"}, writes
+
+
+def test_facts_the_catalog_cannot_hold_cost_only_their_agent_its_facts(catalog_url):
+    """A NUL in a reported string is refused by jsonb: that agent is seen with its facts as they
+    were, and the others in the same write keep their heartbeat and new facts."""
+    migrate(catalog_url)
+
+    async def scenario():
+        catalog = Catalog(catalog_url, max_size=2)
+        await catalog.open()
+        try:
+            await _enroll(catalog, ["hb-good", "hb-nul"])
+            before = await catalog.get_agent("hb-nul")
+            await asyncio.sleep(0.05)
+            refused = await catalog.agents_seen({"hb-good": {"hostname": "new"}, "hb-nul": {"hostname": "a\x00b"}})
+            return refused, before, await catalog.get_agent("hb-good"), await catalog.get_agent("hb-nul")
+        finally:
+            await catalog.close()
+
+    refused, before, good, nul = asyncio.run(scenario())
+    assert refused == ["hb-nul"]
+    assert good.facts == {"hostname": "new"}
+    assert nul.facts == {"hostname": "hb-nul.old"} and nul.last_seen > before.last_seen
