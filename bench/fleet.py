@@ -4,9 +4,11 @@ Starts a catalog cluster and a controller, enrolls N agents through join tokens,
 connects them from a few worker processes (each agent its own channel and stream),
 then measures the time until all are connected, ping round trips through the
 controller's API (each ping crosses the agent's stream), and the controller's peak
-RSS. The last line of output is one JSON object with the figures.
+RSS. With --grpc-floor it then measures a bare gRPC server holding as many mTLS streams
+(bench/grpc_floor.py), so what the controller holds above gRPC's own shows. The last line of
+output is one JSON object with the figures.
 
-    python bench/fleet.py [--agents 200] [--workers 4]
+    python bench/fleet.py [--agents 200] [--workers 4] [--grpc-floor]
 """
 
 import argparse
@@ -18,6 +20,7 @@ import pathlib
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,6 +119,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4, help="processes the agents are spread over")
     parser.add_argument("--rounds", type=int, default=3, help="pings per agent")
     parser.add_argument("--concurrency", type=int, default=16, help="pings in flight at once")
+    parser.add_argument("--grpc-floor", action="store_true",
+                        help="also measure a bare gRPC server holding as many mTLS streams (bench/grpc_floor.py), "
+                             "so the controller's own share of its RSS shows")
     args = parser.parse_args()
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-"))
@@ -182,6 +188,18 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     if ping_errors:
         print(f"failed pings: {ping_errors}", file=sys.stderr)
+    if args.grpc_floor:
+        print(f"gRPC's floor: a bare server with {args.agents} streams", file=sys.stderr, flush=True)
+        # Its own program: spawned from this one, the bare server would carry this one's imports.
+        floor = subprocess.run([sys.executable, str(ROOT / "bench" / "grpc_floor.py"), "--connections",
+                                str(args.agents), "--workers", str(args.workers)],
+                               capture_output=True, text=True, timeout=900)
+        if floor.returncode != 0:
+            raise SystemExit(f"bench/grpc_floor.py failed: {floor.stderr.strip()[-2000:]}")
+        figures.update(json.loads(floor.stdout.splitlines()[-1]))
+        figures["controller_over_floor_mb"] = round(figures["controller_rss_mb"] - figures["grpc_floor_rss_mb"], 1)
+        figures["controller_over_floor_kb_per_agent"] = round(
+            figures["controller_over_floor_mb"] * 1024 / args.agents, 1)
     print(json.dumps(figures))
     return 0
 

@@ -113,13 +113,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rps", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=0,
+                        help="paced connections (default: one per 50 requests/s)")
     args = parser.parse_args()
+    if args.rps < 1 or args.seconds <= 0 or args.connections < 0:
+        parser.error("--rps and --seconds must be positive, --connections at least 0 (0: the default)")
     for tool in ("wrk", "caddy"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is missing: apt-get install -y {tool}")
     # Paced connections: each waits `delay` ms between requests, so the rate is about
-    # connections / (delay + latency); 50 requests/s per connection.
-    connections = max(2, args.rps // 50)
+    # connections / (delay + latency).
+    connections = args.connections or max(2, args.rps // 50)
     delay_ms = max(0, round(connections * 1000 / args.rps) - 1)
     work = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-gw-"))
     fleet = LocalFleet(work / "dev")
