@@ -161,6 +161,7 @@ def main() -> int:
             upstream.terminate()
             upstream.wait(10)
         fleet.close()
+        shutil.rmtree(work, ignore_errors=True)
     ms = {name: {"p50": r["p50_us"] / 1000, "p99": r["p99_us"] / 1000} for name, r in runs.items()}
     figures = {"rps": args.rps, "seconds": args.seconds, "connections": connections, "load": "wrk",
                "upstream": "fixed response (caddy)"}
