@@ -58,6 +58,10 @@ def finish_renewal(state: StateDir) -> None:
             os.replace(pending, state.file(name))
 
 
+# Put in a session's outbox when the session ends: its requests end with it.
+_STREAM_ENDED = object()
+
+
 class Backoff:
     def __init__(self, initial: float = 0.5, cap: float = 5.0, factor: float = 2.0):
         self.initial, self.cap, self.factor = initial, cap, factor
@@ -233,8 +237,8 @@ class Agent:
 
     async def _requests(self, outbox: asyncio.Queue):
         yield wire.hello(self.facts())
-        while True:
-            yield await outbox.get()
+        while (message := await outbox.get()) is not _STREAM_ENDED:
+            yield message
 
     async def _leases(self) -> None:
         """A gateway asks for its lease again a few times per lease, and every second while it has none."""
@@ -353,6 +357,10 @@ class Agent:
         finally:
             metrics.CONNECTED.set(0)
             self.outbox = None
+            # gRPC reads the requests in a task of its own that it cancels only when the call is
+            # cancelled, not when the stream ends: ended here, it finishes before the channel
+            # closes, instead of being destroyed pending (an asyncio error in the log).
+            outbox.put_nowait(_STREAM_ENDED)
             self.transfers.bind(None, None)
             for task in (heartbeats, leases, reports, renewal):
                 if task is not None:

@@ -1,8 +1,12 @@
 """Enrollment, mutual TLS, the agent stream and jobs, against a real controller and agents."""
 
 import datetime
+import json
+import pathlib
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -16,6 +20,8 @@ from proto import fleet_pb2_grpc
 from tests.support import AgentProc, CuttableProxy, run, script, wait_until
 
 pytestmark = pytest.mark.integration
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _connect_with(controller, ca_pem: bytes, key: bytes | None, cert: bytes | None):
@@ -152,6 +158,47 @@ def test_agents_reconnect_after_controller_restart(controller, agents):
     wait_until(lambda: controller.connected("re-1") and controller.connected("re-2"), 10,
                "agents reconnected")
     assert time.monotonic() - restarted < 10
+
+
+# One agent session in a process of its own: connects, and once the controller is gone, reports
+# what asyncio said of the tasks the ended stream left behind.
+_ONE_SESSION = """
+import asyncio, gc, json, sys
+from agent.errors import AgentError
+from agent.runtime.config import StateDir
+from agent.runtime.connection import Agent, Backoff
+
+async def main():
+    said = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: said.append(context["message"]))
+    agent = Agent(StateDir(sys.argv[1]), tools={"pg_dump": "test", "psql": "test"})
+    try:
+        await agent.session(Backoff())
+    except AgentError as exc:
+        print("session ended:", exc, file=sys.stderr)
+    for _ in range(3):  # what the ended stream left is collected, and anything pending is destroyed
+        gc.collect()
+        await asyncio.sleep(0.2)
+    print(json.dumps(said))
+
+asyncio.run(main())
+"""
+
+
+def test_a_stream_that_ends_leaves_no_task_of_it_pending(controller, agents):
+    """An ended stream's requests end with it: no "Task was destroyed but it is pending!" nor
+    "aclose(): asynchronous generator is already running" in the agent's log at every reconnect."""
+    agent = agents("tidy-1", start=False)
+    proc = subprocess.Popen([sys.executable, "-c", _ONE_SESSION, str(agent.state_dir)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: controller.connected("tidy-1"), 15, "the agent's session connected")
+        assert controller.stop() == 0
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "session ended" in err, err[-2000:]
+    assert json.loads(out.splitlines()[-1]) == [], err[-2000:]
 
 
 def test_job_result_survives_a_dropped_connection(controller, agents):
