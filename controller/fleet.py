@@ -172,6 +172,9 @@ class Fleet:
         self.agent_catalog_slots = asyncio.Semaphore(AGENT_CATALOG_SLOTS)
         # Agents whose heartbeat came since the last write, with their latest facts (keep_recording_seen).
         self._seen: dict[str, dict | None] = {}
+        # Agents whose facts the catalog refused: their heartbeats' facts are left out until they
+        # connect again, so that one such agent does not cost every round a write per agent.
+        self._facts_refused: set[str] = set()
 
     def leading(self) -> bool:
         """Agents connect to, and jobs are run by, the leading controller only."""
@@ -219,7 +222,9 @@ class Fleet:
             seen, self._seen = self._seen, {}
             try:
                 for name in await self.catalog.agents_seen(seen):
-                    log.warning("agent %s reported facts the catalog cannot store; its earlier ones are kept", name)
+                    log.warning("agent %s reported facts the catalog cannot store; its earlier ones are kept"
+                                " until it connects again", name)
+                    self._facts_refused.add(name)
             except FluxError as exc:  # the next heartbeats come soon
                 log.warning("cannot record %d agents' heartbeats: %s", len(seen), exc.message)
 
@@ -255,6 +260,7 @@ class Fleet:
 
     async def handle(self, session: Session, event: wire.AgentEvent) -> None:
         if isinstance(event, wire.Hello):
+            self._facts_refused.discard(session.name)
             async with self.agent_catalog_slots:
                 await self.catalog.agent_hello(session.name, event.facts.as_dict(),
                                                self.leadership.id if self.leadership is not None else None)
@@ -269,7 +275,7 @@ class Fleet:
         elif isinstance(event, wire.LeaseRequest):
             session.send(wire.lease_grant(event.nonce, self.lease_granter(session.name)))
         elif isinstance(event, wire.Heartbeat):
-            facts = event.facts.as_dict() if event.facts else None
+            facts = event.facts.as_dict() if event.facts and session.name not in self._facts_refused else None
             self._seen[session.name] = facts if facts is not None else self._seen.get(session.name)
         elif isinstance(event, wire.Pong):
             future = session.pings.pop(event.nonce, None)

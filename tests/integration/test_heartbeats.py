@@ -112,3 +112,48 @@ def test_facts_the_catalog_cannot_hold_cost_only_their_agent_its_facts(catalog_u
     assert refused == ["hb-nul"]
     assert good.facts == {"hostname": "new"}
     assert nul.facts == {"hostname": "hb-nul.old"} and nul.last_seen > before.last_seen
+
+
+def test_an_agent_whose_facts_were_refused_costs_later_rounds_no_write_per_agent(catalog_url, monkeypatch):
+    """After the catalog refused an agent's facts once, its heartbeats' facts are left out until it
+    connects again: the next rounds are one write again, not one per agent heard from."""
+    from controller import fleet as fleet_mod
+    from controller.fleet import Session
+    from controller.secretbox import SecretBox, new_master_key
+
+    migrate(catalog_url)
+    monkeypatch.setattr(fleet_mod, "SEEN_EVERY_S", 0.2)
+    refused_rounds = []
+
+    async def scenario():
+        catalog = Catalog(catalog_url, max_size=2)
+        await catalog.open()
+        recorded = catalog.agents_seen
+
+        async def watching(seen):
+            refused = await recorded(seen)
+            if seen:  # rounds with nothing heard write nothing
+                refused_rounds.append(refused)
+            return refused
+
+        catalog.agents_seen = watching
+        fleet = Fleet(catalog, SecretBox(new_master_key()))
+        rounds = asyncio.create_task(fleet.keep_recording_seen())
+        try:
+            await _enroll(catalog, ["hb-ok", "hb-bad"])
+            for round_ in range(3):
+                for name, host in (("hb-ok", f"ok-{round_}"), ("hb-bad", f"bad\x00{round_}")):
+                    facts = wire.Facts(hostname=host, agent_version="1", tools={}, spool_free_bytes=round_,
+                                       roles=["db"])
+                    await fleet.handle(Session(name), wire.Heartbeat(facts=facts))
+                await asyncio.sleep(0.35)
+            return {n: (await catalog.get_agent(n)).facts for n in ("hb-ok", "hb-bad")}
+        finally:
+            rounds.cancel()
+            await catalog.close()
+
+    facts = asyncio.run(scenario())
+    # (A slow write may merge two heartbeat rounds into one: at least two are written.)
+    assert len(refused_rounds) >= 2 and refused_rounds[0] == ["hb-bad"], refused_rounds
+    assert all(r == [] for r in refused_rounds[1:]), refused_rounds  # one write each, as before it
+    assert facts["hb-ok"]["hostname"] == "ok-2" and facts["hb-bad"] == {"hostname": "hb-bad.old"}
