@@ -46,6 +46,10 @@ def test_provision_probe_and_rows_through_the_gateway(fleet):
     assert docker("volume", "inspect", "-f", "{{.Name}}", n["volume"]) == n["volume"]
     assert docker("network", "inspect", "-f", "{{.Name}}", n["network"]) == n["network"]
     assert docker("inspect", "-f", "{{.HostConfig.Memory}}", n["db"]) == str(256 * 1024 * 1024)
+    # Each health check is a process Docker starts in the container: one every 30 s, not every second
+    # (at 1-2 s, 15 stacks kept a 2-core docker host 60% busy).
+    intervals = docker("inspect", "-f", "{{.Config.Healthcheck.Interval}}", n["db"], n["api"]).split()
+    assert intervals == ["30s", "30s"], intervals
     # PostgREST connects as authenticator, never as a superuser.
     assert "authenticator" in docker("inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", n["api"])
 
