@@ -241,8 +241,12 @@ def install_packages(packages: list[str], say) -> None:
 
 
 class DevFleet:
-    def __init__(self, directory: pathlib.Path, say=None, hosts: bool = False):
+    def __init__(self, directory: pathlib.Path, say=None, hosts: bool = False,
+                 agent_settings: dict[str, dict] | None = None):
+        """`agent_settings`: settings by role ({"db": {"drop_lock_timeout": "3s"}}) written over
+        the fleet's own into each agent's settings.json at every `up`."""
         self.dir = directory.expanduser().resolve()
+        self.agent_settings = agent_settings or {}
         self.say = say or Progress(quiet=True)
         self.state_path = self.dir / STATE_FILE
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
@@ -422,6 +426,13 @@ class DevFleet:
         return json.loads(proc.stdout)
 
     def _agent_settings(self, name: str, shared: PostgresCluster) -> dict:
+        settings = self._own_agent_settings(name, shared)
+        for role, extra in self.agent_settings.items():
+            if role in settings:
+                settings[role] = {**settings[role], **extra}
+        return settings
+
+    def _own_agent_settings(self, name: str, shared: PostgresCluster) -> dict:
         if AGENTS[name] == "db":
             return {"db": {"shared_cluster_url": shared.url("flux_shared"),
                            "authenticator_password": self._secret("authenticator")}}

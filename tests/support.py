@@ -311,10 +311,10 @@ class CuttableProxy:
 class LocalFleet:
     """A whole local fleet (`flux dev up`) for tests of both engines and the gateway."""
 
-    def __init__(self, directory: pathlib.Path, hosts: bool = False):
+    def __init__(self, directory: pathlib.Path, hosts: bool = False, agent_settings: dict | None = None):
         from devtools.fleet import DevFleet
 
-        self.fleet = DevFleet(directory, hosts=hosts)
+        self.fleet = DevFleet(directory, hosts=hosts, agent_settings=agent_settings)
         try:
             self.info = self.fleet.up()
         except BaseException:

@@ -22,8 +22,9 @@ class WriteGuards:
         self._held: dict[str, psycopg.Connection] = {}
         self._lock = threading.Lock()
 
-    def lock(self, source_url: str, tenant: Tenant, key: str | None = None) -> dict:
-        """Holds writes to every tenant table at the database, whatever path they take.
+    def lock(self, source_url: str, tenant: Tenant, key: str | None = None, lock_timeout: str = "15s") -> dict:
+        """Holds writes to every tenant table at the database, whatever path they take; fails when
+        a table's lock is not had within `lock_timeout` (a PostgreSQL duration: an open write holds it off).
 
         `source_url` logs in as the tenant's owner role, as every url named so here does, except
         for a guard on the dedicated database (a rollback), kept under its own `key`.
@@ -35,7 +36,7 @@ class WriteGuards:
                 return {"locked": True, "changed": False}
             conn = psycopg.connect(source_url, connect_timeout=10)
             try:
-                conn.execute("SET lock_timeout = '15s'")
+                conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_timeout,))
                 tables = tables_of(conn, tenant.schema)
                 for name in tables:
                     conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(tenant.schema, name)))

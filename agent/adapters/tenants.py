@@ -390,13 +390,10 @@ def create_tenant(conn, tenant: Tenant, settings: DbSettings) -> dict:
             "steps": steps}
 
 
-DROP_LOCK_TIMEOUT = "10s"
-
-
-def drop_tenant(conn, tenant: Tenant) -> dict:
+def drop_tenant(conn, tenant: Tenant, lock_timeout: str = "10s") -> dict:
     with conn.transaction():
         # A session holding a lock on a tenant table fails the drop in seconds rather than hanging it.
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (DROP_LOCK_TIMEOUT,))
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_TENANTS_LOCK,))
         existed = _check_owner(conn, tenant)
         if existed:

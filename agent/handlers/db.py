@@ -13,6 +13,7 @@ from contract.failures import FailureKind
 
 from ..adapters import changes, dumpfile, dumps, ledger, tenants, transfer
 from ..errors import AgentError
+from ..runtime.settings import DbSettings
 from .context import Handler, JobContext
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ async def tenant_create(ctx: JobContext) -> dict:
 async def tenant_drop(ctx: JobContext) -> dict:
     """Drops the tenant from the shared cluster, then its dump files from the spool."""
     def drop(conn, tenant, db) -> dict:
-        result = tenants.drop_tenant(conn, tenant)
+        result = tenants.drop_tenant(conn, tenant, db.drop_lock_timeout)
         return {**result, "dumps_removed": dumps.remove_dumps(ctx.state_dir / "spool", tenant)}
 
     return await _on_shared_cluster(ctx, drop)
@@ -84,12 +85,15 @@ async def tenant_lock(ctx: JobContext) -> dict:
     """Holds writes on the pooled copy (as the tenant), or with target_url on the stack's database."""
     def run() -> dict:
         if ctx.params.target_url:
+            # A guard on a stack's database (a rollback) needs none of the shared cluster's settings.
+            wait = getattr(ctx.settings.get("db"), "write_guard_lock_timeout", DbSettings.write_guard_lock_timeout)
             tenant = tenants.Tenant.from_params(ctx.params)
-            return ctx.guards.lock(ctx.params.target_url, tenant, _guard_key(tenant, "back"))
+            return ctx.guards.lock(ctx.params.target_url, tenant, _guard_key(tenant, "back"), wait)
+        db = _db_settings(ctx)
         tenant, url = _tenant_login(ctx)
-        with tenants.connect(_db_settings(ctx)) as conn:
+        with tenants.connect(db) as conn:
             tenants.cancel_autovacuum(conn, tenant)
-        return ctx.guards.lock(url, tenant)
+        return ctx.guards.lock(url, tenant, lock_timeout=db.write_guard_lock_timeout)
 
     return await asyncio.to_thread(run)
 

@@ -2,7 +2,8 @@
 
     {"db":      {"shared_cluster_url": "postgresql://...", "authenticator_password": "...",
                  "runtime_connection_limit": 20, "runtime_statement_timeout": "15s",
-                 "push_statement_timeout": "60s"},
+                 "push_statement_timeout": "60s", "write_guard_lock_timeout": "15s",
+                 "drop_lock_timeout": "10s"},
      "docker":  {"postgres_image": "postgres:15", "postgrest_image": "postgrest/postgrest:v12.2.3",
                  "publish_host": "127.0.0.1", "advertise_host": "127.0.0.1", "memory_limit": "512m",
                  "cpus": 1.0, "restart_policy": "unless-stopped"},
@@ -49,6 +50,10 @@ class DbSettings:
     runtime_connection_limit: int = 20
     runtime_statement_timeout: str = "15s"
     push_statement_timeout: str = "60s"
+    # How long a migration's write guard waits for the locks on a tenant's tables (an open write
+    # transaction holds them off), and a tenant's drop for its schema's; each attempt fails after it.
+    write_guard_lock_timeout: str = "15s"
+    drop_lock_timeout: str = "10s"
     # The pooled API (PostgREST) this agent runs and supervises: {"command": [...], "env": {...}};
     # None: it runs on its own.
     pool_api: dict | None = None
@@ -205,7 +210,8 @@ def load(state: StateDir) -> dict:
         if not db.shared_cluster_url.startswith(("postgresql://", "postgres://")):
             raise AgentError(f"{SETTINGS_FILE}: db.shared_cluster_url must be a postgresql:// URL of the shared "
                              "cluster's database, for a role that is a superuser")
-        for key in ("runtime_statement_timeout", "push_statement_timeout"):
+        for key in ("runtime_statement_timeout", "push_statement_timeout", "write_guard_lock_timeout",
+                    "drop_lock_timeout"):
             if not _DURATION.match(getattr(db, key)):
                 raise AgentError(f"{SETTINGS_FILE}: db.{key} must look like 15s, 500ms or 2min")
         settings["db"] = db

@@ -288,6 +288,31 @@ def test_a_write_guard_whose_freeze_fails_stays_held_until_the_freeze_succeeds(d
             conn.execute(f"DROP ROLE IF EXISTS {tenant.runtime_role}")
 
 
+def test_a_write_guard_gives_up_after_the_lock_wait_it_is_given(databases, tenant):
+    """An open write holds the guard off; the guard stops waiting after its `lock_timeout`
+    (db.write_guard_lock_timeout), not after the 15 s default, and holds nothing then."""
+    from agent.adapters.guards import WriteGuards
+    from agent.errors import AgentError
+
+    source = databases[0]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {tenant.schema}; CREATE TABLE {tenant.schema}.notes (id int)")
+    guards = WriteGuards()
+    try:
+        with psycopg.connect(source) as writer:
+            writer.execute(f"INSERT INTO {tenant.schema}.notes VALUES (1)")  # open: its lock stays
+            started = time.monotonic()
+            with pytest.raises(AgentError, match="could not lock the tables .*lock timeout") as caught:
+                guards.lock(source, tenant, lock_timeout="1s")
+            waited = time.monotonic() - started
+        assert waited < 10, waited
+        assert caught.value.retryable and not guards.held(tenant)
+    finally:
+        guards.close()
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {tenant.schema} CASCADE")
+
+
 def test_only_the_kept_copy_of_a_migrated_project_is_dumped_as_the_agents_role(databases, tenant, tmp_path):
     """After an offline cutover the dump file is written from the frozen pooled copy, whose owner
     logs in no more; the agent reads it as its own role then, and never a live tenant that way."""

@@ -36,9 +36,14 @@ select nextval('invoice_numbers'); select nextval('invoice_numbers');
 }
 
 
+# Several tests hold a lock that a migration's write guard or a tenant's drop waits on until it
+# gives up (15 s and 10 s by default, each attempt of three): shorter waits make the same failures.
+LOCK_WAITS = {"db": {"write_guard_lock_timeout": "3s", "drop_lock_timeout": "3s"}}
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    fleet = LocalFleet(tmp_path_factory.mktemp("migrate") / "dev")
+    fleet = LocalFleet(tmp_path_factory.mktemp("migrate") / "dev", agent_settings=LOCK_WAITS)
     yield fleet
     fleet.close()
 

@@ -29,6 +29,7 @@ def _load(tmp_path, body) -> dict:
 def test_good_settings_load_with_their_defaults(tmp_path):
     loaded = _load(tmp_path, GOOD)
     assert loaded["db"].runtime_statement_timeout == "15s" and loaded["docker"].cpus == 1
+    assert (loaded["db"].write_guard_lock_timeout, loaded["db"].drop_lock_timeout) == ("15s", "10s")
     assert loaded["gateway"].manage_caddy is True and loaded["backup"].dir.endswith("backups")
 
 
@@ -37,6 +38,8 @@ def test_good_settings_load_with_their_defaults(tmp_path):
     ({"db": {"authenticator_password": "pw"}}, "db settings lack db.shared_cluster_url, which have no default"),
     ({"db": {**GOOD["db"], "runtime_connection_limit": "20"}}, "db.runtime_connection_limit must be a whole number, not str"),
     ({"db": {**GOOD["db"], "shared_cluster_url": "mysql://x"}}, "db.shared_cluster_url must be a postgresql:// URL"),
+    ({"db": {**GOOD["db"], "write_guard_lock_timeout": "soon"}}, "db.write_guard_lock_timeout must look like 15s"),
+    ({"db": {**GOOD["db"], "drop_lock_timeout": "10"}}, "db.drop_lock_timeout must look like 15s"),
     ({"docker": {"cpus": "two"}}, "docker.cpus must be a number, not str"),
     ({"docker": {"memory": "1g"}}, "unknown docker setting(s) memory; the docker settings are postgres_image,"),
     ({"gateway": {**GOOD["gateway"], "listen": "8443"}}, "gateway.listen must be HOST:PORT, like 127.0.0.1:8443"),
