@@ -103,10 +103,31 @@ class StatusReport:
 AgentEvent = Hello | Heartbeat | JobProgress | JobResult | Pong | LeaseRequest | StatusReport
 
 
+# PostgreSQL's text and jsonb cannot hold a NUL, and what an agent reports is stored there: a
+# NUL it sends is read as U+FFFD, so that its hello or result is recorded rather than refused.
+_NUL, _REPLACEMENT = "\x00", "\ufffd"
+
+
+def _text(value: str) -> str:
+    return value.replace(_NUL, _REPLACEMENT) if _NUL in value else value
+
+
+def _texts(value: Any) -> Any:
+    """A parsed JSON value with every NUL in its strings (keys included) replaced."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_texts(v) for v in value]
+    if isinstance(value, dict):
+        return {_text(k): _texts(v) for k, v in value.items()}
+    return value
+
+
 def _facts(msg: pb.Facts) -> Facts:
     return Facts(
-        hostname=msg.hostname, agent_version=msg.agent_version, tools=dict(msg.tools),
-        spool_free_bytes=msg.spool_free_bytes, roles=list(msg.roles),
+        hostname=_text(msg.hostname), agent_version=_text(msg.agent_version),
+        tools={_text(k): _text(v) for k, v in msg.tools.items()},
+        spool_free_bytes=msg.spool_free_bytes, roles=[_text(r) for r in msg.roles],
     )
 
 
@@ -115,9 +136,11 @@ def _output(text: str) -> tuple[Any, str]:
     if not text:
         return None, ""
     try:
-        return json.loads(text), ""
+        value = json.loads(text)
     except ValueError as exc:
         return None, f"the output is not JSON ({exc})"
+    # A NUL can only be in a string of it, written raw or as \u0000.
+    return (_texts(value) if _NUL in text or "\\u0000" in text else value), ""
 
 
 def _failure(value: int) -> FailureKind:
@@ -139,17 +162,18 @@ def decode_agent_message(msg: pb.AgentMessage) -> AgentEvent | None:
     if kind == "lease_request":
         return LeaseRequest(msg.lease_request.nonce)
     if kind == "status_report":
-        return StatusReport(dict(msg.status_report.stacks), msg.status_report.engine_error)
+        return StatusReport({_text(k): _text(v) for k, v in msg.status_report.stacks.items()},
+                            _text(msg.status_report.engine_error))
     if kind == "job_event":
         event = msg.job_event
         which = event.WhichOneof("event")
         if which == "progress":
             p = event.progress
-            return JobProgress(event.job_id, p.phase, p.done, p.total, p.unit, p.message)
+            return JobProgress(event.job_id, _text(p.phase), p.done, p.total, _text(p.unit), _text(p.message))
         if which == "result":
             r = event.result
             output, problem = _output(r.output_json)
-            return JobResult(event.job_id, r.ok, output, r.error, r.retryable,
+            return JobResult(event.job_id, r.ok, output, _text(r.error), r.retryable,
                              None if r.ok else _failure(r.failure), problem)
     return None
 

@@ -157,3 +157,38 @@ def test_an_agent_whose_facts_were_refused_costs_later_rounds_no_write_per_agent
     assert len(refused_rounds) >= 2 and refused_rounds[0] == ["hb-bad"], refused_rounds
     assert all(r == [] for r in refused_rounds[1:]), refused_rounds  # one write each, as before it
     assert facts["hb-ok"]["hostname"] == "ok-2" and facts["hb-bad"] == {"hostname": "hb-bad.old"}
+
+
+def test_an_agent_whose_hello_carries_a_nul_is_recorded_with_a_replacement_character(catalog_url):
+    """jsonb refuses a NUL: read off the wire, it becomes U+FFFD, so the agent's hello is recorded
+    (it failed the stream, and the agent reconnected in a loop), and so are its job's results."""
+    from controller.fleet import Session
+    from controller.secretbox import SecretBox, new_master_key
+    from proto import fleet_pb2 as pb
+
+    migrate(catalog_url)
+
+    def received(message: pb.AgentMessage):
+        return wire.decode_agent_message(pb.AgentMessage.FromString(message.SerializeToString()))
+
+    async def scenario():
+        catalog = Catalog(catalog_url, max_size=2)
+        await catalog.open()
+        try:
+            await _enroll(catalog, ["hb-hello-nul"])
+            fleet = Fleet(catalog, SecretBox(new_master_key()))
+            facts = pb.Facts(hostname="host\x00name", agent_version="1\x00", tools={"pg\x00dump": "15\x00"},
+                             roles=["db"])
+            await fleet.handle(Session("hb-hello-nul"), received(pb.AgentMessage(hello=pb.Hello(facts=facts))))
+            return (await catalog.get_agent("hb-hello-nul")).facts
+        finally:
+            await catalog.close()
+
+    facts = asyncio.run(scenario())
+    assert facts["hostname"] == "host\ufffdname" and facts["agent_version"] == "1\ufffd"
+    assert facts["tools"] == {"pg\ufffddump": "15\ufffd"}
+    result = received(pb.AgentMessage(job_event=pb.JobEvent(job_id="j", result=pb.JobResult(
+        ok=False, error="bad\x00", output_json='{"a\\u0000": ["x\\u0000y", 1], "b": "\\\\u0000"}'))))
+    assert result.error == "bad\ufffd" and result.output_problem == ""
+    # An escaped backslash before "u0000" is text, not a NUL, and stays as it was.
+    assert result.output == {"a\ufffd": ["x\ufffdy", 1], "b": "\\u0000"}
