@@ -12,7 +12,7 @@ import uvicorn
 
 import observe
 
-from . import metrics
+from . import memory, metrics
 from .http import create_app
 from .store import Catalog, Retention
 from .config import ConfigError, ControllerConfig, StateDir
@@ -211,12 +211,14 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
         web.config.ssl.load_cert_chain(state.file("server.pem"), state.file("server.key"))
 
     certificate = asyncio.create_task(keep_server_certificate(state, ca, reload_https if http_tls else None))
+    trimming = asyncio.create_task(memory.keep_trimmed())
 
     await stop.wait()
     leading.cancel()
     await leadership.stop()
     watch.cancel()
     certificate.cancel()
+    trimming.cancel()
     notify("STOPPING=1")
     log.info("stopping")
     for session in list(fleet.sessions.values()):

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import observe
 
-from . import __version__, store as catalog_mod
+from . import __version__, memory, store as catalog_mod
 from .store import Catalog
 from .config import CONFIG_FILE, DEFAULT_AGENT_CERT_S, DEFAULT_DUMP_RETENTION_DAYS, DEFAULT_SERVER_CERT_S, \
     ConfigError, ControllerConfig, StateDir, check_backup_max_age, check_dump_retention, parse_lifetime
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--heartbeat-seconds must be between 1 and 300")
         if not 3 <= args.gateway_lease_seconds <= 3600:
             raise ConfigError("--gateway-lease-seconds must be between 3 and 3600")
+        # Before gRPC starts its threads: they share a few malloc arenas (memory.py).
+        memory.limit_arenas()
         asyncio.run(serve(
             state,
             Listen.parse(args.http_listen, "--http-listen"),

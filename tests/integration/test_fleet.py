@@ -201,6 +201,37 @@ def test_a_stream_that_ends_leaves_no_task_of_it_pending(controller, agents):
     assert json.loads(out.splitlines()[-1]) == [], err[-2000:]
 
 
+HEAP = 64 << 20  # a glibc thread arena grows in heaps of this size, each aligned to it
+
+
+def _malloc_heaps(pid: int) -> int:
+    """The thread arenas' heaps in a process's memory map: anonymous mappings that start on a
+    64 MiB boundary and run, as one or two (the part in use, then the reserved rest), to the next."""
+    spans = []
+    for line in pathlib.Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 5 and fields[4] == "0":  # no file behind it
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    ends = {start: end for start, end in spans}
+    heaps = 0
+    for start, end in spans:
+        if start % HEAP == 0 and (end == start + HEAP or ends.get(end) == start + HEAP):
+            heaps += 1
+    return heaps
+
+
+def test_the_controllers_threads_share_two_malloc_arenas(controller, agents):
+    """gRPC's threads and TLS allocate through glibc's malloc, which would give each thread an
+    arena of its own and keep what connections that come and go freed there (hundreds of MB at
+    5,000 agents); the controller caps it at two arenas, the main one and one heap's worth more."""
+    for i in range(3):
+        agents(f"arena-{i}")
+    wait_until(lambda: all(controller.connected(f"arena-{i}") for i in range(3)), 15, "the agents connected")
+    assert controller.api("POST", "agents/arena-0/ping").status_code == 200
+    assert _malloc_heaps(controller.proc.pid) <= 1
+
+
 def test_job_result_survives_a_dropped_connection(controller, agents):
     agent = agents("drop-1", start=False)
     proxy = CuttableProxy(controller.ports["grpc"])
