@@ -22,11 +22,14 @@ TRIM_EVERY_S = 60.0
 
 
 def _glibc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    # glibc's own name first: find_library runs ldconfig, a process at every import.
+    for name in ("libc.so.6", None):
+        try:
+            libc = ctypes.CDLL(name or ctypes.util.find_library("c") or "libc.so")
+        except OSError:
+            continue
         return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
+    return None
 
 
 _LIBC = _glibc()
