@@ -4,6 +4,7 @@ Nothing else in the controller touches `_pb2` types.
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,15 +113,8 @@ def _text(value: str) -> str:
     return value.replace(_NUL, _REPLACEMENT) if _NUL in value else value
 
 
-def _texts(value: Any) -> Any:
-    """A parsed JSON value with every NUL in its strings (keys included) replaced."""
-    if isinstance(value, str):
-        return _text(value)
-    if isinstance(value, list):
-        return [_texts(v) for v in value]
-    if isinstance(value, dict):
-        return {_text(k): _texts(v) for k, v in value.items()}
-    return value
+# \u0000 in JSON text, unless its backslash is itself escaped (an even run of backslashes before it).
+_ESCAPED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 def _facts(msg: pb.Facts) -> Facts:
@@ -135,12 +129,15 @@ def _output(text: str) -> tuple[Any, str]:
     """The output as a JSON value, and why it is none when it could not be read."""
     if not text:
         return None, ""
+    # JSON holds a NUL only as \u0000 (a raw one is not JSON): replaced in the text, however deep it sits.
+    if "\\u0000" in text:
+        text = _ESCAPED_NUL.sub(r"\1\\ufffd", text)
     try:
-        value = json.loads(text)
+        return json.loads(text), ""
     except ValueError as exc:
         return None, f"the output is not JSON ({exc})"
-    # A NUL can only be in a string of it, written raw or as \u0000.
-    return (_texts(value) if _NUL in text or "\\u0000" in text else value), ""
+    except RecursionError:
+        return None, "the output is not JSON that can be read (nested too deep)"
 
 
 def _failure(value: int) -> FailureKind:

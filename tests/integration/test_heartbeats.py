@@ -192,3 +192,10 @@ def test_an_agent_whose_hello_carries_a_nul_is_recorded_with_a_replacement_chara
     assert result.error == "bad\ufffd" and result.output_problem == ""
     # An escaped backslash before "u0000" is text, not a NUL, and stays as it was.
     assert result.output == {"a\ufffd": ["x\ufffdy", 1], "b": "\\u0000"}
+    # However deep it sits; and output nested past what can be read is refused, not raised.
+    deep = received(pb.AgentMessage(job_event=pb.JobEvent(job_id="j", result=pb.JobResult(
+        ok=True, output_json="[" * 600 + '"\\u0000"' + "]" * 600))))
+    assert deep.output_problem == "" and str(deep.output).count("\ufffd") == 1
+    deeper = received(pb.AgentMessage(job_event=pb.JobEvent(job_id="j", result=pb.JobResult(
+        ok=True, output_json="[" * 100_000 + "]" * 100_000))))
+    assert deeper.output is None and "nested too deep" in deeper.output_problem
