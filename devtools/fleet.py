@@ -13,7 +13,6 @@ import pathlib
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,12 @@ from dataclasses import dataclass
 import httpx
 import psycopg
 
+from agent.adapters.ports import free_port
 from cli.errors import CliError
 
 from .hosts import Hosts, free_subnet
 
 STATE_FILE = "dev.json"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pg_bindir() -> pathlib.Path:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import threading
 import time
 import urllib.parse
@@ -32,6 +31,7 @@ from contract.failures import FailureKind
 from contract.stacks import MANAGED_API_ENV, StackRef
 
 from .apiroles import API_ROLES_AND_LEDGER
+from .ports import free_port
 from ..errors import AgentError
 from ..runtime.settings import DockerSettings
 
@@ -121,12 +121,6 @@ def client() -> docker.DockerClient:
     except DockerException as exc:
         raise AgentError(f"cannot reach the Docker engine: {exc}", retryable=True,
                          kind=FailureKind.UNAVAILABLE) from None
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _get(collection, name: str):
@@ -390,7 +384,7 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
         say("database", 2, 6, "steps", spec.db)
         db = _own(engine.containers, "container", spec.db, spec)
         if db is None:
-            db_port = spec.db_port or _free_port(settings.publish_host)
+            db_port = spec.db_port or free_port(settings.publish_host)
             db = _run_db(engine, settings, spec, db_port, BULK_LOAD_COMMAND if spec.bulk_load else DB_COMMAND)
             steps["db container"] = "changed"
         else:
@@ -417,7 +411,7 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
             api.remove(force=True)
             api = None
         if api is None:
-            api_port = spec.api_port or kept_port or _free_port(settings.publish_host)
+            api_port = spec.api_port or kept_port or free_port(settings.publish_host)
             password = urllib.parse.quote(spec.authenticator_password, safe="")
             environment = {
                 "PGRST_DB_URI": f"postgres://authenticator:{password}@{spec.db}:{DB_PORT}/postgres",

@@ -17,6 +17,7 @@ from docker.errors import DockerException, NotFound
 from contract.failures import FailureKind
 
 from ..adapters import apiroles, backups, stacks, tenants
+from ..adapters.ports import free_port
 from ..adapters.dumpfile import parse_key
 from ..errors import AgentError
 from ..runtime.settings import DockerSettings
@@ -170,7 +171,7 @@ def scratch_database(settings: DockerSettings, backup_id: str):
     engine = stacks.client()
     name = f"flux-scratch-{backup_id[:8]}-{secrets.token_hex(4)}"
     password = secrets.token_urlsafe(24)
-    port = stacks._free_port(settings.publish_host)
+    port = free_port(settings.publish_host)
     stacks._ensure_image(engine, settings.postgres_image)
     container = None
     try:

@@ -1,0 +1,48 @@
+"""Ports for servers that start after their port is chosen (a dev fleet's processes, a stack's
+published ports).
+
+A port the kernel hands out for `bind(0)` comes from the same range it gives outgoing
+connections their local ports from, so a client connecting anywhere on the host can take it
+before the server binds it (the server then fails with "address already in use"). The ports
+chosen here lie below that range: only another server choosing the same port can take them.
+"""
+
+import pathlib
+import random
+import socket
+
+# The lowest port chosen, and where the kernel's range for outgoing connections starts when it
+# cannot be read.
+LOWEST = 10_000
+DEFAULT_EPHEMERAL_LOW = 32_768
+TRIES = 200
+
+
+def ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections."""
+    try:
+        return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return DEFAULT_EPHEMERAL_LOW
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing on `host` listens on, below the range of outgoing connections' ports; one
+    from the kernel (bind 0) when that range leaves none below it or all tried are taken."""
+    high = ephemeral_low()
+    if high - LOWEST >= TRIES:
+        for port in random.sample(range(LOWEST, high), TRIES):
+            if _bindable(host, port):
+                return port
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
