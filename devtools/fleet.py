@@ -236,11 +236,13 @@ def install_packages(packages: list[str], say) -> None:
 
 class DevFleet:
     def __init__(self, directory: pathlib.Path, say=None, hosts: bool = False,
-                 agent_settings: dict[str, dict] | None = None):
+                 agent_settings: dict[str, dict] | None = None, controller_args: tuple[str, ...] = ()):
         """`agent_settings`: settings by role ({"db": {"drop_lock_timeout": "3s"}}) written over
-        the fleet's own into each agent's settings.json at every `up`."""
+        the fleet's own into each agent's settings.json at every `up`. `controller_args`: added to
+        `flux-controller run` when `up` starts the controller (("--gateway-lease-seconds", "15"))."""
         self.dir = directory.expanduser().resolve()
         self.agent_settings = agent_settings or {}
+        self.controller_args = tuple(controller_args)
         self.say = say or Progress(quiet=True)
         self.state_path = self.dir / STATE_FILE
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
@@ -503,7 +505,8 @@ class DevFleet:
                 sys.executable, "-m", "controller.main", "run", "--state-dir", str(controller_dir),
                 "--http-listen", f"{here}:{ports['http']}", "--grpc-listen", f"{here}:{ports['grpc']}",
                 "--enroll-listen", f"{here}:{ports['enroll']}", "--advertise-host", here,
-                "--metrics-listen", f"{here}:{ports['metrics_controller']}"], host="controller")
+                "--metrics-listen", f"{here}:{ports['metrics_controller']}", *self.controller_args],
+                host="controller")
             wait_for(self._verify, 30, "the controller", self._log("controller"))
 
         for name, roles in AGENTS.items():

@@ -312,10 +312,12 @@ class CuttableProxy:
 class LocalFleet:
     """A whole local fleet (`flux dev up`) for tests of both engines and the gateway."""
 
-    def __init__(self, directory: pathlib.Path, hosts: bool = False, agent_settings: dict | None = None):
+    def __init__(self, directory: pathlib.Path, hosts: bool = False, agent_settings: dict | None = None,
+                 controller_args: tuple[str, ...] = ()):
         from devtools.fleet import DevFleet
 
-        self.fleet = DevFleet(directory, hosts=hosts, agent_settings=agent_settings)
+        self.fleet = DevFleet(directory, hosts=hosts, agent_settings=agent_settings,
+                              controller_args=controller_args)
         try:
             self.info = self.fleet.up()
         except BaseException:

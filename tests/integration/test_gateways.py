@@ -21,9 +21,15 @@ grant usage on sequence public.todos_id_seq to authenticated;
 """
 
 
+# Gateways' leases last 15 s here instead of 60: a gateway cut off from the controller stops
+# serving, and a change waits for it, a lease later.
+LEASE_S = 15
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    fleet = LocalFleet(tmp_path_factory.mktemp("gateways") / "dev")
+    fleet = LocalFleet(tmp_path_factory.mktemp("gateways") / "dev",
+                       controller_args=("--gateway-lease-seconds", str(LEASE_S)))
     yield fleet
     fleet.close()
 
