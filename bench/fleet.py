@@ -8,11 +8,12 @@ RSS. With --grpc-floor it then measures a bare gRPC server holding as many mTLS 
 (bench/grpc_floor.py), so what the controller holds above gRPC's own shows. The last line of
 output is one JSON object with the figures.
 
-    python bench/fleet.py [--agents 200] [--workers 4] [--grpc-floor]
+    python bench/fleet.py [--agents 200] [--workers 4] [--enroll-threads 4] [--grpc-floor]
 """
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -39,14 +40,19 @@ from agent.runtime.wire import enroll as enroll_rpc  # noqa: E402
 from tests.support import Controller, remove_cluster, test_cluster  # noqa: E402
 
 
-def enroll_all(controller: Controller, base: pathlib.Path, count: int) -> list[pathlib.Path]:
+def enroll_all(controller: Controller, base: pathlib.Path, count: int, threads: int) -> list[pathlib.Path]:
+    """Enrolls `count` agents, `threads` at a time, each with a join token of its own."""
     host = "127.0.0.1"
-    token = controller.join_token(["db"])
-    ca_pem = fetch_pinned_ca(host, controller.ports["enroll"], token["ca_fingerprint"])
-    dirs = []
-    for i in range(count):
-        if i:
-            token = controller.join_token(["db"])
+    ca_pem = fetch_pinned_ca(host, controller.ports["enroll"], controller.join_token(["db"])["ca_fingerprint"])
+    # One client for every token: a client made per request costs more than the request.
+    api = httpx.Client(base_url=f"{controller.api_base}/cli/v1/", timeout=30,
+                       headers={"Authorization": f"Bearer {controller.token}"})
+
+    def one(i: int) -> pathlib.Path:
+        answer = api.post("agents/tokens", json={"roles": ["db"], "ttl_seconds": 600})
+        if answer.status_code != 201:
+            raise SystemExit(f"a join token was refused: {answer.status_code} {answer.text[:200]}")
+        token = answer.json()
         name = f"bench-{i:05d}"
         key_pem, csr_pem = new_key_and_csr(name)
         enrolled = enroll_rpc(token["enroll_address"], ca_pem, token["token"], name, ["db"], csr_pem)
@@ -56,8 +62,10 @@ def enroll_all(controller: Controller, base: pathlib.Path, count: int) -> list[p
         state.write("ca.pem", ca_pem)
         state.save(AgentConfig(name=name, roles=["db"], controller=f"{host}:{enrolled.fleet_port}",
                                server_name=enrolled.server_name))
-        dirs.append(state.path)
-    return dirs
+        return state.path
+
+    with api, concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, range(count)))
 
 
 def worker(dirs: list[str]) -> None:
@@ -117,12 +125,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--workers", type=int, default=4, help="processes the agents are spread over")
+    parser.add_argument("--enroll-threads", type=int, default=4,
+                        help="enrollments in flight at once (the controller takes at most 8 per address)")
     parser.add_argument("--rounds", type=int, default=3, help="pings per agent")
     parser.add_argument("--concurrency", type=int, default=16, help="pings in flight at once")
     parser.add_argument("--grpc-floor", action="store_true",
                         help="also measure a bare gRPC server holding as many mTLS streams (bench/grpc_floor.py), "
                              "so the controller's own share of its RSS shows")
     args = parser.parse_args()
+    if min(args.agents, args.workers, args.rounds, args.concurrency, args.enroll_threads) < 1:
+        parser.error("--agents, --workers, --rounds, --concurrency and --enroll-threads must be at least 1")
+    if args.enroll_threads > 8:
+        parser.error("--enroll-threads must be at most 8: the controller refuses more enrollment connections "
+                     "from one address")
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-"))
     cluster = test_cluster(tmp)
@@ -135,7 +150,7 @@ def main() -> int:
         controller.start(heartbeat_seconds=10)
         print(f"enrolling {args.agents} agents", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        dirs = enroll_all(controller, tmp / "agents", args.agents)
+        dirs = enroll_all(controller, tmp / "agents", args.agents, args.enroll_threads)
         enroll_s = time.perf_counter() - started
 
         print("connecting", file=sys.stderr, flush=True)
@@ -154,6 +169,8 @@ def main() -> int:
                 raise SystemExit(f"only {connected} of {args.agents} agents connected after 300s")
             time.sleep(1)  # each look lists every agent: asked often, it slows the controller itself
         connect_s = time.perf_counter() - started
+        time.sleep(5)  # the last hellos' work settles
+        connected_rss = rss_mb(controller.proc.pid, "VmRSS")
 
         print("pinging", file=sys.stderr, flush=True)
         names = [d.name for d in dirs]
@@ -169,6 +186,7 @@ def main() -> int:
             "ping_errors": sum(ping_errors.values()),
             "ping_p50_ms": round(statistics.median(rtts), 2),
             "ping_p99_ms": round(percentile(rtts, 0.99), 2),
+            "controller_connected_rss_mb": round(connected_rss, 1),
             "controller_rss_mb": round(rss_mb(controller.proc.pid, "VmRSS"), 1),
             "controller_peak_rss_mb": round(rss_mb(controller.proc.pid, "VmHWM"), 1),
         }
