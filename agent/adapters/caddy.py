@@ -176,6 +176,9 @@ class Gateway:
         # Monotonic time until which this gateway may serve, and the length of its last grant.
         self.lease_until = 0.0
         self.lease_seconds = 0
+        # The controller's last answer was a refusal (this gateway was behind, or a restarted
+        # controller had not sent it its routes yet): it asks again every second, not a third of a lease later.
+        self.lease_refused = False
         self.admin_socket = (settings.caddy_admin or str(state_dir / ADMIN_SOCKET)).removeprefix("unix/")
         self._admin_client: httpx.AsyncClient | None = None
 
@@ -234,8 +237,11 @@ class Gateway:
     def lease(self, asked_at: float, seconds: int) -> None:
         """A grant for the request sent at `asked_at` (monotonic). A refusal leaves the lease to run out."""
         if seconds <= 0:
-            log.warning("gateway: the controller did not renew this gateway's lease")
+            if not self.lease_refused:
+                log.warning("gateway: the controller did not renew this gateway's lease; asking every second")
+            self.lease_refused = True
             return
+        self.lease_refused = False
         if self.lease_until <= time.monotonic():
             log.info("gateway: lease granted for %ds; serving", seconds)
         self.lease_seconds = seconds
@@ -245,7 +251,7 @@ class Gateway:
         return time.monotonic() < self.lease_until
 
     def renew_interval(self) -> float:
-        if not self.serving() or not self.lease_seconds:
+        if not self.serving() or not self.lease_seconds or self.lease_refused:
             return 1.0
         return max(1.0, self.lease_seconds / 3)
 

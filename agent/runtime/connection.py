@@ -241,10 +241,15 @@ class Agent:
             yield message
 
     async def _leases(self) -> None:
-        """A gateway asks for its lease again a few times per lease, and every second while it has none."""
+        """A gateway asks for its lease again a few times per lease, and every second while it has
+        none or was refused one: the interval is looked at each second, since the answer to a
+        request comes after it was sent."""
         while True:
             self.request_lease()
-            await asyncio.sleep(self.gateway.renew_interval())
+            asked = time.monotonic()
+            await asyncio.sleep(1.0)
+            while time.monotonic() - asked < self.gateway.renew_interval():
+                await asyncio.sleep(1.0)
 
     def request_lease(self) -> None:
         if self.gateway is None or self.outbox is None:

@@ -1,5 +1,6 @@
 """The pooled engine end to end: projects, push, the gateway (Caddy + forward_auth), maintenance."""
 
+import datetime
 import json
 import os
 
@@ -186,6 +187,14 @@ def test_gateway_keeps_serving_with_the_controller_down(fleet):
         assert _write(fleet, project, token, "while down").status_code == 201
     finally:
         fleet.fleet.up()
+    # `up` returns once the restarted controller has granted the gateway a lease. Its first request,
+    # sent as it connected, came before its routes and was refused: it asked again a second later,
+    # not a third of a lease (20 s) later.
+    returned = datetime.datetime.now()
+    said = (fleet.fleet.dir / "logs" / "dev-gateway.log").read_text().splitlines()
+    connected = [line for line in said if "connected to the controller at" in line][-1]
+    at = datetime.datetime.strptime(connected[:23], "%Y-%m-%d %H:%M:%S,%f")
+    assert (returned - at).total_seconds() < 10, connected
 
 
 def test_projects_of_other_users_are_not_found(fleet):

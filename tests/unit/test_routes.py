@@ -109,8 +109,12 @@ def test_without_a_lease_the_gateway_serves_nothing(gateway):
     asked = time.monotonic()
     gateway.lease(asked, 30)
     assert gateway.verify(host, "GET", "")[0] == 401
+    assert gateway.renew_interval() == 10
+    # A refusal leaves the lease to run out, and the gateway asks again every second until granted.
     gateway.lease(time.monotonic(), 0)
-    assert gateway.serving()
+    assert gateway.serving() and gateway.renew_interval() == 1
+    gateway.lease(time.monotonic(), 30)
+    assert gateway.renew_interval() == 10
     # A lease runs from when it was asked for, not from when the answer came.
     gateway.lease_until = 0
     gateway.lease(time.monotonic() - 31, 30)
