@@ -296,12 +296,33 @@ def _start_streaming(fleet, project, on_event=None, **flags) -> tuple[str, threa
     return box.get("id"), thread, box
 
 
+# Rows enough for a copy to last a second or more here: a process killed as the stream reports
+# the copy's step dies inside it.
+BIG_ROWS = 100_000
+
+
 def _big_tenant(fleet, name: str) -> tuple[dict, str, str]:
+    """A tenant of BIG_ROWS rows, and the 2 that _tenant writes."""
     project, secret = _tenant(fleet, name, rows=1)
     schema = _schema(fleet, project)
     fleet.shared_sql(f"INSERT INTO {schema}.todos (owner, title) SELECT 'load', repeat('x', 200) || g"
-                     " FROM generate_series(1, 400000) g")
+                     f" FROM generate_series(1, {BIG_ROWS}) g")
     return project, secret, schema
+
+
+def _kill_at(fleet, key: str, phase: str, before=None):
+    """An `on_event` for _start_streaming that kills `key` as the stream reports `phase` (after
+    `before()`, when given), and the Event set once it did."""
+    done = threading.Event()
+
+    def on_event(event: dict) -> None:
+        if event.get("event") == "phase" and event["phase"] == phase and not done.is_set():
+            if before is not None:
+                before()
+            fleet.kill_process(key)
+            done.set()
+
+    return on_event, done
 
 
 # The copy under the write lock (offline), and the copy from a slot's snapshot that the sync follows.
@@ -318,10 +339,10 @@ def _sync_left(fleet, schema: str) -> list:
 @pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
 def test_controller_killed_during_restore_rolls_back(fleet, online):
     project, secret, schema = _big_tenant(fleet, f"Killed Controller {'On' if online else 'Off'}")
-    migration_id, thread, _ = _start_streaming(fleet, project, online=online)
+    kill, killed = _kill_at(fleet, "controller", COPY_PHASE[online])
+    migration_id, thread, _ = _start_streaming(fleet, project, on_event=kill, online=online)
     assert migration_id
-    _wait_phase(fleet, migration_id, (COPY_PHASE[online],))
-    fleet.kill_process("controller")
+    assert killed.wait(120)
     thread.join(30)
     fleet.restart()
     wait_until(lambda: fleet.api("GET", f"migrations/{migration_id}").json().get("running") is not True, 60,
@@ -339,14 +360,14 @@ def test_controller_killed_during_restore_rolls_back(fleet, online):
     assert write.status_code == 201
     rerun = fleet.migrate(project)
     assert rerun.status_code == 200, rerun.text
-    assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "400003"
+    assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == str(BIG_ROWS + 3)
 
 
 def test_db_agent_killed_during_the_copy_rolls_back_and_keeps_the_source(fleet):
     project, secret, schema = _big_tenant(fleet, "Killed Agent")
-    migration_id, thread, box = _start_streaming(fleet, project, dropSourceAfter=True, online=False)
-    _wait_phase(fleet, migration_id, ("copy",))
-    fleet.kill_process("dev-db")
+    kill, killed = _kill_at(fleet, "dev-db", "copy")
+    migration_id, thread, box = _start_streaming(fleet, project, on_event=kill, dropSourceAfter=True, online=False)
+    assert killed.wait(120)
     fleet.restart()
     thread.join(120)
     result = box["events"][-1]
@@ -357,7 +378,7 @@ def test_db_agent_killed_during_the_copy_rolls_back_and_keeps_the_source(fleet):
     assert fleet.api("GET", f"migrations/{migration_id}").json()["phase"] == "copy"
     detail = fleet.api("GET", f"projects/{project['summary']['hash']}").json()
     assert detail["mode"] == "v2_shared" and detail["maintenance"] is False
-    assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400002,)]
+    assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(BIG_ROWS + 2,)]
     write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "still pooled"})
     assert write.status_code == 201
 
@@ -368,11 +389,15 @@ def test_db_agent_killed_during_an_online_sync_ends_well_and_leaves_no_slot(flee
     its slot (also while the stack restarts out of bulk-load mode, at bootstrap); whichever way,
     nothing acknowledged is lost and no slot stays behind."""
     project, secret, schema = _big_tenant(fleet, f"Killed In {phase}")
-    migration_id, thread, box = _start_streaming(fleet, project, online=True)
-    _wait_phase(fleet, migration_id, (phase,))
-    write = fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret), json={"title": "during sync"})
-    assert write.status_code == 201
-    fleet.kill_process("dev-db")
+    writes = []
+
+    def write():
+        writes.append(fleet.gateway("POST", fleet.host(project), "/todos", app_token(secret),
+                                    json={"title": "during sync"}).status_code)
+
+    kill, killed = _kill_at(fleet, "dev-db", phase, before=write)
+    migration_id, thread, box = _start_streaming(fleet, project, on_event=kill, online=True)
+    assert killed.wait(120) and writes == [201]
     fleet.restart()
     thread.join(180)
     result = box["events"][-1]
@@ -382,10 +407,10 @@ def test_db_agent_killed_during_an_online_sync_ends_well_and_leaves_no_slot(flee
     assert detail["maintenance"] is False
     if result["state"] == "succeeded":
         assert detail["mode"] == "v1_dedicated"
-        assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == "400003"
+        assert _dedicated_sql(project, f"SELECT count(*) FROM {schema}.todos") == str(BIG_ROWS + 3)
     else:
         assert detail["mode"] == "v2_shared"
-        assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(400003,)]
+        assert fleet.shared_sql(f"SELECT count(*) FROM {schema}.todos") == [(BIG_ROWS + 3,)]
 
 
 class _Writer:
