@@ -170,8 +170,11 @@ class Fleet:
         self._controllers: list[str] | None = None
         # Held around the catalog work an agent's stream asks for (its hello, heartbeats).
         self.agent_catalog_slots = asyncio.Semaphore(AGENT_CATALOG_SLOTS)
-        # Agents whose heartbeat came since the last write, with their latest facts (keep_recording_seen).
-        self._seen: dict[str, dict | None] = {}
+        # Agents whose heartbeat came since the last write, with their latest facts as JSON text
+        # (keep_recording_seen). Text, not dicts: a string is nothing to Python's cyclic collector,
+        # whereas thousands of agents' facts held for a round reached its oldest generation and
+        # brought its next full collection nearer (memory.py).
+        self._seen: dict[str, str | None] = {}
         # Agents whose facts the catalog refused: their heartbeats' facts are left out until they
         # connect again, so that one such agent does not cost every round a write per agent.
         self._facts_refused: set[str] = set()
@@ -275,7 +278,8 @@ class Fleet:
         elif isinstance(event, wire.LeaseRequest):
             session.send(wire.lease_grant(event.nonce, self.lease_granter(session.name)))
         elif isinstance(event, wire.Heartbeat):
-            facts = event.facts.as_dict() if event.facts and session.name not in self._facts_refused else None
+            facts = (json.dumps(event.facts.as_dict())
+                     if event.facts and session.name not in self._facts_refused else None)
             self._seen[session.name] = facts if facts is not None else self._seen.get(session.name)
         elif isinstance(event, wire.Pong):
             future = session.pings.pop(event.nonce, None)

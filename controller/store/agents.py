@@ -150,9 +150,9 @@ class AgentStore(Store):
                                " WHERE 'docker' = ANY(roles)")
         return {r["name"]: (r["stacks_reported_at"], r["engine_error"], r["connected_to"]) for r in rows}
 
-    async def agents_seen(self, seen: dict[str, dict | None]) -> list[str]:
-        """Agents heard from (their heartbeats), each with its latest facts (None: as they were), in
-        one statement: thousands of agents' heartbeats are one write every few seconds. Returns the
+    async def agents_seen(self, seen: dict[str, str | None]) -> list[str]:
+        """Agents heard from (their heartbeats), each with its latest facts as JSON text (None: as
+        they were), in one statement: thousands of agents' heartbeats are one write every few seconds. Returns the
         agents whose facts the catalog cannot hold (a NUL in a string): they are seen, facts as were,
         and no other agent's heartbeat is lost for them."""
         if not seen:
@@ -170,9 +170,8 @@ class AgentStore(Store):
                     await self._write_seen({name: None})
             return refused
 
-    async def _write_seen(self, seen: dict[str, dict | None]) -> None:
-        facts = [json.dumps(f) if f is not None else None for f in seen.values()]
+    async def _write_seen(self, seen: dict[str, str | None]) -> None:
         await self._one(
             "UPDATE agents SET last_seen = now(), facts = coalesce(seen.facts, agents.facts)"
             " FROM unnest(%s::text[], %s::jsonb[]) AS seen(name, facts) WHERE agents.name = seen.name"
-            " RETURNING 1", (list(seen), facts))
+            " RETURNING 1", (list(seen), list(seen.values())))

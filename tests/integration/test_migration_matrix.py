@@ -9,6 +9,7 @@ writes. The real-fleet kill tests are in test_migrate.py.
 
 import asyncio
 import datetime
+import json
 import secrets
 from dataclasses import dataclass, field
 
@@ -261,7 +262,7 @@ async def _enrolled(catalog: Catalog) -> object:
         token = secrets.token_hex(16)
         await catalog.create_join_token(token, [role], expires, user.id)
         await catalog.enroll(token, name, [role], lambda: (secrets.randbits(64), expires))
-        await catalog.agents_seen({name: {"hostname": f"{name}.test"}})
+        await catalog.agents_seen({name: json.dumps({"hostname": f"{name}.test"})})
     return user
 
 
