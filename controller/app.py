@@ -212,6 +212,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
 
     certificate = asyncio.create_task(keep_server_certificate(state, ca, reload_https if http_tls else None))
     trimming = asyncio.create_task(memory.keep_trimmed())
+    collecting = asyncio.create_task(memory.keep_collected())
 
     await stop.wait()
     leading.cancel()
@@ -219,6 +220,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     watch.cancel()
     certificate.cancel()
     trimming.cancel()
+    collecting.cancel()
     notify("STOPPING=1")
     log.info("stopping")
     for session in list(fleet.sessions.values()):

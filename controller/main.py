@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--gateway-lease-seconds must be between 3 and 3600")
         # Before gRPC starts its threads: they share a few malloc arenas (memory.py).
         memory.limit_arenas()
+        memory.tune_collector()
         asyncio.run(serve(
             state,
             Listen.parse(args.http_listen, "--http-listen"),

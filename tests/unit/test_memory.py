@@ -1,0 +1,51 @@
+"""The controller's garbage collection: what has lived a round is frozen out of the collector's
+sight, and a full round frees the garbage among it."""
+
+import asyncio
+import gc
+import weakref
+
+from controller import memory
+
+
+class _Node:
+    other: "_Node | None" = None
+
+
+def test_what_lived_a_round_is_frozen_and_its_garbage_freed_by_the_full_round():
+    async def scenario():
+        a, b = _Node(), _Node()
+        a.other, b.other = b, a  # a cycle: only the cyclic collector frees it
+        alive = weakref.ref(a)
+        rounds = asyncio.create_task(memory.keep_collected(freeze_every=0.05, full_every=0.5))
+        try:
+            await asyncio.sleep(0.15)
+            frozen = gc.get_freeze_count()
+            del a, b
+            gc.collect()
+            kept_while_frozen = alive() is not None
+            for _ in range(40):
+                if alive() is None:
+                    break
+                await asyncio.sleep(0.05)
+            return frozen, kept_while_frozen, alive() is None
+        finally:
+            rounds.cancel()
+            await asyncio.gather(rounds, return_exceptions=True)
+
+    frozen, kept_while_frozen, freed = asyncio.run(scenario())
+    assert frozen > 0
+    assert kept_while_frozen, "a collection freed garbage that was frozen"
+    assert freed, "the full round did not free the frozen garbage"
+    # Stopped, it leaves nothing frozen.
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_oldest_generation_is_looked_at_a_tenth_as_often():
+    before = gc.get_threshold()
+    try:
+        memory.tune_collector()
+        youngest, middle, oldest = gc.get_threshold()
+        assert (youngest, middle) == before[:2] and oldest == memory.OLDEST_EVERY > before[2]
+    finally:
+        gc.set_threshold(*before)
