@@ -171,6 +171,8 @@ def main() -> int:
         connect_s = time.perf_counter() - started
         time.sleep(5)  # the last hellos' work settles
         connected_rss = rss_mb(controller.proc.pid, "VmRSS")
+        # More streams than agents: some agents gave up on a connection and made another.
+        streams = controller.log.read_text(errors="replace").count(" connected from ")
 
         print("pinging", file=sys.stderr, flush=True)
         names = [d.name for d in dirs]
@@ -182,6 +184,7 @@ def main() -> int:
             "enroll_s": round(enroll_s, 2),
             "enroll_per_s": round(args.agents / enroll_s, 1),
             "connect_s": round(connect_s, 2),
+            "streams_opened": streams,
             "pings": len(rtts),
             "ping_errors": sum(ping_errors.values()),
             "ping_p50_ms": round(statistics.median(rtts), 2),
