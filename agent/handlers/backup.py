@@ -17,8 +17,8 @@ from docker.errors import DockerException, NotFound
 from contract.failures import FailureKind
 
 from ..adapters import apiroles, backups, stacks, tenants
-from ..adapters.ports import free_port
 from ..adapters.dumpfile import parse_key
+from ..adapters.ports import free_port
 from ..errors import AgentError
 from ..runtime.settings import DockerSettings
 from .context import Handler, JobContext

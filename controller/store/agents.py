@@ -152,9 +152,9 @@ class AgentStore(Store):
 
     async def agents_seen(self, seen: dict[str, str | None]) -> list[str]:
         """Agents heard from (their heartbeats), each with its latest facts as JSON text (None: as
-        they were), in one statement: thousands of agents' heartbeats are one write every few seconds. Returns the
-        agents whose facts the catalog cannot hold (a NUL in a string): they are seen, facts as were,
-        and no other agent's heartbeat is lost for them."""
+        they were), in one statement: thousands of agents' heartbeats are one write every few
+        seconds. Returns the agents whose facts the catalog cannot hold (a NUL in a string): they
+        are seen, facts as were, and no other agent's heartbeat is lost for them."""
         if not seen:
             return []
         try:
