@@ -1,8 +1,10 @@
 """The gateway's own rules: token lifetimes, where Caddy's admin API listens, pinned profiles."""
 
+import asyncio
 import datetime
 import json
 import pathlib
+import sys
 import time
 import uuid
 
@@ -12,7 +14,9 @@ import pytest
 from agent.runtime import settings as settings_mod
 from agent.runtime.config import StateDir
 from agent.errors import AgentError
+from agent.adapters import caddy
 from agent.adapters.caddy import Gateway, RouteTable, _route
+from agent.adapters.ports import free_port
 from agent.runtime.settings import DEFAULT_MAX_TOKEN_LIFETIME_S, GatewaySettings
 from controller.store import Project
 from controller.gateways import Gateways
@@ -24,8 +28,8 @@ HOST = "api--demo--abcdef0.localhost"
 
 
 def _gateway(tmp_path: pathlib.Path, **overrides) -> Gateway:
-    settings = GatewaySettings(listen="127.0.0.1:8443", auth_listen="127.0.0.1:8444",
-                               pool_upstream="127.0.0.1:3000", pool_jwt_secret="p" * 40, **overrides)
+    settings = GatewaySettings(**{"listen": "127.0.0.1:8443", "auth_listen": "127.0.0.1:8444",
+                                  "pool_upstream": "127.0.0.1:3000", "pool_jwt_secret": "p" * 40, **overrides})
     gateway = Gateway(tmp_path, settings)
     for mode, host, upstream in (("v2_shared", HOST, "pool"), ("v1_dedicated", "api--ded--1234567.localhost",
                                                                 "127.0.0.1:5000")):
@@ -162,3 +166,26 @@ def test_a_rotated_secret_refuses_tokens_remembered_under_the_old_one(tmp_path):
                                                          "app_role")}, "jwt_secret": "a-new-secret-of-32-bytes-or-more!!!!"})
     gateway.table = RouteTable([rotated if r.project_id == route.project_id else r for r in gateway.table.routes], 2)
     assert gateway.verify(HOST, "GET", f"Bearer {token}")[0] == 401
+
+
+
+def test_the_gateway_keeps_threads_from_holding_its_forward_auth_answers_for_long(tmp_path):
+    """forward_auth is answered on the event loop and the access log counted in a thread: while a
+    thread runs Python, the loop waits up to the interpreter's switch interval (5 ms by default) for
+    its turn, and so does each request that came in meanwhile. The gateway shortens it."""
+    default = sys.getswitchinterval()
+    assert default > caddy.SWITCH_INTERVAL_S  # else this shows nothing
+    gateway = _gateway(tmp_path, manage_caddy=False, auth_listen=f"127.0.0.1:{free_port('127.0.0.1')}")
+
+    async def start() -> None:
+        try:
+            with pytest.raises(AgentError, match="no Caddy answers"):
+                await gateway.start()
+        finally:
+            gateway.auth_server.close()
+
+    try:
+        asyncio.run(start())
+        assert sys.getswitchinterval() == pytest.approx(caddy.SWITCH_INTERVAL_S)
+    finally:
+        sys.setswitchinterval(default)
