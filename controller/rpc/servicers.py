@@ -159,8 +159,13 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         reader = asyncio.create_task(self._read(session, request_iterator))
         try:
             yield wire.welcome(self.fleet.heartbeat_seconds, await self.fleet.controllers())
-            while (message := await session.outbox.get()) is not Session.CLOSED:
-                yield message
+            ended = False
+            while not ended:
+                for message in await session.take():
+                    if message is Session.CLOSED:  # always the last one sent
+                        ended = True
+                        break
+                    yield message
         finally:
             reader.cancel()
             self.fleet.detach(session)

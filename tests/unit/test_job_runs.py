@@ -78,15 +78,15 @@ class ScriptedAgent:
 
     async def _serve(self):
         while True:
-            message = await self.session.outbox.get()
-            request = agent_wire.decode(pb.ControllerMessage.FromString(message.SerializeToString()))
-            if not isinstance(request, agent_wire.JobRequest):
-                continue
-            self.received.append(request)
-            ok, output, error, retryable, failure = self.answers.pop(0)
-            answer = agent_wire.result(request.job_id, ok, output, error, retryable, failure)
-            event = controller_wire.decode_agent_message(pb.AgentMessage.FromString(answer.SerializeToString()))
-            await self.fleet.handle(self.session, event)
+            for message in await self.session.take():
+                request = agent_wire.decode(pb.ControllerMessage.FromString(message.SerializeToString()))
+                if not isinstance(request, agent_wire.JobRequest):
+                    continue
+                self.received.append(request)
+                ok, output, error, retryable, failure = self.answers.pop(0)
+                answer = agent_wire.result(request.job_id, ok, output, error, retryable, failure)
+                event = controller_wire.decode_agent_message(pb.AgentMessage.FromString(answer.SerializeToString()))
+                await self.fleet.handle(self.session, event)
 
 
 def _fleet() -> tuple[Fleet, FakeCatalog]:
