@@ -77,7 +77,7 @@ def check_roles(roles: list[str]) -> list[str]:
 class Session:
     """One connected agent's stream. What is sent waits in a list until the stream takes it, with
     CLOSED last once the stream is to end: no queue and no other waiter per agent, since a
-    controller holds thousands of them (an asyncio.Queue is four deques, 3 KB each idle)."""
+    controller holds thousands of them (an idle asyncio.Queue, four deques, is 3 KB)."""
 
     __slots__ = ("name", "_pending", "_waiter", "closed", "close_reason", "revoked", "pings")
     CLOSED = object()
@@ -104,11 +104,14 @@ class Session:
         """What was sent since the last take, oldest first; waits while there is nothing. Only the
         stream takes."""
         while not self._pending:
-            self._waiter = asyncio.get_running_loop().create_future()
+            if self._waiter is not None:
+                raise RuntimeError(f"session {self.name}: a second taker while one waits")
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await waiter
             finally:
-                self._waiter = None
+                if self._waiter is waiter:
+                    self._waiter = None
         taken, self._pending = self._pending, []
         return taken
 

@@ -187,6 +187,7 @@ class Gateway:
         self.lease_refused = False
         self.admin_socket = (settings.caddy_admin or str(state_dir / ADMIN_SOCKET)).removeprefix("unix/")
         self._admin_client: httpx.AsyncClient | None = None
+        self._switch_interval: float | None = None  # the interpreter's before start, put back on stop
 
     # state
 
@@ -543,7 +544,8 @@ class Gateway:
 
     async def start(self) -> None:
         self.load_saved()
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         host, _, port = self.settings.auth_listen.rpartition(":")
         try:
             self.auth_server = await forwardauth.serve(self.verify, host, int(port), ask=self.may_have_certificate)
@@ -569,8 +571,8 @@ class Gateway:
         while True:
             try:
                 # All of it off the event loop, which answers every request's forward_auth: a
-                # second's thousand lines are 20 ms of work, and with SWITCH_INTERVAL_S a request
-                # waits at most half a millisecond behind it.
+                # second's thousand lines are 20 ms of work, and with SWITCH_INTERVAL_S the loop
+                # asks for its turn after half a millisecond, not five.
                 await asyncio.to_thread(count)
             except Exception:  # noqa: BLE001 - counting never stops the gateway; the next tick tries again
                 log.exception("gateway: counting the access log's requests failed")
@@ -599,6 +601,9 @@ class Gateway:
                 log.exception("gateway: checking Caddy failed")
 
     async def stop(self) -> None:
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
         for task in (self._supervisor, self._counter):
             if task is not None:
                 task.cancel()

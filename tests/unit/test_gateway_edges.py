@@ -172,20 +172,22 @@ def test_a_rotated_secret_refuses_tokens_remembered_under_the_old_one(tmp_path):
 def test_the_gateway_keeps_threads_from_holding_its_forward_auth_answers_for_long(tmp_path):
     """forward_auth is answered on the event loop and the access log counted in a thread: while a
     thread runs Python, the loop waits up to the interpreter's switch interval (5 ms by default) for
-    its turn, and so does each request that came in meanwhile. The gateway shortens it."""
-    default = sys.getswitchinterval()
-    assert default > caddy.SWITCH_INTERVAL_S  # else this shows nothing
+    its turn, and so does each request that came in meanwhile. The gateway shortens it while it
+    serves, and puts it back when it stops."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # Python's default, whatever ran in this process before
     gateway = _gateway(tmp_path, manage_caddy=False, auth_listen=f"127.0.0.1:{free_port('127.0.0.1')}")
 
-    async def start() -> None:
+    async def start_and_stop() -> float:
         try:
             with pytest.raises(AgentError, match="no Caddy answers"):
                 await gateway.start()
+            return sys.getswitchinterval()
         finally:
-            gateway.auth_server.close()
+            await gateway.stop()
 
     try:
-        asyncio.run(start())
-        assert sys.getswitchinterval() == pytest.approx(caddy.SWITCH_INTERVAL_S)
+        assert asyncio.run(start_and_stop()) == pytest.approx(caddy.SWITCH_INTERVAL_S)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
     finally:
-        sys.setswitchinterval(default)
+        sys.setswitchinterval(before)

@@ -4,6 +4,8 @@ it, in order, and ends with the close; an idle one is small, since a controller 
 import asyncio
 import tracemalloc
 
+import pytest
+
 from controller.fleet import Session
 
 
@@ -35,6 +37,13 @@ def test_a_waiting_stream_that_is_cancelled_leaves_the_session_usable():
         await asyncio.gather(taker, return_exceptions=True)
         session.send("x")
         assert await session.take() == ["x"]
+        # One stream takes: a second taker is a bug, said at once, not a stream that never wakes.
+        first = asyncio.create_task(session.take())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="a second taker"):
+            await session.take()
+        session.send("y")
+        assert await first == ["y"]
 
     asyncio.run(main())
 
