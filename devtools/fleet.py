@@ -178,14 +178,18 @@ def terminate(pid: int | None, timeout: float = 15) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def wait_for(check, timeout: float, what: str, log: pathlib.Path | None = None):
+def wait_for(check, timeout: float, what: str, log: pathlib.Path | None = None, pid: int | None = None):
+    """Until check() answers; `pid` is the process that should make it so: when that process
+    has exited, waiting longer cannot help, so it says so at once."""
+    hint = f"; see {log}" if log else ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
+        if pid is not None and not pid_alive(pid):
+            raise CliError(f"{what} exited before it came up{hint}")
         time.sleep(0.2)
-    hint = f"; see {log}" if log else ""
     raise CliError(f"{what} did not come up within {timeout:g}s{hint}")
 
 
@@ -328,6 +332,9 @@ class DevFleet:
             raise CliError(f"controller refused {path}: {response.json().get('error')}")
         return response.json()
 
+    def _pid(self, key: str) -> int | None:
+        return self.state.get("pids", {}).get(key)
+
     def _ensure_process(self, key: str, command: list[str], env: dict | None = None, host: str = "") -> bool:
         """Starts a process (on `host`, when the fleet has hosts) unless the one recorded under `key`
         still runs; True when reused."""
@@ -361,7 +368,7 @@ class DevFleet:
             return
         self.say("starting the Docker engine")
         self._ensure_process("dockerd", ["dockerd"])
-        wait_for(docker_running, 60, "the Docker engine", self._log("dockerd"))
+        wait_for(docker_running, 60, "the Docker engine", self._log("dockerd"), self._pid("dockerd"))
 
     @property
     def _docker_host_run(self) -> pathlib.Path:
@@ -388,7 +395,8 @@ class DevFleet:
         if not self._ensure_process("docker-host-containerd", [
                 "containerd", "--address", str(containerd), "--root", str(self.dir / "docker-host" / "containerd"),
                 "--state", str(run_dir / "containerd")], host="docker"):
-            wait_for(containerd.exists, 30, "the docker host's containerd", self._log("docker-host-containerd"))
+            wait_for(containerd.exists, 30, "the docker host's containerd", self._log("docker-host-containerd"),
+                     self._pid("docker-host-containerd"))
         if self._ensure_process("docker-host-engine", [
                 "dockerd", "--data-root", str(self.dir / "docker-host"), "--exec-root", str(run_dir / "exec"),
                 "--pidfile", str(run_dir / "docker.pid"), "-H", self._docker_host_socket,
@@ -396,7 +404,8 @@ class DevFleet:
             reused.append("docker host engine")
         else:
             self.say(f"starting the docker host's own Docker engine ({self._docker_host_socket})")
-        wait_for(serving, 60, "the docker host's Docker engine", self._log("docker-host-engine"))
+        wait_for(serving, 60, "the docker host's Docker engine", self._log("docker-host-engine"),
+                 self._pid("docker-host-engine"))
         stopped = self.state.pop("stopped_stacks", [])
         if stopped:
             # What `down` stopped (live restore would have kept them running without a fleet).
@@ -507,7 +516,7 @@ class DevFleet:
                 "--enroll-listen", f"{here}:{ports['enroll']}", "--advertise-host", here,
                 "--metrics-listen", f"{here}:{ports['metrics_controller']}", *self.controller_args],
                 host="controller")
-            wait_for(self._verify, 30, "the controller", self._log("controller"))
+            wait_for(self._verify, 30, "the controller", self._log("controller"), self._pid("controller"))
 
         for name, roles in AGENTS.items():
             agent_dir = self.dir / "agents" / name
@@ -559,7 +568,8 @@ class DevFleet:
             return gateway["state"] == "healthy" and gateway["lease_seconds_left"] > 0
 
         wait_for(gateway_serving, 60, "the gateway to get its routes and lease", self._log("dev-gateway"))
-        wait_for(self._pool_ready, 30, "the pooled PostgREST stand-in", self._log("pooled-postgrest"))
+        wait_for(self._pool_ready, 30, "the pooled PostgREST stand-in", self._log("pooled-postgrest"),
+                 self._pid("pooled-postgrest"))
         return self.describe(reused)
 
     def _pool_ready(self) -> bool:
