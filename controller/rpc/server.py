@@ -2,6 +2,8 @@
 socket behind the Doorway, which owns the public port."""
 
 import asyncio
+import os
+import pathlib
 import shutil
 import tempfile
 
@@ -89,12 +91,37 @@ class _ServerCertificate:
                                                    require_client_authentication=self.require_client_cert)
 
 
+PRIVATE_PREFIX = "flux-enroll-"
+
+
+def private_directory() -> str:
+    """A directory of this process's own for the enrollment socket (a unix socket's path must be
+    short, so not under the state directory). The name carries the pid: the directories of
+    controllers that were killed and could not remove theirs are removed here."""
+    root = pathlib.Path(tempfile.gettempdir())
+    for leftover in root.glob(f"{PRIVATE_PREFIX}*-*"):
+        pid = leftover.name.removeprefix(PRIVATE_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and leftover.is_dir() and leftover.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class RpcServers:
     """Both gRPC servers; `start` returns the Fleet and enrollment ports actually bound."""
 
     def __init__(self, state: StateDir, catalog: Catalog, fleet: Fleet, ca: CertificateAuthority):
         self.state, self.catalog, self.fleet, self.ca = state, catalog, fleet, ca
-        self.private = tempfile.mkdtemp(prefix="flux-enroll-")
+        self.private = private_directory()
         self.fleet_server = grpc.aio.server(options=FLEET_OPTIONS)
         self.enroll_server = grpc.aio.server(options=ENROLL_OPTIONS)
         self.doorway: Doorway | None = None
