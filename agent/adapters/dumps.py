@@ -142,6 +142,16 @@ STALE_PARTIAL_S = 24 * 3600
 LEGACY_PLAIN_S = 7 * 86400
 
 
+def _unwritable(spool: pathlib.Path, what: str, exc: OSError, written: int) -> AgentError:
+    """The error for a spool that took no more: how full its disk is, so the operator knows what to free."""
+    try:
+        free = f"{shutil.disk_usage(spool).free} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return AgentError(f"{what} could not be kept in the spool {spool} ({free}): {exc.strerror or exc} "
+                      f"with {written} bytes of its SQL read; nothing of it was kept")
+
+
 def _discard(partial: pathlib.Path) -> None:
     """Removes a dump that did not finish, and its tenant's directory when nothing else is in it."""
     partial.unlink(missing_ok=True)
@@ -312,7 +322,10 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, *, key
     if not DUMP_NAME.match(name):
         raise AgentError(f"invalid dump name {name[:200]!r}", kind=FailureKind.INVALID)
     dumps = tenant_dumps(spool, tenant)
-    dumps.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        dumps.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise _unwritable(spool, f"the dump of {tenant.schema}", exc, 0) from None
     path = dumps / f"{name}{DUMP_SUFFIX}"
     partial = path.with_name(path.name + PARTIAL_SUFFIX)
     if path.exists():
@@ -346,6 +359,7 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, *, key
         tables += 1
 
     complete = False
+    unwritten: OSError | None = None
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
@@ -361,12 +375,17 @@ def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, *, key
             out.flush()
             os.fsync(out.fileno())
         complete = dumper.wait() == 0
+    except OSError as exc:  # the spool's disk is full, or failing: the dump cannot be kept
+        unwritten = exc
     finally:
         if not complete and dumper.poll() is None:
             dumper.kill()  # it would block on a pipe nobody reads
         dumper.wait()
         watchdog.cancel()
         dumper.stdout.close()
+    if unwritten is not None:
+        _discard(partial)  # what it holds is of no use, and it holds the room the disk lacks
+        raise _unwritable(spool, f"the dump of {tenant.schema}", unwritten, size)
     if stopped.is_set():
         _discard(partial)
         raise AgentError(f"dump of {tenant.schema} did not finish within {limit:.0f}s (for about {expected_bytes} "

@@ -3,6 +3,7 @@ the dump file kept in the spool is encrypted."""
 
 import hashlib
 import io
+import os
 import pathlib
 import shutil
 import subprocess
@@ -347,3 +348,39 @@ def test_only_the_kept_copy_of_a_migrated_project_is_dumped_as_the_agents_role(d
             conn.execute(f"DROP SCHEMA IF EXISTS {tenant.schema} CASCADE; DROP SCHEMA IF EXISTS flux_private CASCADE")
             for role in (tenant.owner_role, tenant.runtime_role):
                 conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+@pytest.fixture
+def small_spool(tmp_path):
+    """A spool on a disk of its own, 1 MiB: a dump fills it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(spool)], check=True)
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=True)
+
+
+def test_a_dump_that_fills_the_spools_disk_fails_with_what_is_free_and_gives_the_room_back(
+        databases, tenant, small_spool):
+    from agent.adapters.transfer import move
+    from agent.errors import AgentError
+
+    source, target = databases
+    # md5 text does not compress: encrypted, the dump is about as large as the table's text (3 MB).
+    _tenant_source(source, tenant, "CREATE TABLE notes (id int, body text);"
+                   " INSERT INTO notes SELECT g, md5(g::text) || md5((g * 7)::text) FROM generate_series(1, 40000) g")
+    _tenant_target(target)
+    with pytest.raises(AgentError) as caught:
+        move(source, tenant, target, spool=small_spool, name="toobig", key=KEY)
+    message = str(caught.value)
+    assert f"the dump of {tenant.schema} could not be kept in the spool {small_spool}" in message
+    assert "No space left on device" in message and "nothing of it was kept" in message
+    assert not caught.value.retryable
+    # The partial file is gone (and its tenant's directory): the disk has its room back.
+    assert [p for p in small_spool.rglob("*") if not p.is_dir()] == []
+    assert not (small_spool / "dumps" / tenant.schema).exists()
+    assert shutil.disk_usage(small_spool).used < 64 * 1024
