@@ -137,7 +137,16 @@ class Agent:
             if record.state == "done":
                 self._send_result(record)
             return
-        record = self.spool.start(request.job_id, request.kind)
+        try:
+            record = self.spool.start(request.job_id, request.kind)
+        except OSError as exc:
+            # Not run: a job the agent cannot record could run twice. Space may come back, so the
+            # controller may send it again.
+            why = (f"the agent cannot record the job in {self.spool.directory} ({self.spool.room(exc)}); "
+                   "free room on its disk")
+            log.error("job %s (%s) refused: %s", request.job_id, request.kind, why)
+            self.send(wire.result(request.job_id, False, None, why, True, FailureKind.UNAVAILABLE))
+            return
         log.info("job %s (%s) started", record.id, record.kind)
         self.running[record.id] = asyncio.create_task(self._run(record, request))
 

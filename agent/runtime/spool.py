@@ -11,14 +11,18 @@ MAX_DELIVERY_ATTEMPTS the record is dropped (its output discarded) and the agent
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import shutil
 import time
 from dataclasses import asdict, dataclass
 
 from contract.failures import FailureKind
 
 from .config import write_atomic
+
+log = logging.getLogger("flux.agent.spool")
 
 KEEP_ACKED_S = 7 * 24 * 3600
 MAX_DELIVERY_ATTEMPTS = 10
@@ -58,6 +62,25 @@ class Spool:
     def _save(self, record: JobRecord) -> None:
         write_atomic(self._path(record.id), json.dumps(asdict(record)).encode())
 
+    def _keep(self, record: JobRecord) -> bool:
+        """Saves a record that the agent goes on without when its disk takes no more: the result
+        is then still sent from memory, only not again after a restart."""
+        try:
+            self._save(record)
+            return True
+        except OSError as exc:
+            log.error("job %s (%s): its record could not be written to %s (%s); going on without it",
+                      record.id, record.kind, self.directory, self.room(exc))
+            return False
+
+    def room(self, exc: OSError) -> str:
+        """What stopped a write here, with the room left on the disk."""
+        try:
+            free = f"{shutil.disk_usage(self.directory).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        return f"{exc.strerror or exc}, {free}"
+
     def get(self, job_id: str) -> JobRecord | None:
         try:
             return JobRecord(**json.loads(self._path(job_id).read_bytes()))
@@ -85,14 +108,14 @@ class Spool:
         record.ok, record.output, record.error, record.retryable = ok, output, error, retryable
         record.error_code = failure.value if failure else ""
         record.finished_at = time.time()
-        self._save(record)
+        self._keep(record)
         return record
 
     def ack(self, job_id: str) -> None:
         record = self.get(job_id)
         if record is not None and record.state == "done" and not record.acked:
             record.acked = True
-            self._save(record)
+            self._keep(record)
 
     def unacked_results(self) -> list[JobRecord]:
         return [r for r in self.records() if r.state == "done" and not r.acked and not r.dropped]
@@ -101,17 +124,17 @@ class Spool:
         """Counts one delivery attempt of a result; False (and the record dropped) past the bound."""
         if record.dropped or record.attempts >= MAX_DELIVERY_ATTEMPTS:
             record.dropped, record.output, record.ok = True, None, False
-            self._save(record)
+            self._keep(record)
             return False
         record.attempts += 1
-        self._save(record)
+        self._keep(record)
         return True
 
     def replace_result(self, record: JobRecord, error: str, failure: FailureKind) -> JobRecord:
         """Turns a result that cannot be delivered into a failure that can."""
         record.ok, record.output, record.error, record.retryable = False, None, error, False
         record.error_code = failure.value
-        self._save(record)
+        self._keep(record)
         return record
 
     def recover(self) -> list[JobRecord]:

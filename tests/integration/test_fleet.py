@@ -1,7 +1,9 @@
 """Enrollment, mutual TLS, the agent stream and jobs, against a real controller and agents."""
 
 import datetime
+import errno
 import json
+import os
 import pathlib
 import re
 import signal
@@ -366,3 +368,51 @@ def test_a_job_too_large_for_an_agent_fails_at_once_and_the_agent_keeps_working(
     assert done["state"] == "succeeded", done
     assert controller.connected("big-1")
     assert agent.log.read_text().count("connected to the controller") == 1
+
+
+def _fill(directory: pathlib.Path) -> pathlib.Path:
+    """Writes a file until the disk under `directory` takes no more."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_an_agent_whose_disk_is_full_refuses_jobs_it_cannot_record_and_stays_connected(controller, agents):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    agent = agents("full-1", start=False)
+    spool = agent.state_dir / "spool"
+    spool.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(spool)], check=True)
+    try:
+        agent.start()
+        wait_until(lambda: controller.connected("full-1"), 15, "full-1 connected")
+
+        # The disk fills while a job runs: its result goes from memory all the same.
+        job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 2}}).json()
+        wait_until(lambda: controller.api("GET", f"jobs/{job['id']}").json()["progress"], 5, "progress")
+        filler = _fill(spool)
+        done = controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()
+        assert done["state"] == "succeeded", done
+        assert "its record could not be written" in agent.log.read_text()
+
+        # A job that cannot be recorded is not run (it could run twice), and the agent says why.
+        job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0}}).json()
+        refused = controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()
+        assert refused["state"] == "failed" and refused["retryable"], refused
+        assert f"the agent cannot record the job in {spool} (No space left on device" in refused["error"]
+        assert agent.proc.poll() is None and controller.connected("full-1")
+
+        filler.unlink()
+        job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0}}).json()
+        assert controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()["state"] == "succeeded"
+    finally:
+        agent.stop()
+        subprocess.run(["umount", "-l", str(spool)], check=True)
