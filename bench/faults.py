@@ -13,6 +13,8 @@ is one JSON object: {"cases", "passed", "lost_writes", "stuck", "missed_phase"}.
 
 import argparse
 import pathlib
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,18 +38,24 @@ def main() -> int:
     if args.list:
         print("\n".join(f"{fault}@{phase}" for fault, phase in chosen))
         return 0
-    fleet = LocalFleet(pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-faults-")) / "dev", hosts=True)
+    # Stopped (SIGTERM), it still takes its fleet down: namespaces, clusters, a fault's mount.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    root = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-faults-"))
     outcomes = []
     try:
-        matrix = faults.Matrix(fleet, say=lambda m: print(m, file=sys.stderr, flush=True))
-        for fault, phase in chosen:
-            started = time.monotonic()
-            outcome = matrix.run(fault, phase)
-            outcomes.append(outcome)
-            print(f"{outcome.case}: {'pass' if outcome.passed else 'FAIL'} ({outcome.state or 'no end'}, "
-                  f"{time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
+        fleet = LocalFleet(root / "dev", hosts=True)
+        try:
+            matrix = faults.Matrix(fleet, say=lambda m: print(m, file=sys.stderr, flush=True))
+            for fault, phase in chosen:
+                started = time.monotonic()
+                outcome = matrix.run(fault, phase)
+                outcomes.append(outcome)
+                print(f"{outcome.case}: {'pass' if outcome.passed else 'FAIL'} ({outcome.state or 'no end'}, "
+                      f"{time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
+        finally:
+            fleet.close()
     finally:
-        fleet.close()
+        shutil.rmtree(root, ignore_errors=True)
     print(faults.table(outcomes))
     print(faults.dumps(outcomes))
     return 0 if all(o.passed for o in outcomes) else 1

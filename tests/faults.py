@@ -18,6 +18,8 @@ removed). Then the case checks what must hold whatever happened:
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import threading
@@ -45,10 +47,11 @@ grant usage on sequence public.todos_id_seq to authenticated;
 @dataclass(frozen=True)
 class Fault:
     name: str
-    kind: str  # kill, postmaster, caddy, partition
+    kind: str  # kill, postmaster, caddy, partition, disk
     target: str = ""
     peer: str = ""
     hold_s: float = 2.0
+    phases: tuple[str, ...] = PHASES
 
 
 FAULTS = {f.name: f for f in [
@@ -65,7 +68,14 @@ FAULTS = {f.name: f for f in [
     # Longer than the jobs' own timeouts (60 s for most steps).
     Fault("partition-controller-db-long", "partition", "controller", "db", 75),
     Fault("partition-db-docker-long", "partition", "db", "docker", 75),
+    # The db agent's spool (its job records, and the dump file the copy keeps) on a disk of its
+    # own, filled before the copy begins to all but SPOOL_ROOM_LEFT (job records fit, a dump does
+    # not) and freed once the copy is over: what a filling disk on the db host does to the copy.
+    Fault("disk-full-db", "disk", "dev-db", phases=("sync",)),
 ]}
+# The disk the disk fault fills: large enough for a case's dump, and held apart from the real one.
+SPOOL_DISK = "size=32m,mode=0700"
+SPOOL_ROOM_LEFT = 64 * 1024
 
 
 @dataclass
@@ -91,7 +101,7 @@ class Outcome:
 
 
 def cases(names: list[str] | None = None) -> list[tuple[str, str]]:
-    everything = [(fault, phase) for fault in FAULTS for phase in PHASES]
+    everything = [(fault, phase) for fault in FAULTS for phase in FAULTS[fault].phases]
     if not names:
         return everything
     chosen = []
@@ -100,7 +110,9 @@ def cases(names: list[str] | None = None) -> list[tuple[str, str]]:
         if fault not in FAULTS or (phase and phase not in PHASES):
             raise ValueError(f"unknown case {name!r}: FAULT[@PHASE] with FAULT one of {', '.join(FAULTS)} "
                              f"and PHASE one of {', '.join(PHASES)}")
-        chosen += [(fault, p) for p in ([phase] if phase else PHASES)]
+        if phase and phase not in FAULTS[fault].phases:
+            raise ValueError(f"unknown case {name!r}: {fault} goes in at {', '.join(FAULTS[fault].phases)} only")
+        chosen += [(fault, p) for p in ([phase] if phase else FAULTS[fault].phases)]
     return chosen
 
 
@@ -137,8 +149,29 @@ class Matrix:
             raise RuntimeError("no Caddy runs for the gateway agent")
         return int(found[0])
 
+    @property
+    def _spool(self) -> pathlib.Path:
+        return self.fleet.fleet.dir / "agents" / "dev-db" / "spool"
+
+    def _mount_spool(self) -> None:
+        self._spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", SPOOL_DISK, "flux-fault-spool", str(self._spool)], check=True)
+
+    def _unmount_spool(self) -> None:
+        subprocess.run(["umount", "-l", str(self._spool)], check=False, capture_output=True)
+
+    def _fill_spool(self) -> None:
+        """Fills the spool's disk to all but SPOOL_ROOM_LEFT."""
+        fd = os.open(self._spool / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, bytes(max(shutil.disk_usage(self._spool).free - SPOOL_ROOM_LEFT, 0)))
+        finally:
+            os.close(fd)
+
     def inject(self, fault: Fault) -> None:
-        if fault.kind == "kill":
+        if fault.kind == "disk":
+            self._fill_spool()
+        elif fault.kind == "kill":
             os.kill(self.fleet.fleet.state["pids"][fault.target], signal.SIGKILL)
         elif fault.kind == "postmaster":
             os.kill(self._postmaster(fault.target), signal.SIGKILL)
@@ -148,7 +181,9 @@ class Matrix:
             self._iptables(fault.target, "-A", fault.peer)
 
     def heal(self, fault: Fault) -> None:
-        if fault.kind == "partition":
+        if fault.kind == "disk":
+            (self._spool / "filler").unlink()
+        elif fault.kind == "partition":
             self._iptables(fault.target, "-D", fault.peer)
         elif fault.kind in ("kill", "postmaster"):
             # What a supervisor (systemd, Restart=on-failure) does: start what died, again if it
@@ -200,12 +235,21 @@ class Matrix:
             writer = Writer(fleet.gateway_port, fleet.info["gateway_ca"], fleet.host(project),
                             app_token(project["projectJwtSecret"], sub="writer"), path="/todos", rate=20,
                             body=lambda i: {"title": f"w{i}"}, address=fleet.gateway_address)
+            if fault.kind == "disk":
+                self._mount_spool()
             with writer:
                 time.sleep(1)
                 threading.Thread(target=self._migrate, args=(project,), daemon=True).start()
-                out.hit = self._wait_for_phase(h, phase)
-                self.inject(fault)
-                time.sleep(fault.hold_s)
+                if fault.kind == "disk":
+                    # Full before the copy begins (it writes as the phase starts), and until it is over.
+                    self._wait_for_phase(h, PHASES[PHASES.index(phase) - 1])
+                    self.inject(fault)
+                    out.hit = self._wait_for_phase(h, phase)
+                    self._wait_while_current(h, phase, END_BOUND_S)
+                else:
+                    out.hit = self._wait_for_phase(h, phase)
+                    self.inject(fault)
+                    time.sleep(fault.hold_s)
                 self.heal(fault)
                 healed = time.monotonic()
                 final = self._wait_for_end(h, END_BOUND_S)
@@ -221,6 +265,8 @@ class Matrix:
                                         f"(phase {final.get('phase')})")
                 elif final["state"] not in ("succeeded", "rolled_back"):
                     out.problems.append(f"ended {final['state']}: {final.get('error')}")
+                if fault.kind == "disk":
+                    self._after_disk(final, out)
                 self._after(project, schema, out)
                 time.sleep(1)
             self._count_lost(project, schema, writer, out)
@@ -228,7 +274,17 @@ class Matrix:
             out.problems.append(f"{type(exc).__name__}: {exc}")
         finally:
             self._cleanup(project)
+            if fault.kind == "disk":
+                self._unmount_spool()
         return out
+
+    def _after_disk(self, final: dict, out: Outcome) -> None:
+        """A copy that met the full disk says so, and leaves no partial dump taking its room."""
+        if final.get("state") == "rolled_back" and "could not be kept in the spool" not in (final.get("error") or ""):
+            out.problems.append(f"rolled back without naming the full spool: {final.get('error')}")
+        partial = [str(p) for p in self._spool.rglob("*.partial")]
+        if partial:
+            out.problems.append(f"partial dump files left: {partial}")
 
     def _create(self, name: str) -> dict | None:
         try:
@@ -253,6 +309,16 @@ class Matrix:
                 return False  # ended before it got there
             time.sleep(0.05)
         return False
+
+    def _wait_while_current(self, h: str, step: str, bound: float) -> None:
+        """Until the migration's `step` is done, failed or undone, or the migration ended."""
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline:
+            status = self._status(h)
+            states = {s["name"]: s["status"] for s in status.get("steps", [])}
+            if status and not (status.get("running") and states.get(step) in ("current", "left")):
+                return
+            time.sleep(0.1)
 
     def _wait_for_end(self, h: str, bound: float) -> dict:
         deadline = time.monotonic() + bound
