@@ -7,6 +7,7 @@ it into any server: lines some cannot take are dropped on the way, never inside 
 (domain/dumpstream.py).
 """
 
+import errno
 import hashlib
 import os
 import pathlib
@@ -22,7 +23,7 @@ from psycopg import conninfo, sql
 from contract.failures import FailureKind
 
 from ..errors import AgentError
-from ..runtime.facts import parse_pg_tool_version
+from ..runtime.facts import parse_pg_tool_version, unwritable
 from ..domain.dumpstream import dropped_lines, sanitize
 from .dumpfile import EncryptingWriter
 from .tenants import Tenant
@@ -142,14 +143,12 @@ STALE_PARTIAL_S = 24 * 3600
 LEGACY_PLAIN_S = 7 * 86400
 
 
-def _unwritable(spool: pathlib.Path, what: str, exc: OSError, written: int) -> AgentError:
-    """The error for a spool that took no more: how full its disk is, so the operator knows what to free."""
-    try:
-        free = f"{shutil.disk_usage(spool).free} bytes free"
-    except OSError:
-        free = "free space unknown"
-    return AgentError(f"{what} could not be kept in the spool {spool} ({free}): {exc.strerror or exc} "
-                      f"with {written} bytes of its SQL read; nothing of it was kept")
+def _unwritable(spool: pathlib.Path, what: str, exc: OSError, read: int) -> AgentError:
+    """The error for a spool that took no more: with the room left when its disk is full."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return AgentError(f"{what} could not be kept in the spool {spool} ({unwritable(spool, exc)}) with {read} "
+                      f"bytes of its SQL read; nothing of it was kept",
+                      kind=FailureKind.UNAVAILABLE if full else FailureKind.INTERNAL)
 
 
 def _discard(partial: pathlib.Path) -> None:

@@ -142,8 +142,8 @@ class Agent:
         except OSError as exc:
             # Not run: a job the agent cannot record could run twice. Space may come back, so the
             # controller may send it again.
-            why = (f"the agent cannot record the job in {self.spool.directory} ({self.spool.room(exc)}); "
-                   "free room on its disk")
+            where = self.spool.directory
+            why = f"the agent cannot record the job in {where} ({facts_mod.unwritable(where, exc)})"
             log.error("job %s (%s) refused: %s", request.job_id, request.kind, why)
             self.send(wire.result(request.job_id, False, None, why, True, FailureKind.UNAVAILABLE))
             return
@@ -229,8 +229,12 @@ class Agent:
         cert_pem = await wire.renew(channel, csr_pem)
         # Both new files are complete before either replaces the old one; a crash in between
         # is finished by `finish_renewal` when the agent starts again.
-        self.state.write("key.pem.new", key_pem, secret=True)
-        self.state.write("cert.pem.new", cert_pem)
+        try:
+            self.state.write("key.pem.new", key_pem, secret=True)
+            self.state.write("cert.pem.new", cert_pem)
+        except OSError as exc:
+            raise AgentError(f"the renewed certificate could not be saved in {self.state.path} "
+                             f"({facts_mod.unwritable(self.state.path, exc)})", retryable=True) from None
         finish_renewal(self.state)
         log.info("renewed this agent's certificate until %s", certificate_expiry(cert_pem))
 
@@ -280,8 +284,12 @@ class Agent:
         when there is one controller)."""
         if list(addresses) != self.config.controllers:
             self.config = dataclasses.replace(self.config, controllers=list(addresses))
-            self.state.save(self.config)
             log.info("controllers on this fleet: %s", ", ".join(addresses) or "one")
+            try:
+                self.state.save(self.config)
+            except OSError as exc:  # known for this run; saved with the next change
+                log.error("the controllers' addresses could not be saved in %s (%s)", self.state.path,
+                          facts_mod.unwritable(self.state.path, exc))
 
     async def _status_reports(self) -> None:
         """A docker agent's stacks: sent once per connection at its start, then whenever they change

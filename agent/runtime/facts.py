@@ -1,5 +1,6 @@
 """Facts about the agent's host. Parsers are pure; `collect` alone runs commands."""
 
+import errno
 import os
 import re
 import shutil
@@ -57,6 +58,16 @@ def tool_versions(timeout: float = 5) -> dict[str, str]:
 def free_bytes(path: str | os.PathLike) -> int:
     stat = os.statvfs(path)
     return stat.f_bavail * stat.f_frsize
+
+
+def unwritable(path: str | os.PathLike, exc: OSError) -> str:
+    """Why a write under `path` failed, with the room left on its disk when the disk is full."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return str(exc.strerror or exc)
+    try:
+        return f"{exc.strerror}, {free_bytes(path)} bytes free"
+    except OSError:
+        return f"{exc.strerror}, free space unknown"
 
 
 def hostname() -> str:

@@ -14,15 +14,15 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
 from contract.failures import FailureKind
 
 from .config import write_atomic
+from .facts import unwritable
 
-log = logging.getLogger("flux.agent.spool")
+log = logging.getLogger(__name__)
 
 KEEP_ACKED_S = 7 * 24 * 3600
 MAX_DELIVERY_ATTEMPTS = 10
@@ -55,6 +55,8 @@ class Spool:
     def __init__(self, directory: pathlib.Path):
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Records changed while the disk was full: newer than their files.
+        self._unsaved: dict[str, JobRecord] = {}
 
     def _path(self, job_id: str) -> pathlib.Path:
         return self.directory / (hashlib.sha256(job_id.encode()).hexdigest()[:40] + ".json")
@@ -63,25 +65,22 @@ class Spool:
         write_atomic(self._path(record.id), json.dumps(asdict(record)).encode())
 
     def _keep(self, record: JobRecord) -> bool:
-        """Saves a record that the agent goes on without when its disk takes no more: the result
-        is then still sent from memory, only not again after a restart."""
+        """Saves a record, or holds it in memory while the disk takes no more (saved with its next
+        change): the agent goes on, its result is still sent, only not after a restart."""
         try:
             self._save(record)
-            return True
         except OSError as exc:
-            log.error("job %s (%s): its record could not be written to %s (%s); going on without it",
-                      record.id, record.kind, self.directory, self.room(exc))
+            if record.id not in self._unsaved:
+                log.error("job %s (%s): its record could not be written to %s (%s); held in memory",
+                          record.id, record.kind, self.directory, unwritable(self.directory, exc))
+            self._unsaved[record.id] = record
             return False
-
-    def room(self, exc: OSError) -> str:
-        """What stopped a write here, with the room left on the disk."""
-        try:
-            free = f"{shutil.disk_usage(self.directory).free} bytes free"
-        except OSError:
-            free = "free space unknown"
-        return f"{exc.strerror or exc}, {free}"
+        self._unsaved.pop(record.id, None)
+        return True
 
     def get(self, job_id: str) -> JobRecord | None:
+        if job_id in self._unsaved:
+            return self._unsaved[job_id]
         try:
             return JobRecord(**json.loads(self._path(job_id).read_bytes()))
         except FileNotFoundError:
@@ -94,7 +93,10 @@ class Spool:
                 found.append(JobRecord(**json.loads(path.read_bytes())))
             except (ValueError, TypeError):
                 path.rename(path.with_suffix(".corrupt"))
-        return found
+        newer = dict(self._unsaved)
+        for record in newer.values():
+            self._keep(record)  # the disk may have room again
+        return [newer.pop(r.id, r) for r in found] + list(newer.values())
 
     def start(self, job_id: str, kind: str) -> JobRecord:
         record = JobRecord(id=job_id, kind=kind, state="running", pid=os.getpid(),

@@ -99,3 +99,68 @@ def test_a_result_is_sent_once_per_connection(tmp_path):
     agent._send_result(record)
     agent._send_result(record)
     assert len(agent.outbox.sent) == 1 and agent.spool.get("j-1").attempts == 1
+
+
+def _disk_full(monkeypatch):
+    import errno
+
+    from agent.runtime import spool as spool_module
+
+    def full(target, data, **_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "write_atomic", full)
+
+
+def test_records_the_disk_cannot_take_are_held_in_memory_and_saved_when_it_can(tmp_path, monkeypatch):
+    spool = Spool(tmp_path)
+    record = spool.start("job-1", "diag.wait")
+    with monkeypatch.context() as patch:
+        _disk_full(patch)
+        spool.finish(record, True, {"x": 1}, "", False)  # does not raise
+        # Asked again, or after a reconnect, the agent answers with the result it holds.
+        assert spool.get("job-1").state == "done" and spool.get("job-1").output == {"x": 1}
+        assert [r.id for r in spool.unacked_results()] == ["job-1"]
+        assert spool.attempt(record) and spool.get("job-1").attempts == 1
+        on_disk = json.loads(next(tmp_path.glob("*.json")).read_text())
+        assert on_disk["state"] == "running"
+    # Room again: the next look at the records saves it.
+    assert [r.id for r in spool.unacked_results()] == ["job-1"]
+    on_disk = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert on_disk["state"] == "done" and on_disk["output"] == {"x": 1} and on_disk["attempts"] == 1
+    spool.ack("job-1")
+    assert spool.unacked_results() == []
+
+
+def test_a_job_that_cannot_be_recorded_is_not_started(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    spool = Spool(tmp_path)
+    _disk_full(monkeypatch)
+    with pytest.raises(OSError) as caught:
+        spool.start("job-2", "diag.wait")
+    assert caught.value.errno == errno.ENOSPC and spool.get("job-2") is None
+
+
+def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
+    import pytest
+
+    from agent.runtime.config import write_atomic
+
+    target = tmp_path / "record.json"
+    (target / "in-the-way").mkdir(parents=True)  # replacing a directory fails, as a full disk would
+    with pytest.raises(OSError):
+        write_atomic(target, b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
+def test_why_a_write_failed_names_the_room_left_only_when_the_disk_is_full(tmp_path):
+    import errno
+
+    from agent.runtime.facts import unwritable
+
+    full = unwritable(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    assert full.startswith("No space left on device, ") and full.endswith(" bytes free")
+    assert unwritable(tmp_path, OSError(errno.EROFS, "Read-only file system")) == "Read-only file system"
