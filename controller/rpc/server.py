@@ -5,6 +5,7 @@ import asyncio
 import os
 import pathlib
 import shutil
+import stat
 import tempfile
 
 import grpc
@@ -101,7 +102,12 @@ def private_directory() -> str:
     root = pathlib.Path(tempfile.gettempdir())
     for leftover in root.glob(f"{PRIVATE_PREFIX}*-*"):
         pid = leftover.name.removeprefix(PRIVATE_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and leftover.is_dir() and leftover.stat().st_uid == os.getuid() and not _alive(int(pid)):
+        try:
+            found = leftover.lstat()  # a link is not followed, and not removed
+        except OSError:
+            continue  # gone meanwhile: another controller starting removed it
+        if (pid.isdigit() and stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid()
+                and not _alive(int(pid))):
             shutil.rmtree(leftover, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-", dir=root)
 

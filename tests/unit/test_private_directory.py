@@ -22,11 +22,14 @@ def test_a_killed_controllers_directory_is_removed_and_nothing_else(tmp_path, mo
     unnamed.mkdir()
     other = tmp_path / "something-else-1-a"
     other.mkdir()
+    # A link named like a killed controller's directory is neither followed nor removed.
+    linked = tmp_path / f"flux-enroll-{gone.stdout.strip()}-link"
+    linked.symlink_to(other)
 
     made = private_directory()
 
     assert not dead.exists()
-    assert running.is_dir() and unnamed.is_dir() and other.is_dir()
+    assert running.is_dir() and unnamed.is_dir() and other.is_dir() and linked.is_symlink()
     assert os.path.basename(made).startswith(f"flux-enroll-{os.getpid()}-")
     assert stat.S_IMODE(os.stat(made).st_mode) == 0o700
     assert os.path.dirname(made) == str(tmp_path)
