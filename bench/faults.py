@@ -42,20 +42,20 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-faults-"))
     outcomes = []
+    fleet = LocalFleet(root / "dev", hosts=True)
     try:
-        fleet = LocalFleet(root / "dev", hosts=True)
-        try:
-            matrix = faults.Matrix(fleet, say=lambda m: print(m, file=sys.stderr, flush=True))
-            for fault, phase in chosen:
-                started = time.monotonic()
-                outcome = matrix.run(fault, phase)
-                outcomes.append(outcome)
-                print(f"{outcome.case}: {'pass' if outcome.passed else 'FAIL'} ({outcome.state or 'no end'}, "
-                      f"{time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
-        finally:
-            fleet.close()
+        matrix = faults.Matrix(fleet, say=lambda m: print(m, file=sys.stderr, flush=True))
+        for fault, phase in chosen:
+            started = time.monotonic()
+            outcome = matrix.run(fault, phase)
+            outcomes.append(outcome)
+            print(f"{outcome.case}: {'pass' if outcome.passed else 'FAIL'} ({outcome.state or 'no end'}, "
+                  f"{time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one would cut the cleanup short
+        fleet.close()
+    # Only once the fleet is down: its state (pids, namespaces, clusters) is what takes it down.
+    shutil.rmtree(root, ignore_errors=True)
     print(faults.table(outcomes))
     print(faults.dumps(outcomes))
     return 0 if all(o.passed for o in outcomes) else 1

@@ -164,7 +164,7 @@ class Matrix:
         """Fills the spool's disk to all but SPOOL_ROOM_LEFT."""
         fd = os.open(self._spool / "filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, bytes(max(shutil.disk_usage(self._spool).free - SPOOL_ROOM_LEFT, 0)))
+            os.posix_fallocate(fd, 0, max(shutil.disk_usage(self._spool).free - SPOOL_ROOM_LEFT, 1))
         finally:
             os.close(fd)
 
@@ -242,7 +242,7 @@ class Matrix:
                 threading.Thread(target=self._migrate, args=(project,), daemon=True).start()
                 if fault.kind == "disk":
                     # Full before the copy begins (it writes as the phase starts), and until it is over.
-                    self._wait_for_phase(h, PHASES[PHASES.index(phase) - 1])
+                    self._wait_for_phase(h, PHASES[max(PHASES.index(phase) - 1, 0)])
                     self.inject(fault)
                     out.hit = self._wait_for_phase(h, phase)
                     self._wait_while_current(h, phase, END_BOUND_S)
@@ -273,15 +273,19 @@ class Matrix:
         except Exception as exc:  # a case that cannot even be checked fails, and the matrix goes on
             out.problems.append(f"{type(exc).__name__}: {exc}")
         finally:
-            self._cleanup(project)
-            if fault.kind == "disk":
-                self._unmount_spool()
+            try:
+                self._cleanup(project)
+            finally:
+                if fault.kind == "disk":
+                    self._unmount_spool()
         return out
 
     def _after_disk(self, final: dict, out: Outcome) -> None:
-        """A copy that met the full disk says so, and leaves no partial dump taking its room."""
-        if final.get("state") == "rolled_back" and "could not be kept in the spool" not in (final.get("error") or ""):
-            out.problems.append(f"rolled back without naming the full spool: {final.get('error')}")
+        """The copy met the full disk (its dump cannot fit in the room left), the migration rolled
+        back saying so, and no partial dump is left taking the room."""
+        if final.get("state") != "rolled_back" or "could not be kept in the spool" not in (final.get("error") or ""):
+            out.problems.append(f"expected a rollback naming the full spool, got {final.get('state')}: "
+                                f"{final.get('error')}")
         partial = [str(p) for p in self._spool.rglob("*.partial")]
         if partial:
             out.problems.append(f"partial dump files left: {partial}")

@@ -429,9 +429,11 @@ class LocalFleet:
         def delete(project: dict) -> None:
             self.api("DELETE", f"projects/{project['hash']}", params={"slug": project["slug"], "skipBackupCheck": "true"})
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(delete, self.api("GET", "list").json()))
-        self.fleet.down()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(delete, self.api("GET", "list").json()))
+        finally:
+            self.fleet.down()  # its processes and namespaces go even when the controller cannot answer
         for directory in self.fleet.data_dirs():
             shutil.rmtree(directory, ignore_errors=True)
 
