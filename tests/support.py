@@ -1,6 +1,7 @@
 """Real processes for tests: a PostgreSQL cluster, the controller, agents, a cuttable proxy."""
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import pathlib
@@ -436,6 +437,21 @@ class LocalFleet:
             self.fleet.down()  # its processes and namespaces go even when the controller cannot answer
         for directory in self.fleet.data_dirs():
             shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: pathlib.Path, size: str = "1m"):
+    """A tmpfs of `size` mounted at `path` (made if missing), unmounted after: a disk to fill."""
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.fail("mounting a tmpfs needs root; these machines run the tests as root")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def app_token(secret: str, **claims) -> str:

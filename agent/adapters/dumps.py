@@ -7,7 +7,6 @@ it into any server: lines some cannot take are dropped on the way, never inside 
 (domain/dumpstream.py).
 """
 
-import errno
 import hashlib
 import os
 import pathlib
@@ -23,7 +22,7 @@ from psycopg import conninfo, sql
 from contract.failures import FailureKind
 
 from ..errors import AgentError
-from ..runtime.facts import parse_pg_tool_version, unwritable
+from ..runtime.facts import disk_full, parse_pg_tool_version, unwritable
 from ..domain.dumpstream import dropped_lines, sanitize
 from .dumpfile import EncryptingWriter
 from .tenants import Tenant
@@ -145,10 +144,9 @@ LEGACY_PLAIN_S = 7 * 86400
 
 def _unwritable(spool: pathlib.Path, what: str, exc: OSError, read: int) -> AgentError:
     """The error for a spool that took no more: with the room left when its disk is full."""
-    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return AgentError(f"{what} could not be kept in the spool {spool} ({unwritable(spool, exc)}) with {read} "
                       f"bytes of its SQL read; nothing of it was kept",
-                      kind=FailureKind.UNAVAILABLE if full else FailureKind.INTERNAL)
+                      kind=FailureKind.UNAVAILABLE if disk_full(exc) else FailureKind.INTERNAL)
 
 
 def _discard(partial: pathlib.Path) -> None:

@@ -60,9 +60,13 @@ def free_bytes(path: str | os.PathLike) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
+def disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def unwritable(path: str | os.PathLike, exc: OSError) -> str:
     """Why a write under `path` failed, with the room left on its disk when the disk is full."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    if not disk_full(exc):
         return str(exc.strerror or exc)
     try:
         return f"{exc.strerror}, {free_bytes(path)} bytes free"

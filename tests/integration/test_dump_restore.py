@@ -3,7 +3,6 @@ the dump file kept in the spool is encrypted."""
 
 import hashlib
 import io
-import os
 import pathlib
 import shutil
 import subprocess
@@ -353,15 +352,10 @@ def test_only_the_kept_copy_of_a_migrated_project_is_dumped_as_the_agents_role(d
 @pytest.fixture
 def small_spool(tmp_path):
     """A spool on a disk of its own, 1 MiB: a dump fills it."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(spool)], check=True)
-    try:
+    from tests.support import small_disk
+
+    with small_disk(tmp_path / "spool") as spool:
         yield spool
-    finally:
-        subprocess.run(["umount", "-l", str(spool)], check=True)
 
 
 def test_a_dump_that_fills_the_spools_disk_fails_with_what_is_free_and_gives_the_room_back(

@@ -19,7 +19,7 @@ from agent.runtime.identity import new_key_and_csr
 from controller.pki import SERVER_NAME, CertificateAuthority, create_ca
 from proto import fleet_pb2 as pb
 from proto import fleet_pb2_grpc
-from tests.support import AgentProc, CuttableProxy, run, script, wait_until
+from tests.support import AgentProc, CuttableProxy, run, script, small_disk, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -385,13 +385,8 @@ def _fill(directory: pathlib.Path) -> pathlib.Path:
 
 
 def test_an_agent_whose_disk_is_full_refuses_jobs_it_cannot_record_and_stays_connected(controller, agents):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
     agent = agents("full-1", start=False)
-    spool = agent.state_dir / "spool"
-    spool.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(spool)], check=True)
-    try:
+    with small_disk(agent.state_dir / "spool") as spool:
         agent.start()
         wait_until(lambda: controller.connected("full-1"), 15, "full-1 connected")
 
@@ -413,6 +408,3 @@ def test_an_agent_whose_disk_is_full_refuses_jobs_it_cannot_record_and_stays_con
         filler.unlink()
         job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0}}).json()
         assert controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()["state"] == "succeeded"
-    finally:
-        agent.stop()
-        subprocess.run(["umount", "-l", str(spool)], check=True)
