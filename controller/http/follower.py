@@ -10,7 +10,6 @@ import asyncio
 import re
 import ssl
 
-import httpx
 from starlette.background import BackgroundTask
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -32,9 +31,21 @@ class FollowTheLeader(BaseHTTPMiddleware):
         # Controllers on one catalog share their state (and so whether they serve HTTPS, with a
         # certificate from the fleet CA): a follower forwards the way it serves.
         self.scheme = "https" if tls_ca else "http"
-        # No read timeout: a forwarded migrate streams its progress for as long as it runs.
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0, pool=5.0),
-                                        verify=ssl.create_default_context(cafile=tls_ca) if tls_ca else True)
+        self.tls_ca = tls_ca
+        self._client = None
+
+    @property
+    def client(self):
+        # Made (and httpx imported, with the 100 modules it brings) once a request is forwarded:
+        # a controller that leads never forwards one.
+        if self._client is None:
+            import httpx
+
+            # No read timeout: a forwarded migrate streams its progress for as long as it runs.
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(None, connect=5.0, pool=5.0),
+                verify=ssl.create_default_context(cafile=self.tls_ca) if self.tls_ca else True)
+        return self._client
 
     async def dispatch(self, request: Request, call_next):
         leadership = self.fleet.leadership
@@ -50,6 +61,8 @@ class FollowTheLeader(BaseHTTPMiddleware):
         return response
 
     async def forward(self, request: Request, leadership):
+        import httpx
+
         target = leadership.lease.http_address
         if leadership.lease.holder == leadership.id:
             # Its own lease, which it could not renew (the catalog is away): nobody to forward to.

@@ -1,11 +1,17 @@
-"""The controller's garbage collection: what has lived a round is frozen out of the collector's
-sight, and a full round frees the garbage among it."""
+"""The controller's memory: what has lived a round of garbage collection is frozen out of the
+collector's sight, a full round frees the garbage among it, and what few controllers use is
+loaded only when used."""
 
 import asyncio
 import gc
+import pathlib
+import subprocess
+import sys
 import weakref
 
 from controller import memory
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 class _Node:
@@ -49,3 +55,12 @@ def test_the_oldest_generation_is_looked_at_a_tenth_as_often():
         assert (youngest, middle) == before[:2] and oldest == memory.OLDEST_EVERY > before[2]
     finally:
         gc.set_threshold(*before)
+
+
+def test_importing_the_controller_leaves_out_what_only_a_follower_or_the_dashboard_uses():
+    # httpx (a follower's forwarding, about a hundred modules with rich and pygments) and jinja2
+    # (the dashboard's pages) are loaded when first used, not by every controller at start.
+    probe = ("import sys, controller.main; "
+             "print(' '.join(m for m in ('httpx', 'jinja2', 'rich', 'pygments') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == []

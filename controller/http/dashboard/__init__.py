@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ..access import FailureLimiter, require_admin
 from ...store import Catalog, Project, User
@@ -57,11 +56,16 @@ class Dashboard:
                  limiter: FailureLimiter):
         self.catalog, self.fleet, self.projects, self.migrations, self.limiter = (
             catalog, fleet, projects, migrations, limiter)
-        self.templates = Environment(loader=FileSystemLoader(str(ROOT / "templates")),
-                                     autoescape=select_autoescape(["html"]))
+        self._templates = None
 
     def render(self, name: str, status: int = 200, **context) -> HTMLResponse:
-        return HTMLResponse(self.templates.get_template(name).render(**context), status_code=status)
+        if self._templates is None:
+            # Loaded with the first page: a controller only agents and the CLI talk to never needs jinja2.
+            from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+            self._templates = Environment(loader=FileSystemLoader(str(ROOT / "templates")),
+                                          autoescape=select_autoescape(["html"]))
+        return HTMLResponse(self._templates.get_template(name).render(**context), status_code=status)
 
     async def session(self, request: Request) -> tuple[User, str]:
         cookie = request.cookies.get(COOKIE)
