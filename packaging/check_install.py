@@ -110,6 +110,10 @@ class Server:
         subprocess.run(["docker", "rm", "-f", self.name], capture_output=True)
 
 
+# The wheels the packages carry, fetched once and reused (build.py --wheels).
+WHEELS = ROOT / "dist" / "wheels"
+
+
 def _version_after(version: str) -> str:
     major, minor, patch = version.split(".")
     return f"{major}.{minor}.{int(patch) + 1}"
@@ -317,8 +321,9 @@ def main() -> int:
     server = None
     try:
         print(f"building the packages {version} and {newer}", file=sys.stderr, flush=True)
-        old = build_packages(version, dist / version, None)
-        new = build_packages(newer, dist / newer, None)
+        # The second build takes its dependencies' wheels from the cache the first filled.
+        old = build_packages(version, dist / version, WHEELS)
+        new = build_packages(newer, dist / newer, WHEELS)
         image = subprocess.run([sys.executable, str(ROOT / "packaging" / "images" / "build.py"), "--json", "host"],
                                capture_output=True, text=True)
         if image.returncode != 0:

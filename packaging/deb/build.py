@@ -161,8 +161,25 @@ fi
     return _script(text or ":")
 
 
-def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path) -> None:
-    """Flux's wheel at `version`, and every wheel it needs, into `out`."""
+PLATFORM = ["--only-binary", ":all:", "--python-version", "3.11", "--implementation", "cp", "--abi", PYTHON_TAG,
+            "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
+            "--platform", "manylinux_2_17_x86_64", "--platform", "any"]
+
+
+def _setuptools_here() -> bool:
+    """Whether this interpreter has the setuptools pyproject.toml asks for: Flux's wheel is then
+    built with it, instead of in a new environment that pip fills from the index first."""
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    return int(setuptools.__version__.split(".")[0]) >= 68
+
+
+def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path, cache: pathlib.Path | None = None) -> None:
+    """Flux's wheel at `version`, and every wheel it needs, into `out`. With a `cache`, the wheels
+    in it are used when they satisfy every requirement (the index is not asked), and what was
+    fetched is added to it."""
     work = pathlib.Path(tempfile.mkdtemp(prefix="flux-wheel-"))
     try:
         tree = work / "src"
@@ -179,14 +196,21 @@ def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path) -> None:
         shutil.rmtree(tree / "devtools")
         pyproject.write_text(text)
         # Flux's own wheel, then the others for bookworm's Python 3.11 (binary wheels only).
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(out),
-                        str(tree)], check=True)
+        isolation = ["--no-build-isolation"] if _setuptools_here() else []
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation,
+                        "--wheel-dir", str(out), str(tree)], check=True)
         ours = next(out.glob(f"flux_fleet-{version}-*.whl"))
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(out),
-                        "--only-binary", ":all:", "--python-version", "3.11", "--implementation", "cp",
-                        "--abi", PYTHON_TAG, "--platform", "manylinux2014_x86_64", "--platform",
-                        "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform", "any",
-                        str(ours)], check=True)
+        download = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(out), *PLATFORM, str(ours)]
+        # From the cache alone when it holds every wheel needed (only those are copied); else from the index.
+        cached = cache is not None and any(cache.glob("*.whl"))
+        if not cached or subprocess.run([*download, "--no-index", "--find-links", str(cache)],
+                                        capture_output=True).returncode != 0:
+            subprocess.run(download, check=True)
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            for wheel in out.glob("*.whl"):
+                if wheel != ours and not (cache / wheel.name).exists():
+                    shutil.copy2(wheel, cache / wheel.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -232,23 +256,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", default=None, help="the packages' version, X.Y.Z (default: pyproject.toml's)")
     parser.add_argument("--out", default=str(ROOT / "dist"), help="where the .deb files go (default dist/)")
-    parser.add_argument("--wheels", help="a directory of wheels to reuse (made with this script before); "
-                        "default: built and fetched anew")
+    parser.add_argument("--wheels", metavar="DIR",
+                        help="a cache of the wheels Flux needs: used when it holds every one (the index is "
+                             "not asked), and what was fetched is added to it (default: everything fetched anew)")
     args = parser.parse_args()
     version = args.version or re.search(r'(?m)^version = "([^"]*)"$', (ROOT / "pyproject.toml").read_text())[1]
     if not VERSION.match(version):
         parser.error(f"--version must be X.Y.Z (digits), not {version!r}")
     if shutil.which("dpkg-deb") is None:
         parser.error("dpkg-deb is not installed (Debian's dpkg package)")
+    cache = pathlib.Path(args.wheels) if args.wheels else None
+    if cache is not None and cache.exists() and not cache.is_dir():
+        parser.error(f"--wheels {cache} is not a directory")
     out = pathlib.Path(args.out)
     wheels = pathlib.Path(tempfile.mkdtemp(prefix="flux-wheels-"))
     try:
-        if args.wheels:
-            for wheel in pathlib.Path(args.wheels).glob("*.whl"):
-                if not wheel.name.startswith("flux_fleet-"):
-                    shutil.copy2(wheel, wheels / wheel.name)
         print(f"building the wheels of flux-fleet {version}", file=sys.stderr, flush=True)
-        build_wheels(ROOT, version, wheels)
+        build_wheels(ROOT, version, wheels, cache)
         built = {}
         for package in PACKAGES:
             built[package.name] = str(build_package(package, version, wheels, out))

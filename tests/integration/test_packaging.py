@@ -100,18 +100,53 @@ def _shipped_files(deb: pathlib.Path, tmp_path: pathlib.Path) -> dict[str, bytes
         return {name: archive.read(name) for name in archive.namelist()}
 
 
-def test_the_shipped_cli_has_no_dev_fleet_and_runs_no_apt(tmp_path):
-    """The packages' wheel leaves the development tools out: nothing shipped installs packages."""
-    import json
+# The cache packaging/check_install.py fills: what it holds is not fetched again.
+WHEELS = UNITS.parents[1] / "dist" / "wheels"
 
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory) -> dict:
     _need("dpkg-deb")
-    root = UNITS.parents[1]
-    proc = subprocess.run([sys.executable, str(root / "packaging" / "deb" / "build.py"), "--out",
-                           str(tmp_path / "dist")], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    packages = json.loads(proc.stdout.strip().splitlines()[-1])["packages"]
+    return _build(UNITS.parents[1], "0.1.0", tmp_path_factory.mktemp("dist"), WHEELS)
+
+
+def test_the_shipped_cli_has_no_dev_fleet_and_runs_no_apt(packages, tmp_path):
+    """The packages' wheel leaves the development tools out: nothing shipped installs packages."""
     assert set(packages) == {"flux-controller", "flux-agent", "flux-cli"}
     files = _shipped_files(pathlib.Path(packages["flux-cli"]), tmp_path / "cli")
     assert any(name.startswith("cli/main.py") for name in files)
     assert not [name for name in files if name.startswith("devtools/")]
     assert not [name for name, data in files.items() if name.endswith(".py") and b"apt-get" in data]
+
+
+def _build(root: pathlib.Path, version: str, out: pathlib.Path, wheels: pathlib.Path, env: dict | None = None) -> dict:
+    import json
+
+    proc = subprocess.run([sys.executable, str(root / "packaging" / "deb" / "build.py"), "--version", version,
+                           "--out", str(out), "--wheels", str(wheels)], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["packages"]
+
+
+def _dependency_wheels(deb: str) -> set[str]:
+    listing = subprocess.run(["dpkg-deb", "-c", deb], capture_output=True, text=True, check=True).stdout
+    return {line.rsplit("/", 1)[1] for line in listing.splitlines()
+            if line.endswith(".whl") and "/flux_fleet-" not in line}
+
+
+def test_packages_build_from_a_filled_wheel_cache_without_any_index(packages, tmp_path):
+    """--wheels: once a build filled the cache, the next needs neither PyPI nor any other index,
+    and ships the same wheels, and only those it needs of what the cache holds."""
+    import os
+
+    cache = tmp_path / "wheels"
+    shutil.copytree(WHEELS, cache)
+    (cache / "unneeded-1.0-py3-none-any.whl").write_bytes(b"not a wheel any package asks for")
+    # pip with no index and no configuration: only the cache can hold what the build needs.
+    offline = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    offline.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
+    second = _build(UNITS.parents[1], "0.1.1", tmp_path / "second", cache, env=offline)
+    shipped = _dependency_wheels(second["flux-agent"])
+    assert shipped == _dependency_wheels(packages["flux-agent"])
+    assert shipped and "unneeded-1.0-py3-none-any.whl" not in shipped
