@@ -19,7 +19,9 @@ Prints the packages' paths; the last line is one JSON object naming them.
 """
 
 import argparse
+import importlib.metadata
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -167,13 +169,15 @@ PLATFORM = ["--only-binary", ":all:", "--python-version", "3.11", "--implementat
 
 
 def _setuptools_here() -> bool:
-    """Whether this interpreter has the setuptools pyproject.toml asks for: Flux's wheel is then
-    built with it, instead of in a new environment that pip fills from the index first."""
+    """Whether this interpreter has a setuptools that builds Flux's wheel on its own (70.1 or later,
+    which needs no `wheel` package): it is then built with it, instead of in a new environment
+    that pip fills from the index first."""
     try:
-        import setuptools
-    except ImportError:
+        found = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
         return False
-    return int(setuptools.__version__.split(".")[0]) >= 68
+    parts = re.match(r"(\d+)\.(\d+)", found)
+    return parts is not None and (int(parts[1]), int(parts[2])) >= (70, 1)
 
 
 def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path, cache: pathlib.Path | None = None) -> None:
@@ -202,15 +206,28 @@ def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path, cache: p
         ours = next(out.glob(f"flux_fleet-{version}-*.whl"))
         download = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(out), *PLATFORM, str(ours)]
         # From the cache alone when it holds every wheel needed (only those are copied); else from the index.
-        cached = cache is not None and any(cache.glob("*.whl"))
-        if not cached or subprocess.run([*download, "--no-index", "--find-links", str(cache)],
-                                        capture_output=True).returncode != 0:
+        offline = None
+        if cache is not None and any(cache.glob("*.whl")):
+            offline = subprocess.run([*download, "--no-index", "--find-links", str(cache)],
+                                     capture_output=True, text=True)
+            if offline.returncode != 0:
+                why = (offline.stderr.strip().splitlines() or ["pip gave no reason"])[-1]
+                print(f"the wheel cache {cache} does not hold every wheel needed ({why}); asking the index",
+                      file=sys.stderr, flush=True)
+                # Whatever that attempt left is fetched again, so no wheel is carried twice.
+                for wheel in out.glob("*.whl"):
+                    if wheel != ours:
+                        wheel.unlink()
+        if offline is None or offline.returncode != 0:
             subprocess.run(download, check=True)
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             for wheel in out.glob("*.whl"):
                 if wheel != ours and not (cache / wheel.name).exists():
-                    shutil.copy2(wheel, cache / wheel.name)
+                    # Under a name of its own until whole: a build stopped halfway leaves no broken wheel.
+                    partial = cache / f".{wheel.name}.{os.getpid()}.partial"
+                    shutil.copy2(wheel, partial)
+                    os.replace(partial, cache / wheel.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -150,3 +150,5 @@ def test_packages_build_from_a_filled_wheel_cache_without_any_index(packages, tm
     shipped = _dependency_wheels(second["flux-agent"])
     assert shipped == _dependency_wheels(packages["flux-agent"])
     assert shipped and "unneeded-1.0-py3-none-any.whl" not in shipped
+    # The cache holds dependencies only: Flux's own wheel is built by every build.
+    assert not list(cache.glob("flux_fleet-*")) and not list(cache.glob(".*.partial"))
