@@ -180,6 +180,24 @@ def _setuptools_here() -> bool:
     return parts is not None and (int(parts[1]), int(parts[2])) >= (70, 1)
 
 
+def _fetched_from_cache(download: list[str], cache: pathlib.Path, out: pathlib.Path, ours: pathlib.Path) -> bool:
+    """Runs `download` with the wheels in `cache` alone (the index is not asked; only the wheels
+    needed are copied). False when the cache lacks one: the reason is told, and what the attempt
+    left in `out` removed, so that no wheel fetched again is carried twice."""
+    if not any(cache.glob("*.whl")):
+        return False
+    offline = subprocess.run([*download, "--no-index", "--find-links", str(cache)], capture_output=True, text=True)
+    if offline.returncode == 0:
+        return True
+    why = (offline.stderr.strip().splitlines() or ["pip gave no reason"])[-1]
+    print(f"the wheel cache {cache} does not hold every wheel needed ({why}); asking the index",
+          file=sys.stderr, flush=True)
+    for wheel in out.glob("*.whl"):
+        if wheel != ours:
+            wheel.unlink()
+    return False
+
+
 def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path, cache: pathlib.Path | None = None) -> None:
     """Flux's wheel at `version`, and every wheel it needs, into `out`. With a `cache`, the wheels
     in it are used when they satisfy every requirement (the index is not asked), and what was
@@ -205,20 +223,7 @@ def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path, cache: p
                         "--wheel-dir", str(out), str(tree)], check=True)
         ours = next(out.glob(f"flux_fleet-{version}-*.whl"))
         download = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(out), *PLATFORM, str(ours)]
-        # From the cache alone when it holds every wheel needed (only those are copied); else from the index.
-        offline = None
-        if cache is not None and any(cache.glob("*.whl")):
-            offline = subprocess.run([*download, "--no-index", "--find-links", str(cache)],
-                                     capture_output=True, text=True)
-            if offline.returncode != 0:
-                why = (offline.stderr.strip().splitlines() or ["pip gave no reason"])[-1]
-                print(f"the wheel cache {cache} does not hold every wheel needed ({why}); asking the index",
-                      file=sys.stderr, flush=True)
-                # Whatever that attempt left is fetched again, so no wheel is carried twice.
-                for wheel in out.glob("*.whl"):
-                    if wheel != ours:
-                        wheel.unlink()
-        if offline is None or offline.returncode != 0:
+        if cache is None or not _fetched_from_cache(download, cache, out, ours):
             subprocess.run(download, check=True)
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
