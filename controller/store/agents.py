@@ -171,7 +171,9 @@ class AgentStore(Store):
             return refused
 
     async def _write_seen(self, seen: dict[str, str | None]) -> None:
+        # The arrays go in binary (%b): in text, psycopg escapes every quote of every agent's facts
+        # in Python, 27 ms for a round of 1,000 heartbeats with the event loop stopped (0.5 ms so).
         await self._one(
             "UPDATE agents SET last_seen = now(), facts = coalesce(seen.facts, agents.facts)"
-            " FROM unnest(%s::text[], %s::jsonb[]) AS seen(name, facts) WHERE agents.name = seen.name"
+            " FROM unnest(%b::text[], %b::jsonb[]) AS seen(name, facts) WHERE agents.name = seen.name"
             " RETURNING 1", (list(seen), list(seen.values())))

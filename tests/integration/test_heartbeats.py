@@ -6,6 +6,7 @@ import datetime
 import gc
 import json
 import secrets
+import sys
 
 import pytest
 
@@ -205,3 +206,41 @@ def test_an_agent_whose_hello_carries_a_nul_is_recorded_with_a_replacement_chara
     deeper = received(pb.AgentMessage(job_event=pb.JobEvent(job_id="j", result=pb.JobResult(
         ok=True, output_json="[" * 100_000 + "]" * 100_000))))
     assert deeper.output is None and "nested too deep" in deeper.output_problem
+
+
+def test_a_round_of_heartbeats_costs_the_controller_no_python_work_per_character_of_their_facts(catalog_url):
+    """The round is written while the event loop waits on nothing else: its cost in Python calls
+    must not grow with what the facts hold. Sent as text, psycopg escaped every quote of every
+    agent's facts in Python (37,000 calls for 1,000 agents, tens of milliseconds with every agent's
+    stream and the API stopped, every 2 s at 5,000 agents)."""
+    migrate(catalog_url)
+    agents = 1000
+    facts = json.dumps({"hostname": "db-1.example", "agent_version": "1.0",
+                        "tools": {"pg_dump": "pg_dump (PostgreSQL) 15.8", "psql": "psql (PostgreSQL) 15.8"},
+                        "spool_free_bytes": 123456789, "roles": ["db"]})
+    calls = []
+
+    async def scenario():
+        catalog = Catalog(catalog_url, max_size=2)
+        await catalog.open()
+        try:
+            await _enroll(catalog, ["hb-round-0"])
+            await catalog.agents_seen({"hb-round-0": facts})  # the connection and its statements made
+            seen = {f"hb-round-{i}": facts for i in range(agents)}
+
+            def count(frame, event, arg):
+                if event == "call":
+                    calls.append(frame.f_code.co_name)
+
+            sys.setprofile(count)
+            try:
+                refused = await catalog.agents_seen(seen)
+            finally:
+                sys.setprofile(None)
+            return refused, await catalog.get_agent("hb-round-0")
+        finally:
+            await catalog.close()
+
+    refused, agent = asyncio.run(scenario())
+    assert refused == [] and agent.facts == json.loads(facts)
+    assert len(calls) < agents, f"{len(calls)} Python calls to write {agents} heartbeats"
