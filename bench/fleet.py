@@ -3,8 +3,9 @@
 Starts a catalog cluster and a controller, enrolls N agents through join tokens,
 connects them from a few worker processes (each agent its own channel and stream),
 then measures the time until all are connected, ping round trips through the
-controller's API (each ping crosses the agent's stream), and the controller's peak
-RSS. With --grpc-floor it then measures a bare gRPC server holding as many mTLS streams
+controller's API (each ping crosses the agent's stream), how late the controller's event loop
+ran while they were pinged (its flux_controller_event_loop_lag_seconds histogram), and the
+controller's peak RSS. With --grpc-floor it then measures a bare gRPC server holding as many mTLS streams
 (bench/grpc_floor.py), so what the controller holds above gRPC's own shows. The last line of
 output is one JSON object with the figures.
 
@@ -15,9 +16,11 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import os
 import pathlib
+import re
 import shutil
 import signal
 import statistics
@@ -116,6 +119,27 @@ async def ping_all(controller: Controller, names: list[str], rounds: int, concur
     return rtts, errors
 
 
+def loop_lag(address: str) -> dict[float, float]:
+    """The controller's loop-lag histogram: observations at or under each bucket's bound (s)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://{address}/metrics", timeout=10).text
+    return {float(s.labels["le"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "flux_controller_event_loop_lag_seconds_bucket"}
+
+
+def lag_figures(before: dict[float, float], after: dict[float, float]) -> dict:
+    """What the loop-lag histogram saw between two scrapes: how many wake-ups, the bucket bound
+    that holds 99% of them, and how many came 50 ms or more late."""
+    grew = {bound: after[bound] - before.get(bound, 0) for bound in sorted(after)}
+    total = grew[math.inf]
+    p99 = next((bound for bound, count in grew.items() if total and count >= 0.99 * total), math.inf)
+    under_50ms = max((count for bound, count in grew.items() if bound < 0.05), default=0)
+    return {"loop_lag_samples": int(total),
+            "loop_lag_p99_under_ms": round(p99 * 1000, 1) if p99 != math.inf else None,
+            "loop_lags_50ms_or_more": int(total - under_50ms)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -147,7 +171,9 @@ def main() -> int:
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
             conn.execute("CREATE DATABASE bench_catalog")
         controller = Controller(tmp / "controller", cluster.url("bench_catalog"))
+        controller.run_args = ("--metrics-listen", "127.0.0.1:0")
         controller.start(heartbeat_seconds=10)
+        metrics_at = re.search(r" metrics=(\S+)", controller.log.read_text()).group(1)
         print(f"enrolling {args.agents} agents", file=sys.stderr, flush=True)
         started = time.perf_counter()
         dirs = enroll_all(controller, tmp / "agents", args.agents, args.enroll_threads)
@@ -176,7 +202,9 @@ def main() -> int:
 
         print("pinging", file=sys.stderr, flush=True)
         names = [d.name for d in dirs]
+        lag_before = loop_lag(metrics_at)
         rtts, ping_errors = asyncio.run(ping_all(controller, names, args.rounds, args.concurrency))
+        lag = lag_figures(lag_before, loop_lag(metrics_at))
         if not rtts:
             raise SystemExit(f"every ping failed: {ping_errors}")
         figures = {
@@ -189,6 +217,7 @@ def main() -> int:
             "ping_errors": sum(ping_errors.values()),
             "ping_p50_ms": round(statistics.median(rtts), 2),
             "ping_p99_ms": round(percentile(rtts, 0.99), 2),
+            **lag,
             "controller_connected_rss_mb": round(connected_rss, 1),
             "controller_rss_mb": round(rss_mb(controller.proc.pid, "VmRSS"), 1),
             "controller_peak_rss_mb": round(rss_mb(controller.proc.pid, "VmHWM"), 1),

@@ -213,6 +213,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     certificate = asyncio.create_task(keep_server_certificate(state, ca, reload_https if http_tls else None))
     trimming = asyncio.create_task(memory.keep_trimmed())
     collecting = asyncio.create_task(memory.keep_collected())
+    lag = asyncio.create_task(observe.keep_measuring_loop_lag(metrics.LOOP_LAG_SECONDS))
 
     await stop.wait()
     leading.cancel()
@@ -221,6 +222,7 @@ async def serve(state: StateDir, http: Listen, fleet_listen: Listen, enroll_list
     certificate.cancel()
     trimming.cancel()
     collecting.cancel()
+    lag.cancel()
     notify("STOPPING=1")
     log.info("stopping")
     for session in list(fleet.sessions.values()):

@@ -2,6 +2,7 @@
 their own (`--metrics-listen`), and logs as text or as JSON lines (`--log-format json`) that carry
 the job, migration and request they belong to."""
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -67,3 +68,16 @@ def serve_metrics(listen: str) -> str:
         raise OSError(f"cannot serve metrics on {listen}: {exc.strerror}") from None
     bound = server.server_address
     return f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+
+
+LOOP_LAG_EVERY_S = 0.1
+
+
+async def keep_measuring_loop_lag(histogram: "prometheus_client.Histogram", every: float = LOOP_LAG_EVERY_S) -> None:
+    """Observes, `every` seconds, how much later than asked the event loop woke a sleep: what
+    every other coroutine of the process waited meanwhile (a stream's message, a request)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time() + every
+        await asyncio.sleep(every)
+        histogram.observe(max(0.0, loop.time() - asked))

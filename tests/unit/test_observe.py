@@ -70,3 +70,27 @@ def test_the_access_log_reader_counts_each_request_once_across_partial_lines_and
     os.rename(log, tmp_path / "access-1.log")  # Caddy rolls the file over
     log.write_bytes(_entry("c.localhost", 404, 0.01))
     assert reader.new_entries() == [("c.localhost", "404", 0.01)]
+
+
+def test_the_loop_lag_histogram_shows_the_time_the_event_loop_was_held():
+    """A callback that holds the loop for 0.3 s shows as a wake-up at least 0.2 s late."""
+    import time
+
+    import prometheus_client
+
+    lag = prometheus_client.Histogram("lag_seconds", "test", buckets=(0.05, 0.2, 1),
+                                      registry=prometheus_client.CollectorRegistry())
+
+    async def scenario():
+        measuring = asyncio.create_task(observe.keep_measuring_loop_lag(lag, every=0.05))
+        await asyncio.sleep(0.3)
+        asyncio.get_running_loop().call_soon(time.sleep, 0.3)
+        await asyncio.sleep(0.6)
+        measuring.cancel()
+
+    asyncio.run(scenario())
+    samples = {(s.name, s.labels.get("le")): s.value for metric in lag.collect() for s in metric.samples}
+    observed = samples[("lag_seconds_count", None)]
+    assert observed >= 5
+    assert observed - samples[("lag_seconds_bucket", "0.2")] >= 1, samples
+    assert samples[("lag_seconds_bucket", "1.0")] == observed
