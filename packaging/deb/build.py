@@ -198,6 +198,21 @@ def _fetched_from_cache(download: list[str], cache: pathlib.Path, out: pathlib.P
     return False
 
 
+def _drop_stale_partials(cache: pathlib.Path) -> None:
+    """Removes the wheels a build stopped while adding them to `cache` left half-copied (their
+    names end in the copying process's id); a running build's are left alone."""
+    for partial in cache.glob(".*.partial"):
+        pid = partial.suffixes[-2].lstrip(".") if len(partial.suffixes) >= 2 else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            partial.unlink(missing_ok=True)
+        except PermissionError:  # another user's, alive
+            pass
+
+
 def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path, cache: pathlib.Path | None = None) -> None:
     """Flux's wheel at `version`, and every wheel it needs, into `out`. With a `cache`, the wheels
     in it are used when they satisfy every requirement (the index is not asked), and what was
@@ -223,6 +238,8 @@ def build_wheels(source: pathlib.Path, version: str, out: pathlib.Path, cache: p
                         "--wheel-dir", str(out), str(tree)], check=True)
         ours = next(out.glob(f"flux_fleet-{version}-*.whl"))
         download = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(out), *PLATFORM, str(ours)]
+        if cache is not None and cache.is_dir():
+            _drop_stale_partials(cache)
         if cache is None or not _fetched_from_cache(download, cache, out, ours):
             subprocess.run(download, check=True)
         if cache is not None:

@@ -143,6 +143,13 @@ def test_packages_build_from_a_filled_wheel_cache_without_any_index(packages, tm
     cache = tmp_path / "wheels"
     shutil.copytree(WHEELS, cache)
     (cache / "unneeded-1.0-py3-none-any.whl").write_bytes(b"not a wheel any package asks for")
+    # What builds stopped while filling the cache left: an ended process's copy goes, a running one's stays.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stale = cache / f".grpcio-1.0-py3-none-any.whl.{ended.pid}.partial"
+    copying = cache / f".grpcio-1.0-py3-none-any.whl.{os.getpid()}.partial"
+    for partial in (stale, copying):
+        partial.write_bytes(b"half a wheel")
     # pip with no index and no configuration: only the cache can hold what the build needs.
     offline = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     offline.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
@@ -151,4 +158,4 @@ def test_packages_build_from_a_filled_wheel_cache_without_any_index(packages, tm
     assert shipped == _dependency_wheels(packages["flux-agent"])
     assert shipped and "unneeded-1.0-py3-none-any.whl" not in shipped
     # The cache holds dependencies only: Flux's own wheel is built by every build.
-    assert not list(cache.glob("flux_fleet-*")) and not list(cache.glob(".*.partial"))
+    assert not list(cache.glob("flux_fleet-*")) and list(cache.glob(".*.partial")) == [copying]
