@@ -388,23 +388,26 @@ def test_an_agent_whose_disk_is_full_refuses_jobs_it_cannot_record_and_stays_con
     agent = agents("full-1", start=False)
     with small_disk(agent.state_dir / "spool") as spool:
         agent.start()
-        wait_until(lambda: controller.connected("full-1"), 15, "full-1 connected")
+        try:
+            wait_until(lambda: controller.connected("full-1"), 15, "full-1 connected")
 
-        # The disk fills while a job runs: its result goes from memory all the same.
-        job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 2}}).json()
-        wait_until(lambda: controller.api("GET", f"jobs/{job['id']}").json()["progress"], 5, "progress")
-        filler = _fill(spool)
-        done = controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()
-        assert done["state"] == "succeeded", done
-        assert "its record could not be written" in agent.log.read_text()
+            # The disk fills while a job runs: its result goes from memory all the same.
+            job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 2}}).json()
+            wait_until(lambda: controller.api("GET", f"jobs/{job['id']}").json()["progress"], 5, "progress")
+            filler = _fill(spool)
+            done = controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()
+            assert done["state"] == "succeeded", done
+            assert "its record could not be written" in agent.log.read_text()
 
-        # A job that cannot be recorded is not run (it could run twice), and the agent says why.
-        job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0}}).json()
-        refused = controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()
-        assert refused["state"] == "failed" and refused["retryable"], refused
-        assert f"the agent cannot record the job in {spool} (No space left on device" in refused["error"]
-        assert agent.proc.poll() is None and controller.connected("full-1")
+            # A job that cannot be recorded is not run (it could run twice), and the agent says why.
+            job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0}}).json()
+            refused = controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()
+            assert refused["state"] == "failed" and refused["retryable"], refused
+            assert f"the agent cannot record the job in {spool} (No space left on device" in refused["error"]
+            assert agent.proc.poll() is None and controller.connected("full-1")
 
-        filler.unlink()
-        job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0}}).json()
-        assert controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()["state"] == "succeeded"
+            filler.unlink()
+            job = controller.api("POST", "agents/full-1/jobs", {"kind": "diag.wait", "params": {"seconds": 0}}).json()
+            assert controller.api("GET", f"jobs/{job['id']}", params={"wait": 20}).json()["state"] == "succeeded"
+        finally:  # stopped before its disk is unmounted
+            agent.stop()
