@@ -4,7 +4,7 @@ load nor the upstream is the bottleneck.
 
 Starts a local fleet and creates a pooled project; then stops the pooled PostgREST stand-in and
 serves the same port with a Caddy that answers a fixed JSON body (Go, no database). wrk sends
-the same read, paced to the rate (each of its connections waits between requests):
+the same read at the rate, each of its threads by a schedule (not a fixed wait after answers):
 
 - direct: plain HTTP to the upstream;
 - gateway: HTTPS through Caddy, the app's token checked by the gateway agent's forward-auth
@@ -76,7 +76,28 @@ class HostsEntry:
         self.PATH.write_text("".join(kept))
 
 
-def lua(headers: dict, delay_ms: int, tokens: list[str] | None = None) -> str:
+WRK_THREADS = 2
+
+# Each wrk thread sends at its share of the rate by a schedule of its own, however long answers
+# take: before each request, wrk asks `delay` how many ms to wait, and it answers the time left
+# to that request's slot (wrk's LuaJIT reads the monotonic clock through its ffi). A schedule
+# more than a second behind (every connection was waiting on answers) starts again from now.
+PACING = """local ffi = require("ffi")
+ffi.cdef[[ typedef struct { long tv_sec; long tv_nsec; } flux_timespec; int clock_gettime(int, flux_timespec *); ]]
+local ts = ffi.new("flux_timespec")
+local function now_ms() ffi.C.clock_gettime(1, ts); return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6 end
+local due = nil
+delay = function()
+  local now = now_ms()
+  if due == nil or due < now - 1000 then due = now end
+  due = due + %r
+  return math.max(0, math.floor(due - now))
+end"""
+
+
+def lua(headers: dict, interval_ms: float, tokens: list[str] | None = None) -> str:
+    """wrk's script: `headers` on every request (or a token of `tokens` in turn), one request
+    every `interval_ms` per thread."""
     lines = [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
     if tokens:
         lines.append("local tokens = {" + ",".join(json.dumps(t) for t in tokens) + "}")
@@ -86,7 +107,7 @@ def lua(headers: dict, delay_ms: int, tokens: list[str] | None = None) -> str:
         lines.append('  i = i % #tokens + 1; wrk.headers["Authorization"] = "Bearer " .. tokens[i]')
     lines.append(f"  return wrk.format(nil, {json.dumps(PATH)})")
     lines.append("end")
-    lines.append(f"delay = function() return {delay_ms} end")
+    lines.append(PACING % interval_ms)
     lines.append("""done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('RESULT {"requests":%d,"duration_us":%d,"errors":%d,"non2xx":%d,"p50_us":%d,"p99_us":%d}\\n',
@@ -99,7 +120,7 @@ end""")
 def wrk(url: str, script: str, connections: int, seconds: float, work: pathlib.Path) -> dict:
     path = work / "script.lua"
     path.write_text(script)
-    proc = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:g}s", "-s", str(path), url],
+    proc = subprocess.run(["wrk", "-t", str(WRK_THREADS), "-c", str(connections), "-d", f"{seconds:g}s", "-s", str(path), url],
                           capture_output=True, text=True, timeout=seconds + 120)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -114,17 +135,15 @@ def main() -> int:
     parser.add_argument("--rps", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=0,
-                        help="paced connections (default: one per 50 requests/s)")
+                        help="connections the requests are spread over (default: one per 50 requests/s)")
     args = parser.parse_args()
     if args.rps < 1 or args.seconds <= 0 or args.connections < 0:
         parser.error("--rps and --seconds must be positive, --connections at least 0 (0: the default)")
     for tool in ("wrk", "caddy"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is missing: apt-get install -y {tool}")
-    # Paced connections: each waits `delay` ms between requests, so the rate is about
-    # connections / (delay + latency).
-    connections = args.connections or max(2, args.rps // 50)
-    delay_ms = max(0, round(connections * 1000 / args.rps) - 1)
+    connections = max(WRK_THREADS, args.connections or args.rps // 50)
+    interval_ms = 1000 * WRK_THREADS / args.rps
     work = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-gw-"))
     fleet = LocalFleet(work / "dev")
     upstream = None
@@ -149,11 +168,11 @@ def main() -> int:
         runs = {}
         with HostsEntry(host):
             for name, url, script in (
-                    ("direct", direct_url, lua({}, delay_ms)),
-                    ("gateway", gateway_url, lua({"Host": host, "Authorization": f"Bearer {token}"}, delay_ms)),
-                    ("gateway_uncached", gateway_url, lua({"Host": host}, delay_ms, tokens))):
+                    ("direct", direct_url, lua({}, interval_ms)),
+                    ("gateway", gateway_url, lua({"Host": host, "Authorization": f"Bearer {token}"}, interval_ms)),
+                    ("gateway_uncached", gateway_url, lua({"Host": host}, interval_ms, tokens))):
                 wrk(url, script, connections, 2, work)  # warm connections, caches and Caddy
-                print(f"{name}: {args.rps} requests/s for {args.seconds:g}s ({connections} paced connections)",
+                print(f"{name}: {args.rps} requests/s for {args.seconds:g}s over {connections} connections",
                       file=sys.stderr, flush=True)
                 runs[name] = wrk(url, script, connections, args.seconds, work)
     finally:
