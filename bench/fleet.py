@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
-import math
 import multiprocessing
 import os
 import pathlib
@@ -40,7 +39,10 @@ from agent.runtime.connection import Agent, Backoff  # noqa: E402
 from agent.errors import AgentError  # noqa: E402
 from agent.runtime.identity import fetch_pinned_ca, new_key_and_csr  # noqa: E402
 from agent.runtime.wire import enroll as enroll_rpc  # noqa: E402
-from tests.support import Controller, remove_cluster, test_cluster  # noqa: E402
+from tests.support import Controller, lag_figures, loop_lag, remove_cluster, test_cluster  # noqa: E402
+
+
+LAG = "flux_controller_event_loop_lag_seconds"
 
 
 def enroll_all(controller: Controller, base: pathlib.Path, count: int, threads: int) -> list[pathlib.Path]:
@@ -119,27 +121,6 @@ async def ping_all(controller: Controller, names: list[str], rounds: int, concur
     return rtts, errors
 
 
-def loop_lag(address: str) -> dict[float, float]:
-    """The controller's loop-lag histogram: observations at or under each bucket's bound (s)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"http://{address}/metrics", timeout=10).text
-    return {float(s.labels["le"]): s.value for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == "flux_controller_event_loop_lag_seconds_bucket"}
-
-
-def lag_figures(before: dict[float, float], after: dict[float, float]) -> dict:
-    """What the loop-lag histogram saw between two scrapes: how many wake-ups, the bucket bound
-    that holds 99% of them, and how many came 50 ms or more late."""
-    grew = {bound: after[bound] - before.get(bound, 0) for bound in sorted(after)}
-    total = grew[math.inf]
-    p99 = next((bound for bound, count in grew.items() if total and count >= 0.99 * total), math.inf)
-    under_50ms = max((count for bound, count in grew.items() if bound < 0.05), default=0)
-    return {"loop_lag_samples": int(total),
-            "loop_lag_p99_under_ms": round(p99 * 1000, 1) if p99 != math.inf else None,
-            "loop_lags_50ms_or_more": int(total - under_50ms)}
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -174,6 +155,7 @@ def main() -> int:
         controller.run_args = ("--metrics-listen", "127.0.0.1:0")
         controller.start(heartbeat_seconds=10)
         metrics_at = re.search(r" metrics=(\S+)", controller.log.read_text()).group(1)
+        metrics_url = f"http://{metrics_at}/metrics"
         print(f"enrolling {args.agents} agents", file=sys.stderr, flush=True)
         started = time.perf_counter()
         dirs = enroll_all(controller, tmp / "agents", args.agents, args.enroll_threads)
@@ -202,9 +184,9 @@ def main() -> int:
 
         print("pinging", file=sys.stderr, flush=True)
         names = [d.name for d in dirs]
-        lag_before = loop_lag(metrics_at)
+        lag_before = loop_lag(metrics_url, LAG)
         rtts, ping_errors = asyncio.run(ping_all(controller, names, args.rounds, args.concurrency))
-        lag = lag_figures(lag_before, loop_lag(metrics_at))
+        lag = lag_figures(lag_before, loop_lag(metrics_url, LAG))
         if not rtts:
             raise SystemExit(f"every ping failed: {ping_errors}")
         figures = {

@@ -12,7 +12,9 @@ the same read at the rate, each of its threads by a schedule (not a fixed wait a
 - gateway, new token each request: 20,000 tokens in turn, more than the gateway's verified-token
   cache holds, so every request pays the JWT verification (what the cache saves).
 
-Prints each path's achieved rate and p50/p99; the last line of output is one JSON object.
+Prints each path's achieved rate and p50/p99, and for the gateway's paths how late the gateway
+agent's event loop ran (its flux_agent_event_loop_lag_seconds: looks 10 ms or more late, and the
+bucket holding 99% of them); the last line of output is one JSON object.
 
     python bench/gateway.py [--rps 1000] [--seconds 10]
 """
@@ -29,11 +31,13 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import LocalFleet, app_token, wait_until  # noqa: E402
+from tests.support import LocalFleet, app_token, lag_figures, loop_lag, wait_until  # noqa: E402
 
 ITEMS = json.dumps([{"id": i, "name": f"item {i}"} for i in range(1, 11)])
 PATH = "/items?select=id,name&limit=10"
 MISS_TOKENS = 20000
+# The gateway agent answers every request's forward_auth on its event loop: how late it ran.
+AGENT_LAG = "flux_agent_event_loop_lag_seconds"
 
 
 def fixed_upstream(port: int, work: pathlib.Path) -> subprocess.Popen:
@@ -165,7 +169,8 @@ def main() -> int:
 
         tokens = [jwt.encode({"sub": f"u{i}", "iat": now, "exp": now + 3600}, secret, algorithm="HS256")
                   for i in range(MISS_TOKENS)]
-        runs = {}
+        runs, agent_lag = {}, {}
+        agent_metrics = fleet.info["metrics"]["dev-gateway"]
         with HostsEntry(host):
             for name, url, script in (
                     ("direct", direct_url, lua({}, interval_ms)),
@@ -174,7 +179,9 @@ def main() -> int:
                 wrk(url, script, connections, 2, work)  # warm connections, caches and Caddy
                 print(f"{name}: {args.rps} requests/s for {args.seconds:g}s over {connections} connections",
                       file=sys.stderr, flush=True)
+                before = loop_lag(agent_metrics, AGENT_LAG)
                 runs[name] = wrk(url, script, connections, args.seconds, work)
+                agent_lag[name] = lag_figures(before, loop_lag(agent_metrics, AGENT_LAG), late_ms=10)
     finally:
         if upstream is not None:
             upstream.terminate()
@@ -189,6 +196,8 @@ def main() -> int:
         figures[f"{name}_errors"] = r["errors"] + r["non2xx"]
         figures[f"{name}_p50_ms"] = round(ms[name]["p50"], 3)
         figures[f"{name}_p99_ms"] = round(ms[name]["p99"], 3)
+        if name != "direct":
+            figures.update({f"{name}_agent_{key}": value for key, value in agent_lag[name].items()})
     figures["added_p50_ms"] = round(ms["gateway"]["p50"] - ms["direct"]["p50"], 3)
     figures["added_p99_ms"] = round(ms["gateway"]["p99"] - ms["direct"]["p99"], 3)
     figures["uncached_over_cached_p50"] = round(ms["gateway_uncached"]["p50"] / ms["gateway"]["p50"], 2)

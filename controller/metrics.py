@@ -2,10 +2,11 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from observe import LOOP_LAG_BUCKETS
+
 # Seconds, from a ping to a full copy of a large tenant.
 _JOB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 _PAUSE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
-_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 JOBS = Counter("flux_controller_jobs", "Jobs run on agents, by kind and outcome (succeeded, failed, timeout)",
                ["kind", "outcome"])
@@ -15,7 +16,7 @@ AGENTS_CONNECTED = Gauge("flux_controller_agents_connected", "Agents with a stre
 LOOP_LAG_SECONDS = Histogram("flux_controller_event_loop_lag_seconds",
                              "How late the controller's event loop woke a timer: how long every agent's stream "
                              "and API request waited meanwhile (observed ten times a second)",
-                             buckets=_LAG_BUCKETS)
+                             buckets=LOOP_LAG_BUCKETS)
 LEADING = Gauge("flux_controller_leading", "1 while this controller leads the controllers on its catalog")
 MIGRATIONS = Counter("flux_migrations", "Migrations ended, by outcome (succeeded, rolled_back, "
                      "failed_after_cutover)", ["outcome"])

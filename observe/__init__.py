@@ -71,6 +71,7 @@ def serve_metrics(listen: str) -> str:
 
 
 LOOP_LAG_EVERY_S = 0.1
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 async def keep_measuring_loop_lag(histogram: "prometheus_client.Histogram", every: float = LOOP_LAG_EVERY_S) -> None:

@@ -3,6 +3,7 @@
 import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -460,3 +461,25 @@ def app_token(secret: str, **claims) -> str:
 
     now = int(time.time())
     return jwt.encode({"sub": "alice", "iat": now, "exp": now + 3600, **claims}, secret, algorithm="HS256")
+
+
+def loop_lag(url: str, metric: str) -> dict[float, float]:
+    """A process's event-loop lag histogram (`metric`, from its /metrics `url`): the observations
+    at or under each bucket's bound, in seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    return {float(s.labels["le"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == f"{metric}_bucket"}
+
+
+def lag_figures(before: dict[float, float], after: dict[float, float], late_ms: int = 50) -> dict:
+    """What a loop-lag histogram saw between two scrapes: how many wake-ups, the bucket bound
+    that holds 99% of them, and how many came `late_ms` or more late (a bucket's bound)."""
+    grew = {bound: after[bound] - before.get(bound, 0) for bound in sorted(after)}
+    total = grew.get(math.inf, 0)
+    p99 = next((bound for bound, count in grew.items() if total and count >= 0.99 * total), math.inf)
+    on_time = max((count for bound, count in grew.items() if bound < late_ms / 1000), default=0)
+    return {"loop_lag_samples": int(total),
+            "loop_lag_p99_under_ms": round(p99 * 1000, 1) if p99 != math.inf else None,
+            f"loop_lags_{late_ms}ms_or_more": int(total - on_time)}

@@ -406,6 +406,7 @@ class Agent:
         if self.gateway is not None:
             await self.gateway.start()
         notify("READY=1")
+        lag = asyncio.create_task(observe.keep_measuring_loop_lag(metrics.LOOP_LAG_SECONDS))
         backoff = Backoff()
         while not stop.is_set():
             session = asyncio.create_task(self.session(backoff))
@@ -431,6 +432,7 @@ class Agent:
                     await asyncio.wait_for(stop.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
+        lag.cancel()
         for task in list(self.running.values()):
             task.cancel()
         if self.gateway is not None:

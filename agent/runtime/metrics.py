@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from observe import LOOP_LAG_BUCKETS
+
 _JOB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -10,6 +12,10 @@ JOBS = Counter("flux_agent_jobs", "Jobs this agent ran, by kind and outcome (suc
 JOB_SECONDS = Histogram("flux_agent_job_duration_seconds", "Time this agent took to run a job, by kind",
                         ["kind"], buckets=_JOB_BUCKETS)
 JOBS_RUNNING = Gauge("flux_agent_jobs_running", "Jobs running on this agent now")
+LOOP_LAG_SECONDS = Histogram("flux_agent_event_loop_lag_seconds",
+                             "How late this agent's event loop woke a timer: how long its stream, its jobs and, "
+                             "on a gateway, every request's token check waited meanwhile (observed ten times a second)",
+                             buckets=LOOP_LAG_BUCKETS)
 CONNECTED = Gauge("flux_agent_connected", "1 while this agent's stream to a controller is open")
 GATEWAY_REQUESTS = Counter("flux_gateway_requests", "Requests this gateway's Caddy served, by project and "
                            "status (from its access log)", ["project", "status"])

@@ -441,6 +441,8 @@ def test_the_metrics_of_the_controller_and_agents_move_with_a_migrate(fleet):
     grew = lambda name, metric, **labels: _total(after[name], metric, **labels) - _total(before[name], metric, **labels)  # noqa: E731
     assert grew("controller", "flux_controller_jobs_total") > 5
     assert grew("controller", "flux_controller_event_loop_lag_seconds_count") > 0
+    for name in set(addresses) - {"controller"}:
+        assert grew(name, "flux_agent_event_loop_lag_seconds_count") > 0, name
     assert grew("controller", "flux_controller_job_duration_seconds_count", kind="tenant.sync_status") >= 1
     assert grew("controller", "flux_migrations_total", outcome="succeeded") == 1
     for step in ("provision", "sync", "catch_up", "lock", "drain", "flip", "unlock", "confirm"):
