@@ -12,9 +12,30 @@ from .context import Handler, JobContext
 def _stack(ctx: JobContext) -> tuple[stacks.StackSpec, DockerSettings]:
     return stacks.StackSpec.from_params(ctx.params), ctx.settings.get("docker") or DockerSettings()
 
+# Jobs that make, change or remove a stack's containers run one at a time for each stack, in the
+# order they came: a stack.remove sent while a stack.provision still runs (a controller that
+# restarted and rolls back what its predecessor began) waits for it, instead of removing what is
+# there so far and leaving what the provision makes after. Each stack's lock is kept with how
+# many of its jobs run or wait on it, and goes with the last.
+_changing: dict[str, tuple[asyncio.Lock, int]] = {}
+
+
+async def _one_at_a_time(spec: stacks.StackSpec, work, *args):
+    lock, users = _changing.get(spec.prefix) or (asyncio.Lock(), 0)
+    _changing[spec.prefix] = (lock, users + 1)
+    try:
+        async with lock:
+            return await asyncio.to_thread(work, *args)
+    finally:
+        lock, users = _changing[spec.prefix]
+        if users == 1:
+            del _changing[spec.prefix]
+        else:
+            _changing[spec.prefix] = (lock, users - 1)
+
 async def stack_provision(ctx: JobContext) -> dict:
     spec, settings = _stack(ctx)
-    return await asyncio.to_thread(stacks.provision, spec, settings, ctx.progress)
+    return await _one_at_a_time(spec, stacks.provision, spec, settings, ctx.progress)
 
 async def stack_observe(ctx: JobContext) -> dict:
     spec, _ = _stack(ctx)
@@ -22,15 +43,15 @@ async def stack_observe(ctx: JobContext) -> dict:
 
 async def stack_start(ctx: JobContext) -> dict:
     spec, settings = _stack(ctx)
-    return await asyncio.to_thread(stacks.start, spec, settings)
+    return await _one_at_a_time(spec, stacks.start, spec, settings)
 
 async def stack_stop(ctx: JobContext) -> dict:
     spec, _ = _stack(ctx)
-    return await asyncio.to_thread(stacks.stop, spec)
+    return await _one_at_a_time(spec, stacks.stop, spec)
 
 async def stack_remove(ctx: JobContext) -> dict:
     spec, _ = _stack(ctx)
-    return await asyncio.to_thread(stacks.remove, spec)
+    return await _one_at_a_time(spec, stacks.remove, spec)
 
 async def stack_find(ctx: JobContext) -> dict:
     return await asyncio.to_thread(stacks.find, ctx.params.hash)
@@ -46,7 +67,7 @@ async def stack_probe(ctx: JobContext) -> dict:
 
 async def stack_bootstrap(ctx: JobContext) -> dict:
     spec, settings = _stack(ctx)
-    return await asyncio.to_thread(stacks.bootstrap, spec, settings)
+    return await _one_at_a_time(spec, stacks.bootstrap, spec, settings)
 
 async def stack_image_info(ctx: JobContext) -> dict:
     settings = ctx.settings.get("docker") or DockerSettings()
