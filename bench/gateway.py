@@ -13,8 +13,8 @@ the same read at the rate, each of its threads by a schedule (not a fixed wait a
   cache holds, so every request pays the JWT verification (what the cache saves).
 
 Prints each path's achieved rate and p50/p99, and for the gateway's paths how late the gateway
-agent's event loop ran (its flux_agent_event_loop_lag_seconds: looks 10 ms or more late, and the
-bucket holding 99% of them); the last line of output is one JSON object.
+agent's event loop ran (its flux_agent_event_loop_lag_seconds: looks more than 10 ms late, and
+the bucket holding 99% of them); the last line of output is one JSON object.
 
     python bench/gateway.py [--rps 1000] [--seconds 10]
 """

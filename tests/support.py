@@ -475,11 +475,13 @@ def loop_lag(url: str, metric: str) -> dict[float, float]:
 
 def lag_figures(before: dict[float, float], after: dict[float, float], late_ms: int = 50) -> dict:
     """What a loop-lag histogram saw between two scrapes: how many wake-ups, the bucket bound
-    that holds 99% of them, and how many came `late_ms` or more late (a bucket's bound)."""
+    that holds 99% of them (None: over the last bound), and how many came more than `late_ms`
+    late. The buckets count wake-ups at or under their bound, so `late_ms` must be one."""
     grew = {bound: after[bound] - before.get(bound, 0) for bound in sorted(after)}
+    if late_ms / 1000 not in grew:
+        raise ValueError(f"{late_ms} ms is not a bound of the histogram's buckets: {sorted(grew)}")
     total = grew.get(math.inf, 0)
     p99 = next((bound for bound, count in grew.items() if total and count >= 0.99 * total), math.inf)
-    on_time = max((count for bound, count in grew.items() if bound < late_ms / 1000), default=0)
     return {"loop_lag_samples": int(total),
             "loop_lag_p99_under_ms": round(p99 * 1000, 1) if p99 != math.inf else None,
-            f"loop_lags_{late_ms}ms_or_more": int(total - on_time)}
+            f"loop_lags_over_{late_ms}ms": int(total - grew[late_ms / 1000])}

@@ -207,7 +207,7 @@ def _drop_stale_partials(cache: pathlib.Path) -> None:
             continue
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, OverflowError):  # no process has (or can have) that id
             partial.unlink(missing_ok=True)
         except PermissionError:  # another user's, alive
             pass

@@ -93,4 +93,20 @@ def test_the_loop_lag_histogram_shows_the_time_the_event_loop_was_held():
     observed = samples[("lag_seconds_count", None)]
     assert observed >= 5
     assert observed - samples[("lag_seconds_bucket", "0.2")] >= 1, samples
-    assert samples[("lag_seconds_bucket", "1.0")] == observed
+
+
+def test_the_benchmarks_count_the_wake_ups_later_than_a_bucket_bound_from_two_scrapes():
+    """Buckets count wake-ups at or under their bound: those more than 25 ms late are the total
+    less the 25 ms bucket (not the one below it); a bound the buckets lack is refused."""
+    import math
+
+    from tests.support import lag_figures
+
+    before = {0.005: 5, 0.025: 5, 0.05: 5, math.inf: 5}
+    after = {0.005: 65, 0.025: 95, 0.05: 100, math.inf: 105}  # 100 more: 60, 30, 5 and 5 by bucket
+    assert lag_figures(before, after, late_ms=25) == {
+        "loop_lag_samples": 100, "loop_lag_p99_under_ms": None, "loop_lags_over_25ms": 10}
+    assert lag_figures(before, after)["loop_lags_over_50ms"] == 5
+    assert lag_figures(before, {**after, math.inf: 100})["loop_lag_p99_under_ms"] == 50.0
+    with pytest.raises(ValueError, match="30 ms is not a bound"):
+        lag_figures(before, after, late_ms=30)
