@@ -5,7 +5,8 @@ connects them from a few worker processes (each agent its own channel and stream
 then measures the time until all are connected, ping round trips through the
 controller's API (each ping crosses the agent's stream), how late the controller's event
 loop ran while they were pinged (its flux_controller_event_loop_lag_seconds histogram: looks
-more than 50 ms late, and the bucket holding 99% of them), and the controller's peak RSS. With --grpc-floor it then measures a bare gRPC server holding as many mTLS streams
+more than 50 ms late, and the bucket holding 99% of them), and the controller's peak RSS.
+With --grpc-floor it then measures a bare gRPC server holding as many mTLS streams
 (bench/grpc_floor.py), so what the controller holds above gRPC's own shows. The last line of
 output is one JSON object with the figures.
 

@@ -1,6 +1,7 @@
 """Jobs of a docker agent: a dedicated project's Postgres and PostgREST containers."""
 
 import asyncio
+import collections
 
 import psycopg
 
@@ -15,23 +16,14 @@ def _stack(ctx: JobContext) -> tuple[stacks.StackSpec, DockerSettings]:
 # Jobs that make, change or remove a stack's containers run one at a time for each stack, in the
 # order they came: a stack.remove sent while a stack.provision still runs (a controller that
 # restarted and rolls back what its predecessor began) waits for it, instead of removing what is
-# there so far and leaving what the provision makes after. Each stack's lock is kept with how
-# many of its jobs run or wait on it, and goes with the last.
-_changing: dict[str, tuple[asyncio.Lock, int]] = {}
+# there so far and leaving what the provision makes after. A lock for each stack the agent has
+# been sent (a few hundred bytes each), kept while it runs.
+_changing: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
 
 async def _one_at_a_time(spec: stacks.StackSpec, work, *args):
-    lock, users = _changing.get(spec.prefix) or (asyncio.Lock(), 0)
-    _changing[spec.prefix] = (lock, users + 1)
-    try:
-        async with lock:
-            return await asyncio.to_thread(work, *args)
-    finally:
-        lock, users = _changing[spec.prefix]
-        if users == 1:
-            del _changing[spec.prefix]
-        else:
-            _changing[spec.prefix] = (lock, users - 1)
+    async with _changing[spec.prefix]:
+        return await asyncio.to_thread(work, *args)
 
 async def stack_provision(ctx: JobContext) -> dict:
     spec, settings = _stack(ctx)

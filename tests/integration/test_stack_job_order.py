@@ -21,7 +21,7 @@ def test_a_remove_sent_while_its_stack_is_provisioned_waits_for_it_and_leaves_no
         docker_engine, settings):  # noqa: F811 (the fixture)
     ref = {"project_id": str(uuid.uuid4()), "slug": f"order-{secrets.token_hex(3)}",
            "hash": secrets.token_hex(4)[:7], "api_schema": "api", "app_role": None}
-    spec = stacks.StackSpec(**{k: v for k, v in ref.items() if k != "app_role"})
+    spec = stacks.StackSpec(**ref)
     secrets_ = {"jwt_secret": secrets.token_hex(32), "postgres_password": secrets.token_urlsafe(12),
                 "authenticator_password": secrets.token_urlsafe(12), "api_port": None, "db_port": None}
     provisioning = threading.Event()  # set from the provision's thread, at its first step
