@@ -2,14 +2,25 @@
 
 import pathlib
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from contract.messages import Params
 
-from ..adapters.changes import Syncs
-from ..adapters.guards import WriteGuards
+if TYPE_CHECKING:  # a db agent's own (handlers/__init__.py: each role's code is its agents' only)
+    from ..adapters.changes import Syncs
+    from ..adapters.guards import WriteGuards
 
 ProgressFn = Callable[[str, int, int, str, str], None]
+
+
+def _guards() -> "WriteGuards":
+    from ..adapters.guards import WriteGuards
+    return WriteGuards()
+
+
+def _syncs() -> "Syncs":
+    from ..adapters.changes import Syncs
+    return Syncs()
 
 
 @dataclass
@@ -23,9 +34,9 @@ class JobContext:
     gateway: object | None = None
     state_dir: pathlib.Path = pathlib.Path(".")
     # The write guards this agent holds (tenant.lock, tenant.unlock, tenant.dump).
-    guards: WriteGuards = field(default_factory=WriteGuards)
+    guards: "WriteGuards" = field(default_factory=_guards)
     # The online syncs this agent runs (tenant.dump with sync, tenant.sync_*).
-    syncs: Syncs = field(default_factory=Syncs)
+    syncs: "Syncs" = field(default_factory=_syncs)
     # Files to or from the controller (runtime/transfers.py); None where there is no connection.
     transfers: object | None = None
 

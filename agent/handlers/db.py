@@ -1,4 +1,5 @@
-"""Jobs of a db agent: a pooled tenant on the shared cluster, and the source side of a migration.
+"""Jobs of a db agent: a pooled tenant on the shared cluster, its backups, and the source side of
+a migration.
 
 Every job that runs a tenant's SQL (or reads its data) logs in as the tenant's owner role,
 never as the superuser.
@@ -11,9 +12,10 @@ import psycopg
 
 from contract.failures import FailureKind
 
-from ..adapters import changes, dumpfile, dumps, ledger, tenants, transfer
+from ..adapters import backups, changes, dumpfile, dumps, ledger, tenants, transfer
 from ..errors import AgentError
 from ..runtime.settings import DbSettings
+from . import backup
 from .context import Handler, JobContext
 
 log = logging.getLogger(__name__)
@@ -328,6 +330,63 @@ async def tenant_sync_check(ctx: JobContext) -> dict:
     return await asyncio.to_thread(run)
 
 
+# backups of a pooled tenant (handlers/backup.py)
+
+
+def _shared_url(ctx: JobContext) -> str:
+    return _db_settings(ctx).shared_cluster_url
+
+
+async def tenant_backup(ctx: JobContext) -> dict:
+    """pg_dump of the tenant schema as the cluster's superuser: reading runs no tenant code, and
+    row security (even forced on its owner) hides nothing from the backup."""
+    tenant = tenants.Tenant.from_params(ctx.params)
+    url = _shared_url(ctx)
+
+    def run() -> dict:
+        dump, _, _, env = backups.local_tools(url)
+        sender = backup.transfers(ctx).sender(ctx.params.transfer_id)
+        return backups.make(url, tenant.schema, dump, env, backup.key(ctx), sender, ctx.progress)
+
+    return await asyncio.to_thread(run)
+
+
+async def tenant_restore(ctx: JobContext) -> dict:
+    """The tenant schema as the backup has it, in one transaction whose archive SQL runs as the
+    tenant's owner; the runtime role gets back the grants it had."""
+    tenant = tenants.Tenant.from_params(ctx.params)
+    url = _shared_url(ctx)
+    facts = backup.manifest(ctx)
+    if facts["owner"] != tenant.owner_role:
+        raise AgentError(f"the backup's schema is owned by {facts['owner']}, not by this tenant's owner role",
+                         kind=FailureKind.INVALID)
+
+    def run() -> dict:
+        _, restore, psql, env = backups.local_tools(url)
+        reader = backup.transfers(ctx).receiver(ctx.params.transfer_id)
+        restored = backups.restore(reader, backup.key(ctx), tenant.schema, restore, psql, env,
+                                   backups.pre_sql(facts, tenant.schema), backups.post_sql(facts, tenant.schema),
+                                   ctx.progress)
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            got = backups.manifest(conn, tenant.schema)
+        return backup.summary(backups.compare(facts, got), facts, restored)
+
+    return await asyncio.to_thread(run)
+
+
+async def tenant_dump_stream(ctx: JobContext) -> dict:
+    """The tenant schema as plain SQL (pg_dump as the cluster's superuser, like a backup), sent as it comes."""
+    tenant = tenants.Tenant.from_params(ctx.params)
+    url = _shared_url(ctx)
+
+    def run() -> dict:
+        dump, _, _, env = backups.local_tools(url)
+        sender = backup.transfers(ctx).sender(ctx.params.transfer_id)
+        return backups.stream_dump(dump, env, ctx.params.flags, sender, tenant.schema)
+
+    return await asyncio.to_thread(run)
+
+
 HANDLERS: dict[str, Handler] = {
     "tenant.create": tenant_create,
     "tenant.drop": tenant_drop,
@@ -346,4 +405,7 @@ HANDLERS: dict[str, Handler] = {
     "tenant.sync_stop": tenant_sync_stop,
     "tenant.sync_check": tenant_sync_check,
     "tenant.thaw": tenant_thaw,
+    "tenant.backup": tenant_backup,
+    "tenant.restore": tenant_restore,
+    "tenant.dump_stream": tenant_dump_stream,
 }

@@ -25,14 +25,10 @@ from . import metrics
 from . import wire
 from .config import AgentConfig, StateDir
 from . import settings as settings_mod
-from ..adapters import stacks, tenants
 from ..errors import AgentError, Revoked
-from ..adapters.caddy import Gateway
 from .identity import (certificate_expired, certificate_expiry, needs_renewal, new_key_and_csr,
                        seconds_until_renewal)
 from .. import handlers
-from ..adapters.changes import Syncs
-from ..adapters.guards import WriteGuards
 from ..adapters.poolapi import PoolApi
 from .spool import JobRecord, Spool
 from .transfers import Transfers
@@ -86,11 +82,19 @@ class Agent:
         self.settings = settings_mod.load(state)
         # The pooled API, when this db agent runs it (settings db.pool_api).
         self.pool_api: PoolApi | None = None
-        self.gateway = (Gateway(state.path, self.settings["gateway"])
-                        if "gateway" in self.config.roles and "gateway" in self.settings else None)
-        # The write guards this agent holds for migrations, for as long as it runs.
-        self.guards = WriteGuards()
-        self.syncs = Syncs()
+        # Each role's code is imported by agents of that role only (handlers.load): a db agent
+        # never loads the Docker SDK, a gateway agent neither that nor the tenants' SQL.
+        handlers.load(self.config.roles)
+        self.gateway = None
+        if "gateway" in self.config.roles and "gateway" in self.settings:
+            from ..adapters.caddy import Gateway
+            self.gateway = Gateway(state.path, self.settings["gateway"])
+        # A db agent's write guards (migrations) and online syncs, for as long as it runs.
+        self.owned: dict = {}
+        if "db" in self.config.roles:
+            from ..adapters.changes import Syncs
+            from ..adapters.guards import WriteGuards
+            self.owned = {"guards": WriteGuards(), "syncs": Syncs()}
         # Files sent to or read from the controller by jobs, over the current connection.
         self.transfers = Transfers()
         self.outbox: asyncio.Queue | None = None
@@ -159,9 +163,9 @@ class Agent:
         metrics.JOBS_RUNNING.inc()
         try:
             result = await handlers.run(request.kind, request.params, job_id=record.id, progress=progress,
-                                    collect_facts=self.collect_facts, settings=self.settings,
-                                    gateway=self.gateway, state_dir=self.state.path, guards=self.guards,
-                                    syncs=self.syncs, transfers=self.transfers)
+                                        collect_facts=self.collect_facts, settings=self.settings,
+                                        gateway=self.gateway, state_dir=self.state.path,
+                                        transfers=self.transfers, **self.owned)
             self.spool.finish(record, True, result.to_wire(), "", False)
         except AgentError as exc:
             self.spool.finish(record, False, None, exc.message, exc.retryable, exc.kind)
@@ -240,6 +244,8 @@ class Agent:
 
     def _bootstrap_shared_cluster(self) -> None:
         """Prepares the shared cluster at start so the pooled PostgREST can log in before any tenant exists."""
+        from ..adapters import tenants
+
         try:
             with tenants.connect(self.settings["db"]) as conn:
                 tenants.bootstrap(conn, self.settings["db"])
@@ -295,6 +301,8 @@ class Agent:
         """A docker agent's stacks: sent once per connection at its start, then whenever they change
         (looked at every STATUS_POLL_S, and at once after a job), and every STATUS_RESEND_S anyway so
         the controller knows how fresh they are."""
+        from ..adapters import stacks
+
         last, sent_at = None, 0.0
         while True:
             self.report_now.clear()
@@ -439,6 +447,6 @@ class Agent:
             await self.gateway.stop()
         if self.pool_api is not None:
             await self.pool_api.stop()
-        self.guards.close()
-        self.syncs.close()
+        for owned in self.owned.values():
+            owned.close()
         log.info("agent stopped")

@@ -246,6 +246,7 @@ def _context(**settings):
 def test_the_agent_refuses_params_off_the_contract_as_invalid_naming_the_key():
     from agent import handlers as jobs
     from agent.errors import AgentError
+    from agent.handlers import diag
 
     with pytest.raises(AgentError) as refused:
         asyncio.run(jobs.run("diag.wait", {"seconds": 0, "bogus": 1}, **_context()))
@@ -261,6 +262,7 @@ def test_the_agent_refuses_params_off_the_contract_as_invalid_naming_the_key():
 def test_the_agent_hands_typed_params_in_and_checks_the_result(monkeypatch):
     from agent import handlers as jobs
     from agent.errors import AgentError
+    from agent.handlers import diag
     from contract.diagnostics import DiagWaited, DiagWaitParams
 
     result = asyncio.run(jobs.run("diag.wait", {"seconds": 0}, **_context()))
@@ -272,7 +274,7 @@ def test_the_agent_hands_typed_params_in_and_checks_the_result(monkeypatch):
         seen.append(ctx.params)
         return {"waited_s": 0, "pid": "me"}
 
-    monkeypatch.setitem(jobs.HANDLERS, "diag.wait", sloppy)
+    monkeypatch.setitem(diag.HANDLERS, "diag.wait", sloppy)
     with pytest.raises(AgentError) as refused:
         asyncio.run(jobs.run("diag.wait", {"seconds": 2}, **_context()))
     assert seen == [DiagWaitParams(seconds=2)]
