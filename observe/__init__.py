@@ -81,4 +81,7 @@ async def keep_measuring_loop_lag(histogram: "prometheus_client.Histogram", ever
     while True:
         asked = loop.time() + every
         await asyncio.sleep(every)
-        histogram.observe(max(0.0, loop.time() - asked))
+        try:
+            histogram.observe(max(0.0, loop.time() - asked))
+        except Exception:  # noqa: BLE001 - one lost look; the measuring goes on
+            logging.getLogger(__name__).exception("the event loop's lag could not be recorded")

@@ -95,6 +95,29 @@ def test_the_loop_lag_histogram_shows_the_time_the_event_loop_was_held():
     assert observed - samples[("lag_seconds_bucket", "0.2")] >= 1, samples
 
 
+def test_a_look_at_the_loop_lag_that_fails_to_be_recorded_does_not_stop_the_measuring(caplog):
+    class Flaky:
+        def __init__(self):
+            self.seen = 0
+
+        def observe(self, value):
+            self.seen += 1
+            if self.seen == 1:
+                raise ValueError("the first look fails")
+
+    flaky = Flaky()
+
+    async def scenario():
+        measuring = asyncio.create_task(observe.keep_measuring_loop_lag(flaky, every=0.01))
+        await asyncio.sleep(0.2)
+        assert not measuring.done()
+        measuring.cancel()
+
+    asyncio.run(scenario())
+    assert flaky.seen >= 5
+    assert "the event loop's lag could not be recorded" in caplog.text
+
+
 def test_the_benchmarks_count_the_wake_ups_later_than_a_bucket_bound_from_two_scrapes():
     """Buckets count wake-ups at or under their bound: those more than 25 ms late are the total
     less the 25 ms bucket (not the one below it); a bound the buckets lack is refused."""
@@ -110,3 +133,4 @@ def test_the_benchmarks_count_the_wake_ups_later_than_a_bucket_bound_from_two_sc
     assert lag_figures(before, {**after, math.inf: 100})["loop_lag_p99_under_ms"] == 50.0
     with pytest.raises(ValueError, match="30 ms is not a bound"):
         lag_figures(before, after, late_ms=30)
+
