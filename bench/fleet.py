@@ -5,7 +5,8 @@ connects them from a few worker processes (each agent its own channel and stream
 then measures the time until all are connected, ping round trips through the
 controller's API (each ping crosses the agent's stream), how late the controller's event
 loop ran while they were pinged (its flux_controller_event_loop_lag_seconds histogram: looks
-more than 50 ms late, and the bucket holding 99% of them), and the controller's peak RSS.
+more than 50 ms late, and the bucket holding 99% of them), the share of the CPUs' time the
+hypervisor gave to others meanwhile (steal), and the controller's peak RSS.
 With --grpc-floor it then measures a bare gRPC server holding as many mTLS streams
 (bench/grpc_floor.py), so what the controller holds above gRPC's own shows. The last line of
 output is one JSON object with the figures.
@@ -40,7 +41,8 @@ from agent.runtime.connection import Agent, Backoff  # noqa: E402
 from agent.errors import AgentError  # noqa: E402
 from agent.runtime.identity import fetch_pinned_ca, new_key_and_csr  # noqa: E402
 from agent.runtime.wire import enroll as enroll_rpc  # noqa: E402
-from tests.support import Controller, lag_figures, loop_lag, remove_cluster, test_cluster  # noqa: E402
+from tests.support import (Controller, cpu_times, lag_figures, loop_lag, remove_cluster, steal_percent,  # noqa: E402
+                           test_cluster)
 
 
 LAG = "flux_controller_event_loop_lag_seconds"
@@ -185,8 +187,9 @@ def main() -> int:
 
         print("pinging", file=sys.stderr, flush=True)
         names = [d.name for d in dirs]
-        lag_before = loop_lag(metrics_url, LAG)
+        lag_before, cpu_before = loop_lag(metrics_url, LAG), cpu_times()
         rtts, ping_errors = asyncio.run(ping_all(controller, names, args.rounds, args.concurrency))
+        ping_steal = steal_percent(cpu_before, cpu_times())
         lag = lag_figures(lag_before, loop_lag(metrics_url, LAG))
         if not rtts:
             raise SystemExit(f"every ping failed: {ping_errors}")
@@ -201,6 +204,7 @@ def main() -> int:
             "ping_p50_ms": round(statistics.median(rtts), 2),
             "ping_p99_ms": round(percentile(rtts, 0.99), 2),
             **lag,
+            "ping_cpu_steal_pct": ping_steal,
             "controller_connected_rss_mb": round(connected_rss, 1),
             "controller_rss_mb": round(rss_mb(controller.proc.pid, "VmRSS"), 1),
             "controller_peak_rss_mb": round(rss_mb(controller.proc.pid, "VmHWM"), 1),

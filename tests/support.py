@@ -473,6 +473,20 @@ def loop_lag(url: str, metric: str) -> dict[float, float]:
             for s in family.samples if s.name == f"{metric}_bucket"}
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time so far, by state (/proc/stat's first line, in clock ticks)."""
+    return [int(field) for field in pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
+def steal_percent(before: list[int], after: list[int]) -> float:
+    """The share of the CPUs' time between two `cpu_times` that the hypervisor gave to others
+    (`steal`, the eighth state): a latency tail measured while it is high is the host's as much
+    as the program's."""
+    # user, nice, system, idle, iowait, irq, softirq, steal; guest time is counted in user already.
+    spent = [b - a for a, b in zip(before[:8], after[:8])]
+    return round(100 * spent[7] / max(1, sum(spent)), 1) if len(spent) == 8 else 0.0
+
+
 def lag_figures(before: dict[float, float], after: dict[float, float], late_ms: int = 50) -> dict:
     """What a loop-lag histogram saw between two scrapes: how many wake-ups, the bucket bound
     that holds 99% of them (None: over the last bound), and how many came more than `late_ms`

@@ -134,3 +134,14 @@ def test_the_benchmarks_count_the_wake_ups_later_than_a_bucket_bound_from_two_sc
     with pytest.raises(ValueError, match="30 ms is not a bound"):
         lag_figures(before, after, late_ms=30)
 
+
+def test_the_benchmarks_tell_the_share_of_cpu_time_the_hypervisor_took():
+    """Steal is /proc/stat's eighth state; guest time (ninth and tenth) is in user's already."""
+    from tests.support import cpu_times, steal_percent
+
+    before = [100, 0, 50, 800, 0, 0, 0, 50, 0, 0]
+    after = [300, 0, 100, 1450, 0, 0, 0, 150, 40, 0]  # 1,000 ticks more, 100 of them stolen
+    assert steal_percent(before, after) == 10.0
+    assert steal_percent(before, before) == 0.0
+    now = cpu_times()
+    assert len(now) >= 8 and 0.0 <= steal_percent(now, cpu_times()) <= 100.0
