@@ -20,6 +20,7 @@ import logging
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -172,6 +173,9 @@ class Gateway:
         self.table = RouteTable([], 0)
         self._minted_tokens: dict[tuple, tuple[float, str]] = {}
         self.caddy: subprocess.Popen | None = None
+        # The pid of a Caddy this gateway started in an earlier run and adopted in this one: stopped
+        # with the agent, like one it starts (kept running, `flux dev down` left it behind).
+        self._adopted_pid: int | None = None
         self._supervisor: asyncio.Task | None = None
         self._counter: asyncio.Task | None = None
         # Tokens checked already, with their expiry and claims, least recently used first.
@@ -394,7 +398,9 @@ class Gateway:
     async def ensure_caddy(self) -> None:
         """Adopts the Caddy answering on the admin address, or starts one."""
         if await self._caddy_up():
-            log.info("gateway: adopting the Caddy at %s", self.admin_socket)
+            self._adopted_pid = self._own_caddy_pid() if self.settings.manage_caddy else None
+            log.info("gateway: adopting the Caddy at %s%s", self.admin_socket,
+                     f" (pid {self._adopted_pid}, started by this gateway before)" if self._adopted_pid else "")
         elif not self.settings.manage_caddy:
             raise AgentError(f"no Caddy answers at {self.admin_socket} and manage_caddy is off",
                              retryable=True)
@@ -407,6 +413,7 @@ class Gateway:
             env = {**os.environ, "XDG_DATA_HOME": str(self.state_dir / "caddy-data"),
                    "XDG_CONFIG_HOME": str(self.state_dir / "caddy-config")}
             log_file = open(self.state_dir / "caddy.log", "ab")
+            self._adopted_pid = None
             self.caddy = subprocess.Popen([binary, "run", "--config", str(config)], env=env,
                                           stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             (self.state_dir / "caddy.pid").write_text(str(self.caddy.pid))
@@ -417,6 +424,32 @@ class Gateway:
                 await asyncio.sleep(0.1)
             log.info("gateway: started Caddy (pid %d), edge on %s", self.caddy.pid, self.settings.listen)
         await self.load_caddy_config()
+
+    def _own_caddy_pid(self) -> int | None:
+        """The Caddy this gateway started (`caddy.pid`), if that process still runs its configuration:
+        a pid reused by another process, or a Caddy of the operator's, is never taken for it."""
+        try:
+            pid = int((self.state_dir / "caddy.pid").read_text())
+            command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        config = str(self.state_dir / "caddy.json").encode()
+        return pid if command[1:4] == [b"run", b"--config", config] else None
+
+    def _stop_adopted(self) -> None:
+        pid = self._adopted_pid
+        self._adopted_pid = None
+        if pid is None or self._own_caddy_pid() != pid:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while self._own_caddy_pid() == pid and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self._own_caddy_pid() == pid:
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     # the requests served
 
@@ -616,6 +649,7 @@ class Gateway:
         if self._admin_client is not None:
             await self._admin_client.aclose()
             self._admin_client = None
+        self._stop_adopted()
         if self.caddy is not None and self.caddy.poll() is None:
             self.caddy.terminate()
             try:

@@ -252,3 +252,42 @@ def test_checking_caddy_every_second_keeps_one_admin_client_and_asks_for_a_small
     assert len(checks) >= 10, asked
     assert len(made) == 1, f"{len(made)} admin clients made for {len(asked)} requests"
     assert "/config/" not in asked  # the whole configuration (every route) is never fetched to check
+
+
+def test_a_gateway_started_again_stops_the_caddy_it_adopted_when_it_stops(tmp_path):
+    """An agent killed leaves its Caddy running, and the agent started again adopts it; stopping
+    that agent stops that Caddy too (left running, `flux dev down` left it behind). A Caddy whose
+    process is not this gateway's configuration is never taken for it."""
+    import asyncio
+
+    from agent.adapters import caddy as caddy_mod
+    from agent.runtime.settings import GatewaySettings
+    from devtools.fleet import pid_alive, terminate
+
+    settings = GatewaySettings(listen=f"127.0.0.1:{free_port()}", auth_listen=f"127.0.0.1:{free_port()}",
+                               pool_upstream="127.0.0.1:9", pool_jwt_secret="p" * 40)
+    first, again = caddy_mod.Gateway(tmp_path, settings), caddy_mod.Gateway(tmp_path, settings)
+
+    started: list[int] = []
+
+    async def killed_then_started_again() -> None:
+        await first.start()
+        started.append(first.caddy.pid)
+        first.caddy = None  # as if killed: its Caddy goes on
+        await first.stop()
+        await again.start()
+        try:
+            assert again.caddy is None  # adopted, not started
+        finally:
+            await again.stop()
+
+    try:
+        asyncio.run(killed_then_started_again())
+        assert not pid_alive(started[0]), "the adopted Caddy outlived the agent that stopped"
+        # caddy.pid naming a process that is not this gateway's Caddy: nothing is taken for it.
+        (tmp_path / "caddy.pid").write_text(str(os.getpid()))
+        assert again._own_caddy_pid() is None
+    finally:
+        for pid in started:
+            if pid_alive(pid):
+                terminate(pid)
