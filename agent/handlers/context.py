@@ -13,16 +13,6 @@ if TYPE_CHECKING:  # a db agent's own (handlers/__init__.py: each role's code is
 ProgressFn = Callable[[str, int, int, str, str], None]
 
 
-def _guards() -> "WriteGuards":
-    from ..adapters.guards import WriteGuards
-    return WriteGuards()
-
-
-def _syncs() -> "Syncs":
-    from ..adapters.changes import Syncs
-    return Syncs()
-
-
 @dataclass
 class JobContext:
     job_id: str
@@ -33,10 +23,10 @@ class JobContext:
     settings: dict = field(default_factory=dict)
     gateway: object | None = None
     state_dir: pathlib.Path = pathlib.Path(".")
-    # The write guards this agent holds (tenant.lock, tenant.unlock, tenant.dump).
-    guards: "WriteGuards" = field(default_factory=_guards)
-    # The online syncs this agent runs (tenant.dump with sync, tenant.sync_*).
-    syncs: "Syncs" = field(default_factory=_syncs)
+    # A db agent's write guards (tenant.lock, tenant.unlock, tenant.dump) and online syncs
+    # (tenant.dump with sync, tenant.sync_*), held as long as it runs; None on other agents.
+    guards: "WriteGuards | None" = None
+    syncs: "Syncs | None" = None
     # Files to or from the controller (runtime/transfers.py); None where there is no connection.
     transfers: object | None = None
 

@@ -26,6 +26,16 @@ def _db_settings(ctx: JobContext):
         raise AgentError("this agent has no db settings (shared_cluster_url) in settings.json")
     return db
 
+def _guards(ctx: JobContext):
+    if ctx.guards is None:
+        raise AgentError("this agent holds no write guards: only a db agent does", kind=FailureKind.INVALID)
+    return ctx.guards
+
+def _syncs(ctx: JobContext):
+    if ctx.syncs is None:
+        raise AgentError("this agent runs no online syncs: only a db agent does", kind=FailureKind.INVALID)
+    return ctx.syncs
+
 async def _on_shared_cluster(ctx: JobContext, work) -> dict:
     db = _db_settings(ctx)
     tenant = tenants.Tenant.from_params(ctx.params)
@@ -90,12 +100,12 @@ async def tenant_lock(ctx: JobContext) -> dict:
             # A guard on a stack's database (a rollback) needs none of the shared cluster's settings.
             wait = getattr(ctx.settings.get("db"), "write_guard_lock_timeout", DbSettings.write_guard_lock_timeout)
             tenant = tenants.Tenant.from_params(ctx.params)
-            return ctx.guards.lock(ctx.params.target_url, tenant, _guard_key(tenant, "back"), wait)
+            return _guards(ctx).lock(ctx.params.target_url, tenant, _guard_key(tenant, "back"), wait)
         db = _db_settings(ctx)
         tenant, url = _tenant_login(ctx)
         with tenants.connect(db) as conn:
             tenants.cancel_autovacuum(conn, tenant)
-        return ctx.guards.lock(url, tenant, lock_timeout=db.write_guard_lock_timeout)
+        return _guards(ctx).lock(url, tenant, lock_timeout=db.write_guard_lock_timeout)
 
     return await asyncio.to_thread(run)
 
@@ -105,11 +115,11 @@ async def tenant_unlock(ctx: JobContext) -> dict:
     def run() -> dict:
         tenant = tenants.Tenant.from_params(ctx.params)
         if ctx.params.target_url:
-            return ctx.guards.unlock(None, tenant, False, _guard_key(tenant, "back"))
+            return _guards(ctx).unlock(None, tenant, False, _guard_key(tenant, "back"))
         if not ctx.params.revoke_writes:
-            return ctx.guards.unlock(None, tenant, False)
+            return _guards(ctx).unlock(None, tenant, False)
         db = _db_settings(ctx)
-        result = ctx.guards.unlock(db.shared_cluster_url, tenant, True)
+        result = _guards(ctx).unlock(db.shared_cluster_url, tenant, True)
         revoked = result.pop("revoked", [])
         with tenants.connect(db) as conn:
             return {**result, **tenants.freeze(conn, tenant, revoked)}
@@ -148,7 +158,7 @@ def _frozen_copy_url(ctx: JobContext, tenant) -> str:
 
 
 def _require_guard(ctx: JobContext, tenant) -> None:
-    if ctx.params.require_guard and not ctx.guards.held(tenant):
+    if ctx.params.require_guard and not _guards(ctx).held(tenant):
         # The same job sent again finds no guard either: the controller must lock again first.
         raise AgentError("the write guard on the source is not held (the agent restarted?); "
                          "lock again before copying", kind=FailureKind.CONFLICT)
@@ -175,7 +185,7 @@ def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: b
     is in bulk-load mode (stacks.BULK_LOAD_COMMAND)."""
     p = ctx.params
     admin = _db_settings(ctx).shared_cluster_url
-    ctx.syncs.end(tenant, admin)
+    _syncs(ctx).end(tenant, admin)
     replication, snapshot, lsn = changes.create_slot(admin, tenant)
     try:
         moved = transfer.move(url, tenant, p.target_url, snapshot=snapshot, spool=spool, name=name, key=key,
@@ -189,7 +199,7 @@ def _dump_and_follow(ctx: JobContext, tenant, url: str, spool, name: str, key: b
     with psycopg.connect(p.target_url, connect_timeout=10) as target:
         bulk_load = target.execute("SHOW wal_level").fetchone()[0] == "minimal"
     if not bulk_load:
-        ctx.syncs.follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
+        _syncs(ctx).follow(tenant, admin, p.target_url, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES)
     # else the stack restarts with its usual settings first (stack.bootstrap); the slot keeps every
     # change meanwhile, and tenant.sync_status starts applying them.
     return {**_dumped(moved), "sync_lsn": lsn}
@@ -238,9 +248,9 @@ async def tenant_sync_status(ctx: JobContext) -> dict:
     def run() -> dict:
         with psycopg.connect(source, autocommit=True, connect_timeout=10) as conn:
             slot = changes.slot_state(conn, tenant)
-        follow = ctx.syncs.get(tenant, p.direction)
+        follow = _syncs(ctx).get(tenant, p.direction)
         if slot is not None and target and (follow is None or not follow.running):
-            follow = ctx.syncs.follow(tenant, source, target, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES,
+            follow = _syncs(ctx).follow(tenant, source, target, p.max_lag_bytes or changes.DEFAULT_MAX_LAG_BYTES,
                                       p.direction)
         state = follow.status() if follow is not None else {"running": False}
         return {**state, "slot": slot is not None, "source_lsn": slot and slot["source_lsn"],
@@ -251,7 +261,7 @@ async def tenant_sync_status(ctx: JobContext) -> dict:
 
 def _running_sync(ctx: JobContext, tenant, direction: str, drained_too: bool = False) -> changes.Follow:
     """The tenant's sync in `direction` on this agent (or one a drain stopped, with `drained_too`)."""
-    follow = ctx.syncs.get(tenant, direction)
+    follow = _syncs(ctx).get(tenant, direction)
     if follow is None or not (follow.running or (drained_too and follow.stopped_at)):
         raise AgentError(f"no sync of {tenant.schema} runs on this agent"
                          + (f": {follow.error}" if follow is not None and follow.error else ""),
@@ -270,7 +280,7 @@ async def tenant_sync_drain(ctx: JobContext) -> dict:
     them. Forward with `reverse`, a slot on the stack then records its changes for the way back."""
     p = ctx.params
     tenant = tenants.Tenant.from_params(p)
-    if not ctx.guards.held(tenant, _guard_key(tenant, p.direction)):
+    if not _guards(ctx).held(tenant, _guard_key(tenant, p.direction)):
         raise AgentError("the write guard on the sync's source is not held (the agent restarted?); the sync "
                          "cannot be drained while writes go on", kind=FailureKind.CONFLICT)
     source, target = _ends(ctx)
@@ -297,7 +307,7 @@ async def tenant_sync_stop(ctx: JobContext) -> dict:
     source, target = _ends(ctx)
 
     def run() -> dict:
-        ended = ctx.syncs.end(tenant, source, p.direction)
+        ended = _syncs(ctx).end(tenant, source, p.direction)
         if target:
             try:
                 changes.forget_position(target, tenant)

@@ -78,3 +78,27 @@ except AgentError as exc:
     lacking, unknown = done.stdout.splitlines()
     assert "no db settings" in lacking
     assert unknown == "this agent does not know job kind 'tenant.nothing'"
+
+
+def test_a_job_on_an_agent_without_the_db_role_loads_none_of_the_tenants_sql():
+    """A job's context holds the write guards and syncs a db agent gives it, and makes none of its
+    own: making them loads the tenants' SQL, on the loop that answers the gateway's forward_auth."""
+    script = """
+import asyncio, sys
+from agent import handlers
+from agent.errors import AgentError
+handlers.load(["gateway"])
+asyncio.run(handlers.run("diag.wait", {"seconds": 0}, job_id="j", progress=lambda *a: None, collect_facts=dict))
+print(sorted(m for m in ("pglast", "agent.adapters.tenants", "agent.adapters.guards") if m in sys.modules))
+try:
+    tenant = {"project_id": "0a0a0a0a-0000-4000-8000-000000000001", "short_id": "0a0a0a0a0000"}
+    asyncio.run(handlers.run("tenant.unlock", {**tenant, "revoke_writes": False}, job_id="j",
+                             progress=lambda *a: None, collect_facts=dict))
+except AgentError as exc:
+    print(exc.message)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    loaded, refused = done.stdout.splitlines()
+    assert loaded == "[]"
+    assert refused == "this agent holds no write guards: only a db agent does"

@@ -246,7 +246,6 @@ def _context(**settings):
 def test_the_agent_refuses_params_off_the_contract_as_invalid_naming_the_key():
     from agent import handlers as jobs
     from agent.errors import AgentError
-    from agent.handlers import diag
 
     with pytest.raises(AgentError) as refused:
         asyncio.run(jobs.run("diag.wait", {"seconds": 0, "bogus": 1}, **_context()))
