@@ -53,6 +53,8 @@ MAX_LINE_CHARS = 4096
 VERIFIED_TOKENS_KEPT = 10_000
 # How often the gateway checks that its Caddy answers.
 CADDY_CHECK_S = 1.0
+# How long a Caddy this gateway stops has to exit after SIGTERM before it gets SIGKILL.
+CADDY_STOP_S = 10.0
 # The longest a thread of this agent holds the interpreter while the event loop, which answers
 # every request's forward_auth, waits for it (Python's default is 5 ms): counting a second's
 # access log in a thread takes 20 ms of it at 1,000 requests/s, and each request that came in
@@ -405,6 +407,12 @@ class Gateway:
             raise AgentError(f"no Caddy answers at {self.admin_socket} and manage_caddy is off",
                              retryable=True)
         else:
+            # A Caddy of this gateway's that still runs but does not answer (hung, or stopped) holds
+            # the edge's port: a new one could not listen until it is gone.
+            hung = self.caddy.pid if self.caddy is not None and self.caddy.poll() is None else self._own_caddy_pid()
+            if hung is not None:
+                log.warning("gateway: Caddy (pid %d) runs but does not answer; stopping it", hung)
+                await self._end_caddy(hung)
             binary = shutil.which(self.settings.caddy_bin)
             if binary is None:
                 raise AgentError(f"Caddy binary {self.settings.caddy_bin!r} not found; install caddy")
@@ -436,20 +444,33 @@ class Gateway:
         config = str(self.state_dir / "caddy.json").encode()
         return pid if command[1:4] == [b"run", b"--config", config] else None
 
-    def _stop_adopted(self) -> None:
-        pid = self._adopted_pid
-        self._adopted_pid = None
-        if pid is None or self._own_caddy_pid() != pid:
-            return
-        try:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while self._own_caddy_pid() == pid and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self._own_caddy_pid() == pid:
-                os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    async def _end_caddy(self, pid: int) -> None:
+        """Stops this gateway's Caddy `pid` (the one it started, or one `caddy.pid` names): SIGTERM,
+        then SIGKILL if it has not exited within CADDY_STOP_S (a stopped process ends only so). It
+        waits without holding the event loop, which answers every request's forward_auth."""
+        started = self.caddy if self.caddy is not None and self.caddy.pid == pid else None
+        if started is not None:
+            self.caddy = None
+        if self._adopted_pid == pid:
+            self._adopted_pid = None
+
+        def running() -> bool:
+            return started.poll() is None if started is not None else self._own_caddy_pid() == pid
+
+        for sig, wait_s in ((signal.SIGTERM, CADDY_STOP_S), (signal.SIGKILL, CADDY_STOP_S)):
+            if not running():
+                return
+            try:
+                os.kill(pid, sig)
+                if sig == signal.SIGTERM:
+                    os.kill(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait_s
+            while running() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        if running():
+            log.error("gateway: Caddy (pid %d) did not exit after SIGKILL", pid)
 
     # the requests served
 
@@ -622,6 +643,7 @@ class Gateway:
                 if listen is None:
                     code = self.caddy.poll() if self.caddy is not None else None
                     self.caddy_restarts += 1
+                    metrics.CADDY_RESTARTS.inc()
                     log.warning("gateway: Caddy stopped answering%s; starting it again (restart %d)",
                                 f" (it exited with code {code})" if code is not None else "", self.caddy_restarts)
                     await self.ensure_caddy()
@@ -649,10 +671,7 @@ class Gateway:
         if self._admin_client is not None:
             await self._admin_client.aclose()
             self._admin_client = None
-        self._stop_adopted()
         if self.caddy is not None and self.caddy.poll() is None:
-            self.caddy.terminate()
-            try:
-                self.caddy.wait(10)
-            except subprocess.TimeoutExpired:
-                self.caddy.kill()
+            await self._end_caddy(self.caddy.pid)
+        elif self._adopted_pid is not None and self._own_caddy_pid() == self._adopted_pid:
+            await self._end_caddy(self._adopted_pid)

@@ -24,3 +24,5 @@ GATEWAY_REQUEST_SECONDS = Histogram("flux_gateway_request_duration_seconds",
                                     ["project"], buckets=_REQUEST_BUCKETS)
 POOL_API_UP = Gauge("flux_agent_pool_api_up", "1 while the pooled API this db agent supervises runs")
 POOL_API_RESTARTS = Counter("flux_agent_pool_api_restarts", "Times the pooled API exited and was started again")
+CADDY_RESTARTS = Counter("flux_gateway_caddy_restarts", "Times this gateway's Caddy stopped answering and was "
+                         "started again")

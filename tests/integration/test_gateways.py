@@ -291,3 +291,53 @@ def test_a_gateway_started_again_stops_the_caddy_it_adopted_when_it_stops(tmp_pa
         for pid in started:
             if pid_alive(pid):
                 terminate(pid)
+
+
+def test_a_caddy_that_runs_but_does_not_answer_is_stopped_before_another_is_started(tmp_path, monkeypatch):
+    """A Caddy that hangs still holds the edge's port: the supervisor stops it (SIGKILL when SIGTERM
+    is not enough) and starts a new one, rather than leaving it behind and failing to listen, over
+    and over. The wait for it to end does not hold the event loop that answers forward_auth."""
+    import asyncio
+    import signal
+
+    from agent.adapters import caddy as caddy_mod
+    from agent.runtime import metrics
+    from agent.runtime.settings import GatewaySettings
+    from devtools.fleet import pid_alive, terminate
+
+    counted = metrics.CADDY_RESTARTS._value.get()
+    monkeypatch.setattr(caddy_mod, "CADDY_CHECK_S", 0.1)
+    monkeypatch.setattr(caddy_mod, "CADDY_STOP_S", 1.0)
+    settings = GatewaySettings(listen=f"127.0.0.1:{free_port()}", auth_listen=f"127.0.0.1:{free_port()}",
+                               pool_upstream="127.0.0.1:9", pool_jwt_secret="p" * 40)
+    gateway = caddy_mod.Gateway(tmp_path, settings)
+    pids: list[int] = []
+
+    async def scenario() -> tuple[int, float]:
+        await gateway.start()
+        try:
+            pids.append(gateway.caddy.pid)
+            os.kill(pids[0], signal.SIGSTOP)  # alive, holding its ports, answering nothing
+            loop = asyncio.get_running_loop()
+            worst, deadline = 0.0, loop.time() + 30
+            while gateway.caddy is None or gateway.caddy.pid == pids[0] or not await gateway._caddy_has_our_config():
+                assert loop.time() < deadline, "no new Caddy answered after the old one hung"
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                worst = max(worst, loop.time() - before - 0.01)
+            pids.append(gateway.caddy.pid)
+            return gateway.caddy_restarts, worst
+        finally:
+            await gateway.stop()
+
+    try:
+        restarts, worst = asyncio.run(scenario())
+        assert not pid_alive(pids[0]), "the Caddy that hung was left running"
+        assert not pid_alive(pids[1]), "the new Caddy outlived the agent that stopped"
+        assert restarts >= 1 and metrics.CADDY_RESTARTS._value.get() - counted == restarts
+        assert worst < 0.5, f"the event loop was held {worst:.2f} s while the hung Caddy was stopped"
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                terminate(pid)
