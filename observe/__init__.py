@@ -71,17 +71,28 @@ def serve_metrics(listen: str) -> str:
 
 
 LOOP_LAG_EVERY_S = 0.1
+# While looks at the lag keep failing, the most often that is logged.
+LOOP_LAG_REPORT_EVERY_S = 60.0
 LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
-async def keep_measuring_loop_lag(histogram: "prometheus_client.Histogram", every: float = LOOP_LAG_EVERY_S) -> None:
+async def keep_measuring_loop_lag(histogram: "prometheus_client.Histogram", every: float = LOOP_LAG_EVERY_S,
+                                  report_every: float = LOOP_LAG_REPORT_EVERY_S) -> None:
     """Observes, `every` seconds, how much later than asked the event loop woke a sleep: what
-    every other coroutine of the process waited meanwhile (a stream's message, a request)."""
+    every other coroutine of the process waited meanwhile (a stream's message, a request).
+    A look that cannot be recorded is logged, with its traceback; while looks keep failing, at
+    most one line every `report_every` seconds says how many did since."""
     loop = asyncio.get_running_loop()
+    failed, reported_at = 0, None
     while True:
         asked = loop.time() + every
         await asyncio.sleep(every)
         try:
             histogram.observe(max(0.0, loop.time() - asked))
         except Exception:  # noqa: BLE001 - one lost look; the measuring goes on
-            logging.getLogger(__name__).exception("the event loop's lag could not be recorded")
+            failed += 1
+            if reported_at is None or loop.time() - reported_at >= report_every:
+                logging.getLogger(__name__).exception(
+                    "the event loop's lag could not be recorded (%d look%s failed since the last report)",
+                    failed, "" if failed == 1 else "s")
+                failed, reported_at = 0, loop.time()

@@ -145,3 +145,29 @@ def test_the_benchmarks_tell_the_share_of_cpu_time_the_hypervisor_took():
     assert steal_percent(before, before) == 0.0
     now = cpu_times()
     assert len(now) >= 8 and 0.0 <= steal_percent(now, cpu_times()) <= 100.0
+
+
+def test_looks_at_the_loop_lag_that_keep_failing_are_logged_once_a_period_with_their_count(caplog):
+    """Ten failed looks a second logged each with its traceback would flood the log: the first is
+    logged, then one line a period says how many failed since."""
+    class Broken:
+        seen = 0
+
+        def observe(self, value):
+            self.seen += 1
+            raise ValueError("every look fails")
+
+    broken = Broken()
+
+    async def scenario():
+        measuring = asyncio.create_task(observe.keep_measuring_loop_lag(broken, every=0.005, report_every=0.25))
+        await asyncio.sleep(0.6)
+        measuring.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="observe"):
+        asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if "could not be recorded" in r.getMessage()]
+    assert broken.seen >= 20
+    assert 2 <= len(lines) <= 4, lines
+    assert "(1 look failed since the last report)" in lines[0]
+    assert int(lines[1].split("(")[1].split()[0]) > 1, lines
