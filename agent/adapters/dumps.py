@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import conninfo, sql
@@ -25,7 +26,9 @@ from ..errors import AgentError
 from ..runtime.facts import disk_full, parse_pg_tool_version, unwritable
 from ..domain.dumpstream import dropped_lines, sanitize
 from .dumpfile import EncryptingWriter
-from .tenants import Tenant
+
+if TYPE_CHECKING:  # a db agent's own: a backup agent, which dumps too, loads none of the tenants' SQL
+    from .tenants import Tenant
 
 PROGRESS_EVERY_BYTES = 4 * 1024 * 1024
 
@@ -57,7 +60,7 @@ def tool_version(name: str) -> str | None:
 
 # preflight
 
-def preflight(conn, tenant: Tenant, spool: pathlib.Path) -> dict:
+def preflight(conn, tenant: "Tenant", spool: pathlib.Path) -> dict:
     schema = tenant.schema
     tables = conn.execute(
         "SELECT c.relname, c.reltuples::bigint, pg_total_relation_size(c.oid), c.relrowsecurity"
@@ -158,12 +161,12 @@ def _discard(partial: pathlib.Path) -> None:
         pass
 
 
-def tenant_dumps(spool: pathlib.Path, tenant: Tenant) -> pathlib.Path:
+def tenant_dumps(spool: pathlib.Path, tenant: "Tenant") -> pathlib.Path:
     """Where a tenant's dump files live: one directory each, so they go with the tenant."""
     return spool / "dumps" / tenant.schema
 
 
-def remove_dumps(spool: pathlib.Path, tenant: Tenant) -> int:
+def remove_dumps(spool: pathlib.Path, tenant: "Tenant") -> int:
     """Removes every file in the tenant's dump directory; returns how many there were."""
     directory = tenant_dumps(spool, tenant)
     count = sum(1 for p in directory.iterdir() if p.is_file()) if directory.is_dir() else 0
@@ -185,7 +188,7 @@ def prune_leftovers(spool: pathlib.Path, now: float | None = None) -> list[str]:
     return removed
 
 
-def dump_file(spool: pathlib.Path, tenant: Tenant, path) -> pathlib.Path:
+def dump_file(spool: pathlib.Path, tenant: "Tenant", path) -> pathlib.Path:
     """The file `path` names when it is a dump file directly in the tenant's dump directory;
     anything else (another tenant's, a path with `..`, a relative one) is refused."""
     directory = tenant_dumps(spool, tenant)
@@ -199,7 +202,7 @@ def dump_file(spool: pathlib.Path, tenant: Tenant, path) -> pathlib.Path:
                      kind=FailureKind.INVALID)
 
 
-def remove_files(spool: pathlib.Path, tenant: Tenant, paths: list) -> dict:
+def remove_files(spool: pathlib.Path, tenant: "Tenant", paths: list) -> dict:
     """Removes the tenant's dump files named; every path is checked before any file goes.
     A file already gone is reported as missing, not an error."""
     files = [dump_file(spool, tenant, p) for p in paths]
@@ -213,7 +216,7 @@ def remove_files(spool: pathlib.Path, tenant: Tenant, paths: list) -> dict:
     return {"removed": removed, "missing": missing}
 
 
-def stat_files(spool: pathlib.Path, tenant: Tenant, paths: list) -> dict:
+def stat_files(spool: pathlib.Path, tenant: "Tenant", paths: list) -> dict:
     """Whether each of the tenant's dump files named is there, and its size."""
     found = []
     for path in [dump_file(spool, tenant, p) for p in paths]:
@@ -248,7 +251,7 @@ def referenced_roles(conn, schema: str) -> list[str]:
     return roles
 
 
-def prepare_target(target_url: str, tenant: Tenant, roles: list[str]) -> None:
+def prepare_target(target_url: str, tenant: "Tenant", roles: list[str]) -> None:
     """Empties what an earlier attempt restored and creates the roles the dump refers to."""
     with psycopg.connect(target_url, connect_timeout=10) as conn, conn.transaction():
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant.schema)))
@@ -261,7 +264,7 @@ def prepare_target(target_url: str, tenant: Tenant, roles: list[str]) -> None:
         conn.execute(sql.SQL("GRANT authenticated TO {}").format(sql.Identifier(tenant.runtime_role)))
 
 
-def copy_ledger(source, target_url: str, tenant: Tenant) -> int:
+def copy_ledger(source, target_url: str, tenant: "Tenant") -> int:
     rows = source.execute("SELECT version, filename, checksum, applied_at FROM flux.flux_migrations"
                           " WHERE tenant_schema = %s", (tenant.schema,)).fetchall()
     source.rollback()
@@ -306,7 +309,7 @@ class _Tail:
         return bytes(self.data[-self.keep:]).decode(errors="replace").strip()[-limit:]
 
 
-def dump(source_url: str, tenant: Tenant, spool: pathlib.Path, name: str, *, key: bytes, expected_bytes: int = 0,
+def dump(source_url: str, tenant: "Tenant", spool: pathlib.Path, name: str, *, key: bytes, expected_bytes: int = 0,
          table_count: int = 0, progress=None, time_limit_s: float | None = None, snapshot: str | None = None) -> dict:
     """pg_dump of the tenant schema into the spool, encrypted under `key`.
 
@@ -424,7 +427,7 @@ def _fingerprint(conn, schema: str) -> dict:
     return {"tables": tables, "sequences": sequences, "ledger": ledger}
 
 
-def verify(source_url: str, tenant: Tenant, target_url: str) -> dict:
+def verify(source_url: str, tenant: "Tenant", target_url: str) -> dict:
     with psycopg.connect(source_url) as source, psycopg.connect(target_url) as target:
         before, after = _fingerprint(source, tenant.schema), _fingerprint(target, tenant.schema)
     problems = []

@@ -1,5 +1,5 @@
 """An agent loads the code of its own roles only: a db agent never the Docker SDK, a gateway
-agent neither that nor the tenants' SQL (the parser, the rewriting, the ledger)."""
+agent and a backup agent neither that nor the tenants' SQL (the parser, the rewriting, the ledger)."""
 
 import json
 import subprocess
@@ -40,7 +40,7 @@ def _started(tmp_path, roles: str) -> dict:
 @pytest.mark.parametrize("roles, absent, present", [
     ("db", (DOCKER_SDK, *GATEWAY), TENANT_SQL),
     ("gateway", (DOCKER_SDK, *TENANT_SQL), GATEWAY),
-    ("backup", (DOCKER_SDK, *GATEWAY), ()),
+    ("backup", (DOCKER_SDK, *GATEWAY, *TENANT_SQL), ("agent.adapters.backups",)),
     ("docker", ("agent.adapters.caddy",), (DOCKER_SDK, "agent.adapters.stacks", "agent.adapters.ledger")),
     ("db,docker,gateway", (), (DOCKER_SDK, *TENANT_SQL, *GATEWAY)),
 ])
