@@ -7,6 +7,8 @@ serves the same port with a Caddy that answers a fixed JSON body (Go, no databas
 the same read at the rate, each of its threads by a schedule (not a fixed wait after answers):
 
 - direct: plain HTTP to the upstream;
+- forward_auth: plain HTTP straight at the gateway agent's forward_auth, with the headers Caddy
+  sends it (no Caddy, no upstream): the agent's own share of what the gateway adds;
 - gateway: HTTPS through Caddy, the app's token checked by the gateway agent's forward-auth
   (cached after the first request), a pool token minted, on to the same upstream;
 - gateway, new token each request: 20,000 tokens in turn, more than the gateway's verified-token
@@ -162,6 +164,7 @@ def main() -> int:
         upstream = fixed_upstream(port, work)
         host = fleet.host(project)
         direct_url = f"http://127.0.0.1:{port}{PATH}"
+        auth_url = f"http://127.0.0.1:{fleet.fleet.ports['forward_auth']}/verify"
         gateway_url = f"https://{host}:{fleet.gateway_port}{PATH}"
         token = app_token(secret, sub="bench")
         answer = fleet.gateway("GET", host, PATH, token=token)
@@ -177,6 +180,9 @@ def main() -> int:
         with HostsEntry(host):
             for name, url, script in (
                     ("direct", direct_url, lua({}, interval_ms)),
+                    ("forward_auth", auth_url,
+                     lua({"Host": host, "Authorization": f"Bearer {token}", "X-Forwarded-Method": "GET"},
+                         interval_ms)),
                     ("gateway", gateway_url,
                      lua({"Host": host, "Authorization": f"Bearer {token}"}, interval_ms)),
                     ("gateway_uncached", gateway_url, lua({"Host": host}, interval_ms, tokens))):
