@@ -4,9 +4,11 @@ Starts a catalog cluster and a controller, enrolls one docker agent and leaves i
 N active dedicated projects of it in the catalog, then times the list route. Status comes from
 what docker agents last reported, so no agent is asked and no job is queued: every project is
 listed `unknown`. The same is timed with 100 projects, to give the cost per project as a ratio.
+Then it puts N agents in the catalog, with the facts a db agent reports, and times `flux agents`
+(GET /agents), which the controller answers on the event loop that serves every agent's stream.
 The last line of output is one JSON object with the figures.
 
-    python bench/listing.py [--projects 10000] [--rounds 5]
+    python bench/listing.py [--projects 10000] [--agents 5000] [--rounds 5]
 """
 
 import argparse
@@ -36,12 +38,21 @@ def add_projects(catalog_url: str, owner: int, agent: str, start: int, count: in
                                 "active", "api", "unused", agent, "running"))
 
 
-def time_list(api_base: str, token: str, rounds: int) -> tuple[list[float], list[dict]]:
+def add_agents(catalog_url: str, count: int) -> None:
+    facts = json.dumps({"hostname": "bench-host", "agent_version": "0.1.0", "roles": ["db"],
+                        "tools": {"pg_dump": "15.8", "psql": "15.8"}, "spool_free_bytes": 123456789})
+    with psycopg.connect(catalog_url) as conn:
+        conn.execute("INSERT INTO agents (name, roles, cert_serial, cert_expires_at, last_seen, facts)"
+                     " SELECT 'bench-db-' || i, ARRAY['db'], i::text, now() + interval '30 days', now(), %s::jsonb"
+                     " FROM generate_series(1, %s) i", (facts, count))
+
+
+def time_list(api_base: str, token: str, rounds: int, path: str = "list") -> tuple[list[float], list[dict]]:
     times, items = [], []
     with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {token}"}) as http:
         for _ in range(rounds):
             started = time.perf_counter()
-            response = http.get(f"{api_base}/cli/v1/list")
+            response = http.get(f"{api_base}/cli/v1/{path}")
             times.append((time.perf_counter() - started) * 1000)
             response.raise_for_status()
             items = response.json()
@@ -51,10 +62,13 @@ def time_list(api_base: str, token: str, rounds: int) -> tuple[list[float], list
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--projects", type=int, default=10000)
+    parser.add_argument("--agents", type=int, default=5000, help="agents in the catalog for `flux agents`")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if args.projects < 100:
         parser.error("--projects must be at least 100 (the baseline lists 100)")
+    if args.agents < 1 or args.rounds < 1:
+        parser.error("--agents and --rounds must be at least 1")
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="flux-bench-list-"))
     cluster = test_cluster(work)
@@ -73,6 +87,8 @@ def main() -> int:
         times, items = time_list(controller.api_base, controller.token, args.rounds)
         with psycopg.connect(catalog_url) as conn:
             jobs_queued = conn.execute("SELECT count(*) FROM jobs").fetchone()[0] - jobs_before
+        add_agents(catalog_url, args.agents)
+        agent_times, agents = time_list(controller.api_base, controller.token, args.rounds, "agents")
     finally:
         controller.stop()
         remove_cluster(cluster)
@@ -87,13 +103,18 @@ def main() -> int:
         "statuses": statuses,
         "jobs_queued": jobs_queued,
         "agent_online": False,
+        "agents": len(agents),
+        "agents_list_ms_p50": round(statistics.median(agent_times), 1),
+        "agents_list_ms_max": round(max(agent_times), 1),
         "rounds": args.rounds,
     }
     print(f"{len(items)} projects of an offline docker agent: list p50 {figures['list_ms_p50']} ms, "
           f"max {figures['list_ms_max']} ms (100 projects: {figures['list_100_ms_p50']} ms); "
           f"statuses {statuses}; jobs queued {jobs_queued}")
+    print(f"{len(agents)} agents: list p50 {figures['agents_list_ms_p50']} ms, max {figures['agents_list_ms_max']} ms")
     print(json.dumps(figures))
-    ok = len(base_items) == 100 and len(items) == args.projects and statuses == ["unknown"] and jobs_queued == 0
+    ok = (len(base_items) == 100 and len(items) == args.projects and statuses == ["unknown"] and jobs_queued == 0
+          and len(agents) == args.agents + 1)  # and the docker agent
     return 0 if ok else 1
 
 

@@ -12,7 +12,7 @@ from ..errors import BadRequest, NotFound
 from ..fleet import check_agent_name, check_roles, shown
 from ..store import Agent, User
 from ..tokens import new_join_token, token_hash
-from .common import PREFIX, Services, admin, agent_view, job_view, services
+from .common import PREFIX, Services, admin, agent_view, as_json, job_view, services
 
 router = APIRouter(prefix=PREFIX)
 
@@ -60,7 +60,8 @@ async def create_join_token(body: JoinTokenRequest, user: User = Depends(admin),
 
 @router.get("/agents")
 async def list_agents(_: User = Depends(admin), s: Services = Depends(services)):
-    return [agent_view(a, s.fleet.connected(a.name), gateway_view(s, a)) for a in await s.catalog.list_agents()]
+    return as_json([agent_view(a, s.fleet.connected(a.name), gateway_view(s, a))
+                    for a in await s.catalog.list_agents()])
 
 @router.get("/agents/{name}")
 async def show_agent(name: str, _: User = Depends(admin), s: Services = Depends(services)):

@@ -14,7 +14,7 @@ from ..errors import BadRequest, FluxError, NotImplementedHere
 from ..gateways import service_url
 from ..projects import POOLED_NOTE, check_hash, kept_copy, list_item
 from ..store import User
-from .common import PREFIX, Services, current_user, flag, query_flag, read_json, services
+from .common import PREFIX, Services, as_json, current_user, flag, query_flag, read_json, services
 
 router = APIRouter(prefix=PREFIX)
 MAX_PUSH_BYTES = 4 * 1024 * 1024
@@ -79,7 +79,7 @@ async def create_project(body: CreateRequest, user: User = Depends(current_user)
 
 @router.get("/list")
 async def list_projects(user: User = Depends(current_user), s: Services = Depends(services)):
-    return await s.projects.listing(user)
+    return as_json(await s.projects.listing(user))
 
 @router.get("/projects/{hash_}")
 async def show_project(hash_: str, user: User = Depends(current_user), s: Services = Depends(services)):
