@@ -457,7 +457,7 @@ class Gateway:
         def running() -> bool:
             return started.poll() is None if started is not None else self._own_caddy_pid() == pid
 
-        for sig, wait_s in ((signal.SIGTERM, CADDY_STOP_S), (signal.SIGKILL, CADDY_STOP_S)):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             if not running():
                 return
             try:
@@ -466,7 +466,7 @@ class Gateway:
                     os.kill(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs
             except ProcessLookupError:
                 return
-            deadline = time.monotonic() + wait_s
+            deadline = time.monotonic() + CADDY_STOP_S
             while running() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         if running():

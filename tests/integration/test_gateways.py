@@ -296,7 +296,7 @@ def test_a_gateway_started_again_stops_the_caddy_it_adopted_when_it_stops(tmp_pa
 def test_a_caddy_that_runs_but_does_not_answer_is_stopped_before_another_is_started(tmp_path, monkeypatch):
     """A Caddy that hangs still holds the edge's port: the supervisor stops it (SIGKILL when SIGTERM
     is not enough) and starts a new one, rather than leaving it behind and failing to listen, over
-    and over. The wait for it to end does not hold the event loop that answers forward_auth."""
+    and over. Meanwhile the event loop that answers forward_auth never stalls for half a second."""
     import asyncio
     import signal
 
