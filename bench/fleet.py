@@ -8,11 +8,15 @@ controller's API (each ping crosses the agent's stream), how late the controller
 loop ran while they were pinged (its flux_controller_event_loop_lag_seconds histogram: looks
 more than 50 ms late, and the bucket holding 99% of them), the share of the CPUs' time the
 hypervisor gave to others meanwhile (steal), and the controller's peak RSS.
+With --hold S it then keeps every agent connected for S seconds more, heartbeating every
+--heartbeat-seconds, and reports how the controller's RSS moved over that time per 100,000
+heartbeats it handled: memory that grows with uptime shows there, not in a short run.
 With --grpc-floor it then measures a bare gRPC server holding as many mTLS streams
 (bench/grpc_floor.py), so what the controller holds above gRPC's own shows. The last line of
 output is one JSON object with the figures.
 
     python bench/fleet.py [--agents 200] [--workers 4] [--enroll-threads 4] [--grpc-floor]
+                          [--hold 0] [--heartbeat-seconds 10]
 """
 
 import argparse
@@ -133,6 +137,29 @@ async def ping_all(controller: Controller, names: list[str], rounds: int, concur
     return rtts, errors
 
 
+def heartbeats_handled(metrics_url: str) -> float:
+    """Heartbeats the controller has handled, by its `flux_controller_heartbeats_total` counter."""
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("flux_controller_heartbeats_total "):
+            return float(line.split()[1])
+    raise RuntimeError(f"no flux_controller_heartbeats_total at {metrics_url}")
+
+
+def hold(pid: int, metrics_url: str, agents: int, seconds: float) -> dict:
+    """The controller's RSS over `seconds` with every agent connected and heartbeating."""
+    print(f"holding {agents} agents for {seconds:g}s", file=sys.stderr, flush=True)
+    # After a minute: what the pings left has been collected and trimmed (controller/memory.py).
+    time.sleep(min(60.0, seconds / 4))
+    start_rss, start_beats = rss_mb(pid, "VmRSS"), heartbeats_handled(metrics_url)
+    time.sleep(seconds)
+    if agents_connected(metrics_url) != agents:
+        raise SystemExit(f"agents disconnected while held: {agents_connected(metrics_url)} of {agents} connected")
+    end_rss, beats = rss_mb(pid, "VmRSS"), heartbeats_handled(metrics_url) - start_beats
+    return {"hold_s": seconds, "hold_heartbeats": int(beats),
+            "hold_rss_start_mb": round(start_rss, 1), "hold_rss_end_mb": round(end_rss, 1),
+            "hold_rss_mb_per_100k_heartbeats": round((end_rss - start_rss) * 100_000 / max(beats, 1), 2)}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -146,12 +173,19 @@ def main() -> int:
                         help="enrollments in flight at once (the controller takes at most 8 per address)")
     parser.add_argument("--rounds", type=int, default=3, help="pings per agent")
     parser.add_argument("--concurrency", type=int, default=16, help="pings in flight at once")
+    parser.add_argument("--heartbeat-seconds", type=int, default=10,
+                        help="how often each agent sends a heartbeat (the controller's --heartbeat-seconds)")
+    parser.add_argument("--hold", type=float, default=0,
+                        help="seconds to keep the agents connected after the pings, to see whether the "
+                             "controller's memory grows with the heartbeats it handles (0: not held)")
     parser.add_argument("--grpc-floor", action="store_true",
                         help="also measure a bare gRPC server holding as many mTLS streams (bench/grpc_floor.py), "
                              "so the controller's own share of its RSS shows")
     args = parser.parse_args()
     if min(args.agents, args.workers, args.rounds, args.concurrency, args.enroll_threads) < 1:
         parser.error("--agents, --workers, --rounds, --concurrency and --enroll-threads must be at least 1")
+    if not 1 <= args.heartbeat_seconds <= 300 or args.hold < 0:
+        parser.error("--heartbeat-seconds must be between 1 and 300, --hold at least 0")
     if args.enroll_threads > 8:
         parser.error("--enroll-threads must be at most 8: the controller refuses more enrollment connections "
                      "from one address")
@@ -165,7 +199,7 @@ def main() -> int:
             conn.execute("CREATE DATABASE bench_catalog")
         controller = Controller(tmp / "controller", cluster.url("bench_catalog"))
         controller.run_args = ("--metrics-listen", "127.0.0.1:0")
-        controller.start(heartbeat_seconds=10)
+        controller.start(heartbeat_seconds=args.heartbeat_seconds)
         metrics_at = re.search(r" metrics=(\S+)", controller.log.read_text()).group(1)
         metrics_url = f"http://{metrics_at}/metrics"
         print(f"enrolling {args.agents} agents", file=sys.stderr, flush=True)
@@ -226,6 +260,8 @@ def main() -> int:
             "controller_rss_mb": round(rss_mb(controller.proc.pid, "VmRSS"), 1),
             "controller_peak_rss_mb": round(rss_mb(controller.proc.pid, "VmHWM"), 1),
         }
+        if args.hold:
+            figures.update(hold(controller.proc.pid, metrics_url, args.agents, args.hold))
     except BaseException:
         if controller is not None and controller.log.exists():
             # What the controller said of it, before its state directory goes.

@@ -300,6 +300,7 @@ class Fleet:
         elif isinstance(event, wire.LeaseRequest):
             session.send(wire.lease_grant(event.nonce, self.lease_granter(session.name)))
         elif isinstance(event, wire.Heartbeat):
+            metrics.HEARTBEATS.inc()
             facts = (json.dumps(event.facts.as_dict())
                      if event.facts and session.name not in self._facts_refused else None)
             self._seen[session.name] = facts if facts is not None else self._seen.get(session.name)

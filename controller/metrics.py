@@ -12,6 +12,7 @@ JOBS = Counter("flux_controller_jobs", "Jobs run on agents, by kind and outcome 
                ["kind", "outcome"])
 JOB_SECONDS = Histogram("flux_controller_job_duration_seconds", "Time from sending a job to its end, by kind",
                         ["kind"], buckets=_JOB_BUCKETS)
+HEARTBEATS = Counter("flux_controller_heartbeats", "Heartbeats received from agents on their streams")
 AGENTS_CONNECTED = Gauge("flux_controller_agents_connected", "Agents with a stream open to this controller")
 LOOP_LAG_SECONDS = Histogram("flux_controller_event_loop_lag_seconds",
                              "How late the controller's event loop woke a timer: how long every agent's stream "

@@ -419,6 +419,7 @@ def test_the_metrics_of_the_controller_and_agents_move_with_a_migrate(fleet):
                                    if n != "controller")) else None
 
     before = wait_until(settled, 30, "every agent connected to the leading controller, in its metrics")
+    settled_at = time.monotonic()
 
     project = _new(fleet, "Metered Shop")
     project_id = fleet.catalog_sql("SELECT id FROM projects WHERE hash = %s", (project["summary"]["hash"],))[0][0]
@@ -435,12 +436,15 @@ def test_the_metrics_of_the_controller_and_agents_move_with_a_migrate(fleet):
             time.sleep(0.3)
         runner.join()
     time.sleep(2.5)  # the gateway counts its access log every second
+    # Every agent sends a heartbeat each 10 s it is connected: at least one each since `before`.
+    time.sleep(max(0.0, 11 - (time.monotonic() - settled_at)))
     assert outcome["response"].json()["state"] == "succeeded", outcome["response"].text
     assert writer.acked_ids
     after = {name: _scrape(address) for name, address in addresses.items()}
     grew = lambda name, metric, **labels: _total(after[name], metric, **labels) - _total(before[name], metric, **labels)  # noqa: E731
     assert grew("controller", "flux_controller_jobs_total") > 5
     assert grew("controller", "flux_controller_event_loop_lag_seconds_count") > 0
+    assert grew("controller", "flux_controller_heartbeats_total") >= 4
     for name in set(addresses) - {"controller"}:
         assert grew(name, "flux_agent_event_loop_lag_seconds_count") > 0, name
     assert grew("controller", "flux_controller_job_duration_seconds_count", kind="tenant.sync_status") >= 1
