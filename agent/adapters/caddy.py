@@ -53,6 +53,10 @@ MAX_LINE_CHARS = 4096
 VERIFIED_TOKENS_KEPT = 10_000
 # How often the gateway checks that its Caddy answers.
 CADDY_CHECK_S = 1.0
+# How long a Caddy that still runs may go without answering its admin API before the gateway takes
+# it for hung and replaces it: a Caddy that exited is started again at the next check, but one
+# that is only slow (a host short of CPU, a long pause) keeps the requests it is serving.
+CADDY_HUNG_AFTER_S = 10.0
 # How long a Caddy this gateway stops has to exit after SIGTERM before it gets SIGKILL.
 CADDY_STOP_S = 10.0
 # The longest a thread of this agent holds the interpreter while the event loop, which answers
@@ -183,6 +187,8 @@ class Gateway:
         # Tokens checked already, with their expiry and claims, least recently used first.
         self._verified_tokens: OrderedDict[tuple, tuple[float, dict]] = OrderedDict()
         self.caddy_restarts = 0
+        # Monotonic time of the first check, in a row, that the running Caddy did not answer.
+        self._unanswered_since: float | None = None
         self.auth_server: asyncio.AbstractServer | None = None
         self._staging: Staging | None = None
         # Monotonic time until which this gateway may serve, and the length of its last grant.
@@ -433,6 +439,12 @@ class Gateway:
             log.info("gateway: started Caddy (pid %d), edge on %s", self.caddy.pid, self.settings.listen)
         await self.load_caddy_config()
 
+    def _caddy_runs(self) -> bool:
+        """Whether the Caddy this gateway started, or adopted from its earlier run, still runs."""
+        if self.caddy is not None:
+            return self.caddy.poll() is None
+        return self._adopted_pid is not None and self._own_caddy_pid() == self._adopted_pid
+
     def _own_caddy_pid(self) -> int | None:
         """The Caddy this gateway started (`caddy.pid`), if that process still runs its configuration:
         a pid reused by another process, or a Caddy of the operator's, is never taken for it."""
@@ -635,12 +647,25 @@ class Gateway:
     async def _supervise(self) -> None:
         """Checks every CADDY_CHECK_S that Caddy answers with this gateway's configuration; a Caddy
         that died is started again (an adopted one too, when this agent manages Caddy), one that
+        still runs but has not answered for CADDY_HUNG_AFTER_S is stopped and replaced, one that
         lost its configuration gets it back. Each is logged as a warning."""
         while True:
             await asyncio.sleep(CADDY_CHECK_S)
             try:
+                asked = time.monotonic()
                 listen = await self._caddy_listen()  # one question answers both checks
+                if listen is not None and self._unanswered_since is not None:
+                    log.warning("gateway: Caddy answers again, after %.1f s", asked - self._unanswered_since)
+                    self._unanswered_since = None
+                if listen is None and self._caddy_runs():
+                    if self._unanswered_since is None:
+                        self._unanswered_since = asked
+                        log.warning("gateway: Caddy runs but does not answer its admin API; replaced if it "
+                                    "still does not in %.0f s", CADDY_HUNG_AFTER_S)
+                    if asked - self._unanswered_since < CADDY_HUNG_AFTER_S:
+                        continue
                 if listen is None:
+                    self._unanswered_since = None
                     code = self.caddy.poll() if self.caddy is not None else None
                     self.caddy_restarts += 1
                     metrics.CADDY_RESTARTS.inc()

@@ -293,6 +293,58 @@ def test_a_gateway_started_again_stops_the_caddy_it_adopted_when_it_stops(tmp_pa
                 terminate(pid)
 
 
+def test_a_caddy_that_stops_answering_for_a_while_is_kept_and_serves_again(tmp_path, monkeypatch):
+    """A Caddy that is only slow to answer its admin API (here: stopped for 6 s, three of its 2 s
+    checks) is not taken for hung before CADDY_HUNG_AFTER_S: the same process serves again once
+    it answers, and no restart is counted."""
+    import asyncio
+    import signal
+
+    from agent.adapters import caddy as caddy_mod
+    from agent.runtime import metrics
+    from agent.runtime.settings import GatewaySettings
+    from devtools.fleet import pid_alive, terminate
+
+    counted = metrics.CADDY_RESTARTS._value.get()
+    monkeypatch.setattr(caddy_mod, "CADDY_CHECK_S", 0.1)
+    assert caddy_mod.CADDY_HUNG_AFTER_S > 8
+    settings = GatewaySettings(listen=f"127.0.0.1:{free_port()}", auth_listen=f"127.0.0.1:{free_port()}",
+                               pool_upstream="127.0.0.1:9", pool_jwt_secret="p" * 40)
+    gateway = caddy_mod.Gateway(tmp_path, settings)
+    pids: list[int] = []
+
+    async def scenario() -> tuple[int, int | None, bool]:
+        await gateway.start()
+        try:
+            pids.append(gateway.caddy.pid)
+            os.kill(pids[0], signal.SIGSTOP)
+            await asyncio.sleep(6)
+            try:
+                os.kill(pids[0], signal.SIGCONT)
+            except ProcessLookupError:  # replaced already: what follows says so
+                pass
+            await asyncio.sleep(3)  # the check under way when it went on, and the next
+            serving = gateway.caddy.pid if gateway.caddy is not None else None
+            return gateway.caddy_restarts, serving, await gateway._caddy_has_our_config()
+        finally:
+            await gateway.stop()
+
+    try:
+        restarts, serving, answers = asyncio.run(scenario())
+        assert restarts == 0 and metrics.CADDY_RESTARTS._value.get() == counted, \
+            "a Caddy that paused was taken for hung and replaced"
+        assert serving == pids[0], "another Caddy serves in place of the one that paused"
+        assert answers, "the Caddy that paused does not answer with the gateway's configuration"
+        assert gateway._unanswered_since is None
+        assert not pid_alive(pids[0]), "the Caddy outlived the agent that stopped"
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+                terminate(pid)
+
+
 def test_a_caddy_that_runs_but_does_not_answer_is_stopped_before_another_is_started(tmp_path, monkeypatch):
     """A Caddy that hangs still holds the edge's port: the supervisor stops it (SIGKILL when SIGTERM
     is not enough) and starts a new one, rather than leaving it behind and failing to listen, over
@@ -308,6 +360,7 @@ def test_a_caddy_that_runs_but_does_not_answer_is_stopped_before_another_is_star
     counted = metrics.CADDY_RESTARTS._value.get()
     monkeypatch.setattr(caddy_mod, "CADDY_CHECK_S", 0.1)
     monkeypatch.setattr(caddy_mod, "CADDY_STOP_S", 1.0)
+    monkeypatch.setattr(caddy_mod, "CADDY_HUNG_AFTER_S", 1.0)
     settings = GatewaySettings(listen=f"127.0.0.1:{free_port()}", auth_listen=f"127.0.0.1:{free_port()}",
                                pool_upstream="127.0.0.1:9", pool_jwt_secret="p" * 40)
     gateway = caddy_mod.Gateway(tmp_path, settings)
