@@ -51,6 +51,7 @@ from tests.support import (Controller, cpu_times, lag_figures, loop_lag, remove_
 
 
 LAG = "flux_controller_event_loop_lag_seconds"
+HEARTBEATS = "flux_controller_heartbeats_total"
 
 
 def enroll_all(controller: Controller, base: pathlib.Path, count: int, threads: int) -> list[pathlib.Path]:
@@ -100,12 +101,17 @@ def worker(dirs: list[str]) -> None:
     asyncio.run(main())
 
 
+def metric(metrics_url: str, name: str) -> float:
+    """The value of an unlabelled series of the controller's metrics."""
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise RuntimeError(f"no {name} at {metrics_url}")
+
+
 def agents_connected(metrics_url: str) -> int:
     """Streams open to the controller, by its `flux_controller_agents_connected` gauge."""
-    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-        if line.startswith("flux_controller_agents_connected "):
-            return int(float(line.split()[1]))
-    raise RuntimeError(f"no flux_controller_agents_connected at {metrics_url}")
+    return int(metric(metrics_url, "flux_controller_agents_connected"))
 
 
 def rss_mb(pid: int, field: str) -> float:
@@ -137,24 +143,17 @@ async def ping_all(controller: Controller, names: list[str], rounds: int, concur
     return rtts, errors
 
 
-def heartbeats_handled(metrics_url: str) -> float:
-    """Heartbeats the controller has handled, by its `flux_controller_heartbeats_total` counter."""
-    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-        if line.startswith("flux_controller_heartbeats_total "):
-            return float(line.split()[1])
-    raise RuntimeError(f"no flux_controller_heartbeats_total at {metrics_url}")
-
-
 def hold(pid: int, metrics_url: str, agents: int, seconds: float) -> dict:
     """The controller's RSS over `seconds` with every agent connected and heartbeating."""
     print(f"holding {agents} agents for {seconds:g}s", file=sys.stderr, flush=True)
     # After a minute: what the pings left has been collected and trimmed (controller/memory.py).
     time.sleep(min(60.0, seconds / 4))
-    start_rss, start_beats = rss_mb(pid, "VmRSS"), heartbeats_handled(metrics_url)
+    start_rss, start_beats = rss_mb(pid, "VmRSS"), metric(metrics_url, HEARTBEATS)
     time.sleep(seconds)
-    if agents_connected(metrics_url) != agents:
-        raise SystemExit(f"agents disconnected while held: {agents_connected(metrics_url)} of {agents} connected")
-    end_rss, beats = rss_mb(pid, "VmRSS"), heartbeats_handled(metrics_url) - start_beats
+    connected = agents_connected(metrics_url)
+    if connected != agents:
+        raise SystemExit(f"agents disconnected while held: {connected} of {agents} connected")
+    end_rss, beats = rss_mb(pid, "VmRSS"), metric(metrics_url, HEARTBEATS) - start_beats
     return {"hold_s": seconds, "hold_heartbeats": int(beats),
             "hold_rss_start_mb": round(start_rss, 1), "hold_rss_end_mb": round(end_rss, 1),
             "hold_rss_mb_per_100k_heartbeats": round((end_rss - start_rss) * 100_000 / max(beats, 1), 2)}

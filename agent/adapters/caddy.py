@@ -415,7 +415,7 @@ class Gateway:
         else:
             # A Caddy of this gateway's that still runs but does not answer (hung, or stopped) holds
             # the edge's port: a new one could not listen until it is gone.
-            hung = self.caddy.pid if self.caddy is not None and self.caddy.poll() is None else self._own_caddy_pid()
+            hung = self._running_caddy_pid()
             if hung is not None:
                 log.warning("gateway: Caddy (pid %d) runs but does not answer; stopping it", hung)
                 await self._end_caddy(hung)
@@ -439,11 +439,9 @@ class Gateway:
             log.info("gateway: started Caddy (pid %d), edge on %s", self.caddy.pid, self.settings.listen)
         await self.load_caddy_config()
 
-    def _caddy_runs(self) -> bool:
-        """Whether the Caddy this gateway started, or adopted from its earlier run, still runs."""
-        if self.caddy is not None:
-            return self.caddy.poll() is None
-        return self._adopted_pid is not None and self._own_caddy_pid() == self._adopted_pid
+    def _running_caddy_pid(self) -> int | None:
+        """The Caddy of this gateway's that still runs (the one it started, or one `caddy.pid` names)."""
+        return self.caddy.pid if self.caddy is not None and self.caddy.poll() is None else self._own_caddy_pid()
 
     def _own_caddy_pid(self) -> int | None:
         """The Caddy this gateway started (`caddy.pid`), if that process still runs its configuration:
@@ -657,7 +655,7 @@ class Gateway:
                 if listen is not None and self._unanswered_since is not None:
                     log.warning("gateway: Caddy answers again, after %.1f s", asked - self._unanswered_since)
                     self._unanswered_since = None
-                if listen is None and self._caddy_runs():
+                if listen is None and self._running_caddy_pid() is not None:
                     if self._unanswered_since is None:
                         self._unanswered_since = asked
                         log.warning("gateway: Caddy runs but does not answer its admin API; replaced if it "
