@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import httpx
 import psycopg
 
+from agent.adapters.plainhttp import NO_TLS
 from agent.adapters.ports import free_port
 from cli.errors import CliError
 
@@ -313,7 +314,7 @@ class DevFleet:
 
     def _verify(self) -> bool:
         try:
-            response = httpx.get(f"{self.api_base}/cli/v1/auth/verify", timeout=2,
+            response = httpx.get(f"{self.api_base}/cli/v1/auth/verify", timeout=2, verify=NO_TLS,
                                  headers={"Authorization": f"Bearer {self.state.get('token', '')}"})
         except httpx.HTTPError:
             return False
@@ -322,7 +323,7 @@ class DevFleet:
     def _api(self, method: str, path: str, body: dict | None = None):
         deadline = time.monotonic() + 15
         while True:
-            response = httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, timeout=30,
+            response = httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, timeout=30, verify=NO_TLS,
                                      headers={"Authorization": f"Bearer {self.state['token']}"})
             # 503: the controller is coming back (its catalog, or its lease as the leader).
             if response.status_code != 503 or time.monotonic() > deadline:
@@ -575,7 +576,7 @@ class DevFleet:
     def _pool_ready(self) -> bool:
         try:
             return httpx.get(f"http://{self._address('db')}:{self.ports['pool_admin']}/ready",
-                             timeout=2).status_code == 200
+                             timeout=2, verify=NO_TLS).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -19,6 +19,7 @@ import time
 
 import httpx
 
+from agent.adapters.plainhttp import NO_TLS  # noqa: F401  (re-exported for tests)
 from devtools.fleet import PostgresCluster, free_port, pid_alive  # noqa: F401  (re-exported for tests)
 
 READY = re.compile(r"flux-controller ready http=\S+:(\d+) grpc=(\d+) enroll=(\d+)")
@@ -180,6 +181,8 @@ class Controller:
             import ssl
 
             kwargs.setdefault("verify", ssl.create_default_context(cafile=str(self.state_dir / "ca.pem")))
+        else:
+            kwargs.setdefault("verify", NO_TLS)
         return httpx.request(method, f"{self.api_base}/cli/v1/{path}", json=body, headers=headers, **kwargs)
 
     def join_token(self, roles: list[str], ttl: int = 600, name: str | None = None) -> dict:
@@ -333,7 +336,8 @@ class LocalFleet:
     def api(self, method: str, path: str, body=None, token: str | None = None, **kwargs):
         headers = {"Authorization": f"Bearer {token or self.token}", **kwargs.pop("headers", {})}
         kwargs.setdefault("timeout", 120)
-        return httpx.request(method, f"{self.info['api_base']}/cli/v1/{path}", json=body, headers=headers, **kwargs)
+        return httpx.request(method, f"{self.info['api_base']}/cli/v1/{path}", json=body, headers=headers,
+                             verify=NO_TLS, **kwargs)
 
     def create(self, name: str, token: str | None = None, mode: str = "v2_shared", **extra) -> dict:
         response = self.api("POST", "create", {"name": name, "mode": mode, **extra}, token=token)
@@ -468,7 +472,7 @@ def loop_lag(url: str, metric: str) -> dict[float, float]:
     at or under each bucket's bound, in seconds."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url, timeout=10).text
+    text = httpx.get(url, timeout=10, verify=NO_TLS).text
     return {float(s.labels["le"]): s.value for family in text_string_to_metric_families(text)
             for s in family.samples if s.name == f"{metric}_bucket"}
 

@@ -31,6 +31,7 @@ from contract.failures import FailureKind
 from contract.stacks import MANAGED_API_ENV, StackRef
 
 from .apiroles import API_ROLES_AND_LEDGER
+from .plainhttp import NO_TLS
 from .ports import free_port
 from ..errors import AgentError
 from ..runtime.settings import DockerSettings
@@ -346,7 +347,7 @@ def probe(settings: DockerSettings, spec: StackSpec, api_port: int, timeout: flo
     while True:
         try:
             response = httpx.get(url, headers={"Authorization": f"Bearer {service_role_token(spec.jwt_secret)}"},
-                                 timeout=5)
+                                 timeout=5, verify=NO_TLS)
             break
         except httpx.TransportError as exc:
             if time.monotonic() > deadline:

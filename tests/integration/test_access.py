@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.support import run
+from tests.support import NO_TLS, run
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +78,7 @@ def _call(controller, method: str, path: str, token: str | None):
     url = f"http://127.0.0.1:{controller.ports['http']}{path.format(**PARAMS)}"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     params = {"slug": "x"} if method == "DELETE" and "projects" in path else None
-    return httpx.request(method, url, headers=headers, params=params, timeout=30,
+    return httpx.request(method, url, headers=headers, params=params, timeout=30, verify=NO_TLS,
                          json={} if method in ("POST", "PUT", "PATCH") else None)
 
 

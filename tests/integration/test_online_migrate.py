@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.writer import Writer as GatewayWriter
-from tests.support import LocalFleet, app_token, wait_until
+from tests.support import NO_TLS, LocalFleet, app_token, wait_until
 from tests.integration.test_migrate import FILES, _containers, _dedicated_sql, _mode, _schema, _start_streaming
 
 pytestmark = pytest.mark.integration
@@ -334,7 +334,8 @@ def test_a_leader_killed_mid_migrate_is_replaced_and_the_migration_settled(fleet
                    "the agents to hear of the second controller")
 
         def migration() -> dict:
-            return httpx.get(f"{second_api}/projects/{h}/migration", headers=headers, timeout=30).json()
+            return httpx.get(f"{second_api}/projects/{h}/migration", headers=headers, timeout=30,
+                             verify=NO_TLS).json()
 
         with Writer(fleet, project) as writer:
             time.sleep(1)
@@ -362,7 +363,7 @@ def test_a_leader_killed_mid_migrate_is_replaced_and_the_migration_settled(fleet
         assert "error" in outcome or outcome["response"].status_code >= 500, outcome
         assert settled["state"] in ("rolled_back", "succeeded"), settled
         assert "leading the controllers on this catalog" in log.read_text()
-        listed = httpx.get(f"{second_api}/list", headers=headers, timeout=30).json()
+        listed = httpx.get(f"{second_api}/list", headers=headers, timeout=30, verify=NO_TLS).json()
         item = next(p for p in listed if p["hash"] == h)
         acked = {f"w{i}" for i in writer.acked_ids}
         if settled["state"] == "rolled_back":
@@ -394,7 +395,7 @@ def _scrape(address: str) -> dict[tuple, float]:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    response = httpx.get(address, timeout=10)
+    response = httpx.get(address, timeout=10, verify=NO_TLS)
     assert response.status_code == 200, response.text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(response.text) for s in family.samples}

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.support import AgentProc, Controller, free_port, wait_until
+from tests.support import NO_TLS, AgentProc, Controller, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ STANDIN = pathlib.Path(__file__).resolve().parents[2] / "packaging" / "images" /
 
 def _ready(port: int) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2, verify=NO_TLS).status_code == 200
     except httpx.HTTPError:
         return False
 
