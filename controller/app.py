@@ -2,7 +2,6 @@
 the HTTP and gRPC servers, and runs them in one asyncio loop."""
 
 import asyncio
-import datetime
 import logging
 import os
 import signal
@@ -15,13 +14,13 @@ import observe
 from . import memory, metrics
 from .http import create_app
 from .store import Catalog, Retention
-from .config import ConfigError, ControllerConfig, StateDir
+from .config import ConfigError, StateDir
 from .backups import Backups
 from .dumpfiles import DumpFiles
 from .fleet import Fleet
 from .gateways import LEASE_S, Gateways
 from .leader import Leadership
-from .pki import CertificateAuthority, due_for_renewal, not_after, server_names
+from .pki import CertificateAuthority, certificate_authority, due_for_renewal, not_after, server_names
 from .migrate import Migrations
 from .projects import Projects
 from .rpc.server import RpcServers
@@ -48,12 +47,6 @@ class Listen:
 
     def grpc_address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def certificate_authority(state: StateDir, config: ControllerConfig) -> CertificateAuthority:
-    return CertificateAuthority(state.read("ca.pem"), state.read("ca.key"),
-                                datetime.timedelta(seconds=config.agent_cert_seconds),
-                                datetime.timedelta(seconds=config.server_cert_seconds))
 
 
 def renew_server_certificate(state: StateDir, ca: CertificateAuthority) -> bool:

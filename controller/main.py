@@ -16,9 +16,8 @@ from .config import CONFIG_FILE, DEFAULT_AGENT_CERT_S, DEFAULT_DUMP_RETENTION_DA
     ConfigError, ControllerConfig, StateDir, check_backup_max_age, check_dump_retention, parse_lifetime
 from .errors import FluxError
 from .gateways import LEASE_S
-from .pki import create_ca
+from .pki import certificate_authority, create_ca
 from .secretbox import new_master_key
-from .app import Listen, certificate_authority, serve
 from .tokens import new_api_token, token_hash
 
 log = logging.getLogger("controller")
@@ -228,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--heartbeat-seconds must be between 1 and 300")
         if not 3 <= args.gateway_lease_seconds <= 3600:
             raise ConfigError("--gateway-lease-seconds must be between 3 and 3600")
+        # The API, gRPC and the rest of what serves: loaded only to serve, so that `init` and the
+        # other commands start in a fraction of the time.
+        from .app import Listen, serve
+
         # Before gRPC starts its threads: they share a few malloc arenas (memory.py).
         memory.limit_arenas()
         memory.tune_collector()

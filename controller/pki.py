@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .config import ControllerConfig, StateDir
+
 SERVER_NAME = "controller.flux.internal"
 CA_LIFETIME = datetime.timedelta(days=3650)
 SERVER_LIFETIME = datetime.timedelta(days=825)
@@ -193,3 +195,10 @@ def not_after(pem: bytes) -> datetime.datetime:
 
 def cert_serial(pem: bytes) -> int:
     return x509.load_pem_x509_certificate(pem).serial_number
+
+
+def certificate_authority(state: StateDir, config: ControllerConfig) -> CertificateAuthority:
+    """The fleet's CA as a state directory holds it, issuing for the lifetimes its config sets."""
+    return CertificateAuthority(state.read("ca.pem"), state.read("ca.key"),
+                                datetime.timedelta(seconds=config.agent_cert_seconds),
+                                datetime.timedelta(seconds=config.server_cert_seconds))
