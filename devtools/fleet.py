@@ -519,29 +519,18 @@ class DevFleet:
                 host="controller")
             wait_for(self._verify, 30, "the controller", self._log("controller"), self._pid("controller"))
 
-        # The agents enroll side by side: each is a process of its own that starts Python and makes
-        # its key (about a second each, one after the other).
-        enrolling: dict[str, subprocess.Popen] = {}
         for name, roles in AGENTS.items():
             agent_dir = self.dir / "agents" / name
             if not (agent_dir / "agent.json").exists():
                 self.say(f"enrolling agent {name} ({roles}) with a join token")
                 token = self._api("POST", "agents/tokens", {"roles": roles.split(","), "ttl_seconds": 600})
-                enrolling[name] = subprocess.Popen(
+                enroll = subprocess.run(
                     [*self._enter(AGENTS[name]), sys.executable, "-m", "agent.runtime.main", "enroll", "--controller", token["enroll_address"],
                      "--token", token["token"], "--name", name, "--roles", roles,
                      "--state-dir", str(agent_dir), "--ca-fingerprint", token["ca_fingerprint"]],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        failed = []
-        for name, enroll in enrolling.items():
-            _, stderr = enroll.communicate()
-            if enroll.returncode != 0:
-                failed.append(f"{name}: {stderr.strip()}")
-        if failed:
-            raise CliError(f"agent enrollment failed: {'; '.join(failed)}")
-
-        for name in AGENTS:
-            agent_dir = self.dir / "agents" / name
+                    capture_output=True, text=True)
+                if enroll.returncode != 0:
+                    raise CliError(f"agent enrollment failed: {enroll.stderr.strip()}")
             settings_path = agent_dir / "settings.json"
             fd = os.open(settings_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
