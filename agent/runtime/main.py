@@ -12,7 +12,6 @@ import observe
 
 from .. import __version__
 from .config import AgentConfig, StateDir
-from .connection import Agent
 from ..errors import AgentError, Revoked
 from .identity import (certificate_expired, certificate_expiry, check_fingerprint, fetch_pinned_ca,
                        new_key_and_csr, parse_address)
@@ -115,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 observe.serve_metrics(args.metrics_listen))
             except (ValueError, OSError) as exc:
                 raise AgentError(str(exc)) from None
+        # The handlers and what they use (psycopg, docker, ...): loaded only to run, so that
+        # `enroll` starts sooner.
+        from .connection import Agent
+
         asyncio.run(Agent(StateDir(args.state_dir)).run())
         return 0
     except Revoked as exc:
