@@ -41,19 +41,12 @@ def server():
 def loaded(monkeypatch):
     """The CA files and bundles loaded into SSL contexts while the test runs."""
     calls = []
-    original_verify = ssl.SSLContext.load_verify_locations
-    original_default = ssl.SSLContext.load_default_certs
+    for name in ("load_verify_locations", "load_default_certs"):
+        def counted(self, *args, _original=getattr(ssl.SSLContext, name), _name=name, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _original(self, *args, **kwargs)
 
-    def load_verify_locations(self, *args, **kwargs):
-        calls.append(("load_verify_locations", args, kwargs))
-        return original_verify(self, *args, **kwargs)
-
-    def load_default_certs(self, *args, **kwargs):
-        calls.append(("load_default_certs", args, kwargs))
-        return original_default(self, *args, **kwargs)
-
-    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", load_verify_locations)
-    monkeypatch.setattr(ssl.SSLContext, "load_default_certs", load_default_certs)
+        monkeypatch.setattr(ssl.SSLContext, name, counted)
     return calls
 
 
