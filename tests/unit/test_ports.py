@@ -1,5 +1,6 @@
 """Ports chosen for servers that start later lie outside the range outgoing connections take theirs from."""
 
+import collections
 import socket
 
 from agent.adapters import ports
@@ -24,3 +25,13 @@ def test_a_port_something_listens_on_is_passed_over(monkeypatch):
             other = probe.getsockname()[1]
         monkeypatch.setattr(ports.random, "sample", lambda population, k: [taken, other])
         assert ports.free_port() == other
+
+
+def test_ports_asked_for_before_any_is_bound_are_all_different(monkeypatch):
+    # A fleet chooses all its ports, then starts its servers: the same free port twice would
+    # make one of them fail with "address already in use".
+    order = list(range(ports.LOWEST, ports.LOWEST + ports.TRIES))
+    monkeypatch.setattr(ports.random, "sample", lambda population, k: order)
+    monkeypatch.setattr(ports, "_recent", collections.deque(maxlen=1024), raising=False)
+    chosen = [ports.free_port() for _ in range(12)]
+    assert len(set(chosen)) == 12, chosen
