@@ -22,6 +22,10 @@ import httpx
 from agent.adapters.plainhttp import NO_TLS  # noqa: F401  (re-exported for tests)
 from devtools.fleet import PostgresCluster, free_port, pid_alive  # noqa: F401  (re-exported for tests)
 
+# On every container, volume and network the tests' docker agents make: a run stopped halfway
+# leaves its stacks behind (they start again with the engine), and .ci/run removes what carries it.
+TEST_LABELS = {"flux-tests": "true"}
+
 READY = re.compile(r"flux-controller ready http=\S+:(\d+) grpc=(\d+) enroll=(\d+)")
 
 
@@ -321,8 +325,9 @@ class LocalFleet:
                  controller_args: tuple[str, ...] = ()):
         from devtools.fleet import DevFleet
 
-        self.fleet = DevFleet(directory, hosts=hosts, agent_settings=agent_settings,
-                              controller_args=controller_args)
+        settings = dict(agent_settings or {})
+        settings["docker"] = {"labels": TEST_LABELS, **settings.get("docker", {})}
+        self.fleet = DevFleet(directory, hosts=hosts, agent_settings=settings, controller_args=controller_args)
         try:
             self.info = self.fleet.up()
         except BaseException:

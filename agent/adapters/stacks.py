@@ -198,6 +198,7 @@ HEALTH_TIMING = {"interval": 30_000_000_000, "timeout": 5_000_000_000, "retries"
 def _run(engine, settings: DockerSettings, image: str, limited: bool = True, **kwargs):
     _ensure_image(engine, image)
     limits = {"mem_limit": settings.memory_limit, "nano_cpus": int(settings.cpus * 1e9)} if limited else {}
+    kwargs["labels"] = {**settings.labels, **kwargs["labels"]}
     return engine.containers.run(image, detach=True, restart_policy={"Name": settings.restart_policy},
                                  **limits, **kwargs)
 
@@ -370,14 +371,15 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
     try:
         say("network", 0, 6, "steps", spec.network)
         if _own(engine.networks, "network", spec.network, spec) is None:
-            engine.networks.create(spec.network, driver="bridge", labels=spec.labels("network"))
+            engine.networks.create(spec.network, driver="bridge",
+                                   labels={**settings.labels, **spec.labels("network")})
             steps["network"] = "changed"
         else:
             steps["network"] = "ok"
 
         say("volume", 1, 6, "steps", spec.volume)
         if _own(engine.volumes, "volume", spec.volume, spec) is None:
-            engine.volumes.create(spec.volume, labels=spec.labels("volume"))
+            engine.volumes.create(spec.volume, labels={**settings.labels, **spec.labels("volume")})
             steps["volume"] = "changed"
         else:
             steps["volume"] = "ok"
@@ -437,7 +439,12 @@ def provision(spec: StackSpec, settings: DockerSettings, progress=None) -> dict:
         steps["probe"] = "ok"
         say("done", 6, 6, "steps", "")
     except APIError as exc:
-        raise AgentError(f"Docker refused a step for {spec.prefix}: {exc.explanation or exc}") from None
+        said = str(exc.explanation or exc)
+        if "address pool" in said:
+            # About 30 with the engine's defaults: each project's network takes one.
+            said += ("; every dedicated project has a network of its own: give the engine more address pools "
+                     "(default-address-pools in /etc/docker/daemon.json) or remove networks no longer used")
+        raise AgentError(f"Docker refused a step for {spec.prefix}: {said}") from None
     return {"steps": steps, "changed": any(v == "changed" for v in steps.values()),
             "api_upstream": f"{settings.advertise_host}:{api_port}", "api_port": api_port,
             "db_host": settings.advertise_host, "db_port": db_port}

@@ -6,7 +6,7 @@
                  "drop_lock_timeout": "10s"},
      "docker":  {"postgres_image": "postgres:15", "postgrest_image": "postgrest/postgrest:v12.2.3",
                  "publish_host": "127.0.0.1", "advertise_host": "127.0.0.1", "memory_limit": "512m",
-                 "cpus": 1.0, "restart_policy": "unless-stopped"},
+                 "cpus": 1.0, "restart_policy": "unless-stopped", "labels": {"team": "data"}},
      "gateway": {"caddy_admin": "/var/lib/flux-agent/caddy-admin.sock", "listen": "127.0.0.1:8443",
                  "auth_listen": "127.0.0.1:8444", "pool_upstream": "127.0.0.1:3000",
                  "pool_jwt_secret": "...", "manage_caddy": true, "caddy_bin": "caddy",
@@ -71,6 +71,9 @@ class DockerSettings:
     restart_policy: str = "unless-stopped"
     # The official PostgREST image has no shell to run a health check with.
     api_healthcheck: list | None = None
+    # Labels put on every container, volume and network this host makes for a project, beside
+    # flux's own (whose `flux.` prefix they may not use): to find them by owner, cost centre, ...
+    labels: dict = dataclasses.field(default_factory=dict)
 
 
 DEFAULT_MAX_TOKEN_LIFETIME_S = 90 * 24 * 3600
@@ -150,7 +153,8 @@ def _build(cls, raw, role: str):
         raise AgentError(f"{SETTINGS_FILE}: unknown {role} setting(s) {', '.join(unknown)}; the {role} settings "
                          f"are {', '.join(hints)}")
     missing = [name for name, field in cls.__dataclass_fields__.items()
-               if name not in raw and field.default is dataclasses.MISSING]
+               if name not in raw and field.default is dataclasses.MISSING
+               and field.default_factory is dataclasses.MISSING]
     if missing:
         raise AgentError(f"{SETTINGS_FILE}: {role} settings lack {', '.join(f'{role}.{m}' for m in missing)}, "
                          "which have no default")
@@ -174,6 +178,16 @@ def _check_pool_api(pool_api: dict) -> None:
     env = pool_api.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise AgentError(f"{SETTINGS_FILE}: db.pool_api.env must be an object of strings (its values are not shown)")
+
+
+def _check_labels(labels: dict) -> None:
+    for key, value in labels.items():
+        if key.startswith("flux."):
+            raise AgentError(f"{SETTINGS_FILE}: docker.labels may not set {key!r}: labels starting with "
+                             "flux. are flux's own")
+        if not key or not isinstance(value, str):
+            raise AgentError(f"{SETTINGS_FILE}: docker.labels must name each label and give it a string, like "
+                             f'{{"team": "data"}}; {key!r} does not')
 
 
 def _check_address(value: str, where: str) -> None:
@@ -221,7 +235,9 @@ def load(state: StateDir) -> dict:
             _check_address(getattr(gateway, key), f"gateway.{key}")
         settings["gateway"] = gateway
     if "docker" in raw:
-        settings["docker"] = _build(DockerSettings, raw["docker"], "docker")
+        docker = _build(DockerSettings, raw["docker"], "docker")
+        _check_labels(docker.labels)
+        settings["docker"] = docker
     if "backup" in raw:
         backup = _build(BackupSettings, raw["backup"], "backup")
         if not isinstance(backup.dir, str) or not backup.dir.startswith("/"):

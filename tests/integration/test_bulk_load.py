@@ -11,6 +11,7 @@ import pytest
 
 from agent.adapters import stacks
 from agent.runtime.settings import DockerSettings
+from tests.support import TEST_LABELS
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ def settings(docker_engine):
         pytest.fail(f"the local images are not built ({', '.join(sorted(missing))}): run python "
                     "packaging/images/build.py")
     return DockerSettings(postgres_image=tags["flux-local/postgres"],
-                          postgrest_image=tags["flux-local/postgrest-standin"])
+                          postgrest_image=tags["flux-local/postgrest-standin"], labels=TEST_LABELS)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The dedicated engine on a real Docker engine: provision, probe, lifecycle, repair, delete."""
 
+import json
 import subprocess
 import uuid
 
@@ -41,10 +42,16 @@ def test_provision_probe_and_rows_through_the_gateway(fleet):
     n = names(prefix)
     running = docker("ps", "--format", "{{.Names}}").split()
     assert n["db"] in running and n["api"] in running
-    labels = docker("inspect", "-f", "{{json .Config.Labels}}", n["db"])
-    assert '"flux.managed":"true"' in labels and project["summary"]["hash"] in labels
+    labels = json.loads(docker("inspect", "-f", "{{json .Config.Labels}}", n["db"]))
+    assert labels["flux.managed"] == "true" and labels["flux.hash"] == project["summary"]["hash"]
     assert docker("volume", "inspect", "-f", "{{.Name}}", n["volume"]) == n["volume"]
     assert docker("network", "inspect", "-f", "{{.Name}}", n["network"]) == n["network"]
+    # The docker host's own labels (the tests' here) are on all four, beside flux's.
+    for kind, name in (("container", n["db"]), ("container", n["api"]), ("volume", n["volume"]),
+                       ("network", n["network"])):
+        labels = json.loads(docker(kind, "inspect", "-f", "{{json .Labels}}" if kind != "container"
+                                   else "{{json .Config.Labels}}", name))
+        assert labels["flux-tests"] == "true" and labels["flux.hash"] == project["summary"]["hash"], (name, labels)
     assert docker("inspect", "-f", "{{.HostConfig.Memory}}", n["db"]) == str(256 * 1024 * 1024)
     # Each health check is a process Docker starts in the container: one every 30 s, not every second
     # (at 1-2 s, 15 stacks kept a 2-core docker host 60% busy).

@@ -11,6 +11,7 @@ from agent.adapters import stacks
 from agent.errors import AgentError
 from contract.failures import FailureKind
 from agent.runtime.settings import DockerSettings
+from tests.support import TEST_LABELS
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +84,7 @@ def status(engine, name: str) -> str:
 @pytest.mark.parametrize("labelled", [True, False], ids=["other-project", "unlabelled"])
 def test_provision_does_not_reuse_another_projects_object(engine, image, spec, kind, labelled):
     taken = foreign(engine, image, spec, kind, labelled)
-    settings = DockerSettings(postgres_image=image, postgrest_image=image)
+    settings = DockerSettings(postgres_image=image, postgrest_image=image, labels=TEST_LABELS)
     with pytest.raises(AgentError) as refused:
         stacks.provision(spec, settings)
     name = {"network": spec.network, "volume": spec.volume, "db": spec.db}[kind]
@@ -132,7 +133,7 @@ def test_remove_takes_the_projects_own_objects_and_keeps_the_rest(engine, image,
 def test_stop_start_and_connect_refuse_another_projects_containers(engine, image, spec):
     foreign(engine, image, spec, "db", running=True)
     foreign(engine, image, spec, "api")
-    settings = DockerSettings(postgres_image=image, postgrest_image=image)
+    settings = DockerSettings(postgres_image=image, postgrest_image=image, labels=TEST_LABELS)
     with pytest.raises(AgentError, match=spec.api):
         stacks.stop(spec)
     assert status(engine, spec.db) == "running"
@@ -146,3 +147,29 @@ def test_stop_start_and_connect_refuse_another_projects_containers(engine, image
         stacks.probe_only(spec, settings)
     observed = stacks.observe(spec)
     assert observed["state"] == "Drift" and set(observed["foreign"]) == {spec.db, spec.api}
+
+
+def test_an_engine_out_of_address_pools_is_named_with_what_to_do(engine, image, spec):
+    # Each project's network takes one of the engine's address pools (about 30 by default): take
+    # the rest, as that many projects would.
+    filler = f"flux-tests-pools-{secrets.token_hex(3)}"
+    taken = []
+    try:
+        for i in range(300):
+            try:
+                taken.append(engine.networks.create(f"{filler}-{i}", driver="bridge", labels=TEST_LABELS))
+            except docker.errors.APIError as exc:
+                assert "address pool" in str(exc), exc
+                break
+        else:
+            pytest.fail("the engine gave 300 networks an address pool each; this test expects fewer")
+        settings = DockerSettings(postgres_image=image, postgrest_image=image, labels=TEST_LABELS)
+        with pytest.raises(AgentError) as refused:
+            stacks.provision(spec, settings)
+        message = refused.value.message
+        assert spec.prefix in message and "address pool" in message
+        assert "default-address-pools in /etc/docker/daemon.json" in message
+    finally:
+        for network in taken:
+            network.remove()
+    assert not exists(engine.networks, spec.network)

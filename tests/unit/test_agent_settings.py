@@ -29,6 +29,7 @@ def _load(tmp_path, body) -> dict:
 def test_good_settings_load_with_their_defaults(tmp_path):
     loaded = _load(tmp_path, GOOD)
     assert loaded["db"].runtime_statement_timeout == "15s" and loaded["docker"].cpus == 1
+    assert loaded["docker"].labels == {}
     assert (loaded["db"].write_guard_lock_timeout, loaded["db"].drop_lock_timeout) == ("15s", "10s")
     assert loaded["gateway"].manage_caddy is True and loaded["backup"].dir.endswith("backups")
 
@@ -42,6 +43,10 @@ def test_good_settings_load_with_their_defaults(tmp_path):
     ({"db": {**GOOD["db"], "drop_lock_timeout": "10"}}, "db.drop_lock_timeout must look like 15s"),
     ({"docker": {"cpus": "two"}}, "docker.cpus must be a number, not str"),
     ({"docker": {"memory": "1g"}}, "unknown docker setting(s) memory; the docker settings are postgres_image,"),
+    ({"docker": {"labels": ["team=data"]}}, "docker.labels must be an object, not list"),
+    ({"docker": {"labels": {"team": 7}}}, "docker.labels must name each label and give it a string, like"),
+    ({"docker": {"labels": {"": "x"}}}, "docker.labels must name each label"),
+    ({"docker": {"labels": {"flux.project": "x"}}}, "docker.labels may not set 'flux.project': labels starting"),
     ({"gateway": {**GOOD["gateway"], "listen": "8443"}}, "gateway.listen must be HOST:PORT, like 127.0.0.1:8443"),
     ({"gateway": {**GOOD["gateway"], "manage_caddy": "yes"}}, "gateway.manage_caddy must be true or false, not str"),
     ({"backup": {"dir": "backups"}}, "backup.dir must be an absolute path"),
