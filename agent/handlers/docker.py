@@ -169,7 +169,8 @@ def scratch_database(settings: DockerSettings, backup_id: str):
     container = None
     try:
         container = engine.containers.run(
-            settings.postgres_image, detach=True, name=name, labels={**settings.labels, "flux.managed": "true", SCRATCH_LABEL: backup_id},
+            settings.postgres_image, detach=True, name=name,
+            labels={**settings.labels, "flux.managed": "true", SCRATCH_LABEL: backup_id},
             environment={"POSTGRES_PASSWORD": password}, ports={"5432/tcp": (settings.publish_host, port)},
             mem_limit=settings.memory_limit, nano_cpus=int(settings.cpus * 1e9))
         url = f"postgresql://postgres:{password}@{settings.advertise_host}:{port}/postgres"
