@@ -213,6 +213,8 @@ METRICS = ("controller", *AGENTS)
 PORTS = ("http", "grpc", "enroll", "gateway", "forward_auth", "pool_api", "pool_admin",
          *(f"metrics_{name}" for name in METRICS))
 CLUSTER_HOSTS = {"catalog": "controller", "shared": "db"}
+# How long `up` gives a running controller to answer before it takes it for hung and replaces it.
+CONTROLLER_ANSWER_S = 10
 HOST_RUNS = {"controller": ["controller", "catalog cluster"],
              "db": ["dev-db", "shared cluster", "pooled-postgrest"],
              "docker": ["dev-docker", "its own Docker engine (dockerd, containerd)"],
@@ -319,6 +321,18 @@ class DevFleet:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+    def _controller_answers(self) -> bool:
+        """Whether the recorded controller runs and answers, given CONTROLLER_ANSWER_S to (it may
+        be taking its lease again, or its catalog may just be back)."""
+        pid = self.state.get("pids", {}).get("controller")
+        if not pid_alive(pid):
+            return False
+        try:
+            wait_for(self._verify, CONTROLLER_ANSWER_S, "the controller", pid=pid)
+        except CliError:
+            return False
+        return True
 
     def _api(self, method: str, path: str, body: dict | None = None):
         deadline = time.monotonic() + 15
@@ -505,12 +519,14 @@ class DevFleet:
             # A controller running on an older schema must be restarted on the new one.
             terminate(self.state.get("pids", {}).pop("controller", None))
 
-        if pid_alive(self.state.get("pids", {}).get("controller")) and self._verify():
+        if self._controller_answers():
             reused.append("controller")
         else:
             here = self._address("controller")
+            # One that runs but does not answer is stopped first: started beside it, a new one finds
+            # its ports taken, and the old one would run on with no record of it.
+            terminate(self.state.setdefault("pids", {}).pop("controller", None), timeout=5)
             self.say(f"starting the controller (API on {here}:{ports['http']})")
-            self.state.setdefault("pids", {}).pop("controller", None)
             self._ensure_process("controller", [
                 sys.executable, "-m", "controller.main", "run", "--state-dir", str(controller_dir),
                 "--http-listen", f"{here}:{ports['http']}", "--grpc-listen", f"{here}:{ports['grpc']}",

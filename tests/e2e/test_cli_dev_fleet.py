@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import stat
 
 import pytest
@@ -207,3 +208,19 @@ def test_dev_demo_migrates_bloom_atelier_and_reads_the_same_rows(fleet):
     stale = run("docker", "ps", "-a", "--filter",
                 f"label=flux.hash={result['project']['hash']}", "--format", "{{.Names}}")
     assert stale.stdout.strip() == ""
+
+
+def test_up_replaces_a_controller_that_runs_but_does_not_answer(fleet):
+    flux, info, directory, env = fleet
+    hung = json.loads((directory / "dev.json").read_text())["pids"]["controller"]
+    os.kill(hung, signal.SIGSTOP)  # hung: alive, holding its ports, answering nothing
+    try:
+        up = json.loads(flux("dev", "up", "--dir", str(directory), "--json").stdout)
+    finally:
+        if pid_alive(hung):
+            os.kill(hung, signal.SIGCONT)
+    assert "controller" not in up["reused"]
+    now = json.loads((directory / "dev.json").read_text())["pids"]["controller"]
+    # The hung one was stopped, not left running beside the new one with no record of it.
+    assert now != hung and pid_alive(now) and not pid_alive(hung)
+    assert "bloom-atelier" in flux("list").stdout
