@@ -64,3 +64,30 @@ def test_importing_the_controller_leaves_out_what_only_a_follower_or_the_dashboa
              "print(' '.join(m for m in ('httpx', 'jinja2', 'rich', 'pygments') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout.split() == []
+
+
+def test_the_fleet_server_keeps_no_channelz_records_of_its_connections():
+    # channelz would keep a record of the server and of each agent's connection (about 1.3 KB
+    # each at 5,000 agents: bench/grpc_floor.py), for a service the controller does not serve.
+    import json
+
+    import grpc
+    from grpc._cython import cygrpc
+
+    from controller.rpc.server import FLEET_OPTIONS, GRPC_OPTIONS
+
+    def servers_recorded() -> int:
+        return len(json.loads(cygrpc.channelz_get_servers(0)).get("server", []))
+
+    async def added(options) -> int:
+        before = servers_recorded()
+        server = grpc.aio.server(options=options)
+        server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return servers_recorded() - before
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(added(GRPC_OPTIONS)) == 1  # gRPC's default: the check sees a record
+    assert asyncio.run(added(FLEET_OPTIONS)) == 0
