@@ -7,7 +7,8 @@ its list of agents), how long that list takes once they are, ping round trips th
 controller's API (each ping crosses the agent's stream), how late the controller's event
 loop ran while they were pinged (its flux_controller_event_loop_lag_seconds histogram: looks
 more than 50 ms late, and the bucket holding 99% of them), the share of the CPUs' time the
-hypervisor gave to others meanwhile (steal), and the controller's peak RSS.
+hypervisor gave to others meanwhile (steal), and the controller's RSS: idle, once every agent
+is enrolled (none connected yet), once all are connected, and at its peak.
 With --hold S it then keeps every agent connected for S seconds more, heartbeating every
 --heartbeat-seconds, and reports how the controller's RSS moved over that time per 100,000
 heartbeats it handled: memory that grows with uptime shows there, not in a short run.
@@ -201,10 +202,14 @@ def main() -> int:
         controller.start(heartbeat_seconds=args.heartbeat_seconds)
         metrics_at = re.search(r" metrics=(\S+)", controller.log.read_text()).group(1)
         metrics_url = f"http://{metrics_at}/metrics"
+        idle_rss = rss_mb(controller.proc.pid, "VmRSS")
         print(f"enrolling {args.agents} agents", file=sys.stderr, flush=True)
         started = time.perf_counter()
         dirs = enroll_all(controller, tmp / "agents", args.agents, args.enroll_threads)
         enroll_s = time.perf_counter() - started
+        # What enrolling them left behind, before any connects: the connected figure less this one
+        # is what the connections hold.
+        enrolled_rss = rss_mb(controller.proc.pid, "VmRSS")
 
         print("connecting", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -255,6 +260,8 @@ def main() -> int:
             "ping_p99_ms": round(percentile(rtts, 0.99), 2),
             **lag,
             "ping_cpu_steal_pct": ping_steal,
+            "controller_idle_rss_mb": round(idle_rss, 1),
+            "controller_enrolled_rss_mb": round(enrolled_rss, 1),
             "controller_connected_rss_mb": round(connected_rss, 1),
             "controller_rss_mb": round(rss_mb(controller.proc.pid, "VmRSS"), 1),
             "controller_peak_rss_mb": round(rss_mb(controller.proc.pid, "VmHWM"), 1),
