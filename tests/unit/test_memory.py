@@ -67,7 +67,7 @@ def test_importing_the_controller_leaves_out_what_only_a_follower_or_the_dashboa
 
 
 def test_the_fleet_server_keeps_no_channelz_records_of_its_connections():
-    # channelz would keep a record of the server and of each agent's connection (about 1.3 KB
+    # channelz would keep a record of the server and of each agent's connection (about 1.1 KB
     # each at 5,000 agents: bench/grpc_floor.py), for a service the controller does not serve.
     import json
 
