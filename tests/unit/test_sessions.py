@@ -77,7 +77,6 @@ def test_an_idle_session_and_the_stream_waiting_on_it_hold_under_two_kilobytes()
     asyncio.run(main())
 
 
-
 def test_the_stream_holds_no_message_of_an_agent_between_two():
     """Each connected agent's stream waits for its next message most of the time: the last one (its
     protobuf message, the event decoded from it) is not kept meanwhile. Real gRPC on loopback."""
@@ -99,15 +98,17 @@ def test_the_stream_holds_no_message_of_an_agent_between_two():
             await session.take()  # the session closes when the agent stops sending
             await reader
 
-        handler = grpc.method_handlers_generic_handler("test.Fleet", {"Connect": grpc.stream_stream_rpc_method_handler(
-            connect, request_deserializer=pb.AgentMessage.FromString, response_serializer=bytes)})
+        rpc = grpc.stream_stream_rpc_method_handler(connect, request_deserializer=pb.AgentMessage.FromString,
+                                                    response_serializer=bytes)
+        handler = grpc.method_handlers_generic_handler("test.Fleet", {"Connect": rpc})
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((handler,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                method = channel.stream_stream("/test.Fleet/Connect", request_serializer=pb.AgentMessage.SerializeToString)
+                method = channel.stream_stream("/test.Fleet/Connect",
+                                               request_serializer=pb.AgentMessage.SerializeToString)
                 calls = [method(metadata=(("agent", f"db-{i}"),)) for i in range(streams)]
                 for call in calls:
                     await call.write(agent_wire.heartbeat(facts))
@@ -123,4 +124,5 @@ def test_the_stream_holds_no_message_of_an_agent_between_two():
         return held
 
     messages, heartbeats = asyncio.run(main())
-    assert (messages, heartbeats) == (0, 0), f"{messages} messages, {heartbeats} heartbeats held by {streams} waiting streams"
+    assert (messages, heartbeats) == (0, 0), \
+        f"{messages} messages, {heartbeats} heartbeats held by {streams} waiting streams"
